@@ -1,0 +1,85 @@
+"""The Flower ClientApp: local training that uploads a model delta, local evaluation, and self-description."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.data import Dataset, load_dataset, load_partition
+from client_app.models import build_model
+from client_app.records import NodeState, from_record, to_record
+from client_app.trainer import LocalSGD, pick_device
+from strategies import get_strategy
+from strategies.config import RunConfig
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run the strategy's client half on the received model; reply with the delta and metrics."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    task = msg.content.config_records["config"]
+    data, (x, y) = _partition(cfg, context)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    names = list(model.state_dict())
+    weights = from_record(msg.content.array_records["arrays"], names)
+    sgd = LocalSGD(steps=int(task["local-steps"]), batch_size=int(task["batch-size"]), lr=float(task["lr"]),
+                   momentum=float(task["momentum"]), prox_mu=float(task["prox-mu"]), seed=int(task["task-seed"]))
+    device = pick_device(cfg.device)
+
+    def local_train(start: list) -> tuple[list, dict[str, float]]:
+        model.load_state_dict({n: torch.from_numpy(w) for n, w in zip(names, start, strict=True)})
+        metrics = sgd.run(model, x, y, device)
+        return [t.detach().cpu().numpy() for t in model.state_dict().values()], metrics
+
+    delta, metrics = get_strategy(cfg.strategy).client(weights, local_train, NodeState(context.state))
+    metrics = {**metrics, "num-examples": len(y)}
+    return Message(RecordDict({"delta": to_record(names, delta), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the received model on this node's partition."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    data, (x, y) = _partition(cfg, context)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).eval()
+    names = list(model.state_dict())
+    weights = from_record(msg.content.array_records["arrays"], names)
+    model.load_state_dict({n: torch.from_numpy(w) for n, w in zip(names, weights, strict=True)})
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))
+        acc = float((logits.argmax(1) == torch.from_numpy(y)).float().mean())
+    metrics = {"loss": loss, "accuracy": acc, "num-examples": len(y)}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds and what it computes on (CUDA or CPU)."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    info = {
+        "partition-id": int(context.node_config.get("partition-id", -1)),
+        "num-partitions": int(context.node_config.get("num-partitions", 0)),
+        "torch-device": str(pick_device(cfg.device)),
+        "torch-version": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["cuda-device"] = torch.cuda.get_device_name(0)
+    return Message(RecordDict({"describe": ConfigRecord(info)}), reply_to=msg)
+
+
+def _partition(cfg: RunConfig, context: Context) -> tuple[Dataset, tuple]:
+    """Return this node's training partition, from ``partition-id`` / ``num-partitions`` in the node config."""
+    try:
+        pid = int(context.node_config["partition-id"])
+        parts = int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise ValueError(
+            "node config lacks partition-id/num-partitions; start the SuperNode with "
+            "--node-config 'partition-id=0 num-partitions=N'"
+        ) from exc
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    return data, load_partition(data, pid, parts, scheme=cfg.partition, alpha=cfg.dirichlet_alpha, seed=cfg.seed)

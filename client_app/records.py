@@ -1,0 +1,50 @@
+"""Model weights <-> Flower records, shared by both apps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+
+def to_record(names: Sequence[str], weights: Sequence[np.ndarray]) -> ArrayRecord:
+    """Weights as an ArrayRecord keyed by ``state_dict`` names, as Flower's own apps expect."""
+    return ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, weights, strict=True)})
+
+
+def from_record(record: ArrayRecord, names: Sequence[str]) -> list[np.ndarray]:
+    """Arrays of a record in ``names`` order; a missing or extra key is an error, not a silent reorder."""
+    if set(record) != set(names):
+        raise ValueError(f"record keys {sorted(record)[:5]}... do not match the model's {list(names)[:5]}...")
+    return [record[n].numpy() for n in names]
+
+
+class NodeState(MutableMapping[str, list[np.ndarray]]):
+    """Per-node persistent arrays (error-feedback residuals, in-flight queues) kept in Flower's ``context.state``.
+
+    ``context.state`` survives across the messages of a run on a node, in simulation and in deployment, so it is
+    the one place client-side algorithm state may live (module globals do not survive a new process).
+    """
+
+    PREFIX = "staleflower."
+
+    def __init__(self, state: RecordDict) -> None:
+        self.state = state
+
+    def __getitem__(self, key: str) -> list[np.ndarray]:
+        record = self.state.array_records[self.PREFIX + key]
+        return [record[str(i)].numpy() for i in range(len(record))]
+
+    def __setitem__(self, key: str, value: list[np.ndarray]) -> None:
+        arrays = {str(i): Array(np.ascontiguousarray(v)) for i, v in enumerate(value)}
+        self.state[self.PREFIX + key] = ArrayRecord(arrays)
+
+    def __delitem__(self, key: str) -> None:
+        del self.state[self.PREFIX + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k[len(self.PREFIX):] for k in self.state.array_records if k.startswith(self.PREFIX))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

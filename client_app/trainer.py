@@ -1,0 +1,66 @@
+"""Local training: ``local-steps`` SGD steps on the node's partition, on CUDA when there is one."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def pick_device(setting: str) -> torch.device:
+    """``auto`` uses CUDA when present; ``cuda`` without a GPU is an error, not a silent CPU run."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but torch sees no CUDA device on this node")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+@dataclass(frozen=True)
+class LocalSGD:
+    """Hyper-parameters of one task's local training."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    prox_mu: float = 0.0
+    seed: int = 0
+
+    def batches(self, n: int) -> list[np.ndarray]:
+        """Index batches: reshuffled passes over the partition, seeded per task, so a task is reproducible."""
+        rng = np.random.default_rng(self.seed)
+        size = min(self.batch_size, n)
+        order: list[int] = []
+        out = []
+        for _ in range(self.steps):
+            if len(order) < size:
+                order.extend(rng.permutation(n).tolist())
+            out.append(np.asarray(order[:size]))
+            del order[:size]
+        return out
+
+    def run(self, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> dict[str, float]:
+        """Train ``model`` in place; return metrics (mean loss, compute seconds, examples seen)."""
+        start = time.perf_counter()
+        model.to(device).train()
+        xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
+        anchor = [p.detach().clone() for p in model.parameters()] if self.prox_mu else []
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+        total = 0.0
+        for idx in self.batches(len(y)):
+            i = torch.from_numpy(idx).to(device)
+            loss = torch.nn.functional.cross_entropy(model(xt[i]), yt[i])
+            if anchor:  # FedAsync / FedProx proximal term: mu/2 ||w - w_received||^2
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                loss = loss + self.prox_mu / 2 * drift
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return {"train-loss": total / self.steps, "compute-s": time.perf_counter() - start,
+                "examples-seen": float(self.steps * min(self.batch_size, len(y)))}

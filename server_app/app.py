@@ -1,0 +1,101 @@
+"""The Flower ServerApp: validates the run config, finds the nodes, and runs the event engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server_app.engine import Engine, RunSummary
+from server_app.evaluation import Evaluator, model_spec
+from server_app.store import MetricsStore
+from strategies import check_implemented, get_strategy
+from strategies.config import ConfigError, RunConfig
+
+log = logging.getLogger("staleflower")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run`` (simulation or deployment)."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    summary = run_experiment(grid, cfg, run_id=str(context.run_id))
+    context.state["summary"] = ConfigRecord(summary.as_config())
+    context.state["final-weights"] = ArrayRecord(list(summary.weights))
+    print(format_summary(summary, cfg), flush=True)
+
+
+def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
+    """Run one experiment and keep the store's record of it honest, whatever happens."""
+    validate(cfg)
+    spec = model_spec(cfg)
+    evaluator = Evaluator(cfg, spec.names)
+    store = MetricsStore(cfg.metrics_path())
+    store.start_run(run_id, cfg.strategy, cfg.to_mapping())
+    try:
+        nodes, info = discover(grid, cfg)
+        engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes, info)
+        summary = engine.run()
+        if summary.stop_reason.startswith("stalled"):
+            raise RuntimeError(summary.stop_reason)
+    except KeyboardInterrupt:
+        store.finish_run("stopped", "interrupted")
+        raise
+    except BaseException as exc:
+        store.finish_run("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    store.finish_run("completed")
+    store.close()
+    return summary
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that span several keys, or need the registry."""
+    check_implemented(cfg)
+    if not cfg.max_updates and not cfg.max_time:
+        raise ConfigError("set a stop condition: max-updates > 0 or max-time > 0")
+
+
+def discover(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[list[int], dict[int, dict]]:
+    """Wait for ``min-nodes`` nodes, ask each to describe itself, and order them by partition id.
+
+    Ordering by partition id (not by Flower's random node ids) makes profile assignment and dispatch order,
+    hence the whole virtual-clock run, a function of the seed. Nodes whose ClientApp has no ``query`` handler
+    (e.g. one written for Flower's FedAvg) answer with an error and are ordered by node id after the others.
+    """
+    deadline = time.monotonic() + wait_s
+    while len(nodes := sorted(grid.get_node_ids())) < cfg.min_nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} node(s) connected after {wait_s:.0f} s; min-nodes = {cfg.min_nodes}")
+        time.sleep(0.2)
+    info = _describe(grid, nodes, timeout=min(cfg.task_ttl, 60.0))
+    order = sorted(nodes, key=lambda n: (info.get(n, {}).get("partition-id", float("inf")), n))
+    return order, info
+
+
+def _describe(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
+    msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.describe",
+                    ttl=timeout) for n in nodes]
+    pending = {mid: n for mid, n in zip(grid.push_messages(msgs), nodes, strict=True) if mid}
+    info: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None and reply.has_content() and "describe" in reply.content.config_records:
+                info[node] = dict(reply.content.config_records["describe"])
+        time.sleep(0.01)
+    return info
+
+
+def format_summary(s: RunSummary, cfg: RunConfig) -> str:
+    """The few lines a user wants at the end of a run."""
+    return (
+        f"staleflower run {s.run_id} ({cfg.strategy}, {cfg.clock} clock) stopped on {s.stop_reason}: "
+        f"t={s.time:.1f}s version={s.version} applied={s.applied} accuracy={s.accuracy:.4f} loss={s.loss:.4f} "
+        f"bytes up={s.bytes_up} down={s.bytes_down} tasks={s.statuses}\n"
+        f"metrics store: {cfg.metrics_path()}"
+    )

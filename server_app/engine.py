@@ -1,0 +1,391 @@
+"""The event engine: one mechanism that runs every strategy over Flower's Grid.
+
+It keeps up to ``concurrency`` nodes busy with at most one task each (a SuperNode handles one message at a
+time), asks the strategy what a free node should do, applies results in clock order, records every task's fate
+in the metrics store, evaluates, and stops on ``max-updates``, ``max-time`` or ``target-accuracy``.
+
+Clocks
+------
+``virtual``: at dispatch the engine draws the task's download and compute time from the node's profile with a
+seeded generator; the upload time follows from the reply's real serialized size. Results are applied strictly
+in (virtual completion time, dispatch seq) order, so a run is a function of its seed, however the real replies
+arrive. A reply can only be applied once no task still outstanding could complete earlier: every outstanding
+task has a lower bound (download + compute + upload latency), and the head waits until all bounds are past it
+(conservative discrete-event simulation). Clients still run in parallel meanwhile.
+
+``wall``: replies are applied in real arrival order; times are real seconds since the run started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from server_app.evaluation import ModelSpec
+from server_app.profiles import NodeProfile, TaskTiming, assign_profiles, sample_task
+from server_app.store import MetricsStore, UpdateRow
+from server_app.wire import RejectedUpdate, read_reply, to_record, wire_bytes
+from strategies.base import Strategy, Task, Update, Weights
+from strategies.config import RunConfig
+
+log = logging.getLogger("staleflower")
+
+Evaluate = Callable[[Weights], tuple[float, float]]
+
+
+@dataclass
+class Flight:
+    """A task in flight: dispatched, not yet applied."""
+
+    seq: int
+    node: int
+    version: int
+    dispatched_at: float
+    bytes_down: int
+    wall_deadline: float
+    timing: TaskTiming | None = None     # virtual clock only
+    msg_id: str | None = None            # None: never sent (simulated dropout)
+    reply: Message | None = None
+    bytes_up: int = 0                    # real serialized size of the reply
+    arrived_at: float | None = None      # wall clock: when the reply arrived
+    failure: str = ""                    # set for failures known without a reply
+
+    def due(self) -> float | None:
+        """Virtual completion time once it is known (reply in hand, or a failure decided at dispatch)."""
+        t = self.timing
+        if t is None:
+            return None
+        if t.fail_after_s is not None:
+            return self.dispatched_at + t.fail_after_s
+        if self.failure:
+            return self.dispatched_at + t.lower_bound_s()
+        if self.reply is None:
+            return None
+        if self.reply.has_error():
+            return self.dispatched_at + t.down_s + t.compute_s
+        return self.dispatched_at + t.down_s + t.compute_s + t.upload_s(self.bytes_up)
+
+    def lower_bound(self) -> float:
+        """Earliest virtual time this task could complete."""
+        assert self.timing is not None
+        return self.dispatched_at + self.timing.lower_bound_s()
+
+
+@dataclass
+class Version:
+    """A published model version kept alive while tasks computed on it are in flight."""
+
+    weights: Weights
+    record: object
+    users: int = 0
+
+
+@dataclass
+class Totals:
+    """Running totals for evaluations and the summary."""
+
+    applied: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports."""
+
+    run_id: str
+    stop_reason: str
+    time: float
+    version: int
+    applied: int
+    bytes_up: int
+    bytes_down: int
+    loss: float
+    accuracy: float
+    statuses: dict[str, int]
+    weights: Weights
+
+    def as_config(self) -> dict[str, int | float | str]:
+        """Flat form for a ConfigRecord (the ServerApp leaves it in ``context.state``)."""
+        out: dict[str, int | float | str] = {
+            k: getattr(self, k) for k in ("run_id", "stop_reason", "time", "version", "applied", "bytes_up",
+                                          "bytes_down", "loss", "accuracy")
+        }
+        out.update({f"status-{k}": v for k, v in self.statuses.items()})
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: dict, weights: Weights) -> RunSummary:
+        """Inverse of ``as_config``."""
+        statuses = {k[len("status-"):]: int(v) for k, v in cfg.items() if k.startswith("status-")}
+        plain = {k: v for k, v in cfg.items() if not k.startswith("status-")}
+        return cls(**plain, statuses=statuses, weights=weights)
+
+
+class Engine:
+    """Runs one strategy over a Grid until a stop condition holds. Use ``Engine(...).run()``."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, strategy_cls: type[Strategy], spec: ModelSpec,
+                 evaluate: Evaluate, store: MetricsStore, run_id: str, nodes: list[int],
+                 node_info: dict[int, dict] | None = None, poll_s: float = 0.005) -> None:
+        self.grid, self.cfg, self.spec, self.evaluate, self.store = grid, cfg, spec, evaluate, store
+        self.run_id = run_id
+        self.nodes = nodes
+        self.virtual = cfg.clock == "virtual"
+        self.profiles: dict[int, NodeProfile] = dict(zip(nodes, assign_profiles(
+            len(nodes), mix=cfg.profiles, seed=cfg.seed, straggler_fraction=cfg.straggler_fraction,
+            straggler_slowdown=cfg.straggler_slowdown, dropout=cfg.dropout, profile_file=cfg.profile_file,
+        ), strict=True))
+        self._record_fleet(node_info or {})
+        self.rng = np.random.default_rng([cfg.seed, 0x5EED])
+        self.strategy = strategy_cls(cfg, [w.copy() for w in spec.initial], len(nodes))
+        self.cap = min(cfg.concurrency, len(nodes)) if cfg.concurrency > 0 else len(nodes)
+        self.idle: deque[int] = deque(nodes)
+        self.flights: dict[int, Flight] = {}          # seq -> flight
+        self.by_msg: dict[str, int] = {}              # message id -> seq
+        self.versions: dict[int, Version] = {}
+        self.totals = Totals()
+        self.seq = 0
+        self.now = 0.0
+        self.poll_s = poll_s
+        self.t0 = time.monotonic()
+        self.last_eval: tuple[int, float, float] | None = None
+
+    def _record_fleet(self, info: dict[int, dict]) -> None:
+        self.store.record_nodes(
+            (n, i, info.get(n, {}).get("partition-id"), p.device.name, p.network.name, p.slowdown, p.dropout,
+             info.get(n, {}).get("torch-device"))
+            for i, (n, p) in enumerate(self.profiles.items())
+        )
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def run(self) -> RunSummary:
+        """Dispatch, apply in clock order, evaluate, until a stop condition holds."""
+        self._evaluate()
+        self._fill()
+        reason = self._stop_reason()
+        while not reason:
+            flight = self._next()
+            if flight is None:
+                reason = "stalled: no task in flight and the strategy gives none"
+                break
+            t = flight.due() if self.virtual else flight.arrived_at
+            assert t is not None
+            if self.cfg.max_time and t > self.cfg.max_time:
+                self.now = self.cfg.max_time
+                reason = "max-time"
+                break
+            self.now = max(self.now, t)
+            self._complete(flight)
+            self._maybe_evaluate()
+            self._fill()
+            reason = self._stop_reason()
+        loss, acc = self._evaluate()
+        return RunSummary(self.run_id, reason, self.now, self.strategy.version, self.totals.applied,
+                          self.totals.bytes_up, self.totals.bytes_down, loss, acc, dict(self.totals.statuses),
+                          self.strategy.weights)
+
+    def _stop_reason(self) -> str:
+        c = self.cfg
+        if c.max_updates and self.totals.applied >= c.max_updates:
+            return "max-updates"
+        if c.target_accuracy and self.last_eval and self.last_eval[2] >= c.target_accuracy:
+            return "target-accuracy"
+        return ""
+
+    # ------------------------------------------------------------------------------------------- dispatching
+    def _fill(self) -> None:
+        """Give work to free nodes, in the order they became free, while there is room."""
+        waiting: deque[int] = deque()
+        while self.idle and len(self.flights) < self.cap:
+            node = self.idle.popleft()
+            task = self.strategy.task_for(node)
+            if task is None:
+                waiting.append(node)
+            else:
+                self._dispatch(node, task)
+        waiting.extend(self.idle)
+        self.idle = waiting
+
+    def _dispatch(self, node: int, task: Task) -> None:
+        seq, self.seq = self.seq, self.seq + 1
+        version = self._version(task.version)
+        msg = Message(
+            content=RecordDict({"arrays": version.record, "config": ConfigRecord(self._task_config(seq, task))}),
+            dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.version), ttl=self.cfg.task_ttl,
+        )
+        flight = Flight(seq, node, task.version, self._clock(), wire_bytes(msg),
+                        time.monotonic() + self.cfg.task_ttl)
+        if self.virtual:
+            flight.timing = sample_task(
+                self.profiles[node], self.rng, local_steps=self.cfg.local_steps,
+                flops_per_step=self.spec.flops_per_step, bytes_down=flight.bytes_down,
+                compute_dist=self.cfg.compute_dist, compute_jitter=self.cfg.compute_jitter,
+                network_jitter=self.cfg.network_jitter,
+            )
+        version.users += 1
+        self.flights[seq] = flight
+        if flight.timing is not None and flight.timing.fail_after_s is not None:
+            flight.failure = "dropout (simulated)"
+            return
+        ids = list(self.grid.push_messages([msg]))
+        if not ids or not ids[0]:
+            flight.failure = "push rejected by the SuperLink"
+            flight.arrived_at = self._clock()
+            return
+        flight.msg_id = ids[0]
+        self.by_msg[ids[0]] = seq
+
+    def _task_config(self, seq: int, task: Task) -> dict:
+        c = self.cfg
+        return {
+            "lr": c.lr, "local-steps": c.local_steps, "batch-size": c.batch_size, "momentum": c.momentum,
+            "prox-mu": c.prox_mu, "task-seq": seq, "model-version": task.version,
+            "task-seed": int(np.random.SeedSequence([c.seed, seq]).generate_state(1)[0]),
+            **task.config,
+        }
+
+    def _version(self, v: int) -> Version:
+        if v not in self.versions:
+            if v != self.strategy.version:
+                raise RuntimeError(f"strategy asked for version {v}, which is neither current nor in flight")
+            w = self.strategy.weights
+            self.versions[v] = Version(w, to_record(self.spec.names, w))
+        return self.versions[v]
+
+    def _release(self, v: int) -> None:
+        """Drop a task's hold on its version; forget versions nobody holds that are no longer current."""
+        self.versions[v].users -= 1
+        for old in [k for k, e in self.versions.items() if e.users == 0 and k != self.strategy.version]:
+            del self.versions[old]
+
+    # ------------------------------------------------------------------------------------- waiting for results
+    def _next(self) -> Flight | None:
+        """Block until the next result in clock order is in hand; None when nothing is in flight."""
+        pause = self.poll_s / 8
+        while self.flights:
+            self._pull()
+            flight = self._head_virtual() if self.virtual else self._head_wall()
+            if flight is not None:
+                return flight
+            time.sleep(pause)
+            pause = min(pause * 2, self.poll_s * 10)
+        return None
+
+    def _pull(self) -> None:
+        waiting = [mid for mid, seq in self.by_msg.items() if self.flights[seq].reply is None]
+        if waiting:
+            for reply in self.grid.pull_messages(waiting):
+                seq = self.by_msg.get(reply.metadata.reply_to_message_id)
+                flight = self.flights[seq] if seq is not None else None
+                if flight is not None and flight.reply is None and not flight.failure:
+                    flight.reply = reply
+                    flight.bytes_up = wire_bytes(reply)
+                    flight.arrived_at = self._clock()
+        now = time.monotonic()
+        for f in self.flights.values():
+            if f.reply is None and not f.failure and now > f.wall_deadline:
+                f.failure = f"no reply within task-ttl = {self.cfg.task_ttl:g} s"
+                f.arrived_at = self._clock()
+
+    def _head_virtual(self) -> Flight | None:
+        known, bound = None, None
+        for f in self.flights.values():
+            due = f.due()
+            if due is not None:
+                if known is None or (due, f.seq) < known[0]:
+                    known = ((due, f.seq), f)
+            else:
+                lb = (f.lower_bound(), f.seq)
+                bound = lb if bound is None or lb < bound else bound
+        if known is None or (bound is not None and bound < known[0]):
+            return None
+        return known[1]
+
+    def _head_wall(self) -> Flight | None:
+        done = [f for f in self.flights.values() if f.arrived_at is not None]
+        return min(done, key=lambda f: (f.arrived_at, f.seq)) if done else None
+
+    # ---------------------------------------------------------------------------------------- applying results
+    def _complete(self, f: Flight) -> None:
+        del self.flights[f.seq]
+        if f.msg_id is not None:
+            del self.by_msg[f.msg_id]
+        self.idle.append(f.node)
+        base = self.versions[f.version].weights
+        staleness = self.strategy.version - f.version
+        status, reason, applied = "failed", f.failure, ()
+        try:
+            if f.failure or f.reply is None:
+                pass
+            elif f.reply.has_error():
+                reason = f"client error {f.reply.error.code}: {f.reply.error.reason}"
+            else:
+                delta, n, metrics = read_reply(f.reply, self.spec.names, base)
+                update = Update(f.seq, f.node, f.version, staleness, delta, base, n, metrics)
+                verdict = self.strategy.apply(update)
+                status, reason, applied = verdict.status, verdict.reason, verdict.applied
+                if f.seq in applied:
+                    status = "applied"
+        except RejectedUpdate as exc:
+            status, reason = "rejected", str(exc)
+        if status in ("failed", "rejected"):
+            applied = self.strategy.fail(f.node, f.version).applied
+            log.info("task %d on node %d %s: %s", f.seq, f.node, status, reason)
+        self._record(f, status, reason, staleness, f.seq in applied)
+        others = [s for s in applied if s != f.seq]
+        if others:
+            self.store.mark_applied(others, self.strategy.version)
+        self.totals.applied += len(applied)
+        self._release(f.version)
+
+    def _record(self, f: Flight, status: str, reason: str, staleness: int, applied: bool) -> None:
+        bytes_up = f.bytes_up
+        compute_s, comm_s = self._durations(f, bytes_up)
+        self.totals.bytes_up += bytes_up
+        self.totals.bytes_down += f.bytes_down
+        self.totals.statuses[status] = self.totals.statuses.get(status, 0) + 1
+        self.store.record_update(UpdateRow(
+            seq=f.seq, node_id=f.node, dispatched_at=f.dispatched_at, completed_at=self.now,
+            base_version=f.version, applied_version=self.strategy.version if applied else None,
+            staleness=None if status == "failed" else staleness,
+            bytes_up=bytes_up, bytes_down=f.bytes_down, compute_s=compute_s, comm_s=comm_s,
+            status=status, reason=reason,
+        ))
+
+    def _durations(self, f: Flight, bytes_up: int) -> tuple[float, float]:
+        """Compute and communication seconds: drawn (virtual), or measured by the client (wall)."""
+        if f.timing is not None:
+            up = f.timing.upload_s(bytes_up) if bytes_up else 0.0
+            return f.timing.compute_s, f.timing.down_s + up
+        total = self.now - f.dispatched_at
+        metrics = f.reply.content.metric_records.get("metrics") if f.reply and f.reply.has_content() else None
+        compute = float(metrics.get("compute-s", 0.0)) if metrics else 0.0
+        return compute, max(total - compute, 0.0)
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    def _maybe_evaluate(self) -> None:
+        every = self.cfg.eval_every
+        last_applied = self.last_eval[0] if self.last_eval else 0
+        if every and self.totals.applied // every > last_applied // every:
+            self._evaluate()
+
+    def _evaluate(self) -> tuple[float, float]:
+        loss, acc = self.evaluate(self.strategy.weights)
+        self.last_eval = (self.totals.applied, loss, acc)
+        self.store.record_eval(self.now, self.strategy.version, self.totals.applied, self.totals.bytes_up,
+                               self.totals.bytes_down, loss, acc, self.strategy.state_summary())
+        log.info("t=%.1f version=%d applied=%d loss=%.4f acc=%.4f", self.now, self.strategy.version,
+                 self.totals.applied, loss, acc)
+        return loss, acc
+
+    def _clock(self) -> float:
+        return self.now if self.virtual else time.monotonic() - self.t0

@@ -1,0 +1,118 @@
+"""An in-process Flower ``Grid``: the real ServerApp and ClientApp code, no Ray, no SuperLink.
+
+Messages are handed to ``ClientApp(message, context)`` on a thread pool (torch releases the GIL, so clients run
+in parallel); each node keeps one ``Context`` for the run, as a SuperNode does. Like Flower's link state, a reply
+is returned by ``pull_messages`` once and then forgotten, and a client exception becomes an error reply.
+
+``reorder_seed`` holds finished replies back and releases them in a random order over several pulls: the engine
+must produce the same run whatever the arrival order (``tests/test_determinism.py``).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
+
+
+class LocalGrid(Grid):
+    """A Grid over ``num_nodes`` in-process nodes running ``client_app``."""
+
+    def __init__(self, client_app: ClientApp | Callable[[Message, Context], Message], num_nodes: int,
+                 run_config: dict, *, run_id: int = 1, workers: int = 2, reorder_seed: int | None = None) -> None:
+        if num_nodes < 1:
+            raise ValueError("num_nodes must be >= 1")
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        # Deterministic node ids, unlike Flower's random ones; partition ids 0..n-1 as in simulation.
+        self.contexts = {
+            1000 + i: Context(run_id=run_id, node_id=1000 + i, state=RecordDict(), run_config=dict(run_config),
+                              node_config={"partition-id": i, "num-partitions": num_nodes})
+            for i in range(num_nodes)
+        }
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="client")
+        self.pending: dict[str, Future[Message]] = {}
+        self.held: dict[str, Message] = {}
+        self.rng = random.Random(reorder_seed) if reorder_seed is not None else None
+        self.lock = threading.Lock()
+
+    # Grid API -------------------------------------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        """Set the run (kept for API compatibility)."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """The run this grid serves."""
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        """Deprecated in Flower; kept so older strategies still run."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """All nodes (they are always online)."""
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Start each message on the pool; unknown destinations are rejected (``None``), as Flower does."""
+        ids: list[str] = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.contexts:
+                ids.append(None)  # type: ignore[arg-type]
+                continue
+            mid = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = mid
+            self.pending[mid] = self.pool.submit(self._handle, msg)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Replies that are ready, each returned once."""
+        wanted = set(message_ids)
+        for mid in [m for m in wanted if m in self.pending and self.pending[m].done()]:
+            self.held[mid] = self.pending.pop(mid).result()
+        ready = [m for m in wanted if m in self.held]
+        if self.rng is not None:  # release a random subset, in a random order
+            self.rng.shuffle(ready)
+            ready = ready[: self.rng.randint(0, len(ready))]
+        return [self.held.pop(m) for m in ready]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push, then wait for every reply (or the timeout)."""
+        ids = [i for i in self.push_messages(messages) if i]
+        out: list[Message] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(out) < len(ids) and (deadline is None or time.monotonic() < deadline):
+            got = self.pull_messages(i for i in ids if i not in {r.metadata.reply_to_message_id for r in out})
+            out.extend(got)
+            if not got:
+                time.sleep(0.001)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker threads (waiting for running clients)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _handle(self, msg: Message) -> Message:
+        try:
+            reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # a ClientApp exception becomes an error reply, as in Flower's runtime
+            reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        return reply
+

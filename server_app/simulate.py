@@ -1,0 +1,159 @@
+"""The in-process runner: ``python -m server_app.simulate``.
+
+Runs the same ServerApp and ClientApp code as ``flwr run`` (or the user's own ClientApp) in one process, with no
+Ray and no SuperLink, writes the metrics store, prints a short summary, and exits 0 on success, 1 when the run
+failed and 2 for a bad command line or run config.
+
+    python -m server_app.simulate [--run-config FILE] [--set key=value ...] [--nodes N]
+                                  [--clientapp MODULE:ATTR] [--resume RUN_ID]
+
+``--set`` values use the TOML syntax of ``flwr run --run-config`` (``--set strategy='"fedavg"'``); a value that
+is not valid TOML is taken as a plain string (``--set strategy=fedavg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import secrets
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import Context, RecordDict
+
+from server_app.app import app as server_app
+from server_app.engine import RunSummary
+from server_app.local_grid import LocalGrid
+from strategies.config import ConfigError, ConfigValue, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def default_config() -> dict[str, ConfigValue]:
+    """``[tool.flwr.app.config]`` of pyproject.toml: the defaults ``flwr run`` uses too."""
+    with PYPROJECT.open("rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def merge_config(file: str | None = None, sets: list[str] | None = None,
+                 overrides: Mapping[str, ConfigValue] | None = None) -> dict[str, ConfigValue]:
+    """Defaults, then a TOML file, then ``key=value`` pairs, then a mapping; unknown keys are an error."""
+    values = default_config()
+    layers: list[Mapping[str, ConfigValue]] = []
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"run-config file not found: {file}")
+        with path.open("rb") as fh:
+            layers.append(_flatten(tomllib.load(fh)))
+    layers.append(dict(_parse_set(s) for s in sets or []))
+    layers.append(dict(overrides or {}))
+    for layer in layers:
+        unknown = sorted(set(layer) - set(values))
+        if unknown:
+            RunConfig.from_mapping(layer)  # raises with the did-you-mean message
+        values.update(layer)
+    return values
+
+
+def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: object = None, workers: int = 2,
+              reorder_seed: int | None = None, run_id: int | None = None) -> RunSummary:
+    """Run one experiment in-process on a ``LocalGrid`` and return its summary."""
+    cfg = RunConfig.from_mapping(values)
+    if clientapp is None:
+        from client_app.app import app as clientapp
+    run_id = run_id if run_id is not None else secrets.randbits(63)
+    grid = LocalGrid(clientapp, nodes, cfg.to_mapping(), run_id=run_id, workers=workers,
+                     reorder_seed=reorder_seed)
+    context = server_context(run_id, cfg.to_mapping())
+    try:
+        server_app(grid, context)  # the very ServerApp that `flwr run` starts
+    finally:
+        grid.close()
+    weights = context.state.array_records["final-weights"].to_numpy_ndarrays()
+    return RunSummary.from_config(dict(context.state.config_records["summary"]), weights)
+
+
+def server_context(run_id: int, values: Mapping[str, ConfigValue]) -> Context:
+    """The Context the ServerApp would get from Flower."""
+    return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(values))
+
+
+def load_object(path: str) -> object:
+    """Import ``package.module:attr``."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"expected MODULE:ATTR, got {path!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load {path!r}: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    import torch
+
+    torch.set_num_threads(1)  # clients run on parallel threads; one intra-op thread each avoids oversubscription
+    try:
+        if args.resume:
+            raise ConfigError("--resume arrives with checkpointing (issue 9); this build cannot resume runs")
+        values = merge_config(args.run_config, args.set)
+        cfg = RunConfig.from_mapping(values)
+        clientapp = load_object(args.clientapp) if args.clientapp else None
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_local(values, nodes=args.nodes, clientapp=clientapp, workers=args.workers)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the store already says "failed"; tell the user why
+        logging.getLogger("staleflower").exception("run failed")
+        print(f"error: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    del summary, cfg  # the ServerApp printed the summary
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server_app.simulate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-config", metavar="FILE", help="TOML file of run-config keys (e.g. configs/fedbuff.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
+    p.add_argument("--nodes", type=int, default=8, help="number of simulated nodes (default 8)")
+    p.add_argument("--clientapp", metavar="MODULE:ATTR", help="your own ClientApp instead of client_app.app:app")
+    p.add_argument("--resume", metavar="RUN_ID", help="resume a checkpointed run (issue 9)")
+    p.add_argument("--workers", type=int, default=2, help="threads running clients in parallel (default 2)")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+    return p
+
+
+def _parse_set(item: str) -> tuple[str, ConfigValue]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, ConfigValue]:
+    out: dict[str, ConfigValue] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value  # type: ignore[assignment]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The metrics store: one SQLite file in WAL mode, written only by the ServerApp, read by the dashboard.
+
+The schema is DESIGN.md's contract (tables ``runs``, ``updates``, ``evals``); extra columns are allowed and
+``evals.metrics_json`` carries strategy-specific numbers. WAL lets the dashboard read while a run writes;
+``synchronous=NORMAL`` in WAL mode keeps every committed row across a crash of the writer process, and the
+engine commits after each event, so what the store says was applied was applied.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs(
+    run_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, status TEXT, strategy TEXT, config_json TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS updates(
+    run_id TEXT, seq INTEGER, node_id INTEGER, dispatched_at REAL, completed_at REAL,
+    base_version INTEGER, applied_version INTEGER, staleness INTEGER,
+    bytes_up INTEGER, bytes_down INTEGER, compute_s REAL, comm_s REAL,
+    status TEXT, reason TEXT,
+    PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS evals(
+    run_id TEXT, t REAL, model_version INTEGER, updates_applied INTEGER,
+    bytes_up_total INTEGER, bytes_down_total INTEGER, loss REAL, accuracy REAL, metrics_json TEXT
+);
+CREATE TABLE IF NOT EXISTS nodes(
+    run_id TEXT, node_id INTEGER, idx INTEGER, partition_id INTEGER, device TEXT, network TEXT,
+    slowdown REAL, dropout REAL, torch_device TEXT
+);
+CREATE INDEX IF NOT EXISTS evals_run ON evals(run_id, t);
+CREATE INDEX IF NOT EXISTS updates_run_time ON updates(run_id, completed_at);
+"""
+
+UPDATE_STATUSES = ("applied", "buffered", "dropped", "rejected", "failed", "restarted")
+RUN_STATUSES = ("running", "completed", "failed", "stopped")
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    """One row of ``updates``: one task's fate."""
+
+    seq: int
+    node_id: int
+    dispatched_at: float
+    completed_at: float
+    base_version: int
+    applied_version: int | None
+    staleness: int | None
+    bytes_up: int
+    bytes_down: int
+    compute_s: float
+    comm_s: float
+    status: str
+    reason: str = ""
+
+
+class MetricsStore:
+    """Writer of one run's rows. Open, ``start_run``, record, ``finish_run``, close."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.run_id = ""
+
+    def start_run(self, run_id: str, strategy: str, config: Mapping[str, object]) -> None:
+        """Register a run as ``running``."""
+        self.run_id = run_id
+        with self.db:
+            self.db.execute(
+                "INSERT INTO runs(run_id, started_at, finished_at, status, strategy, config_json) VALUES (?,?,?,?,?,?)",
+                (run_id, time.time(), None, "running", strategy, json.dumps(dict(config), sort_keys=True)),
+            )
+
+    def record_nodes(self, rows: Iterable[tuple]) -> None:
+        """The fleet: ``(node_id, idx, partition_id, device, network, slowdown, dropout, torch_device)``."""
+        with self.db:
+            self.db.executemany("INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?)", [(self.run_id, *r) for r in rows])
+
+    def record_update(self, row: UpdateRow) -> None:
+        """Insert one task outcome (committed before the next event is processed)."""
+        if row.status not in UPDATE_STATUSES:
+            raise ValueError(f"unknown update status {row.status!r}")
+        with self.db:
+            self.db.execute(
+                "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (self.run_id, row.seq, row.node_id, row.dispatched_at, row.completed_at, row.base_version,
+                 row.applied_version, row.staleness, row.bytes_up, row.bytes_down, row.compute_s, row.comm_s,
+                 row.status, row.reason),
+            )
+
+    def mark_applied(self, seqs: Iterable[int], version: int) -> None:
+        """Buffered updates went into the model as ``version``."""
+        with self.db:
+            self.db.executemany(
+                "UPDATE updates SET status='applied', applied_version=?, reason='' WHERE run_id=? AND seq=?",
+                [(version, self.run_id, s) for s in seqs],
+            )
+
+    def record_eval(self, t: float, version: int, applied: int, bytes_up: int, bytes_down: int,
+                    loss: float, accuracy: float, extra: Mapping[str, float] | None = None) -> None:
+        """One evaluation of the global model."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO evals VALUES (?,?,?,?,?,?,?,?,?)",
+                (self.run_id, t, version, applied, bytes_up, bytes_down, loss, accuracy,
+                 json.dumps(dict(extra or {}), sort_keys=True)),
+            )
+
+    def finish_run(self, status: str, error: str = "") -> None:
+        """Close the run with its final status."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        with self.db:
+            self.db.execute(
+                "UPDATE runs SET finished_at=?, status=?, error=? WHERE run_id=?",
+                (time.time(), status, error or None, self.run_id),
+            )
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()

@@ -1,0 +1,176 @@
+"""The run configuration: every key of DESIGN.md's run-config contract, typed and validated.
+
+Flower hands both apps a flat ``dict[str, int | float | bool | str]`` (``context.run_config``). We turn it into a
+frozen dataclass once, at the door, so that a typo or an impossible value fails before any training starts, with
+a message that names the valid choices, instead of surfacing as a wrong result an hour later.
+
+Defaults live here and in ``pyproject.toml``'s ``[tool.flwr.app.config]`` (Flower's source of defaults for
+``flwr run``); ``tests/test_config.py`` keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ConfigValue = int | float | bool | str
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, mistyped or has an impossible value."""
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"range": (lo, hi, lo_open)}
+
+
+# Strategy names of DESIGN.md; the registry (strategies/__init__.py) says which are implemented.
+STRATEGY_NAMES = (
+    "fedavg", "fedasync", "fedbuff", "local-sgd", "olco3", "pipe-sgd", "cocod-sgd", "overlap-local-sgd",
+    "async-sgd", "k-async", "k-batch-async", "k-sync", "ssp", "adasync", "abs", "ad-psgd", "d-psgd",
+    "allreduce-sgd",
+)
+CODECS = ("none", "fp16", "topk", "randk", "qsgd", "sign", "powersgd")
+STALENESS_FNS = ("constant", "polynomial", "hinge", "sqrt")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed view of the run config. Field ``local_steps`` is run-config key ``local-steps``, and so on."""
+
+    # What is trained, on what.
+    strategy: str = "fedbuff"
+    dataset: str = field(default="digits", metadata=_choices("digits", "fashion-mnist", "synthetic"))
+    data_dir: str = ""
+    partition: str = field(default="iid", metadata=_choices("iid", "dirichlet", "shards"))
+    dirichlet_alpha: float = field(default=0.5, metadata=_range(0, None, lo_open=True))
+    model: str = "mlp"
+    # Local training on the client.
+    local_steps: int = field(default=10, metadata=_range(1))
+    batch_size: int = field(default=32, metadata=_range(1))
+    lr: float = field(default=0.05, metadata=_range(0, None, lo_open=True))
+    momentum: float = field(default=0.0, metadata=_range(0, 1))
+    prox_mu: float = field(default=0.0, metadata=_range(0))
+    # Compression (issue 3).
+    codec: str = field(default="none", metadata=_choices(*CODECS))
+    codec_ratio: float = field(default=0.01, metadata=_range(0, 1, lo_open=True))
+    codec_levels: int = field(default=16, metadata=_range(1))
+    codec_rank: int = field(default=2, metadata=_range(1))
+    error_feedback: bool = False
+    # The clock and the simulated fleet.
+    clock: str = field(default="virtual", metadata=_choices("virtual", "wall"))
+    profiles: str = "wifi=0.5,4g=0.3,3g=0.2"
+    profile_file: str = ""
+    compute_dist: str = field(default="lognormal", metadata=_choices("fixed", "lognormal", "shifted-exp"))
+    compute_jitter: float = field(default=0.25, metadata=_range(0))
+    network_jitter: float = field(default=0.2, metadata=_range(0))
+    straggler_fraction: float = field(default=0.0, metadata=_range(0, 1))
+    straggler_slowdown: float = field(default=1.0, metadata=_range(1))
+    dropout: float = field(default=0.0, metadata=_range(0, 0.99))
+    seed: int = field(default=0, metadata=_range(0))
+    # The engine.
+    concurrency: int = field(default=0, metadata=_range(0))
+    min_nodes: int = field(default=2, metadata=_range(1))
+    task_ttl: float = field(default=600.0, metadata=_range(0, None, lo_open=True))
+    max_updates: int = field(default=200, metadata=_range(0))
+    max_time: float = field(default=0.0, metadata=_range(0))
+    target_accuracy: float = field(default=0.0, metadata=_range(0, 1))
+    eval_every: int = field(default=10, metadata=_range(0))
+    test_fraction: float = field(default=0.2, metadata=_range(0, 1, lo_open=True))
+    metrics_db: str = ""
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # Strategy parameters.
+    delay: int = field(default=1, metadata=_range(0))
+    buffer_size: int = field(default=5, metadata=_range(1))
+    staleness_fn: str = field(default="polynomial", metadata=_choices(*STALENESS_FNS))
+    staleness_a: float = field(default=0.5, metadata=_range(0))
+    staleness_b: float = field(default=4.0, metadata=_range(0))
+    mixing: float = field(default=0.6, metadata=_range(0, 1, lo_open=True))
+    server_lr: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    k: int = field(default=4, metadata=_range(1))
+    staleness_bound: int = field(default=4, metadata=_range(0))
+    topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
+
+    def __post_init__(self) -> None:
+        """Check types, choices and ranges, so bad values fail before training."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            key = key_of(f.name)
+            value = _coerce(key, value, f.type)
+            object.__setattr__(self, f.name, value)
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(f.metadata['choices'])}")
+            if "range" in f.metadata:
+                _check_range(key, value, *f.metadata["range"])
+        if self.strategy not in STRATEGY_NAMES and ":" not in self.strategy:
+            raise ConfigError(
+                f"strategy = {self.strategy!r} is unknown; valid: {', '.join(STRATEGY_NAMES)}"
+                " (or 'package.module:Class' for your own)"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, ConfigValue]) -> RunConfig:
+        """Build from Flower's flat run config (kebab-case keys); unknown keys are an error."""
+        known = {key_of(f.name): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**{known[k]: v for k, v in values.items()})
+
+    def to_mapping(self) -> dict[str, ConfigValue]:
+        """The flat kebab-case form Flower uses (and the store records)."""
+        return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def metrics_path(self) -> Path:
+        """Where the metrics store lives: ``metrics-db``, else $STALEFLOWER_METRICS_DB, else ~/.staleflower."""
+        return default_metrics_path(self.metrics_db)
+
+
+def default_metrics_path(configured: str = "") -> Path:
+    """Resolve the metrics store path; absolute, because the ServerApp's cwd is the SuperLink's, not the user's."""
+    raw = configured or os.environ.get("STALEFLOWER_METRICS_DB", "") or "~/.staleflower/metrics.db"
+    return Path(raw).expanduser().resolve()
+
+
+def key_of(field_name: str) -> str:
+    """Field name to run-config key: ``local_steps`` -> ``local-steps``."""
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> ConfigValue:
+    """Accept a value of the field's type; ints are accepted for floats (TOML writes ``lr = 1``)."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(annotation)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+    return value
+
+
+def _check_range(key: str, value: float, lo: float | None, hi: float | None, lo_open: bool) -> None:
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(f"{key} = {value!r} is out of range: must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} = {value!r} is out of range: must be <= {hi}")

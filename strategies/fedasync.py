@@ -1,0 +1,35 @@
+"""FedAsync (Xie, Koyejo, Gupta 2019, arXiv 1903.03934): apply every arrival by staleness-weighted mixing.
+
+``w <- (1 - alpha_t) w + alpha_t x``, where ``x = base - delta`` is the client's model and
+``alpha_t = mixing * s(staleness)`` with ``s`` one of ``strategies.staleness``. Clients may add the proximal term
+``prox-mu/2 ||x - w_base||^2`` of the paper (run-config ``prox-mu``).
+"""
+
+from __future__ import annotations
+
+from strategies.base import Strategy, Update, Verdict, step
+from strategies.staleness import staleness_fn
+
+
+class FedAsync(Strategy):
+    """Asynchronous mixing of every arriving client model."""
+
+    name = "fedasync"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.cfg
+        self.s = staleness_fn(c.staleness_fn, c.staleness_a, c.staleness_b)
+        self.last_alpha = 0.0
+
+    def apply(self, update: Update) -> Verdict:
+        """Mix the client's model into the global one; ``w - x = (w - base) + delta``."""
+        alpha = self.cfg.mixing * self.s(update.staleness)
+        direction = [w - b + d for w, b, d in zip(self.weights, update.base, update.delta, strict=True)]
+        self._publish(step(self.weights, direction, alpha))
+        self.last_alpha = alpha
+        return Verdict("applied", applied=(update.seq,))
+
+    def state_summary(self) -> dict[str, float]:
+        """The last mixing weight."""
+        return {"alpha": self.last_alpha}

@@ -1,0 +1,66 @@
+"""FedAvg (McMahan et al. 2017, arXiv 1602.05629): synchronous rounds, example-weighted averaging.
+
+A round hands the current model to up to ``concurrency`` nodes (all nodes when 0), waits until every task of
+the round has come back or failed, then averages the returned models weighted by ``num-examples``:
+``w <- sum_i n_i (w - delta_i) / sum_i n_i``, which is what Flower's own ``FedAvg`` computes from the clients'
+weights (``tests/test_strategies.py`` checks this against ``flwr.serverapp.strategy.FedAvg``). Nodes that finish
+early wait: that is the straggler cost the asynchronous strategies avoid.
+"""
+
+from __future__ import annotations
+
+from strategies.base import Strategy, Task, Update, Verdict, step, weighted_sum
+
+
+class FedAvg(Strategy):
+    """Synchronous federated averaging."""
+
+    name = "fedavg"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.round = 0
+        self.members: set[int] = set()
+        self.outstanding = 0
+        self.results: list[Update] = []
+
+    def round_size(self) -> int:
+        """Nodes per round: ``concurrency`` when set, else every node."""
+        c = self.cfg.concurrency
+        return min(c, self.num_nodes) if c > 0 else self.num_nodes
+
+    def task_for(self, node: int) -> Task | None:
+        """Join the open round if it has room and the node is not in it yet."""
+        if node in self.members or len(self.members) >= self.round_size():
+            return None
+        self.members.add(node)
+        self.outstanding += 1
+        return Task(self.version, {"server-round": self.round + 1})
+
+    def apply(self, update: Update) -> Verdict:
+        """Hold the result until the round is complete."""
+        self.results.append(update)
+        self.outstanding -= 1
+        return self._maybe_close() or Verdict("buffered", "waiting for the round to complete")
+
+    def fail(self, node: int, base_version: int) -> Verdict:
+        """A failed task leaves the round; the round closes with the results it has."""
+        self.outstanding -= 1
+        return self._maybe_close() or Verdict("dropped")
+
+    def _maybe_close(self) -> Verdict | None:
+        if self.outstanding > 0 or len(self.members) < self.round_size():
+            return None
+        applied = tuple(u.seq for u in self.results)
+        if self.results:
+            total = sum(u.num_examples for u in self.results)
+            mean_delta = weighted_sum([(u.num_examples / total, u.delta) for u in self.results])
+            self._publish(step(self.weights, mean_delta, 1.0))
+        self.round += 1
+        self.members.clear()
+        self.results = []
+        return Verdict("applied", applied=applied) if applied else None
+
+    def state_summary(self) -> dict[str, float]:
+        """Round number."""
+        return {"round": float(self.round)}
