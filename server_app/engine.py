@@ -158,6 +158,10 @@ class Engine:
         self.poll_s = poll_s
         self.t0 = time.monotonic()
         self.last_eval: tuple[int, float, float] | None = None
+        # A ClientApp that fails every task must not spin forever on the virtual clock.
+        self.failure_limit = max(100, 10 * len(nodes))
+        self.failing = 0
+        self.last_failure = ""
 
     def _record_fleet(self, info: dict[int, dict]) -> None:
         self.store.record_nodes(
@@ -185,9 +189,13 @@ class Engine:
                 break
             self.now = max(self.now, t)
             self._complete(flight)
+            if self.failing >= self.failure_limit:
+                raise RuntimeError(f"stopped after {self.failing} consecutive failed tasks and no success; "
+                                   f"last: {self.last_failure}")
             self._maybe_evaluate()
-            self._fill()
             reason = self._stop_reason()
+            if not reason:
+                self._fill()
         loss, acc = self._evaluate()
         return RunSummary(self.run_id, reason, self.now, self.strategy.version, self.totals.applied,
                           self.totals.bytes_up, self.totals.bytes_down, loss, acc, dict(self.totals.statuses),
@@ -340,6 +348,9 @@ class Engine:
         if status in ("failed", "rejected"):
             applied = self.strategy.fail(f.node, f.version).applied
             log.info("task %d on node %d %s: %s", f.seq, f.node, status, reason)
+            self.failing, self.last_failure = self.failing + 1, f"{status}: {reason}"
+        else:
+            self.failing = 0
         self._record(f, status, reason, staleness, f.seq in applied)
         others = [s for s in applied if s != f.seq]
         if others:

@@ -1,0 +1,62 @@
+# staleflower: every target creates .venv from requirements.txt when needed.
+#
+#   make run                       the default experiment with the real Flower runtime (flwr run, 10 simulated nodes)
+#   make run CONFIG=configs/X.toml a preset instead (its metrics-db, else results/metrics.db)
+#   make run NODES=4 RUN_ARGS="--run-config 'max-updates=50'"
+#   make test | test-fast | lint | bench | dashboard [DB=path] | clean | distclean
+
+PYTHON3 ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DB      ?= results/metrics.db
+NODES   ?= 10
+CONFIG  ?=
+RUN_ARGS ?=
+
+# metrics-db must be absolute: the ServerApp's working directory is not the repository.
+ifeq ($(strip $(CONFIG)),)
+RUN_CONFIG := --run-config "metrics-db='$(CURDIR)/results/metrics.db'"
+else
+RUN_CONFIG := --run-config "$(CONFIG)"
+endif
+
+.PHONY: venv run test test-fast lint bench dashboard clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON3) -m venv $(VENV)
+	$(BIN)/pip install -r requirements.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p results
+	VENV=$(CURDIR)/$(VENV) FLWR_HOME=$(CURDIR)/.flwr-home NUM_SUPERNODES=$(NODES) \
+		STALEFLOWER_METRICS_DB=$(CURDIR)/results/metrics.db \
+		bash scripts/flwr_run.sh $(RUN_CONFIG) $(RUN_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not deployment"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+dashboard: $(STAMP)
+	$(BIN)/streamlit run dashboard/app.py -- --db $(DB)
+
+# Caches and Flower's private home; keeps .venv and results/ (see distclean).
+clean:
+	rm -rf .flwr-home .pytest_cache .ruff_cache .benchmarks .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Also the virtualenv and the metrics stores under results/.
+distclean: clean
+	rm -rf $(VENV)
+	rm -f results/*.db results/*.db-*

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Run the Flower app with the REAL Flower runtime (`flwr run . --stream`, simulated SuperNodes) and check that the
+# run really succeeded.
+#
+#   scripts/flwr_run.sh [FLWR-RUN-ARGS...]
+#   scripts/flwr_run.sh --run-config "metrics-db='$PWD/results/metrics.db' max-updates=50"
+#   scripts/flwr_run.sh --run-config configs/fedbuff.toml          # a preset (a TOML file cannot be mixed with k=v)
+#
+# What it does:
+#   1. starts its own `flower-superlink --simulation --insecure` on a free loopback port, with its state in a private
+#      FLWR_HOME (default: <repo>/.flwr-home, git-ignored), and points $FLWR_HOME/config.toml at it;
+#   2. runs `flwr run <repo> <that connection> --stream --federation-config "num-supernodes=N ..." ARGS...`;
+#   3. checks the run's status with `flwr ls --run-id ID --format json` (`flwr run` exits 0 even when the ServerApp
+#      fails) and requires `finished:completed`;
+#   4. stops the SuperLink it started, by pid, on success, failure or Ctrl-C (a trap), and prints the metrics store.
+#
+# Environment knobs:
+#   VENV            virtualenv whose bin/ holds flwr, flower-superlink, ... (default <repo>/.venv)
+#   FLWR_HOME       Flower's home for this script (default <repo>/.flwr-home)
+#   NUM_SUPERNODES  simulated SuperNodes (default 10)
+#   CLIENT_CPUS     Ray CPUs per ClientApp actor (default 1: as many actors as cores)
+#   RUN_TIMEOUT     seconds to wait for the run to finish after the stream ends (default 120)
+#   STALEFLOWER_METRICS_DB  metrics store used when the run config leaves `metrics-db` empty
+#                   (default <repo>/results/metrics.db)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+VENV="$(cd "$VENV" && pwd)"
+# flower-superlink spawns flower-superexec / flwr-simulation by name: they must be on PATH.
+export PATH="$VENV/bin:$PATH"
+PY="$VENV/bin/python"
+
+export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr-home}"
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export FLWR_DISABLE_UPDATE_CHECK=1
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="${RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO:-0}"
+export STALEFLOWER_METRICS_DB="${STALEFLOWER_METRICS_DB:-$ROOT/results/metrics.db}"
+NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
+CLIENT_CPUS="${CLIENT_CPUS:-1}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-120}"
+CONN="staleflower-sim"
+
+mkdir -p "$FLWR_HOME"
+FLWR_HOME="$(cd "$FLWR_HOME" && pwd)"
+SL_DIR="$FLWR_HOME/superlink"
+SL_PIDFILE="$SL_DIR/pid"
+SL_LOG="$SL_DIR/superlink.log"
+RUN_LOG="$SL_DIR/run.log"
+mkdir -p "$SL_DIR"
+
+say() { printf '[flwr_run] %s\n' "$*" >&2; }
+
+# The pids of a process's descendants (children first, recursively), from /proc via ps.
+descendants() {
+    local kid
+    for kid in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        echo "$kid"
+        descendants "$kid"
+    done
+}
+
+# Stop one SuperLink by pid, and whatever it spawned (superexec, flwr-simulation, Ray) that outlives it.
+stop_superlink() {
+    local pid="$1" kids i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kids="$(descendants "$pid" | tr '\n' ' ')"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    # superexec watches its parent and exits on its own; give the tree a few seconds, then insist.
+    for i in $(seq 25); do
+        local alive=""
+        for k in $kids; do kill -0 "$k" 2>/dev/null && alive="$alive $k"; done
+        [ -z "$alive" ] && break
+        sleep 0.2
+    done
+    for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
+}
+
+SL_PID=""
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ -n "$SL_PID" ]; then
+        say "stopping SuperLink (pid $SL_PID)"
+        stop_superlink "$SL_PID"
+        rm -f "$SL_PIDFILE"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A SuperLink left behind by an earlier run of this script with the same FLWR_HOME (e.g. after kill -9): stop it,
+# but only if that pid really is a flower-superlink of this FLWR_HOME.
+if [ -f "$SL_PIDFILE" ]; then
+    old="$(cat "$SL_PIDFILE" 2>/dev/null || true)"
+    if [ -n "$old" ] && tr '\0' ' ' <"/proc/$old/cmdline" 2>/dev/null | grep -q "flower-superlink.*$SL_DIR/"; then
+        say "stopping a stale SuperLink of this FLWR_HOME (pid $old)"
+        stop_superlink "$old"
+    fi
+    rm -f "$SL_PIDFILE"
+fi
+
+PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+cat >"$FLWR_HOME/config.toml" <<EOF
+# Written by scripts/flwr_run.sh: the SuperLink it starts for each run.
+[superlink]
+default = "$CONN"
+
+[superlink.$CONN]
+address = "127.0.0.1:$PORT"
+insecure = true
+EOF
+
+# A fresh SuperLink state per invocation: the only run in it is ours.
+rm -f "$SL_DIR/state.db" "$SL_DIR/state.db-shm" "$SL_DIR/state.db-wal"
+T0=$(date +%s)
+say "starting flower-superlink --simulation on 127.0.0.1:$PORT (FLWR_HOME=$FLWR_HOME, log $SL_LOG)"
+flower-superlink --insecure --simulation --host 127.0.0.1 --port "$PORT" \
+    --database "$SL_DIR/state.db" --disable-runtime-dependency-installation >"$SL_LOG" 2>&1 </dev/null &
+SL_PID=$!
+echo "$SL_PID" >"$SL_PIDFILE"
+
+if ! "$PY" - "$PORT" "$SL_PID" <<'EOF'; then
+import os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("flower-superlink exited during start-up")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.2)
+sys.exit("flower-superlink not healthy after 60 s")
+EOF
+    say "SuperLink did not start; its log ($SL_LOG):"
+    tail -n 30 "$SL_LOG" >&2 || true
+    exit 1
+fi
+say "SuperLink healthy after $(($(date +%s) - T0)) s"
+
+say "flwr run $ROOT $CONN --stream --federation-config 'num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS' $*"
+set +e
+flwr run "$ROOT" "$CONN" --stream \
+    --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS" \
+    "$@" 2>&1 | tee "$RUN_LOG"
+FLWR_RC=${PIPESTATUS[0]}
+set -e
+
+RUN_ID="$(sed -n 's/.*Successfully started run \([0-9][0-9]*\).*/\1/p' "$RUN_LOG" | tail -n 1)"
+if [ -z "$RUN_ID" ]; then
+    say "flwr run (exit code $FLWR_RC) started no run"
+    exit 1
+fi
+
+# `flwr run --stream` exits 0 even when the ServerApp fails: the run's status is the truth.
+STATUS="$("$PY" - "$RUN_ID" "$CONN" "$RUN_TIMEOUT" <<'EOF'
+import json, subprocess, sys, time
+run_id, conn, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+deadline = time.monotonic() + timeout
+status = "unknown"
+while True:
+    out = subprocess.run(["flwr", "ls", conn, "--run-id", run_id, "--format", "json"],
+                         capture_output=True, text=True, check=False).stdout
+    try:
+        runs = json.loads(out).get("runs", [])
+        status = runs[0]["status"] if runs else "unknown"
+    except (ValueError, KeyError, IndexError):
+        status = "unknown"
+    if status.startswith("finished") or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print(status)
+EOF
+)"
+
+# Where the results went: the ServerApp prints it in its summary; otherwise the default store.
+DB="$(sed -n 's/.*metrics store: \(.*\)$/\1/p' "$RUN_LOG" | tail -n 1)"
+DB="${DB:-$STALEFLOWER_METRICS_DB}"
+
+if [ "$STATUS" != "finished:completed" ]; then
+    say "run $RUN_ID ended with status '$STATUS' (flwr run exit code $FLWR_RC); SuperLink log: $SL_LOG"
+    exit 1
+fi
+say "run $RUN_ID finished:completed in $(($(date +%s) - T0)) s"
+say "results: metrics store $DB (run_id '$RUN_ID'); view with: make dashboard DB=$DB"

@@ -1,0 +1,26 @@
+"""Smoke test of bench/engine_overhead.py: tiny sizes, checks the report's shape, times nothing."""
+
+import json
+
+from bench import engine_overhead
+
+
+def test_engine_overhead_smoke(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    md = tmp_path / "overhead.md"
+    report = engine_overhead.main(["--nodes", "4", "--rounds", "1", "--model", "bench.models:Small", "--repeats", "1",
+                                   "--no-warmup", "--quiet", "--json", str(out), "--markdown", str(md)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["workload"]["nodes"] == 4 and data["workload"]["rounds"] == 1
+    engines = {r["engine"]: r for r in data["results"]}
+    assert set(engines) == {"flower-fedavg", "staleflower-fedavg", "staleflower-fedbuff"}
+    assert engines["flower-fedavg"]["updates"] == 4
+    assert engines["staleflower-fedavg"]["updates"] >= 4
+    for r in data["results"]:
+        assert r["seconds"] > 0 and r["updates_per_s"] > 0
+    assert data["ratio_vs_flower_fedavg"] > 0
+    table = capsys.readouterr().out
+    assert "| flower-fedavg |" in table and "| staleflower-fedavg |" in table
+    assert "ratio_vs_flower_fedavg" in table
+    assert md.read_text().strip() == table.strip()

@@ -1,0 +1,111 @@
+"""What travels: exact serialized sizes and validation of replies."""
+
+import io
+import re
+
+import numpy as np
+import pytest
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client_app.records import to_record
+from server_app.wire import RejectedUpdate, read_reply, reference_wire_bytes, wire_bytes
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+NAMES = ["w", "b"]
+BASE = [np.ones((300, 40), np.float32), np.zeros(40, np.float32)]
+
+
+def instruction(weights=BASE):
+    msg = Message(RecordDict({"arrays": to_record(NAMES, weights), "config": ConfigRecord({"lr": 0.1})}),
+                  dst_node_id=7, message_type="train")
+    msg.metadata.__dict__["_message_id"] = "ins"
+    return msg
+
+
+def reply_with(content):
+    return Message(content, reply_to=instruction())
+
+
+@pytest.mark.parametrize("weights", [BASE, [np.zeros((600, 700), np.float32), np.zeros(3, np.float32)],
+                                     [np.arange(2_000_000, dtype=np.float32), np.ones(5, np.float32)]])
+def test_wire_bytes_equals_the_deflated_object_tree(weights):
+    msg = instruction(weights)
+    assert wire_bytes(msg) == reference_wire_bytes(msg)
+    assert wire_bytes(msg) > sum(w.nbytes for w in weights) - 1_700_000 * (weights[0].max() == 0)
+
+
+def test_reply_bytes_grow_with_the_payload():
+    small = reply_with(RecordDict({"delta": to_record(NAMES, [np.zeros((3, 4), np.float32)] * 2)}))
+    big = reply_with(RecordDict({"delta": to_record(NAMES, BASE)}))
+    assert wire_bytes(big) - wire_bytes(small) > 40_000
+    assert wire_bytes(big) == reference_wire_bytes(big)
+
+
+def test_weights_reply_is_turned_into_a_delta():
+    trained = [w - 0.5 for w in BASE]
+    reply = reply_with(RecordDict({"arrays": to_record(NAMES, trained), "metrics": MetricRecord({"num-examples": 9})}))
+    delta, n, metrics = read_reply(reply, NAMES, BASE)
+    assert n == 9 and metrics["num-examples"] == 9
+    for d in delta:
+        np.testing.assert_allclose(d, 0.5)
+
+
+def test_missing_num_examples_counts_as_one():
+    reply = reply_with(RecordDict({"delta": to_record(NAMES, BASE)}))
+    assert read_reply(reply, NAMES, BASE)[1] == 1
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_values_are_rejected(bad):
+    w = [x.copy() for x in BASE]
+    w[1][7] = bad
+    with pytest.raises(RejectedUpdate, match="b: contains NaN or Inf"):
+        read_reply(reply_with(RecordDict({"delta": to_record(NAMES, w)})), NAMES, BASE)
+
+
+def test_large_finite_values_are_not_mistaken_for_inf():
+    w = [np.full((300, 40), 3e38, np.float32), BASE[1]]
+    delta, _, _ = read_reply(reply_with(RecordDict({"delta": to_record(NAMES, w)})), NAMES, BASE)
+    assert np.isfinite(delta[0]).all()
+
+
+def npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "undecodable"),
+    (npy(np.zeros(40, np.float32))[:-4], "data bytes for 40"),
+    (npy(np.zeros(40, np.float32)) + b"xx", "data bytes for 40"),
+    (npy(np.zeros(41, np.float32)), "bytes decode to float32[41]"),
+    (npy(np.zeros(40, np.float64)), "bytes decode to float64[40]"),
+])
+def test_lying_or_broken_array_bytes_are_rejected(data, reason):
+    arr = Array("float32", (40,), "numpy.ndarray", data)
+    content = RecordDict({"delta": to_record(NAMES, BASE)})
+    content["delta"]["b"] = arr
+    with pytest.raises(RejectedUpdate, match=re.escape(reason)):
+        read_reply(reply_with(content), NAMES, BASE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_bytes_never_crash_the_decoder(data):
+    content = RecordDict({"delta": to_record(NAMES, BASE)})
+    content["delta"]["b"] = Array("float32", (40,), "numpy.ndarray", data)
+    try:
+        read_reply(reply_with(content), NAMES, BASE)
+    except RejectedUpdate:
+        pass
+
+
+def test_unknown_stype_is_rejected():
+    content = RecordDict({"delta": to_record(NAMES, BASE)})
+    content["delta"]["b"] = Array("float32", (40,), "topk.v1", b"\x00" * 8)
+    with pytest.raises(RejectedUpdate, match="unsupported stype 'topk.v1'"):
+        read_reply(reply_with(content), NAMES, BASE)
