@@ -55,15 +55,15 @@ class SimRun:
             return [dict(r) for r in db.execute(sql, params)]
 
     def updates(self) -> list[dict[str, Any]]:
-        """This run's ``updates`` rows in seq order."""
+        """Rows of ``updates`` for this run, in seq order."""
         return self.rows("SELECT * FROM updates WHERE run_id=? ORDER BY seq", self.summary.run_id)
 
     def evals(self) -> list[dict[str, Any]]:
-        """This run's ``evals`` rows in time order."""
+        """Rows of ``evals`` for this run, in time order."""
         return self.rows("SELECT * FROM evals WHERE run_id=? ORDER BY t, rowid", self.summary.run_id)
 
     def run_row(self) -> dict[str, Any]:
-        """This run's ``runs`` row."""
+        """The ``runs`` row of this run."""
         return self.rows("SELECT * FROM runs WHERE run_id=?", self.summary.run_id)[0]
 
 
