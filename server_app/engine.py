@@ -355,6 +355,9 @@ class Engine:
         others = [s for s in applied if s != f.seq]
         if others:
             self.store.mark_applied(others, self.strategy.version)
+            counts = self.totals.statuses
+            counts["buffered"] -= len(others)
+            counts["applied"] = counts.get("applied", 0) + len(others)
         self.totals.applied += len(applied)
         self._release(f.version)
 

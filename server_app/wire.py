@@ -13,7 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
-from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import (
+    InflatableObject,
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 
 from client_app.records import to_record
 
@@ -46,7 +50,8 @@ def wire_bytes(msg: Message) -> int:
         if (oid := obj.object_id) not in seen:
             seen[oid] = len(obj.deflate())
 
-    visit(msg)
+    with no_object_id_recompute():  # Flower's own cache of object ids for the duration of one serialization
+        visit(msg)
     return sum(seen.values())
 
 

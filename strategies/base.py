@@ -119,7 +119,9 @@ def weighted_sum(parts: Sequence[tuple[float, Sequence[np.ndarray]]]) -> Weights
     """``sum_i c_i * x_i`` accumulated in float64, so the order of the parts barely matters."""
     first = parts[0][1]
     acc = [np.zeros(a.shape, dtype=np.float64) for a in first]
+    scratch = [np.empty(a.shape, dtype=np.float64) for a in first]  # reused: no temporary per term
     for coef, arrays in parts:
-        for a, x in zip(acc, arrays, strict=True):
-            a += coef * x
+        for a, tmp, x in zip(acc, scratch, arrays, strict=True):
+            np.multiply(x, coef, out=tmp)
+            a += tmp
     return acc
