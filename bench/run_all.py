@@ -1,0 +1,35 @@
+"""`make bench`: every benchmark and reproduction of this repository, outputs under results/.
+
+    python bench/run_all.py [--quick]
+
+- bench.engine_overhead: our engine vs Flower's FedAvg.start on the same in-process Grid (BENCHMARKS.md)
+- bench.stragglers: FedAvg / FedAsync / FedBuff on digits with and without stragglers (RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    """Run each benchmark as its own process (clean imports and thread settings); stop at the first failure."""
+    quick = "--quick" in sys.argv[1:]
+    runs = [
+        ["-m", "bench.engine_overhead", "--nodes", "100", "--rounds", "2" if quick else "5",
+         "--repeats", "1" if quick else "3", "--json", "results/engine_overhead.json",
+         "--markdown", "results/engine_overhead.md"],
+        ["-m", "bench.stragglers", "--seeds", *(["0"] if quick else ["0", "1", "2"]), "--out", "results/stragglers"],
+    ]
+    for args in runs:
+        print("$ python", " ".join(args), flush=True)
+        if subprocess.run([sys.executable, *args], cwd=ROOT).returncode != 0:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

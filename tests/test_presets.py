@@ -1,0 +1,44 @@
+"""Every preset in configs/ is valid for both `flwr run --run-config` and the in-process runner."""
+
+from pathlib import Path
+
+import pytest
+
+from server_app.app import validate
+from server_app.simulate import main as simulate_main
+from server_app.simulate import merge_config
+from strategies.config import RunConfig
+
+PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+
+def test_there_are_presets():
+    assert len(PRESETS) >= 5
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_is_valid(preset):
+    cfg = RunConfig.from_mapping(merge_config(str(preset)))
+    validate(cfg)
+    assert cfg.metrics_db == "", "presets must not pin a metrics store path"
+
+
+def test_a_preset_runs_in_process(tmp_path, capsys):
+    preset = next(p for p in PRESETS if p.stem == "edge-cellular")
+    code = simulate_main(["--run-config", str(preset), "--nodes", "4", "--quiet", "--set", "max-updates=10",
+                          "--set", "model='logreg'", "--set", f"metrics-db='{tmp_path / 'm.db'}'"])
+    assert code == 0
+    assert "stopped on max-updates" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "buffer-size=0"], "buffer-size = 0 is out of range"),
+    (["--set", "batchsize=8"], "did you mean 'batch-size'"),
+    (["--set", "strategy='fedsgd'"], "fedavg, fedasync, fedbuff"),
+    (["--run-config", "configs/nope.toml"], "run-config file not found"),
+    (["--set", "oops"], "--set expects KEY=VALUE"),
+    (["--clientapp", "no.such:app"], "cannot load 'no.such:app'"),
+])
+def test_cli_errors_exit_2_with_a_clear_message(args, message, capsys):
+    assert simulate_main(args) == 2
+    assert message in capsys.readouterr().err
