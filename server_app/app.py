@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from client_app.data import DataError, DatasetMissingError
+from client_app.models import ModelError
 from server_app.engine import Engine, RunSummary
-from server_app.evaluation import Evaluator, model_spec
+from server_app.evaluation import Evaluator, ModelSpec, model_spec
+from server_app.profiles import ProfileError, parse_mix
 from server_app.store import MetricsStore
 from strategies import check_implemented, get_strategy
 from strategies.config import ConfigError, RunConfig
@@ -30,8 +34,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     """Run one experiment and keep the store's record of it honest, whatever happens."""
-    validate(cfg)
-    spec = model_spec(cfg)
+    spec = validate(cfg)
     evaluator = Evaluator(cfg, spec.names)
     store = MetricsStore(cfg.metrics_path())
     store.start_run(run_id, cfg.strategy, cfg.to_mapping())
@@ -52,11 +55,22 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     return summary
 
 
-def validate(cfg: RunConfig) -> None:
-    """Checks that span several keys, or need the registry."""
+def validate(cfg: RunConfig) -> ModelSpec:
+    """Everything that can be checked before training: registry, stop condition, fleet, data and model.
+
+    Problems found by the modules that own them (profile mix, dataset files, model path) come back as one
+    ``ConfigError``, so the user sees one kind of clear message before anything runs.
+    """
     check_implemented(cfg)
     if not cfg.max_updates and not cfg.max_time:
         raise ConfigError("set a stop condition: max-updates > 0 or max-time > 0")
+    try:
+        parse_mix(cfg.profiles)
+        if cfg.profile_file and not Path(cfg.profile_file).is_file():
+            raise ProfileError(f"profile-file not found: {cfg.profile_file}")
+        return model_spec(cfg)
+    except (ProfileError, DataError, DatasetMissingError, ModelError) as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def discover(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[list[int], dict[int, dict]]:

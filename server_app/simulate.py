@@ -25,6 +25,7 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from server_app.app import app as server_app
+from server_app.app import validate
 from server_app.engine import RunSummary
 from server_app.local_grid import LocalGrid
 from strategies.config import ConfigError, ConfigValue, RunConfig
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--resume arrives with checkpointing (issue 9); this build cannot resume runs")
         values = merge_config(args.run_config, args.set)
         cfg = RunConfig.from_mapping(values)
+        validate(cfg)
         clientapp = load_object(args.clientapp) if args.clientapp else None
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -42,3 +42,14 @@ def test_a_preset_runs_in_process(tmp_path, capsys):
 def test_cli_errors_exit_2_with_a_clear_message(args, message, capsys):
     assert simulate_main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "profiles='wifi=0.5,6g=0.5'"], "6g"),
+    (["--set", "profile-file='/nonexistent.csv'"], "profile-file not found"),
+    (["--set", "model='cnn9'"], "cnn9"),
+    (["--set", "dataset='fashion-mnist'", "--set", "data-dir='/nonexistent'"], "apt-get install dataset-fashion-mnist"),
+])
+def test_bad_fleet_data_or_model_exit_2_before_training(args, message, capsys):
+    assert simulate_main(args) == 2
+    assert message in capsys.readouterr().err
