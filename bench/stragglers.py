@@ -3,8 +3,9 @@
     python -m bench.stragglers [--seeds 0 1 2] [--out results/stragglers] [--markdown RESULTS-section.md]
 
 For every seed and strategy it runs the in-process runner (virtual clock) until 90% test accuracy (or the update
-budget), once on a fleet without stragglers and once with 2 of the 10 nodes slowed 10x, and reports virtual time
-to the target, applied client updates and bytes on the wire, plus a plot of accuracy against virtual time.
+budget) on three fleets: ten Wi-Fi laptops; the same with 2 of the 10 nodes computing 10x slower; and a Wi-Fi /
+4G / 3G mix with the same stragglers. It reports virtual time to the target, applied client updates and bytes on
+the wire, and plots accuracy against virtual time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from pathlib import Path
 from server_app.simulate import merge_config, run_local
 
 STRATEGIES = ("fedavg", "fedasync", "fedbuff")
-FLEETS = {"no stragglers": {}, "2 stragglers 10x": {"straggler-fraction": 0.2, "straggler-slowdown": 10.0}}
+STRAGGLERS = {"straggler-fraction": 0.2, "straggler-slowdown": 10.0}
+FLEETS = {
+    "Wi-Fi laptops": {"profiles": "laptop/wifi=1"},
+    "Wi-Fi laptops, 2 stragglers 10x": {"profiles": "laptop/wifi=1", **STRAGGLERS},
+    "Wi-Fi/4G/3G mix, 2 stragglers 10x": {"profiles": "wifi=0.5,4g=0.3,3g=0.2", **STRAGGLERS},
+}
 BASE = {"dataset": "digits", "model": "mlp", "target-accuracy": 0.9, "max-updates": 3000, "eval-every": 10,
         "local-steps": 10, "lr": 0.05, "buffer-size": 5}
 
@@ -37,7 +43,7 @@ def run_one(strategy: str, fleet: dict, seed: int, db: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Markdown: mean (min-max) over seeds per fleet and strategy."""
-    out = ["| fleet | strategy | reached 90% | virtual time to 90% (s) | client updates | uplink MB | downlink MB |",
+    out = ["| fleet (10 nodes, digits, MLP) | strategy | reached 90% | virtual time to 90% (s) | client updates | uplink MB | downlink MB |",
            "|---|---|---|---:|---:|---:|---:|"]
     for fleet in FLEETS:
         for strategy in STRATEGIES:
@@ -62,7 +68,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(FLEETS), figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(FLEETS), figsize=(15, 4), sharey=True)
     seed = min(r["seed"] for r in rows)
     for ax, fleet in zip(axes, FLEETS, strict=True):
         for r in rows:
@@ -70,7 +76,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 t, acc, _ = zip(*r["curve"], strict=True)
                 ax.plot(t, acc, label=r["strategy"])
         ax.axhline(0.9, color="grey", lw=0.8, ls="--")
-        ax.set(title=f"digits, 10 clients, {fleet} (seed {seed})", xlabel="virtual time (s)", xscale="log")
+        ax.set(title=f"{fleet} (seed {seed})", xlabel="virtual time (s)", xscale="log")
         ax.legend()
     axes[0].set_ylabel("test accuracy")
     fig.tight_layout()

@@ -83,9 +83,17 @@ stop_superlink() {
 }
 
 SL_PID=""
+FLWR_PID=""
+TAIL_PID=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ -n "$FLWR_PID" ]; then
+        kill -TERM "$FLWR_PID" 2>/dev/null || true
+    fi
+    if [ -n "$TAIL_PID" ]; then
+        kill -TERM "$TAIL_PID" 2>/dev/null || true
+    fi
     if [ -n "$SL_PID" ]; then
         say "stopping SuperLink (pid $SL_PID)"
         stop_superlink "$SL_PID"
@@ -123,7 +131,14 @@ EOF
 rm -f "$SL_DIR/state.db" "$SL_DIR/state.db-shm" "$SL_DIR/state.db-wal"
 T0=$(date +%s)
 say "starting flower-superlink --simulation on 127.0.0.1:$PORT (FLWR_HOME=$FLWR_HOME, log $SL_LOG)"
-flower-superlink --insecure --simulation --host 127.0.0.1 --port "$PORT" \
+# In its own session (setsid, then exec in place: $! is the SuperLink's pid), so that a Ctrl-C in the terminal
+# reaches only this script, whose trap then stops the SuperLink in order.
+"$PY" -c 'import os, sys
+try:
+    os.setsid()
+except OSError:
+    pass
+os.execvp(sys.argv[1], sys.argv[1:])' flower-superlink --insecure --simulation --host 127.0.0.1 --port "$PORT" \
     --database "$SL_DIR/state.db" --disable-runtime-dependency-installation >"$SL_LOG" 2>&1 </dev/null &
 SL_PID=$!
 echo "$SL_PID" >"$SL_PIDFILE"
@@ -153,12 +168,20 @@ fi
 say "SuperLink healthy after $(($(date +%s) - T0)) s"
 
 say "flwr run $ROOT $CONN --stream --federation-config 'num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS' $*"
-set +e
+# In the background + `wait`, so that Ctrl-C / TERM run the trap at once (bash defers traps until a foreground
+# command returns); `tail --pid` shows the stream live and ends when flwr does.
+: >"$RUN_LOG"
 flwr run "$ROOT" "$CONN" --stream \
     --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS" \
-    "$@" 2>&1 | tee "$RUN_LOG"
-FLWR_RC=${PIPESTATUS[0]}
-set -e
+    "$@" >"$RUN_LOG" 2>&1 </dev/null &
+FLWR_PID=$!
+tail -n +1 -f --pid="$FLWR_PID" "$RUN_LOG" &
+TAIL_PID=$!
+FLWR_RC=0
+wait "$FLWR_PID" || FLWR_RC=$?
+FLWR_PID=""
+wait "$TAIL_PID" || true
+TAIL_PID=""
 
 RUN_ID="$(sed -n 's/.*Successfully started run \([0-9][0-9]*\).*/\1/p' "$RUN_LOG" | tail -n 1)"
 if [ -z "$RUN_ID" ]; then
@@ -192,7 +215,8 @@ DB="$(sed -n 's/.*metrics store: \(.*\)$/\1/p' "$RUN_LOG" | tail -n 1)"
 DB="${DB:-$STALEFLOWER_METRICS_DB}"
 
 if [ "$STATUS" != "finished:completed" ]; then
-    say "run $RUN_ID ended with status '$STATUS' (flwr run exit code $FLWR_RC); SuperLink log: $SL_LOG"
+    say "run $RUN_ID ended with status '$STATUS' (flwr run exit code $FLWR_RC)"
+    say "logs: $RUN_LOG (the run), $SL_LOG (the SuperLink)"
     exit 1
 fi
 say "run $RUN_ID finished:completed in $(($(date +%s) - T0)) s"
