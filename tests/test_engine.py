@@ -202,3 +202,18 @@ def test_wall_clock_runs_in_arrival_order(simulate):
 
 def test_arrays_record_reply_must_match_keys():
     ArrayRecord({"a": Array(np.zeros(2, np.float32))})  # construction sanity for the hostile client
+
+
+def test_profile_file_slows_the_named_node_and_the_fleet_is_recorded(simulate, tmp_path):
+    trace_file = tmp_path / "fleet.csv"
+    trace_file.write_text("node,device,network,slowdown\n0,raspberry-pi,3g,20\n")
+    run = simulate("fedasync", nodes=4, max_updates=30, profiles="laptop/wifi=1", profile_file=str(trace_file))
+    counts = {}
+    for r in run.updates():
+        counts[r["node_id"]] = counts.get(r["node_id"], 0) + 1
+    fleet = run.rows("SELECT * FROM nodes WHERE run_id=? ORDER BY idx", run.summary.run_id)
+    assert [f["partition_id"] for f in fleet] == [0, 1, 2, 3]
+    assert (fleet[0]["device"], fleet[0]["network"], fleet[0]["slowdown"]) == ("raspberry-pi", "3g", 20.0)
+    assert all(f["torch_device"] in ("cpu", "cuda") for f in fleet)
+    slow_node = fleet[0]["node_id"]
+    assert counts.get(slow_node, 0) < min(c for n, c in counts.items() if n != slow_node)
