@@ -32,7 +32,7 @@ $(STAMP): requirements.txt
 
 run: $(STAMP)
 	mkdir -p results
-	VENV=$(CURDIR)/$(VENV) FLWR_HOME=$(CURDIR)/.flwr-home NUM_SUPERNODES=$(NODES) \
+	VENV=$(abspath $(VENV)) FLWR_HOME=$(CURDIR)/.flwr-home NUM_SUPERNODES=$(NODES) \
 		STALEFLOWER_METRICS_DB=$(CURDIR)/results/metrics.db \
 		bash scripts/flwr_run.sh $(RUN_CONFIG) $(RUN_ARGS)
 

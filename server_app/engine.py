@@ -337,8 +337,8 @@ class Engine:
             elif f.reply.has_error():
                 reason = f"client error {f.reply.error.code}: {f.reply.error.reason}"
             else:
-                delta, n, metrics = read_reply(f.reply, self.spec.names, base)
-                update = Update(f.seq, f.node, f.version, staleness, delta, base, n, metrics)
+                sent, is_delta, n, metrics = read_reply(f.reply, self.spec.names, base)
+                update = Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta)
                 verdict = self.strategy.apply(update)
                 status, reason, applied = verdict.status, verdict.reason, verdict.applied
                 if f.seq in applied:

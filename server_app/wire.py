@@ -65,11 +65,13 @@ def _chunk_bytes(n: int) -> int:
     return len(f"ArrayChunk{HEAD_VALUE_DIVIDER}{HEAD_VALUE_DIVIDER}{n}".encode()) + len(HEAD_BODY_DIVIDER) + n
 
 
-def read_reply(msg: Message, names: Sequence[str], base: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int, dict]:
-    """Validate a training reply and return ``(delta, num_examples, metrics)``.
+def read_reply(
+    msg: Message, names: Sequence[str], base: Sequence[np.ndarray]
+) -> tuple[list[np.ndarray], bool, int, dict]:
+    """Validate a training reply and return ``(arrays, is_delta, num_examples, metrics)``.
 
     Our ClientApp sends ``delta`` (``base - trained``); a ClientApp written for Flower's FedAvg sends ``arrays``
-    (trained weights), from which the delta is derived against the version it was sent. Anything malformed
+    (trained weights); ``strategies.base.Update`` derives either form from the other. Anything malformed
     raises ``RejectedUpdate`` with the reason: unknown or missing keys, wrong stype, dtype or shape, undecodable
     bytes, NaN or Inf, a bad ``num-examples``.
     """
@@ -82,9 +84,8 @@ def read_reply(msg: Message, names: Sequence[str], base: Sequence[np.ndarray]) -
     else:
         raise RejectedUpdate(f"reply has no 'delta' or 'arrays' ArrayRecord (has: {sorted(records) or 'none'})")
     values = _decode(arrays, names, base)
-    delta = values if is_delta else [np.subtract(b, v, dtype=b.dtype) for b, v in zip(base, values, strict=True)]
     metrics = _metrics(content.metric_records.get("metrics"))
-    return delta, _num_examples(metrics), metrics
+    return values, is_delta, _num_examples(metrics), metrics
 
 
 def _decode(record: ArrayRecord, names: Sequence[str], base: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -108,15 +109,24 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
     value = _npy_view(name, arr.data)
     if value.dtype != ref.dtype or value.shape != ref.shape:
         raise RejectedUpdate(f"{name}: bytes decode to {value.dtype}{list(value.shape)}, not the declared type")
-    # A float64 sum of float32/float16 values is finite exactly when every value is (it cannot overflow, and
-    # NaN and Inf propagate): one pass and no boolean temporary, unlike np.isfinite(value).all().
-    if value.dtype.kind == "f" and value.dtype.itemsize <= 4 and value.size:
-        finite = bool(np.isfinite(value.sum(dtype=np.float64)))
-    else:
-        finite = bool(np.isfinite(value).all()) if value.dtype.kind in "fc" else True
-    if not finite:
+    if not _all_finite(value):
         raise RejectedUpdate(f"{name}: contains NaN or Inf")
     return value
+
+
+def _all_finite(value: np.ndarray) -> bool:
+    """Whether no entry is NaN or Inf.
+
+    A finite sum proves it (NaN and Inf propagate through a sum), in one pass without the boolean temporary of
+    ``np.isfinite(value).all()``; only a non-finite sum, which large finite values can also produce by
+    overflow, needs the exact element-wise check.
+    """
+    if value.dtype.kind not in "fc":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(value.sum()):
+            return True
+    return bool(np.isfinite(value).all())
 
 
 def _npy_view(name: str, data: bytes) -> np.ndarray:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from strategies.base import Strategy, Update, Verdict, step
+from strategies.base import Strategy, Update, Verdict
 from strategies.staleness import staleness_fn
 
 
@@ -23,10 +23,9 @@ class FedAsync(Strategy):
         self.last_alpha = 0.0
 
     def apply(self, update: Update) -> Verdict:
-        """Mix the client's model into the global one; ``w - x = (w - base) + delta``."""
+        """Mix the client's model into the global one: ``w - alpha (w - x)``."""
         alpha = self.cfg.mixing * self.s(update.staleness)
-        direction = [w - b + d for w, b, d in zip(self.weights, update.base, update.delta, strict=True)]
-        self._publish(step(self.weights, direction, alpha))
+        self._publish([w - alpha * (w - x) for w, x in zip(self.weights, update.model, strict=True)])
         self.last_alpha = alpha
         return Verdict("applied", applied=(update.seq,))
 

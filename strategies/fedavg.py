@@ -54,8 +54,11 @@ class FedAvg(Strategy):
         applied = tuple(u.seq for u in self.results)
         if self.results:
             total = sum(u.num_examples for u in self.results)
-            mean_delta = weighted_sum([(u.num_examples / total, u.delta) for u in self.results])
-            self._publish(step(self.weights, mean_delta, 1.0))
+            if all(u.sent_is_delta for u in self.results):  # our ClientApp: average the deltas
+                mean = weighted_sum([(u.num_examples / total, u.delta) for u in self.results])
+                self._publish(step(self.weights, mean, 1.0))
+            else:  # Flower-style clients sent weights: average them directly, as Flower's FedAvg does
+                self._publish(weighted_sum([(u.num_examples / total, u.model) for u in self.results]))
         self.round += 1
         self.members.clear()
         self.results = []

@@ -7,7 +7,7 @@ they become ``applied`` together when the buffer is flushed.
 
 from __future__ import annotations
 
-from strategies.base import Strategy, Update, Verdict, step, weighted_sum
+from strategies.base import Accumulator, Strategy, Update, Verdict, step
 from strategies.staleness import staleness_fn
 
 
@@ -20,20 +20,21 @@ class FedBuff(Strategy):
         super().__init__(*args, **kwargs)
         c = self.cfg
         self.s = staleness_fn(c.staleness_fn, c.staleness_a, c.staleness_b)
-        self.buffer: list[tuple[float, Update]] = []
+        self.buffer = Accumulator(self.weights)
+        self.buffered: list[int] = []
 
     def apply(self, update: Update) -> Verdict:
-        """Buffer the weighted delta; flush when K are in."""
-        self.buffer.append((self.s(update.staleness), update))
+        """Add the weighted delta to the buffer; flush when K are in."""
         k = self.cfg.buffer_size
-        if len(self.buffer) < k:
-            return Verdict("buffered", f"buffer {len(self.buffer)}/{k}")
-        total = weighted_sum([(weight / k, u.delta) for weight, u in self.buffer])
-        applied = tuple(u.seq for _, u in self.buffer)
-        self.buffer = []
-        self._publish(step(self.weights, total, self.cfg.server_lr))
+        self.buffer.add_update_delta(update, self.s(update.staleness) / k)
+        self.buffered.append(update.seq)
+        if len(self.buffered) < k:
+            return Verdict("buffered", f"buffer {len(self.buffered)}/{k}")
+        applied = tuple(self.buffered)
+        self._publish(step(self.weights, self.buffer.result(), self.cfg.server_lr))
+        self.buffer, self.buffered = Accumulator(self.weights), []
         return Verdict("applied", applied=applied)
 
     def state_summary(self) -> dict[str, float]:
         """Buffer fill."""
-        return {"buffered": float(len(self.buffer))}
+        return {"buffered": float(len(self.buffered))}

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ class SuperLink:
     pid: int
     port: int
     home: Path
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)
     log: Path
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -37,7 +37,8 @@ def test_staleness_functions_exact_values():
         poly(-1)
 
 
-def test_fedavg_equals_flowers_fedavg_on_the_same_replies():
+@pytest.mark.parametrize("sent_is_delta", [True, False], ids=["deltas", "weights"])
+def test_fedavg_equals_flowers_fedavg_on_the_same_replies(sent_is_delta):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     names = ["w", "b"]
     base = weights()
@@ -57,7 +58,10 @@ def test_fedavg_equals_flowers_fedavg_on_the_same_replies():
     ours = FedAvg(RunConfig(), base, num_nodes=3)
     tasks = [ours.task_for(node) for node in range(3)]
     assert all(t is not None and t.version == 0 for t in tasks)
-    verdicts = [ours.apply(update(i, base, [b - w for b, w in zip(base, trained[i], strict=True)], n=examples[i]))
+    def sent(i):
+        return [b - w for b, w in zip(base, trained[i], strict=True)] if sent_is_delta else trained[i]
+
+    verdicts = [ours.apply(Update(i, i, 0, 0, sent(i), base, examples[i], sent_is_delta=sent_is_delta))
                 for i in range(3)]
     assert [v.status for v in verdicts] == ["buffered", "buffered", "applied"]
     assert verdicts[-1].applied == (0, 1, 2)
@@ -107,3 +111,31 @@ def test_fedbuff_buffers_k_then_applies_the_weighted_mean():
     for got, b, m in zip(s.weights, base, mean, strict=True):
         np.testing.assert_allclose(got, b - 0.5 * m, rtol=1e-5, atol=1e-6)
     assert s.apply(update(3, base, deltas[0])).status == "buffered"  # the buffer starts over
+
+
+def test_update_derives_the_form_that_was_not_sent():
+    base = weights()
+    delta = weights()
+    u = Update(0, 0, 0, 0, delta, base, 1)
+    assert u.delta is delta
+    for m, b, d in zip(u.model, base, delta, strict=True):
+        np.testing.assert_allclose(m, b - d)
+    v = Update(0, 0, 0, 0, u.model, base, 1, sent_is_delta=False)
+    for d1, d2 in zip(v.delta, delta, strict=True):
+        np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-6)
+
+
+def test_fedbuff_with_weights_replies_equals_deltas_replies():
+    base_a, base_b = weights(), weights()
+    trained = [weights() for _ in range(4)]
+    bases = [base_a, base_a, base_b, base_a]
+    cfg = RunConfig(buffer_size=4, staleness_fn="sqrt")
+    results = []
+    for as_delta in (True, False):
+        s = FedBuff(cfg, [w.copy() for w in base_b], num_nodes=4)
+        for i, (b, t) in enumerate(zip(bases, trained, strict=True)):
+            sent = [x - y for x, y in zip(b, t, strict=True)] if as_delta else t
+            s.apply(Update(i, i, 0, i, sent, b, 1, sent_is_delta=as_delta))
+        results.append(s.weights)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from client_app.records import to_record
 from server_app.wire import RejectedUpdate, read_reply, reference_wire_bytes, wire_bytes
+from strategies.base import Update
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 NAMES = ["w", "b"]
@@ -48,15 +49,17 @@ def test_reply_bytes_grow_with_the_payload():
 def test_weights_reply_is_turned_into_a_delta():
     trained = [w - 0.5 for w in BASE]
     reply = reply_with(RecordDict({"arrays": to_record(NAMES, trained), "metrics": MetricRecord({"num-examples": 9})}))
-    delta, n, metrics = read_reply(reply, NAMES, BASE)
-    assert n == 9 and metrics["num-examples"] == 9
-    for d in delta:
+    values, is_delta, n, metrics = read_reply(reply, NAMES, BASE)
+    assert n == 9 and metrics["num-examples"] == 9 and not is_delta
+    update = Update(0, 1, 0, 0, values, BASE, n, metrics, sent_is_delta=is_delta)
+    assert update.model is values
+    for d in update.delta:
         np.testing.assert_allclose(d, 0.5)
 
 
 def test_missing_num_examples_counts_as_one():
     reply = reply_with(RecordDict({"delta": to_record(NAMES, BASE)}))
-    assert read_reply(reply, NAMES, BASE)[1] == 1
+    assert read_reply(reply, NAMES, BASE)[2] == 1
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
@@ -69,7 +72,7 @@ def test_non_finite_values_are_rejected(bad):
 
 def test_large_finite_values_are_not_mistaken_for_inf():
     w = [np.full((300, 40), 3e38, np.float32), BASE[1]]
-    delta, _, _ = read_reply(reply_with(RecordDict({"delta": to_record(NAMES, w)})), NAMES, BASE)
+    delta, _, _, _ = read_reply(reply_with(RecordDict({"delta": to_record(NAMES, w)})), NAMES, BASE)
     assert np.isfinite(delta[0]).all()
 
 
