@@ -148,9 +148,12 @@ import os, sys, time, urllib.request
 port, pid = sys.argv[1], int(sys.argv[2])
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except OSError:
+    try:  # gone, or a zombie not yet reaped by this script
+        with open(f"/proc/{pid}/stat") as f:
+            dead = f.read().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        dead = True
+    if dead:
         sys.exit("flower-superlink exited during start-up")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:

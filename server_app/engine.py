@@ -358,6 +358,8 @@ class Engine:
             counts = self.totals.statuses
             counts["buffered"] -= len(others)
             counts["applied"] = counts.get("applied", 0) + len(others)
+            if not counts["buffered"]:
+                del counts["buffered"]
         self.totals.applied += len(applied)
         self._release(f.version)
 

@@ -39,6 +39,19 @@ CREATE INDEX IF NOT EXISTS evals_run ON evals(run_id, t);
 CREATE INDEX IF NOT EXISTS updates_run_time ON updates(run_id, completed_at);
 """
 
+def sql_node_id(node_id: int) -> int:
+    """Flower's node ids are unsigned 64-bit; SQLite integers are signed. Store the same 64 bits, signed.
+
+    Readers get Flower's id back with ``node_id & (2**64 - 1)`` (``unsigned_node_id``).
+    """
+    return node_id - 2**64 if node_id >= 2**63 else node_id
+
+
+def unsigned_node_id(stored: int) -> int:
+    """Inverse of ``sql_node_id``."""
+    return stored & (2**64 - 1)
+
+
 UPDATE_STATUSES = ("applied", "buffered", "dropped", "rejected", "failed", "restarted")
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
 
@@ -86,7 +99,8 @@ class MetricsStore:
     def record_nodes(self, rows: Iterable[tuple]) -> None:
         """The fleet: ``(node_id, idx, partition_id, device, network, slowdown, dropout, torch_device)``."""
         with self.db:
-            self.db.executemany("INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?)", [(self.run_id, *r) for r in rows])
+            self.db.executemany("INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?)",
+                                [(self.run_id, sql_node_id(r[0]), *r[1:]) for r in rows])
 
     def record_update(self, row: UpdateRow) -> None:
         """Insert one task outcome (committed before the next event is processed)."""
@@ -95,7 +109,7 @@ class MetricsStore:
         with self.db:
             self.db.execute(
                 "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (self.run_id, row.seq, row.node_id, row.dispatched_at, row.completed_at, row.base_version,
+                (self.run_id, row.seq, sql_node_id(row.node_id), row.dispatched_at, row.completed_at, row.base_version,
                  row.applied_version, row.staleness, row.bytes_up, row.bytes_down, row.compute_s, row.comm_s,
                  row.status, row.reason),
             )

@@ -20,10 +20,17 @@ Wire size of ``data`` for a tensor of d entries (all fields little-endian):
 | powersgd | staleflower.powersgd.v1 | 12 + 4r(n + m) for an n x m view; sent as ``none`` when ndim < 2 or     |
 |          |                         | r(n + m) >= nm (compression would not pay)                              |
 
-Rules worth knowing: ``fp16`` clips finite values to +-65504 (fp16 max) instead of sending inf. ``randk`` is sent
-unbiased, scaled by d/k, except under :class:`ErrorFeedback`, which sends it unscaled: scaled rand-k is not
-contractive (its error is (d/k - 1)|v|^2), so the residual memory would grow; a header flag says which. Sign bits
-are 1 for negative entries (zeros count as +), packed in little bit order. Non-finite inputs are refused on encode.
+Rules worth knowing:
+- ``fp16`` clips finite values to +-65504 (the fp16 max) rather than sending inf, which decode would refuse.
+- ``randk`` decodes unbiased (values scaled by d/k) from :func:`encode`, but unscaled under :class:`ErrorFeedback`
+  (Stich et al. 2018): scaled rand-k is not contractive (error (d/k - 1)|v|^2), so the memory would grow. A header
+  flag tells the receiver which. Indices come from ``np.random.default_rng(seed).choice`` on both sides, so sender
+  and receiver need the same numpy ``Generator.choice`` algorithm (numpy 2.x).
+- ``topk`` and ``sign`` ignore the seed and are deterministic; sign bits are 1 for negative entries (zeros count
+  as +), packed in little bit order, as in qsgd.
+- ``powersgd`` is single-worker (each client compresses its own delta, no all-reduce); its warm-start Q lives in
+  the caller's ``state["q"]``.
+- Non-finite inputs are refused on encode; decoded values are always finite.
 """
 
 from __future__ import annotations
@@ -79,7 +86,11 @@ class CodecSpec:
 
 
 def encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None = None) -> Array:
-    """Compress one tensor into one ``Array``; ``state`` is the per-tensor dict kept by the caller (PowerSGD's Q)."""
+    """Compress one tensor into one ``Array``.
+
+    ``seed`` (0 <= seed < 2**64) drives rand-k's indices, QSGD's rounding and PowerSGD's first Q; ``state`` is
+    the per-tensor dict the caller keeps across calls (PowerSGD's warm-start Q lives there).
+    """
     return _encode(spec, x, seed=seed, state=state, unbiased=True)
 
 
@@ -135,23 +146,7 @@ def _encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None, un
     x = _as_input(x)
     _require(_is_int(seed) and 0 <= seed < 2**64, f"seed must be an integer in [0, 2**64), got {seed!r}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected by explicit finiteness checks
-        return _dispatch(spec, x, seed, {} if state is None else state, unbiased)
-
-
-def _dispatch(spec: CodecSpec, x: np.ndarray, seed: int, state: dict, unbiased: bool) -> Array:
-    if spec.name == "none":
-        return _enc_none(x)
-    if spec.name == "fp16":
-        return _enc_fp16(x)
-    if spec.name == "topk":
-        return _enc_topk(x, spec)
-    if spec.name == "randk":
-        return _enc_randk(x, spec, seed, unbiased)
-    if spec.name == "qsgd":
-        return _enc_qsgd(x, spec, seed)
-    if spec.name == "sign":
-        return _enc_sign(x)
-    return _enc_powersgd(x, spec, seed, state)
+        return _ENCODERS[spec.name](x, spec, seed, {} if state is None else state, unbiased)
 
 
 def _enc_none(x: np.ndarray) -> Array:
@@ -175,24 +170,29 @@ def _enc_topk(x: np.ndarray, spec: CodecSpec) -> Array:
 
 
 def _topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
-    """Ascending indices of the k entries of largest magnitude: exact, but without a full argpartition.
+    """Ascending indices of the k entries of largest magnitude: exact, but without a full partition.
 
-    ``np.argpartition`` over all d entries costs ~15 memory copies. Instead a threshold is read off a strided
-    sample so that about 2k entries pass it, and the exact selection runs over those candidates only. Every
-    entry below the threshold is smaller than every candidate, so the result is still the exact top-k; when the
-    estimate was too high (fewer than k candidates) we fall back to the full partition.
+    Partitioning all d entries costs many memory copies. Instead a threshold is read off a strided sample so that
+    about 2k entries pass it, and the exact selection runs over those candidates only. Every entry below the
+    threshold is smaller than every candidate, so the result is still the exact top-k; when the estimate was too
+    high (fewer than k candidates) we fall back to selecting over all entries.
     """
-    d = flat.size
-    candidates = _topk_candidates(flat, k) if d >= 1 << 16 and k <= d // 8 else None
+    candidates = _topk_candidates(flat, k) if flat.size >= 1 << 16 and k <= flat.size // 8 else None
     if candidates is None:
         mag = np.abs(flat)
         _require(_all_finite(mag), "topk: input has NaN/Inf")
-        idx = np.argpartition(mag, d - k)[d - k :] if k else np.zeros(0, np.int64)
-    else:
-        mag = np.abs(flat[candidates])
-        idx = candidates[np.argpartition(mag, mag.size - k)[mag.size - k :]]
-    idx.sort()
-    return idx
+        return _largest(mag, k)
+    return candidates[_largest(np.abs(flat[candidates]), k)]
+
+
+def _largest(mag: np.ndarray, k: int) -> np.ndarray:
+    """Ascending positions of the k largest entries (ties to the lowest positions), found without sorting."""
+    if k == 0:
+        return np.zeros(0, np.int64)
+    kth = np.partition(mag, mag.size - k)[mag.size - k]
+    keep = mag > kth  # fewer than k entries; the rest are ties with the k-th largest
+    keep[np.flatnonzero(mag == kth)[: k - np.count_nonzero(keep)]] = True
+    return np.flatnonzero(keep)
 
 
 def _topk_candidates(flat: np.ndarray, k: int) -> np.ndarray | None:
@@ -232,20 +232,25 @@ def _randk_indices(seed: int, d: int, k: int) -> np.ndarray:
 
 
 def _enc_qsgd(x: np.ndarray, spec: CodecSpec, seed: int) -> Array:
+    """Norm, levels and packed signs; streamed in cache-sized chunks because each step is one cheap ufunc."""
     work = _work(x).reshape(-1)
-    s, width = spec.levels, _level_width(spec.levels)
+    s, width, d = spec.levels, _level_width(spec.levels), work.size
     norm = np.float32(_l2_norm(work))
     _require(bool(np.isfinite(norm)), "qsgd: the norm exceeds the float32 range")
-    if norm == 0:
-        levels = np.zeros(work.size, work.dtype)
-    else:
+    levels, packed = np.zeros(d, f"<u{width}"), np.empty((d + 7) // 8, np.uint8)
+    rng, hit = np.random.default_rng(seed), np.empty(_CHUNK, bool)
+    r, low, u = (np.empty(_CHUNK, work.dtype) for _ in range(3))
+    for start in range(0, d, _CHUNK):
+        chunk, n = work[start : start + _CHUNK], min(_CHUNK, d - start)
+        packed[start // 8 : (start + n + 7) // 8] = np.packbits(np.less(chunk, 0, out=hit[:n]), bitorder="little")
+        if norm == 0:
+            continue
         # Stochastic rounding of r = |x| s / norm to floor(r) or floor(r) + 1 keeps E[level] = r: unbiased.
-        r = np.abs(work) * (s / float(norm))
-        levels = np.floor(r)
-        levels += np.random.default_rng(seed).random(work.size, dtype=work.dtype) < (r - levels)
-        np.minimum(levels, s, out=levels)  # the float32 norm may round below the true norm
-    payload = levels.astype(f"<u{width}").tobytes() + np.packbits(work < 0, bitorder="little").tobytes()
-    return _array(x, "qsgd", _QSGD_HEAD.pack(norm, s, width) + payload)
+        np.multiply(np.abs(chunk, out=r[:n]), s / float(norm), out=r[:n])
+        np.subtract(r[:n], np.floor(r[:n], out=low[:n]), out=r[:n])  # r is now the fractional part
+        low[:n] += np.less(rng.random(dtype=work.dtype, out=u[:n]), r[:n], out=hit[:n])
+        levels[start : start + n] = np.minimum(low[:n], s, out=low[:n])  # the float32 norm may round low
+    return _array(x, "qsgd", _QSGD_HEAD.pack(norm, s, width) + levels.tobytes() + packed.tobytes())
 
 
 def _enc_sign(x: np.ndarray) -> Array:
@@ -340,7 +345,7 @@ def _dec_randk(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype)
     _require(scaled in (0, 1), f"randk: scaled flag {scaled} is not 0 or 1")
     _expect_len(data, _RANDK_HEAD.size + 4 * k, "randk")
     values = np.frombuffer(data, "<f4", k, _RANDK_HEAD.size).astype(np.float64)
-    values = _finite((values * (1.0)).astype(dtype), "randk values")
+    values = _finite((values * (numel / k if scaled and k else 1.0)).astype(dtype), "randk values")
     return _scatter(_randk_indices(seed, numel, k), values, shape, numel, dtype)
 
 
@@ -350,24 +355,18 @@ def _dec_qsgd(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) 
     _require(width == _level_width(s), f"qsgd: level width {width}, expected {_level_width(s)} for s={s}")
     _expect_len(data, _QSGD_HEAD.size + numel * width + (numel + 7) // 8, "qsgd")
     _require(math.isfinite(norm) and norm >= 0, f"qsgd: norm {norm} is not finite and >= 0")
-    _finite(np.asarray(norm, dtype), "qsgd norm")
     levels = np.frombuffer(data, f"<u{width}", numel, _QSGD_HEAD.size)
     _require(numel == 0 or int(levels.max()) <= s, f"qsgd: level {int(levels.max()) if numel else 0} > s={s}")
-    negative = _unpack_signs(data, _QSGD_HEAD.size + numel * width, numel, "qsgd")
-    out = levels.astype(dtype) * np.asarray(norm / s, dtype)
-    np.negative(out, out=out, where=negative)
-    return out.reshape(shape)
+    out = _signed(data, _QSGD_HEAD.size + numel * width, numel, np.asarray(norm / s, dtype), "qsgd")
+    out *= levels
+    return _finite(out, "qsgd values").reshape(shape)  # s * (norm / s) may round past the dtype's max
 
 
 def _dec_sign(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) -> np.ndarray:
     (scale,) = _unpack(_SIGN_HEAD, data, "sign")
     _expect_len(data, _SIGN_HEAD.size + (numel + 7) // 8, "sign")
     _require(math.isfinite(scale) and scale >= 0, f"sign: scale {scale} is not finite and >= 0")
-    value = _finite(np.asarray(scale, dtype), "sign scale")
-    packed = np.frombuffer(data, np.uint8, (numel + 7) // 8, _SIGN_HEAD.size)
-    _check_padding(packed, numel, "sign")
-    table = np.where(_SIGN_BITS, -value, value)  # 256 x 8: each packed byte becomes 8 values in one gather
-    return np.take(table, packed, axis=0).reshape(-1)[:numel].reshape(shape)  # take: ~2x faster than table[]
+    return _signed(data, _SIGN_HEAD.size, numel, _finite(np.asarray(scale, dtype), "sign scale"), "sign").reshape(shape)
 
 
 def _dec_powersgd(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) -> np.ndarray:
@@ -383,6 +382,15 @@ def _dec_powersgd(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dty
     return out.reshape(shape)
 
 
+_ENCODERS: dict[str, Callable[[np.ndarray, CodecSpec, int, dict, bool], Array]] = {
+    "none": lambda x, spec, seed, state, unbiased: _enc_none(x),
+    "fp16": lambda x, spec, seed, state, unbiased: _enc_fp16(x),
+    "topk": lambda x, spec, seed, state, unbiased: _enc_topk(x, spec),
+    "randk": lambda x, spec, seed, state, unbiased: _enc_randk(x, spec, seed, unbiased),
+    "qsgd": lambda x, spec, seed, state, unbiased: _enc_qsgd(x, spec, seed),
+    "sign": lambda x, spec, seed, state, unbiased: _enc_sign(x),
+    "powersgd": lambda x, spec, seed, state, unbiased: _enc_powersgd(x, spec, seed, state),
+}
 _DECODERS: dict[str, Callable[[bytes, tuple[int, ...], int, np.dtype], np.ndarray]] = {
     STYPES["none"]: _dec_none,
     STYPES["fp16"]: _dec_fp16,
@@ -479,14 +487,12 @@ def _expect_len(data: bytes, expected: int, codec: str) -> None:
         raise CodecError(f"{codec}: {what}: payload has {len(data)} bytes, the header implies {expected}")
 
 
-def _check_padding(packed: np.ndarray, numel: int, codec: str) -> None:
-    _require(numel % 8 == 0 or int(packed[-1]) >> (numel % 8) == 0, f"{codec}: nonzero padding bits")
-
-
-def _unpack_signs(data: bytes, offset: int, numel: int, codec: str) -> np.ndarray:
+def _signed(data: bytes, offset: int, numel: int, value: np.ndarray, codec: str) -> np.ndarray:
+    """+-value per packed sign bit (1 = negative), via a 256 x 8 table: one gather makes 8 values per byte."""
     packed = np.frombuffer(data, np.uint8, (numel + 7) // 8, offset)
-    _check_padding(packed, numel, codec)
-    return np.unpackbits(packed, count=numel, bitorder="little").view(bool)
+    _require(numel % 8 == 0 or int(packed[-1]) >> (numel % 8) == 0, f"{codec}: nonzero padding bits")
+    table = np.where(_SIGN_BITS, -value, value)
+    return np.take(table, packed, axis=0).reshape(-1)[:numel]  # np.take: ~2x faster than table[packed]
 
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:

@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from server_app.store import MetricsStore, UpdateRow
+from server_app.store import MetricsStore, UpdateRow, unsigned_node_id
 
 CONTRACT = {
     "runs": ["run_id", "started_at", "finished_at", "status", "strategy", "config_json"],
@@ -62,3 +62,15 @@ def test_two_runs_share_a_store(tmp_path):
         store.close()
     con = sqlite3.connect(tmp_path / "m.db")
     assert con.execute("SELECT COUNT(*) FROM updates").fetchone() == (2,)
+
+
+def test_flower_node_ids_beyond_2_63_are_stored_losslessly(tmp_path):
+    big = 2**64 - 5  # Flower's real node ids are random unsigned 64-bit numbers
+    store = MetricsStore(tmp_path / "m.db")
+    store.start_run("r", "fedbuff", {})
+    store.record_update(UpdateRow(0, big, 0.0, 1.0, 0, None, 0, 1, 1, 0.1, 0.1, "failed"))
+    store.record_nodes([(big, 0, 0, "laptop", "wifi", 1.0, 0.0, "cpu")])
+    con = sqlite3.connect(tmp_path / "m.db")
+    (stored,) = con.execute("SELECT node_id FROM updates").fetchone()
+    assert unsigned_node_id(stored) == big
+    assert con.execute("SELECT node_id FROM nodes").fetchone() == (stored,)
