@@ -8,8 +8,10 @@ Every codec uses ``CodecSpec``'s defaults (ratio 0.01, 16 levels, rank 2).
 
 ``np.copy`` of the same array is the memory-bandwidth limit: it reads the input once and writes a fresh output
 (page faults included), which is the least any decode into a new array can cost. Each repeat times the copy and
-then every codec (encode, then decode of that payload) once, so copy and codecs see the same machine state;
-the median per row is reported, and ``ratio_vs_copy`` = codec MB/s / copy MB/s from the same run.
+then every codec (encode, then decode of that payload) once, so copy and codecs see the same machine state.
+Each row reports its best repeat (the minimum filters out interference from other processes on a shared
+machine, for the copy and the codecs alike; ``encode_ms``/``decode_ms`` are those of the best repeat), and
+``ratio_vs_copy`` = codec MB/s / copy MB/s from the same run.
 Goal (the issue): topk and sign at >= 0.25 of copy throughput.
 """
 
@@ -20,7 +22,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,20 +69,23 @@ def measure(x: np.ndarray, codecs: list[str], repeats: int) -> dict[str, dict[st
 
 def summarise(x: np.ndarray, samples: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     megabytes = x.nbytes / 1e6
-    copy_s = statistics.median(samples["copy"]["total"])
+    copy_s = min(samples["copy"]["total"])
     rows = []
     for name, row in samples.items():
-        total = statistics.median(row["total"])
-        rows.append({
-            "codec": name,
-            "encode_ms": round(statistics.median(row["encode"]) * 1e3, 3) if "encode" in row else None,
-            "decode_ms": round(statistics.median(row["decode"]) * 1e3, 3) if "decode" in row else None,
-            "total_ms": round(total * 1e3, 3),
-            "mb_per_s": round(megabytes / total, 1),
-            "ratio_vs_copy": round(copy_s / total, 3),
-            "wire_bytes": row["wire"],
-            "compression": round(x.nbytes / max(row["wire"], 1), 1),
-        })
+        best = min(range(len(row["total"])), key=row["total"].__getitem__)
+        total = row["total"][best]
+        rows.append(
+            {
+                "codec": name,
+                "encode_ms": round(row["encode"][best] * 1e3, 3) if "encode" in row else None,
+                "decode_ms": round(row["decode"][best] * 1e3, 3) if "decode" in row else None,
+                "total_ms": round(total * 1e3, 3),
+                "mb_per_s": round(megabytes / total, 1),
+                "ratio_vs_copy": round(copy_s / total, 3),
+                "wire_bytes": row["wire"],
+                "compression": round(x.nbytes / max(row["wire"], 1), 1),
+            }
+        )
     return rows
 
 
@@ -89,7 +93,7 @@ def markdown(report: dict[str, Any]) -> str:
     w = report["workload"]
     lines = [
         f"Codec throughput: float32 update of {w['size']:,} parameters as {w['shape'][0]} x {w['shape'][1]}, "
-        f"median of {w['repeats']} (numpy {report['env']['numpy']}, {report['env']['cpus']} CPUs)",
+        f"best of {w['repeats']} (numpy {report['env']['numpy']}, {report['env']['cpus']} CPUs)",
         "",
         "| codec | encode ms | decode ms | total ms | MB/s | ratio_vs_copy | wire bytes | compression |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -97,8 +101,10 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         enc = "" if r["encode_ms"] is None else f"{r['encode_ms']:.2f}"
         dec = "" if r["decode_ms"] is None else f"{r['decode_ms']:.2f}"
-        lines.append(f"| {r['codec']} | {enc} | {dec} | {r['total_ms']:.2f} | {r['mb_per_s']:.0f} | "
-                     f"{r['ratio_vs_copy']:.3f} | {r['wire_bytes']:,} | {r['compression']:.1f}x |")
+        lines.append(
+            f"| {r['codec']} | {enc} | {dec} | {r['total_ms']:.2f} | {r['mb_per_s']:.0f} | "
+            f"{r['ratio_vs_copy']:.3f} | {r['wire_bytes']:,} | {r['compression']:.1f}x |"
+        )
     goals = ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in report["goal_met"].items())
     lines += ["", f"Goal ratio_vs_copy >= 0.25: {goals}"]
     return "\n".join(lines)
@@ -107,7 +113,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=10_000_000, help="parameters in the update")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated subset of " + ",".join(CODECS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -122,8 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios = {r["codec"]: r["ratio_vs_copy"] for r in results}
     report = {
         "workload": {"size": args.size, "shape": list(shape), "dtype": "float32", "repeats": args.repeats},
-        "env": {"numpy": np.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-                "machine": platform.machine()},
+        "env": {
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+        },
         "results": results,
         "goal": GOAL,
         "goal_met": {name: ratios[name] >= need for name, need in GOAL.items() if name in ratios},

@@ -143,6 +143,7 @@ class ErrorFeedback:
 
 
 def _encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None, unbiased: bool) -> Array:
+    _require(isinstance(spec, CodecSpec), f"spec must be a CodecSpec, got {type(spec).__name__}")
     x = _as_input(x)
     _require(_is_int(seed) and 0 <= seed < 2**64, f"seed must be an integer in [0, 2**64), got {seed!r}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected by explicit finiteness checks

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from server_app.testing import simulate
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,8 +214,17 @@ def test_flwr_run_completes_and_fills_metrics_store(superlink: SuperLink, tmp_pa
         evals = con.execute("SELECT accuracy FROM evals WHERE run_id=?", (run_id,)).fetchall()
         assert evals, "no evals rows"
         assert all(acc is not None and 0.0 <= acc <= 1.0 for (acc,) in evals), evals
+        flwr_curve = con.execute("SELECT model_version, updates_applied, accuracy, loss FROM evals WHERE run_id=? "
+                                 "ORDER BY t, rowid", (run_id,)).fetchall()
     finally:
         con.close()
+    # The virtual clock makes the run a function of its seed: the in-process runner, on the same config and the
+    # same number of nodes, trains the very same models (Ray actors vs threads, random vs small node ids).
+    local = simulate("fedbuff", nodes=4, db=tmp_path / "local.db", max_updates=20, model="logreg", local_steps=2,
+                     eval_every=10, min_nodes=2)
+    local_curve = [(e["model_version"], e["updates_applied"], e["accuracy"], e["loss"]) for e in local.evals()]
+    assert [c[:3] for c in local_curve] == [c[:3] for c in flwr_curve]
+    assert [c[3] for c in local_curve] == pytest.approx([c[3] for c in flwr_curve], rel=1e-6)
 
 
 def test_flwr_run_with_invalid_config_ends_failed(superlink: SuperLink, tmp_path: Path) -> None:
