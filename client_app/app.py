@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.data import Dataset, load_dataset, load_partition
 from client_app.models import build_model
-from client_app.records import NodeState, from_record, to_record
+from client_app.records import NodeState, from_record
 from client_app.trainer import LocalSGD, pick_device
 from strategies import get_strategy
+from strategies.client import ClientJob, decode_received
+from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
 
 app = ClientApp()
@@ -23,8 +25,8 @@ def train(msg: Message, context: Context) -> Message:
     task = msg.content.config_records["config"]
     data, (x, y) = _partition(cfg, context)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
+    shapes = [t.detach().cpu().numpy() for t in model.state_dict().values()]
     names = list(model.state_dict())
-    weights = from_record(msg.content.array_records["arrays"], names)
     sgd = LocalSGD(steps=int(task["local-steps"]), batch_size=int(task["batch-size"]), lr=float(task["lr"]),
                    momentum=float(task["momentum"]), prox_mu=float(task["prox-mu"]), seed=int(task["task-seed"]))
     device = pick_device(cfg.device)
@@ -34,9 +36,17 @@ def train(msg: Message, context: Context) -> Message:
         metrics = sgd.run(model, x, y, device)
         return [t.detach().cpu().numpy() for t in model.state_dict().values()], metrics
 
-    delta, metrics = get_strategy(cfg.strategy).client(weights, local_train, NodeState(context.state))
+    received = msg.content.array_records["arrays"]
+    job = ClientJob(
+        received=decode_received(received, names, shapes) if len(received) else [],
+        task=dict(task), train=local_train, state=NodeState(context.state), seed=int(task["task-seed"]),
+        codec=CodecSpec(cfg.codec, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank),
+        error_feedback=cfg.error_feedback,
+    )
+    arrays, metrics = get_strategy(cfg.strategy).client(job)
     metrics = {**metrics, "num-examples": len(y)}
-    return Message(RecordDict({"delta": to_record(names, delta), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    delta = ArrayRecord(dict(zip(names, arrays, strict=True)))
+    return Message(RecordDict({"delta": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

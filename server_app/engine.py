@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from server_app.evaluation import ModelSpec
@@ -152,6 +152,7 @@ class Engine:
         self.flights: dict[int, Flight] = {}          # seq -> flight
         self.by_msg: dict[str, int] = {}              # message id -> seq
         self.versions: dict[int, Version] = {}
+        self._payload: tuple[list | None, ArrayRecord | None] = (None, None)
         self.totals = Totals()
         self.seq = 0
         self.now = 0.0
@@ -226,8 +227,9 @@ class Engine:
     def _dispatch(self, node: int, task: Task) -> None:
         seq, self.seq = self.seq, self.seq + 1
         version = self._version(task.version)
+        arrays = version.record if task.payload is None else self._payload_record(task.payload)
         msg = Message(
-            content=RecordDict({"arrays": version.record, "config": ConfigRecord(self._task_config(seq, task))}),
+            content=RecordDict({"arrays": arrays, "config": ConfigRecord(self._task_config(seq, task))}),
             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.version), ttl=self.cfg.task_ttl,
         )
         flight = Flight(seq, node, task.version, self._clock(), wire_bytes(msg),
@@ -251,6 +253,13 @@ class Engine:
             return
         flight.msg_id = ids[0]
         self.by_msg[ids[0]] = seq
+
+    def _payload_record(self, payload: list) -> ArrayRecord:
+        """A strategy's payload as a record; the same list object is serialized (and hashed) once."""
+        if self._payload[0] is not payload:
+            names = self.spec.names if payload else []
+            self._payload = (payload, ArrayRecord(dict(zip(names, payload, strict=True))))
+        return self._payload[1]
 
     def _task_config(self, seq: int, task: Task) -> dict:
         c = self.cfg

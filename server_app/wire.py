@@ -20,6 +20,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 )
 
 from client_app.records import to_record
+from strategies.codecs import CodecError, decode
 
 __all__ = ["RejectedUpdate", "read_reply", "to_record", "wire_bytes"]
 
@@ -100,8 +101,11 @@ def _decode(record: ArrayRecord, names: Sequence[str], base: Sequence[np.ndarray
 
 
 def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
-    if arr.stype != NUMPY_STYPE:
-        raise RejectedUpdate(f"{name}: unsupported stype {arr.stype!r} (codecs arrive with issue 3)")
+    if arr.stype != NUMPY_STYPE:  # a codec's payload: strategies.codecs validates every byte of it
+        try:
+            return decode(arr, shape=ref.shape, dtype=ref.dtype)
+        except CodecError as exc:
+            raise RejectedUpdate(f"{name}: {exc}") from exc
     if arr.dtype != str(ref.dtype) or tuple(arr.shape) != ref.shape:
         raise RejectedUpdate(
             f"{name}: got {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from strategies.base import Strategy, Task, Update, Verdict
+from strategies.codecs import CodecError, CodecSpec
 from strategies.config import STRATEGY_NAMES, ConfigError, RunConfig
 from strategies.fedasync import FedAsync
 from strategies.fedavg import FedAvg
@@ -47,5 +48,7 @@ def _import_strategy(path: str) -> type[Strategy]:
 def check_implemented(cfg: RunConfig) -> None:
     """Fail early for settings that are valid names but not built yet."""
     get_strategy(cfg.strategy)
-    if cfg.codec != "none":
-        raise ConfigError(f"codec = {cfg.codec!r} is not implemented yet (issue 3); use codec = 'none'")
+    try:
+        CodecSpec(cfg.codec, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank)
+    except CodecError as exc:
+        raise ConfigError(str(exc)) from exc

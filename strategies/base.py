@@ -15,26 +15,31 @@ tasks computed on them are in flight (clients send deltas relative to the versio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar, Literal
 
 import numpy as np
+from flwr.app import Array
 
+from strategies.client import ClientJob, Weights
 from strategies.config import RunConfig
 
-Weights = list[np.ndarray]
-LocalTrain = Callable[[Weights], tuple[Weights, dict[str, float]]]
 Status = Literal["applied", "buffered", "dropped"]
 
 
 @dataclass(frozen=True)
 class Task:
-    """What a free node is asked to do: train on model ``version`` with these extra settings."""
+    """What a free node is asked to do: train on model ``version`` with these extra settings.
+
+    ``payload``, when given, is sent in place of the model (e.g. OLCO3's delayed average of compressed
+    contributions), as Flower ``Array``s in model order; the empty list sends nothing.
+    """
 
     version: int
     config: dict[str, int | float | str | bool] = field(default_factory=dict)
+    payload: list[Array] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,14 +114,15 @@ class Strategy(ABC):
         return Verdict("dropped")
 
     @staticmethod
-    def client(weights: Weights, train: LocalTrain, state: MutableMapping[str, Weights]) -> tuple[Weights, dict]:
-        """Client half: run the local steps and return the delta ``weights - trained`` to upload.
+    def client(job: ClientJob) -> tuple[list[Array], dict[str, float]]:
+        """Client half: local steps from the received model; upload the delta ``received - trained``, compressed.
 
-        ``state`` persists on the node across tasks of a run (Flower's ``context.state``): the place for
+        ``job.state`` persists on the node across tasks of a run (Flower's ``context.state``): the place for
         error-feedback residuals and in-flight queues of algorithms that need them.
         """
-        trained, metrics = train(weights)
-        return [w - t for w, t in zip(weights, trained, strict=True)], metrics
+        trained, metrics = job.train(job.received)
+        arrays, _ = job.compress([w - t for w, t in zip(job.received, trained, strict=True)])
+        return arrays, metrics
 
     def state_summary(self) -> dict[str, float]:
         """Numbers worth logging at evaluation time (buffer fill, K, bound...)."""

@@ -217,3 +217,16 @@ def test_profile_file_slows_the_named_node_and_the_fleet_is_recorded(simulate, t
     assert all(f["torch_device"] in ("cpu", "cuda") for f in fleet)
     slow_node = fleet[0]["node_id"]
     assert counts.get(slow_node, 0) < min(c for n, c in counts.items() if n != slow_node)
+
+
+@pytest.mark.parametrize(("codec", "ef"), [("topk", True), ("sign", True), ("qsgd", False), ("powersgd", True),
+                                           ("fp16", False), ("randk", True)])
+def test_every_strategy_takes_a_codec_and_bytes_shrink(simulate, codec, ef):
+    plain = simulate("fedbuff", nodes=4, max_updates=12, model="mlp", buffer_size=4)
+    packed = simulate("fedbuff", nodes=4, max_updates=12, model="mlp", codec=codec, error_feedback=ef, buffer_size=4,
+                      codec_ratio=0.05)
+    assert packed.summary.applied == 12
+    assert {r["status"] for r in packed.updates()} == {"applied"}
+    up_plain = sum(r["bytes_up"] for r in plain.updates()) / len(plain.updates())
+    up_packed = sum(r["bytes_up"] for r in packed.updates()) / len(packed.updates())
+    assert up_packed < up_plain / {"fp16": 1.9, "qsgd": 3}.get(codec, 5)

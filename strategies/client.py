@@ -1,0 +1,72 @@
+"""The client half's view of one task: what arrived, how to train, where state persists, how to compress.
+
+``Strategy.client(job)`` runs on the node (inside the ClientApp) and returns the arrays to upload. ``ClientJob``
+keeps everything Flower-specific out of the algorithms: the ClientApp decodes what arrived and builds the job,
+the strategy computes, and ``job.compress`` applies the run's codec with error feedback whose residuals (and
+PowerSGD's warm-start matrices) persist in the node's ``context.state`` across tasks, in simulation and in
+deployment alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array
+
+from strategies.codecs import CodecSpec, ErrorFeedback, decode, encode
+
+Weights = list[np.ndarray]
+LocalTrain = Callable[[Weights], tuple[Weights, dict[str, float]]]
+
+RESIDUAL_KEY = "ef-residual"
+POWERSGD_KEY = "powersgd-q"
+
+
+@dataclass
+class ClientJob:
+    """One task on one node."""
+
+    received: Weights                       # decoded "arrays" of the message: the model, or a strategy payload
+    task: Mapping[str, object]              # the task's ConfigRecord
+    train: LocalTrain                       # local steps from given weights -> (trained weights, metrics)
+    state: MutableMapping[str, Weights]     # persists on the node across the run's tasks
+    codec: CodecSpec
+    error_feedback: bool
+    seed: int
+
+    @property
+    def residual(self) -> Weights | None:
+        """The error-feedback memory e (None before the first compressed upload, or without error feedback)."""
+        return self.state.get(RESIDUAL_KEY) if self.error_feedback else None
+
+    def compress(self, delta: Weights) -> tuple[list[Array], Weights]:
+        """Encode ``delta`` with the run's codec (and error feedback): ``(arrays to send, what the server decodes)``.
+
+        Persists the new residual and codec state in ``state``. Tensor ``i`` uses seed ``seed + i`` so that
+        random codecs draw independently per tensor and reproducibly per task.
+        """
+        q_saved = self.state.get(POWERSGD_KEY)
+        codec_states = [{"q": q} if q_saved is not None and q.size else {} for q in (q_saved or [None] * len(delta))]
+        seeds = [(self.seed + i) % 2**64 for i in range(len(delta))]
+        if self.error_feedback:
+            ef = ErrorFeedback(self.codec)
+            for i, e in enumerate(self.residual or []):
+                ef.residuals[i] = e
+            ef.states = dict(enumerate(codec_states))
+            pairs = [ef.compress(i, d, seed=s) for i, (d, s) in enumerate(zip(delta, seeds, strict=True))]
+            self.state[RESIDUAL_KEY] = [ef.residuals[i] for i in range(len(delta))]
+            codec_states = [ef.states[i] for i in range(len(delta))]
+        else:
+            arrays = [encode(self.codec, d, seed=s, state=st) for d, s, st in zip(delta, seeds, codec_states,
+                                                                                    strict=True)]
+            pairs = [(a, decode(a, shape=d.shape, dtype=d.dtype)) for a, d in zip(arrays, delta, strict=True)]
+        if self.codec.name == "powersgd":
+            self.state[POWERSGD_KEY] = [st.get("q", np.zeros(0, np.float32)) for st in codec_states]
+        return [a for a, _ in pairs], [s for _, s in pairs]
+
+
+def decode_received(arrays: Mapping[str, Array], names: list[str], like: Weights) -> Weights:
+    """Decode a received record in model order: plain numpy arrays or any codec's arrays (validated)."""
+    return [decode(arrays[n], shape=ref.shape, dtype=ref.dtype) for n, ref in zip(names, like, strict=True)]
