@@ -153,6 +153,7 @@ class Engine:
         self.by_msg: dict[str, int] = {}              # message id -> seq
         self.versions: dict[int, Version] = {}
         self._payload: tuple[list | None, ArrayRecord | None] = (None, None)
+        self.node_tasks: dict[int, int] = {}
         self.totals = Totals()
         self.seq = 0
         self.now = 0.0
@@ -229,7 +230,7 @@ class Engine:
         version = self._version(task.version)
         arrays = version.record if task.payload is None else self._payload_record(task.payload)
         msg = Message(
-            content=RecordDict({"arrays": arrays, "config": ConfigRecord(self._task_config(seq, task))}),
+            content=RecordDict({"arrays": arrays, "config": ConfigRecord(self._task_config(seq, node, task))}),
             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.version), ttl=self.cfg.task_ttl,
         )
         flight = Flight(seq, node, task.version, self._clock(), wire_bytes(msg),
@@ -261,12 +262,17 @@ class Engine:
             self._payload = (payload, ArrayRecord(dict(zip(names, payload, strict=True))))
         return self._payload[1]
 
-    def _task_config(self, seq: int, task: Task) -> dict:
+    def _task_seed(self, node: int) -> int:
+        """Seed of a node's n-th task: its batches do not depend on how other nodes' tasks interleave."""
+        n = self.node_tasks[node] = self.node_tasks.get(node, -1) + 1
+        return int(np.random.SeedSequence([self.cfg.seed, self.nodes.index(node), n]).generate_state(1)[0])
+
+    def _task_config(self, seq: int, node: int, task: Task) -> dict:
         c = self.cfg
         return {
             "lr": c.lr, "local-steps": c.local_steps, "batch-size": c.batch_size, "momentum": c.momentum,
             "prox-mu": c.prox_mu, "task-seq": seq, "model-version": task.version,
-            "task-seed": int(np.random.SeedSequence([c.seed, seq]).generate_state(1)[0]),
+            "task-seed": self._task_seed(node),
             **task.config,
         }
 

@@ -14,10 +14,13 @@ from strategies.config import STRATEGY_NAMES, ConfigError, RunConfig
 from strategies.fedasync import FedAsync
 from strategies.fedavg import FedAvg
 from strategies.fedbuff import FedBuff
+from strategies.olco3 import OLCO3, CoCoDSGD, LocalSGD, NaiveOverlap, PipeSGD
 
 __all__ = ["RunConfig", "Strategy", "Task", "Update", "Verdict", "get_strategy", "IMPLEMENTED"]
 
-_BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedAsync, FedBuff)}
+_BUILTIN: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedAsync, FedBuff, LocalSGD, OLCO3, NaiveOverlap, PipeSGD, CoCoDSGD)
+}
 IMPLEMENTED = tuple(sorted(_BUILTIN))
 
 

@@ -41,30 +41,36 @@ class ClientJob:
         """The error-feedback memory e (None before the first compressed upload, or without error feedback)."""
         return self.state.get(RESIDUAL_KEY) if self.error_feedback else None
 
-    def compress(self, delta: Weights) -> tuple[list[Array], Weights]:
+    def compress(self, delta: Weights, *, memory_from: str | None = RESIDUAL_KEY,
+                 memory_to: str = RESIDUAL_KEY) -> tuple[list[Array], Weights]:
         """Encode ``delta`` with the run's codec (and error feedback): ``(arrays to send, what the server decodes)``.
 
-        Persists the new residual and codec state in ``state``. Tensor ``i`` uses seed ``seed + i`` so that
-        random codecs draw independently per tensor and reproducibly per task.
+        The residual and the codec's own state (PowerSGD's warm-start Q) are read from ``state[memory_from]``
+        (None: start afresh) and written to ``state[memory_to]``; algorithms that must be able to redo a task
+        (OLCO3's rounds) keep one memory per round. Tensor ``i`` uses seed ``seed + i``, so random codecs draw
+        independently per tensor and reproducibly per task.
         """
-        q_saved = self.state.get(POWERSGD_KEY)
-        codec_states = [{"q": q} if q_saved is not None and q.size else {} for q in (q_saved or [None] * len(delta))]
+        old_e = self.state.get(memory_from) if memory_from and self.error_feedback else None
+        old_q = self.state.get(_q_key(memory_from)) if memory_from else None
+        codec_states = [{"q": q} if q is not None and q.size else {} for q in (old_q or [None] * len(delta))]
         seeds = [(self.seed + i) % 2**64 for i in range(len(delta))]
         if self.error_feedback:
             ef = ErrorFeedback(self.codec)
-            for i, e in enumerate(self.residual or []):
-                ef.residuals[i] = e
+            ef.residuals = dict(enumerate(old_e or []))
             ef.states = dict(enumerate(codec_states))
             pairs = [ef.compress(i, d, seed=s) for i, (d, s) in enumerate(zip(delta, seeds, strict=True))]
-            self.state[RESIDUAL_KEY] = [ef.residuals[i] for i in range(len(delta))]
-            codec_states = [ef.states[i] for i in range(len(delta))]
+            self.state[memory_to] = [ef.residuals[i] for i in range(len(delta))]
         else:
-            arrays = [encode(self.codec, d, seed=s, state=st) for d, s, st in zip(delta, seeds, codec_states,
-                                                                                    strict=True)]
+            arrays = [encode(self.codec, d, seed=s, state=st)
+                      for d, s, st in zip(delta, seeds, codec_states, strict=True)]
             pairs = [(a, decode(a, shape=d.shape, dtype=d.dtype)) for a, d in zip(arrays, delta, strict=True)]
         if self.codec.name == "powersgd":
-            self.state[POWERSGD_KEY] = [st.get("q", np.zeros(0, np.float32)) for st in codec_states]
+            self.state[_q_key(memory_to)] = [st.get("q", np.zeros(0, np.float32)) for st in codec_states]
         return [a for a, _ in pairs], [s for _, s in pairs]
+
+
+def _q_key(memory: str) -> str:
+    return POWERSGD_KEY if memory == RESIDUAL_KEY else f"{memory}/{POWERSGD_KEY}"
 
 
 def decode_received(arrays: Mapping[str, Array], names: list[str], like: Weights) -> Weights:

@@ -38,7 +38,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 STRATEGY_NAMES = (
     "fedavg", "fedasync", "fedbuff", "local-sgd", "olco3", "pipe-sgd", "cocod-sgd", "overlap-local-sgd",
     "async-sgd", "k-async", "k-batch-async", "k-sync", "ssp", "adasync", "abs", "ad-psgd", "d-psgd",
-    "allreduce-sgd",
+    "allreduce-sgd", "naive-overlap",
 )
 CODECS = ("none", "fp16", "topk", "randk", "qsgd", "sign", "powersgd")
 STALENESS_FNS = ("constant", "polynomial", "hinge", "sqrt")
@@ -67,6 +67,7 @@ class RunConfig:
     codec_levels: int = field(default=16, metadata=_range(1))
     codec_rank: int = field(default=2, metadata=_range(1))
     error_feedback: bool = False
+    codec_downlink: str = field(default="none", metadata=_choices(*CODECS))
     # The clock and the simulated fleet.
     clock: str = field(default="virtual", metadata=_choices("virtual", "wall"))
     profiles: str = "wifi=0.5,4g=0.3,3g=0.2"

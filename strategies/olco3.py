@@ -1,0 +1,272 @@
+"""OLCO3 and the delay-tolerant local-SGD family: the average of everyone's progress arrives D periods late.
+
+OLCO3 (Xu, Yan, Gao, Huang; OpenReview E_U8Zvx7zrf) overlaps local computation with compressed communication.
+The paper's algorithm box was not available; the rule here is **our reconstruction** from its abstract
+(``../shared/notes/algorithms.md`` section 1.4, tagged [design]), built to carry the abstract's two corrections.
+Per node i and period t, with p local steps, compressor C, error memory e and delay D:
+
+    delta_i^t = x_i^{t,0} - x_i^{t,p}                        local progress of the period
+    c_i^t = C(delta_i^t + e_i^t),  e_i^{t+1} = delta_i^t + e_i^t - c_i^t          (error feedback)
+    xbar^{t+1} = xbar^t - mean_j c_j^{t-D}                    the average arrives D periods late
+    x_i^{t+1,0} = xbar^{t+1} - sum_{s=t-D+1..t} c_i^s - e_i^{t+1}
+
+The last line is the node's new starting point. ``- sum c_i^s`` is *staleness compensation* (the node adds back
+its own contributions still in flight, so progress made during the delay is not lost) and ``- e_i^{t+1}`` is
+*compression compensation* (it adds back what the compressor has not sent yet). Then the mean of the local
+models follows synchronous local SGD exactly: ``mean_i x_i^{t,0} = xbar^t - mean_i(in-flight c_i + e_i)``
+(``tests/test_olco3.py`` checks this every period).
+
+The family, one server half and one client half with a policy each:
+
+| strategy        | delay | start of a period                          | what it is                                |
+|-----------------|-------|--------------------------------------------|-------------------------------------------|
+| olco3           | D     | xbar - in-flight own c - e                 | both compensations                        |
+| naive-overlap   | D     | xbar (the stale average)                   | no compensation: D periods of work lost   |
+| pipe-sgd        | D     | xbar                                       | Pipe-SGD (Li et al. 2018): D-stale        |
+|                 |       |                                            | averaging; run it with local-steps = 1    |
+| cocod-sgd       | 1     | avg of last period's start models - own    | CoCoD-SGD (Shen et al. 2019), its own     |
+|                 |       | last progress                              | rule: the server sends the stale model    |
+| local-sgd       | 0     | the fresh average (blocking)               | periodic averaging (FedAvg with equal     |
+|                 |       |                                            | weights, every node every period)         |
+
+With D = 0 and no codec OLCO3 is local SGD; with D = 1 and no codec it is CoCoD-SGD (both tested). Every node
+takes part in every period (the classic data-centre setting of these papers): a node may run at most D periods
+ahead of the last complete average, and a failed or rejected task is redone for the same period. The server
+sends each node the averages it has not seen (one per period, compressed with ``codec-downlink`` and a
+server-side error memory when set: two-way compression); the node keeps its copy of xbar, its in-flight queue
+and its error memory in Flower's ``context.state``, one snapshot per period so that a redone period starts from
+the same state. The global model the server evaluates is xbar with every complete average applied.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from flwr.app import Array
+
+from strategies.base import Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.client import ClientJob, Weights
+from strategies.codecs import CodecSpec, ErrorFeedback
+from strategies.fedavg import FedAvg
+
+
+class DelayedAveraging(Strategy):
+    """Server half of OLCO3, naive overlap and Pipe-SGD: periods, a D-period pipeline, averages of contributions."""
+
+    name = "olco3"
+    compensation: ClassVar[str] = "both"  # both | staleness | none
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = self.period_delay()
+        self.next_round: dict[int, int] = {}
+        self.running: dict[int, int] = {}               # node -> period of its task in flight
+        self.contrib: dict[int, dict[int, Update]] = {}  # period -> node -> update
+        self.completed = 0                              # periods whose average is known
+        self.sent: dict[int, list[Array]] = {}          # period -> its average as sent to nodes
+        self.start = [Array(np.ascontiguousarray(w)) for w in self.weights]
+        down = CodecSpec(self.cfg.codec_downlink, self.cfg.codec_ratio, self.cfg.codec_levels, self.cfg.codec_rank)
+        self.down = ErrorFeedback(down) if down.name != "none" else None
+
+    def period_delay(self) -> int:
+        """D: the run's ``delay``."""
+        return self.cfg.delay
+
+    def task_for(self, node: int) -> Task | None:
+        """Next period for ``node``, unless it would run more than D periods ahead of the last complete average."""
+        r = self.next_round.get(node, 0)
+        if node in self.running or r > self.completed + self.delay:
+            return None
+        self.running[node] = r
+        kind, payload = self.payload_for(r)
+        return Task(self.version, {"round": r, "delay": self.delay, "payload": kind}, payload)
+
+    def payload_for(self, r: int) -> tuple[str, list[Array]]:
+        """Period 0: the initial model; later: the average of period r - 1 - D (none yet while r <= D)."""
+        if r == 0:
+            return "model", self.start
+        a = r - 1 - self.delay
+        return ("average", self.sent[a]) if a >= 0 else ("none", [])
+
+    def apply(self, update: Update) -> Verdict:
+        """Collect a contribution; close every period whose contributions are all in, in order."""
+        r = self.running.pop(update.node)
+        self.contrib.setdefault(r, {})[update.node] = update
+        self.next_round[update.node] = r + 1
+        applied: list[int] = []
+        while len(self.contrib.get(self.completed, {})) >= self.num_nodes:
+            applied += self._close(self.completed)
+        if update.seq in applied:
+            return Verdict("applied", applied=tuple(applied))
+        return Verdict("buffered", f"period {r}: {len(self.contrib.get(r, {}))}/{self.num_nodes} in",
+                       tuple(applied))
+
+    def fail(self, node: int, base_version: int) -> Verdict:
+        """The period is redone by the same node (every node takes part in every period)."""
+        self.running.pop(node, None)
+        return Verdict("dropped")
+
+    def _close(self, r: int) -> list[int]:
+        updates = self.contrib.pop(r)
+        mean = weighted_sum([(1.0 / len(updates), u.sent) for u in updates.values()])
+        if self.down is None:
+            self.sent[r] = [Array(np.ascontiguousarray(m)) for m in mean]
+            applied_mean = mean
+        else:  # two-way compression: the server compresses the average too, with its own error memory
+            pairs = [self.down.compress(i, m, seed=r * 1000 + i) for i, m in enumerate(mean)]
+            self.sent[r], applied_mean = [a for a, _ in pairs], [d for _, d in pairs]
+        self._publish(step(self.weights, applied_mean, 1.0))
+        self.completed = r + 1
+        oldest_needed = min(self.next_round.get(n, 0) for n in self.next_round) - 1 - self.delay
+        for old in [k for k in self.sent if k < oldest_needed]:
+            del self.sent[old]
+        return [u.seq for u in updates.values()]
+
+    def state_summary(self) -> dict[str, float]:
+        """Complete periods and how far the fastest node runs ahead."""
+        ahead = max(self.next_round.values(), default=0) - self.completed
+        return {"periods": float(self.completed), "ahead": float(ahead)}
+
+    # ------------------------------------------------------------------------------------------- client half
+    @classmethod
+    def client(cls, job: ClientJob) -> tuple[list[Array], dict[str, float]]:
+        """One period on the node: apply the new average, start with the policy's compensations, train, send C."""
+        r, d = int(job.task["round"]), int(job.task["delay"])
+        if job.task["payload"] == "model":
+            xbar, queue = job.received, {}
+        else:
+            xbar, queue = _load(job, r - 1, d)
+            if job.task["payload"] == "average":
+                xbar = [x - c for x, c in zip(xbar, job.received, strict=True)]
+                queue.pop(r - 1 - d, None)
+        start = cls.start_point(xbar, list(queue.values()), _residual(job, r - 1))
+        trained, metrics = job.train(start)
+        arrays, sent = job.compress([s - t for s, t in zip(start, trained, strict=True)],
+                                    memory_from=_key(r - 1, "e"), memory_to=_key(r, "e"))
+        queue[r] = sent
+        _save(job, r, xbar, queue)
+        return arrays, metrics
+
+    @classmethod
+    def start_point(cls, xbar: Weights, in_flight: list[Weights], residual: Weights | None) -> Weights:
+        """Where a period starts: ``xbar`` minus what the policy compensates for."""
+        start = [x.copy() for x in xbar]
+        if cls.compensation in ("both", "staleness"):
+            for c in in_flight:
+                for s, ci in zip(start, c, strict=True):
+                    s -= ci
+        if cls.compensation == "both" and residual is not None:
+            for s, e in zip(start, residual, strict=True):
+                s -= e
+        return start
+
+
+class OLCO3(DelayedAveraging):
+    """OLCO3: staleness compensation and compression compensation (our reconstruction, see module docstring)."""
+
+    name = "olco3"
+    compensation = "both"
+
+
+class NaiveOverlap(DelayedAveraging):
+    """Overlap without compensation: every period restarts from the stale average."""
+
+    name = "naive-overlap"
+    compensation = "none"
+
+
+class PipeSGD(DelayedAveraging):
+    """Pipe-SGD (Li et al., NeurIPS 2018): D-stale averaging, optional error feedback (paper: local-steps = 1)."""
+
+    name = "pipe-sgd"
+    compensation = "none"
+
+
+class CoCoDSGD(DelayedAveraging):
+    """CoCoD-SGD (Shen et al., IJCAI 2019): ``x_i <- avg_j(x_j^{t,0}) + (x_i^{t,p} - x_i^{t,0})``, delay 1.
+
+    Implemented from its own rule, independently of OLCO3's algebra: the server sends the average of last period's
+    start models (which is xbar with every average but the newest), and the node subtracts its own last progress.
+    """
+
+    name = "cocod-sgd"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.models: dict[int, list[Array]] = {0: self.start}  # version -> the model as sent
+
+    def period_delay(self) -> int:
+        """CoCoD-SGD overlaps exactly one period."""
+        return 1
+
+    def payload_for(self, r: int) -> tuple[str, list[Array]]:
+        """Period r >= 1 starts from avg_j x_j^{r-1,0}: the model after r - 1 complete averages."""
+        return ("model", self.start) if r == 0 else ("stale-model", self.models[r - 1])
+
+    def _close(self, r: int) -> list[int]:
+        seqs = super()._close(r)
+        self.models[r + 1] = [Array(np.ascontiguousarray(w)) for w in self.weights]
+        for old in [k for k in self.models if k < min(self.next_round.values(), default=0) - 1]:
+            del self.models[old]
+        return seqs
+
+    @classmethod
+    def client(cls, job: ClientJob) -> tuple[list[Array], dict[str, float]]:
+        """Start from the stale average minus own last progress; upload this period's progress."""
+        r = int(job.task["round"])
+        start = job.received
+        if r > 0:
+            last = job.state[_key(r - 1, "delta")]
+            start = [m - dl for m, dl in zip(job.received, last, strict=True)]
+        trained, metrics = job.train(start)
+        arrays, sent = job.compress([s - t for s, t in zip(start, trained, strict=True)],
+                                    memory_from=_key(r - 1, "e"), memory_to=_key(r, "e"))
+        job.state[_key(r, "delta")] = sent
+        _forget(job, r - 1)
+        return arrays, metrics
+
+
+class LocalSGD(FedAvg):
+    """Local SGD / periodic averaging: every node, every period, blocking, equal weights: ``w <- mean_i x_i``."""
+
+    name = "local-sgd"
+
+    def round_size(self) -> int:
+        """Every node, whatever ``concurrency`` says."""
+        return self.num_nodes
+
+    def apply(self, update: Update) -> Verdict:
+        """Equal weights: the period average of the papers, not FedAvg's example weighting."""
+        return super().apply(Update(update.seq, update.node, update.base_version, update.staleness, update.sent,
+                                    update.base, 1, update.metrics, update.sent_is_delta))
+
+
+# ---------------------------------------------------------------------------------------- per-period node state
+def _key(r: int, what: str) -> str:
+    return f"delayed-avg/{r}/{what}"
+
+
+def _residual(job: ClientJob, r: int) -> Weights | None:
+    return job.state.get(_key(r, "e")) if job.error_feedback else None
+
+
+def _load(job: ClientJob, r: int, delay: int) -> tuple[Weights, dict[int, Weights]]:
+    """The node's xbar and in-flight queue as they were at the end of period r."""
+    xbar = job.state[_key(r, "xbar")]
+    queue = {s: job.state[_key(r, f"c{s}")] for s in range(max(0, r - delay), r + 1) if _key(r, f"c{s}") in job.state}
+    return xbar, queue
+
+
+def _save(job: ClientJob, r: int, xbar: Weights, queue: dict[int, Weights]) -> None:
+    """Keep the state of periods r and r - 1 only: enough to redo period r + 1 or r."""
+    job.state[_key(r, "xbar")] = xbar
+    for s, c in queue.items():
+        job.state[_key(r, f"c{s}")] = c
+    _forget(job, r - 1)
+
+
+def _forget(job: ClientJob, keep_from: int) -> None:
+    for key in list(job.state):
+        if key.startswith("delayed-avg/") and int(key.split("/")[1]) < keep_from:
+            del job.state[key]
