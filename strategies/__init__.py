@@ -14,12 +14,13 @@ from strategies.config import STRATEGY_NAMES, ConfigError, RunConfig
 from strategies.fedasync import FedAsync
 from strategies.fedavg import FedAvg
 from strategies.fedbuff import FedBuff
-from strategies.olco3 import OLCO3, CoCoDSGD, LocalSGD, NaiveOverlap, PipeSGD
+from strategies.olco3 import OLCO3, CoCoDSGD, LocalSGD, NaiveOverlap, OverlapLocalSGD, PipeSGD
 
 __all__ = ["RunConfig", "Strategy", "Task", "Update", "Verdict", "get_strategy", "IMPLEMENTED"]
 
 _BUILTIN: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAsync, FedBuff, LocalSGD, OLCO3, NaiveOverlap, PipeSGD, CoCoDSGD)
+    cls.name: cls for cls in (FedAvg, FedAsync, FedBuff, LocalSGD, OLCO3, NaiveOverlap, PipeSGD, CoCoDSGD,
+                OverlapLocalSGD)
 }
 IMPLEMENTED = tuple(sorted(_BUILTIN))
 

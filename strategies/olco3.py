@@ -26,6 +26,8 @@ The family, one server half and one client half with a policy each:
 |                 |       |                                            | averaging; run it with local-steps = 1    |
 | cocod-sgd       | 1     | avg of last period's start models - own    | CoCoD-SGD (Shen et al. 2019), its own     |
 |                 |       | last progress                              | rule: the server sends the stale model    |
+| overlap-local-  | 1     | own last model pulled toward a stale       | Overlap-Local-SGD (Wang et al. 2020),     |
+| sgd             |       | anchor: x - mixing (x - z)                 | our server-relayed adaptation (below)     |
 | local-sgd       | 0     | the fresh average (blocking)               | periodic averaging (FedAvg with equal     |
 |                 |       |                                            | weights, every node every period)         |
 
@@ -80,7 +82,8 @@ class DelayedAveraging(Strategy):
             return None
         self.running[node] = r
         kind, payload = self.payload_for(r)
-        return Task(self.version, {"round": r, "delay": self.delay, "payload": kind}, payload)
+        config = {"round": r, "delay": self.delay, "payload": kind, "mixing": self.cfg.mixing}
+        return Task(self.version, config, payload)
 
     def payload_for(self, r: int) -> tuple[str, list[Array]]:
         """Period 0: the initial model; later: the average of period r - 1 - D (none yet while r <= D)."""
@@ -224,6 +227,57 @@ class CoCoDSGD(DelayedAveraging):
                                     memory_from=_key(r - 1, "e"), memory_to=_key(r, "e"))
         job.state[_key(r, "delta")] = sent
         _forget(job, r - 1)
+        return arrays, metrics
+
+
+class OverlapLocalSGD(DelayedAveraging):
+    """Overlap-Local-SGD (Wang, Liang, Joshi, ICASSP 2020): pull toward a stale anchor instead of averaging.
+
+    At the end of its period a node pulls its model toward the anchor z, ``x <- x - alpha (x - z)`` with
+    ``alpha = mixing``, and the next anchor is the average of the pulled models, computed while the next period
+    runs. Our adaptation to a server-relayed setting: a node's pulled model reaches the server with its upload, so
+    the anchor a node receives for period r is the average of the models that started period r - 1 (one period
+    older than in the paper's all-reduce). Nodes upload ``z - x_pulled``, a delta against the anchor they got.
+    """
+
+    name = "overlap-local-sgd"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.anchors: dict[int, list[Array]] = {0: self.start, 1: self.start}
+        self.anchor_weights: dict[int, Weights] = {0: self.weights, 1: self.weights}
+
+    def period_delay(self) -> int:
+        """The anchor is one period stale."""
+        return 1
+
+    def payload_for(self, r: int) -> tuple[str, list[Array]]:
+        """Period r's anchor: the average of the models that started period r - 1."""
+        return ("model" if r == 0 else "anchor"), self.anchors[r]
+
+    def _close(self, r: int) -> list[int]:
+        updates = self.contrib.pop(r)
+        mean = weighted_sum([(1.0 / len(updates), u.sent) for u in updates.values()])
+        anchor = step(self.anchor_weights[r], mean, 1.0)
+        self.anchor_weights[r + 2], self.anchors[r + 2] = anchor, [Array(np.ascontiguousarray(a)) for a in anchor]
+        self._publish(anchor)
+        self.completed = r + 1
+        for old in [k for k in self.anchors if k < min(self.next_round.values(), default=0)]:
+            del self.anchors[old], self.anchor_weights[old]
+        return [u.seq for u in updates.values()]
+
+    @classmethod
+    def client(cls, job: ClientJob) -> tuple[list[Array], dict[str, float]]:
+        """Train from the start this node computed last period, pull toward the anchor, upload anchor - pulled."""
+        r, alpha = int(job.task["round"]), float(job.task["mixing"])
+        anchor = job.received
+        start = anchor if r == 0 else job.state[_key(r, "start")]
+        trained, metrics = job.train(start)
+        pulled = [x - alpha * (x - z) for x, z in zip(trained, anchor, strict=True)]
+        arrays, _ = job.compress([z - x for z, x in zip(anchor, pulled, strict=True)],
+                                 memory_from=_key(r - 1, "e"), memory_to=_key(r, "e"))
+        job.state[_key(r + 1, "start")] = pulled
+        _forget(job, r)
         return arrays, metrics
 
 

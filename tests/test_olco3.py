@@ -149,3 +149,12 @@ def test_olco3_survives_dropouts_and_rejected_uploads(simulate):
     statuses = {r["status"] for r in run.updates()}
     assert "failed" in statuses and run.summary.applied >= 24
     assert run.evals()[-1]["loss"] < run.evals()[0]["loss"]
+
+
+def test_overlap_local_sgd_pull_strength(simulate):
+    frozen = simulate("overlap-local-sgd", mixing=1.0, **RUN)  # pulled all the way back to the anchor: no progress
+    start = simulate("overlap-local-sgd", mixing=1.0, **{**RUN, "max_updates": 4})
+    for a, b in zip(frozen.summary.weights, start.summary.weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    learning = simulate("overlap-local-sgd", mixing=0.5, **RUN)
+    assert learning.evals()[-1]["loss"] < learning.evals()[0]["loss"] - 0.01
