@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import statistics
 from pathlib import Path
 
-from server_app.simulate import merge_config, run_local
+from bench.common import run_with_curve
 
 STRATEGIES = ("fedavg", "fedasync", "fedbuff")
 STRAGGLERS = {"straggler-fraction": 0.2, "straggler-slowdown": 10.0}
@@ -31,14 +30,8 @@ BASE = {"dataset": "digits", "model": "mlp", "target-accuracy": 0.9, "max-update
 
 def run_one(strategy: str, fleet: dict, seed: int, db: Path) -> dict:
     """One run; returns its summary and its accuracy curve from the store."""
-    values = merge_config(overrides={**BASE, **fleet, "strategy": strategy, "seed": seed, "metrics-db": str(db)})
-    s = run_local(values, nodes=10)
-    with sqlite3.connect(db) as con:
-        curve = con.execute("SELECT t, accuracy, bytes_up_total FROM evals WHERE run_id=? ORDER BY t, rowid",
-                            (s.run_id,)).fetchall()
-    return {"strategy": strategy, "seed": seed, "reached": s.stop_reason == "target-accuracy", "time": s.time,
-            "applied": s.applied, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "accuracy": s.accuracy,
-            "run_id": s.run_id, "curve": curve}
+    r = run_with_curve({**BASE, **fleet, "strategy": strategy, "seed": seed}, nodes=10, db=db)
+    return r | {"strategy": strategy, "seed": seed, "reached": r["stop"] == "target-accuracy"}
 
 
 def table(rows: list[dict]) -> str:

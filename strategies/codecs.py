@@ -13,7 +13,8 @@ Wire size of ``data`` for a tensor of d entries (all fields little-endian):
 |----------|-------------------------|-------------------------------------------------------------------------|
 | none     | numpy.ndarray           | .npy header (~128) + d * itemsize (Flower's own ``Array(x)``)           |
 | fp16     | staleflower.fp16.v1     | 2d                                                                      |
-| topk     | staleflower.topk.v1     | 8 + k(w + 4); k = max(1, ceil(ratio d)), w = 2 if d <= 65536 else 4     |
+| topk     | staleflower.topk.v2     | 8 + 4 ceil(d / 65536) + 6k; k = max(1, ceil(ratio d)): uint16 offsets  |
+|          |                         | within 65536-entry blocks, a uint32 count per block, fp32 values        |
 | randk    | staleflower.randk.v1    | 16 + 4k (indices are regenerated from the seed in the header)           |
 | qsgd     | staleflower.qsgd.v1     | 8 + d b + ceil(d/8); b = 1 if levels <= 255 else 2                      |
 | sign     | staleflower.sign.v1     | 4 + ceil(d/8)                                                           |
@@ -49,12 +50,13 @@ __all__ = ["CODECS", "CodecError", "CodecSpec", "ErrorFeedback", "decode", "enco
 CODECS = ("none", "fp16", "topk", "randk", "qsgd", "sign", "powersgd")
 STYPE_NONE = "numpy.ndarray"  # what Flower's Array(ndarray) writes
 STYPES = {"none": STYPE_NONE} | {name: f"staleflower.{name}.v1" for name in CODECS[1:]}
+STYPES["topk"] = "staleflower.topk.v2"  # v2: block-relative uint16 indices
 FLOAT_DTYPES = ("float16", "float32", "float64")
 MAX_NUMEL = 2**32 - 1  # top-k indices are uint32 on the wire
 _CHUNK = 1 << 16  # entries per streaming chunk: 256 KiB of float32 stays in L2, avoiding d-sized temporaries
 _FP16_MAX = float(np.finfo(np.float16).max)
 
-_TOPK_HEAD = struct.Struct("<B3xI")  # index width in bytes, k
+_TOPK_HEAD = struct.Struct("<B3xI")  # index width in bytes (2), k
 _RANDK_HEAD = struct.Struct("<QIB3x")  # seed, k, scaled-by-d/k flag
 _QSGD_HEAD = struct.Struct("<fHBx")  # norm, s, level width in bytes
 _SIGN_HEAD = struct.Struct("<f")  # scale
@@ -163,11 +165,22 @@ def _enc_fp16(x: np.ndarray) -> Array:
 
 
 def _enc_topk(x: np.ndarray, spec: CodecSpec) -> Array:
+    """Keep the k largest magnitudes; indices as uint16 offsets in 65536-entry blocks, plus a count per block.
+
+    That is 2 bytes an index (6 bytes a kept entry with its fp32 value) whatever the tensor size, instead of
+    4 bytes beyond 65536 entries: top-k 1% then really sends about 1/66 of the raw bytes.
+    """
     flat = x.reshape(-1)
-    k, width = _kept(spec.ratio, flat.size), _index_width(flat.size)
+    k = _kept(spec.ratio, flat.size)
     idx = _topk_indices(flat, k)
+    counts = np.bincount(idx >> 16, minlength=_blocks(flat.size)).astype("<u4")
     values = _to_f4(flat[idx], "topk")
-    return _array(x, "topk", _TOPK_HEAD.pack(width, k) + idx.astype(f"<u{width}").tobytes() + values.tobytes())
+    low = (idx & 0xFFFF).astype("<u2")
+    return _array(x, "topk", _TOPK_HEAD.pack(2, k) + counts.tobytes() + low.tobytes() + values.tobytes())
+
+
+def _blocks(numel: int) -> int:
+    return max(1, -(-numel // 65536))
 
 
 def _topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
@@ -329,14 +342,18 @@ def _dec_fp16(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) 
 
 def _dec_topk(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) -> np.ndarray:
     width, k = _unpack(_TOPK_HEAD, data, "topk")
-    _require(width == _index_width(numel), f"topk: index width {width}, expected {_index_width(numel)} for {numel}")
+    _require(width == 2, f"topk: index width {width}, expected 2 (uint16 offsets in 65536-entry blocks)")
     _require(k <= numel, f"topk: k={k} > numel={numel}")
-    _expect_len(data, _TOPK_HEAD.size + k * (width + 4), "topk")
-    idx = np.frombuffer(data, f"<u{width}", k, _TOPK_HEAD.size)
+    nb = _blocks(numel)
+    _expect_len(data, _TOPK_HEAD.size + 4 * nb + 6 * k, "topk")
+    counts = np.frombuffer(data, "<u4", nb, _TOPK_HEAD.size)
+    _require(int(counts.sum(dtype=np.int64)) == k, f"topk: block counts sum to {int(counts.sum())}, not k={k}")
+    low = np.frombuffer(data, "<u2", k, _TOPK_HEAD.size + 4 * nb)
+    idx = np.repeat(np.arange(nb, dtype=np.int64) << 16, counts) + low
     last = int(idx[-1]) if k else -1  # indices must be strictly increasing, so the last is the largest
     _require(last < numel, f"topk: index out of range (last index {last} >= numel={numel})")
     _require(bool(np.all(idx[1:] > idx[:-1])), "topk: indices not strictly increasing (duplicate or unsorted)")
-    values = _finite(np.frombuffer(data, "<f4", k, _TOPK_HEAD.size + k * width).astype(dtype), "topk values")
+    values = _finite(np.frombuffer(data, "<f4", k, _TOPK_HEAD.size + 4 * nb + 2 * k).astype(dtype), "topk values")
     return _scatter(idx, values, shape, numel, dtype)
 
 
@@ -435,10 +452,6 @@ def _array(x: np.ndarray, codec: str, data: bytes) -> Array:
 def _kept(ratio: float, numel: int) -> int:
     """Entries kept: max(1, ceil(ratio d)) capped at d, rounded first so 0.07 * 100 gives 7, not 8."""
     return min(numel, max(1, math.ceil(round(ratio * numel, 6))))
-
-
-def _index_width(numel: int) -> int:
-    return 2 if numel <= 65536 else 4
 
 
 def _level_width(levels: int) -> int:

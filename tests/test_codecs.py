@@ -24,10 +24,15 @@ def rand(shape, dtype="float32", seed=0, scale=1.0):
 
 
 def topk_parts(arr):
-    """Parse the top-k wire format independently of the codec: <B3xI header, indices, float32 values."""
+    """Parse the top-k wire format independently of the codec: <B3xI header (2, k), a uint32 count per
+    65536-entry block, uint16 offsets within blocks, float32 values."""
     width, k = struct.unpack_from("<B3xI", arr.data)
-    idx = np.frombuffer(arr.data, f"<u{width}", k, 8).astype(np.int64)
-    return idx, np.frombuffer(arr.data, "<f4", k, 8 + k * width)
+    assert width == 2
+    nb = max(1, -(-math.prod(arr.shape) // 65536))
+    counts = np.frombuffer(arr.data, "<u4", nb, 8)
+    low = np.frombuffer(arr.data, "<u2", k, 8 + 4 * nb).astype(np.int64)
+    idx = np.repeat(np.arange(nb) * 65536, counts) + low
+    return idx, np.frombuffer(arr.data, "<f4", k, 8 + 4 * nb + 2 * k)
 
 
 def with_data(arr, data, **changes):
@@ -198,11 +203,11 @@ def test_error_feedback_sends_randk_unscaled_and_checks_residual_shapes():
 def test_wire_sizes():
     x = rand(1_000_000)
     topk = encode(CodecSpec("topk", ratio=0.01), x, seed=0)
-    assert len(topk.data) == 8 + 10_000 * 8 and len(topk.data) < x.nbytes / 40
+    assert len(topk.data) == 8 + 4 * 16 + 10_000 * 6 and len(topk.data) < x.nbytes / 60  # 16 blocks of 65536
     sign = encode(CodecSpec("sign"), x, seed=0)
     assert len(sign.data) == 4 + 125_000 and x.nbytes / len(sign.data) == pytest.approx(32, rel=1e-3)
     assert len(encode(CodecSpec("randk", ratio=0.01), x, seed=0).data) == 16 + 4 * 10_000
-    assert len(encode(CodecSpec("topk", ratio=0.5), rand(1000), seed=0).data) == 8 + 500 * 6  # uint16 indices
+    assert len(encode(CodecSpec("topk", ratio=0.5), rand(1000), seed=0).data) == 8 + 4 + 500 * 6  # one block
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -288,13 +293,14 @@ MALFORMED = [
     ("topk truncated", lambda: with_data(good("topk"), good("topk").data[:-1]), "topk: truncated"),
     ("topk extra bytes", lambda: with_data(good("topk"), good("topk").data + b"\0"), "topk: extra bytes"),
     ("topk short header", lambda: build(TOPK, b"\x02\0\0"), "truncated header"),
-    ("topk out of range", lambda: build(TOPK, struct.pack("<B3xI2Hff", 2, 2, 1, 10, 1, 1)), "out of range"),
-    ("topk duplicate", lambda: build(TOPK, struct.pack("<B3xI2Hff", 2, 2, 3, 3, 1, 1)), "strictly increasing"),
-    ("topk unsorted", lambda: build(TOPK, struct.pack("<B3xI2Hff", 2, 2, 4, 3, 1, 1)), "strictly increasing"),
+    ("topk out of range", lambda: build(TOPK, struct.pack("<B3xII2Hff", 2, 2, 2, 1, 10, 1, 1)), "out of range"),
+    ("topk duplicate", lambda: build(TOPK, struct.pack("<B3xII2Hff", 2, 2, 2, 3, 3, 1, 1)), "strictly increasing"),
+    ("topk unsorted", lambda: build(TOPK, struct.pack("<B3xII2Hff", 2, 2, 2, 4, 3, 1, 1)), "strictly increasing"),
+    ("topk block counts", lambda: build(TOPK, struct.pack("<B3xII2Hff", 2, 2, 3, 1, 3, 1, 1)), "block counts sum"),
     ("topk huge k", lambda: build(TOPK, struct.pack("<B3xI", 2, 2**32 - 1)), "k=4294967295 > numel=10"),
     ("topk index width", lambda: build(TOPK, struct.pack("<B3xIIf", 4, 1, 0, 1)), "index width 4"),
-    ("topk nan value", lambda: build(TOPK, struct.pack("<B3xIHf", 2, 1, 0, math.nan)), "NaN/Inf"),
-    ("topk value overflows fp16", lambda: build(TOPK, struct.pack("<B3xIHf", 2, 1, 0, 1e6), dtype="float16"),
+    ("topk nan value", lambda: build(TOPK, struct.pack("<B3xIIHf", 2, 1, 1, 0, math.nan)), "NaN/Inf"),
+    ("topk value overflows fp16", lambda: build(TOPK, struct.pack("<B3xIIHf", 2, 1, 1, 0, 1e6), dtype="float16"),
      "overflow"),
     ("randk huge k", lambda: build(RANDK, struct.pack("<QIB3x", 1, 10**9, 1)), "k=1000000000 > numel=10"),
     ("randk flag", lambda: build(RANDK, struct.pack("<QIB3xf", 1, 1, 7, 1.0)), "flag"),

@@ -1,0 +1,19 @@
+"""What the reproduction scripts share: one in-process run and its accuracy curve from the metrics store."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from server_app.simulate import merge_config, run_local
+
+
+def run_with_curve(settings: dict, *, nodes: int, db: Path) -> dict:
+    """Run ``settings`` (run-config keys) in-process; return the summary's numbers and the (t, accuracy) curve."""
+    s = run_local(merge_config(overrides={**settings, "metrics-db": str(db)}), nodes=nodes)
+    with sqlite3.connect(db) as con:
+        curve = con.execute("SELECT t, accuracy, bytes_up_total FROM evals WHERE run_id=? ORDER BY t, rowid",
+                            (s.run_id,)).fetchall()
+    return {"run_id": s.run_id, "stop": s.stop_reason, "time": s.time, "applied": s.applied,
+            "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "accuracy": s.accuracy, "loss": s.loss,
+            "curve": curve}

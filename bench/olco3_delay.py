@@ -1,0 +1,133 @@
+"""Reproduction for issue 3: OLCO3 against its baselines as the communication delay D grows.
+
+    python -m bench.olco3_delay [--dataset fashion-mnist|digits] [--nodes 8] [--periods 60] [--seeds 0 1]
+                                [--delays 0 1 2 4] [--out results/olco3_delay]
+
+Every method runs the same number of periods (local-steps SGD steps per node per period) on the `4g` network
+profile, so they do the same computation; the table compares final test accuracy, uplink bytes (measured: the
+serialized messages) and virtual time. Methods: local-sgd (blocking, uncompressed: the reference), naive-overlap
+(restart from the stale average, uncompressed), cocod-sgd (D = 1, uncompressed), pipe-sgd (D-stale averaging,
+top-k 1% with error feedback) and olco3 (both compensations, top-k 1% with error feedback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from bench.common import run_with_curve
+
+TOPK_EF = {"codec": "topk", "codec-ratio": 0.01, "error-feedback": True}
+METHODS = {  # name -> (run-config, uses D)
+    "local-sgd": ({"strategy": "local-sgd"}, False),
+    "cocod-sgd": ({"strategy": "cocod-sgd"}, False),
+    "naive-overlap": ({"strategy": "naive-overlap"}, True),
+    "pipe-sgd + top-k 1% EF": ({"strategy": "pipe-sgd", **TOPK_EF}, True),
+    "olco3 + top-k 1% EF": ({"strategy": "olco3", **TOPK_EF}, True),
+}
+
+
+def grid(delays: list[int]) -> list[tuple[str, int | None, dict]]:
+    """(method, D or None, run-config) for every row of the experiment."""
+    rows = []
+    for name, (cfg, uses_d) in METHODS.items():
+        for d in delays if uses_d else [None]:
+            rows.append((name, d, cfg | ({"delay": d} if d is not None else {})))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: mean (min-max) over seeds, and ratios against local-sgd of the same seed."""
+    ref = {r["seed"]: r for r in rows if r["method"] == "local-sgd"}
+    out = ["| method | D | final accuracy | vs local-sgd (points) | uplink MB | uplink reduction | virtual time (s) "
+           "| time vs local-sgd |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, d, _ in grid(sorted({r["delay"] for r in rows if r["delay"] is not None})):
+        rs = [r for r in rows if r["method"] == name and r["delay"] == d]
+        if not rs:
+            continue
+        acc = [100 * r["accuracy"] for r in rs]
+        gap = [100 * (r["accuracy"] - ref[r["seed"]]["accuracy"]) for r in rs]
+        up = [r["bytes_up"] / 1e6 for r in rs]
+        red = [ref[r["seed"]]["bytes_up"] / r["bytes_up"] for r in rs]
+        tm = [r["time"] for r in rs]
+        rel = [r["time"] / ref[r["seed"]]["time"] for r in rs]
+        out.append(f"| {name} | {'-' if d is None else d} | {_cell(acc)} | {_cell(gap, '+.1f')} | {_cell(up, '.2f')} "
+                   f"| {_cell(red, '.0f')}x | {_cell(tm)} | {_cell(rel, '.2f')}x |")
+    return "\n".join(out)
+
+
+def _cell(values: list[float], fmt: str = ".1f") -> str:
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Final accuracy against D per method (first seed), and accuracy against uplink bytes for the largest D."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = min(r["seed"] for r in rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    delays = sorted({r["delay"] for r in rows if r["delay"] is not None})
+    for name, (_, uses_d) in METHODS.items():
+        rs = sorted((r for r in rows if r["method"] == name and r["seed"] == seed), key=lambda r: r["delay"] or 0)
+        if uses_d:
+            left.plot([r["delay"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
+        elif rs:
+            left.axhline(rs[0]["accuracy"], ls="--", lw=1, label=name, color="grey" if name == "local-sgd" else "C7")
+    left.set(xlabel="delay D (periods)", ylabel="final test accuracy", title=f"accuracy vs delay (seed {seed})",
+             xticks=delays)
+    left.legend(fontsize=8)
+    big = max(delays)
+    for r in rows:
+        if r["seed"] == seed and r["delay"] in (big, None):
+            _, acc, up = zip(*r["curve"], strict=True)
+            right.plot([u / 1e6 for u in up], acc, label=f"{r['method']}" + (f" D={big}" if r["delay"] else ""))
+    right.set(xscale="log", xlabel="cumulative uplink MB (log)", ylabel="test accuracy",
+              title="accuracy vs bytes sent")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the grid; write JSON, markdown and a plot."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--periods", type=int, default=60)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--out", default="results/olco3_delay")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    db = out.with_suffix(".db")
+    db.unlink(missing_ok=True)
+    base = {"dataset": args.dataset, "model": "mlp", "profiles": "laptop/4g=1", "local-steps": 10, "lr": 0.05,
+            "batch-size": 32, "max-updates": args.periods * args.nodes, "eval-every": 4 * args.nodes}
+    rows = []
+    for seed in args.seeds:
+        for name, d, cfg in grid(args.delays):
+            r = run_with_curve({**base, **cfg, "seed": seed}, nodes=args.nodes, db=db)
+            rows.append(r | {"method": name, "delay": d, "seed": seed})
+            print(f"{name:24} D={d} seed {seed}: acc={r['accuracy']:.4f} up={r['bytes_up'] / 1e6:.2f}MB "
+                  f"t={r['time']:.1f}s", flush=True)
+    md = f"{args.dataset}, {args.nodes} nodes, {args.periods} periods\n\n" + table(rows)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".md").write_text(md + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
