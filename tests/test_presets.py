@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from client_app.data import DatasetMissingError, load_dataset
 from server_app.app import validate
 from server_app.simulate import main as simulate_main
 from server_app.simulate import merge_config
@@ -19,6 +20,11 @@ def test_there_are_presets():
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_is_valid(preset):
     cfg = RunConfig.from_mapping(merge_config(str(preset)))
+    if cfg.dataset == "fashion-mnist":
+        try:
+            load_dataset("fashion-mnist", data_dir=cfg.data_dir)
+        except DatasetMissingError:
+            pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     validate(cfg)
     assert cfg.metrics_db == "", "presets must not pin a metrics store path"
 
