@@ -11,7 +11,7 @@ from client_app.models import build_model
 from client_app.records import NodeState, from_record
 from client_app.trainer import LocalSGD, pick_device
 from strategies import get_strategy
-from strategies.client import ClientJob, decode_received
+from strategies.client import ClientJob, decode_received, downlink_model
 from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
 
@@ -36,9 +36,12 @@ def train(msg: Message, context: Context) -> Message:
         metrics = sgd.run(model, x, y, device)
         return [t.detach().cpu().numpy() for t in model.state_dict().values()], metrics
 
-    received = msg.content.array_records["arrays"]
+    record = msg.content.array_records["arrays"]
+    received = decode_received(record, names, shapes) if len(record) else []
+    if "downlink" in task:  # two-way compression of the broadcast model
+        received = downlink_model(NodeState(context.state), task, received)
     job = ClientJob(
-        received=decode_received(received, names, shapes) if len(received) else [],
+        received=received,
         task=dict(task), train=local_train, state=NodeState(context.state), seed=int(task["task-seed"]),
         codec=CodecSpec(cfg.codec, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank),
         error_feedback=cfg.error_feedback,

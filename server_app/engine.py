@@ -28,11 +28,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from server_app.downlink import DownlinkCompressor
 from server_app.evaluation import ModelSpec
 from server_app.profiles import NodeProfile, TaskTiming, assign_profiles, sample_task
 from server_app.store import MetricsStore, UpdateRow
 from server_app.wire import RejectedUpdate, read_reply, to_record, wire_bytes
 from strategies.base import Strategy, Task, Update, Weights
+from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
 
 log = logging.getLogger("staleflower")
@@ -154,6 +156,8 @@ class Engine:
         self.versions: dict[int, Version] = {}
         self._payload: tuple[list | None, ArrayRecord | None] = (None, None)
         self.node_tasks: dict[int, int] = {}
+        down = CodecSpec(cfg.codec_downlink, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank)
+        self.downlink = DownlinkCompressor(down) if down.name != "none" else None
         self.totals = Totals()
         self.seq = 0
         self.now = 0.0
@@ -228,9 +232,15 @@ class Engine:
     def _dispatch(self, node: int, task: Task) -> None:
         seq, self.seq = self.seq, self.seq + 1
         version = self._version(task.version)
+        config = self._task_config(seq, node, task)
         arrays = version.record if task.payload is None else self._payload_record(task.payload)
+        if task.payload is None and self.downlink is not None:  # two-way compression of the broadcast model
+            extra, compressed = self.downlink.payload(node, task.version, version.weights, config["task-seed"])
+            config.update(extra)
+            if compressed is not None:
+                arrays = ArrayRecord(dict(zip(self.spec.names, compressed, strict=True)))
         msg = Message(
-            content=RecordDict({"arrays": arrays, "config": ConfigRecord(self._task_config(seq, node, task))}),
+            content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.version), ttl=self.cfg.task_ttl,
         )
         flight = Flight(seq, node, task.version, self._clock(), wire_bytes(msg),
@@ -360,6 +370,8 @@ class Engine:
                     status = "applied"
         except RejectedUpdate as exc:
             status, reason = "rejected", str(exc)
+        if self.downlink is not None:
+            (self.downlink.discard if status in ("failed", "rejected") else self.downlink.confirm)(f.node)
         if status in ("failed", "rejected"):
             applied = self.strategy.fail(f.node, f.version).applied
             log.info("task %d on node %d %s: %s", f.seq, f.node, status, reason)

@@ -73,6 +73,26 @@ def _q_key(memory: str) -> str:
     return POWERSGD_KEY if memory == RESIDUAL_KEY else f"{memory}/{POWERSGD_KEY}"
 
 
+def downlink_model(state: MutableMapping[str, Weights], task: Mapping[str, object], received: Weights) -> Weights:
+    """The model a task trains from under downlink compression (``server_app/downlink.py``).
+
+    ``downlink = "full"``: the message carries the model; ``"delta"``: it carries a compressed difference against
+    the copy of version ``base-version`` that this node stored earlier. The node keeps that copy and the new one
+    (keyed by version) and forgets the rest, so a task the server had to redo still finds its base.
+    """
+    version = int(task["model-version"])  # type: ignore[call-overload]
+    if task["downlink"] == "delta":
+        base_version = int(task["base-version"])  # type: ignore[call-overload]
+        model = [b + d for b, d in zip(state[f"downlink/{base_version}"], received, strict=True)]
+    else:
+        base_version, model = version, received
+    state[f"downlink/{version}"] = model
+    for key in [k for k in state if k.startswith("downlink/")]:
+        if int(key.split("/")[1]) not in (version, base_version):
+            del state[key]
+    return model
+
+
 def decode_received(arrays: Mapping[str, Array], names: list[str], like: Weights) -> Weights:
     """Decode a received record in model order: plain numpy arrays or any codec's arrays (validated)."""
     return [decode(arrays[n], shape=ref.shape, dtype=ref.dtype) for n, ref in zip(names, like, strict=True)]

@@ -1,0 +1,65 @@
+"""Server-to-client compression of the global model (two-way compression) for strategies that broadcast it.
+
+With ``codec-downlink`` set, a node that already holds a copy of the model gets ``C(w_v - copy + e)`` instead of
+the full ``w_v``, where ``copy`` is the model the node was last *confirmed* to hold and ``e`` the server's
+error memory for that node. Node and server compute the same new copy ``copy + decoded`` (decoding is
+deterministic). The server only trusts it once the node's reply comes back: a lost or failed task leaves the
+confirmed copy and the residual as they were, so the next message is a diff against a copy the node still has
+(it keeps its last two, keyed by version: ``strategies.client.downlink_model``). The node trains from its copy,
+which the error memory keeps close to ``w_v``; the first task of every node carries the full model.
+
+Strategies that send their own payload (the OLCO3 family) compress it themselves with the same key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array
+
+from strategies.codecs import CodecSpec, ErrorFeedback
+
+Weights = list[np.ndarray]
+
+
+@dataclass
+class _Node:
+    version: int = -1                               # version of the confirmed copy; -1: the node holds nothing
+    copy: Weights | None = None
+    residual: dict[int, np.ndarray] = field(default_factory=dict)
+    pending: tuple[int, Weights, dict[int, np.ndarray]] | None = None  # version, copy, residual if confirmed
+
+
+class DownlinkCompressor:
+    """Per-node model copies and residuals; one instance per run."""
+
+    def __init__(self, spec: CodecSpec) -> None:
+        self.spec = spec
+        self.nodes: dict[int, _Node] = {}
+
+    def payload(self, node: int, version: int, weights: Weights, seed: int) -> tuple[dict, list[Array] | None]:
+        """Task config additions and the arrays to send (None: send the full model as usual)."""
+        n = self.nodes.setdefault(node, _Node())
+        if n.copy is None:
+            n.pending = (version, weights, {})
+            return {"downlink": "full"}, None
+        ef = ErrorFeedback(self.spec)
+        ef.residuals = dict(n.residual)
+        pairs = [ef.compress(i, w - c, seed=(seed + i) % 2**64)
+                 for i, (w, c) in enumerate(zip(weights, n.copy, strict=True))]
+        new_copy = [c + d for c, (_, d) in zip(n.copy, pairs, strict=True)]
+        n.pending = (version, new_copy, ef.residuals)
+        return {"downlink": "delta", "base-version": n.version}, [a for a, _ in pairs]
+
+    def confirm(self, node: int) -> None:
+        """The node's reply arrived: what it was sent is what it holds now."""
+        n = self.nodes[node]
+        if n.pending is not None:
+            n.version, n.copy, n.residual = n.pending
+            n.pending = None
+
+    def discard(self, node: int) -> None:
+        """The task failed: the node may or may not have applied it, but it still keeps the confirmed copy."""
+        if node in self.nodes:
+            self.nodes[node].pending = None
