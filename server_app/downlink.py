@@ -54,8 +54,8 @@ class DownlinkCompressor:
 
     def confirm(self, node: int) -> None:
         """The node's reply arrived: what it was sent is what it holds now."""
-        n = self.nodes[node]
-        if n.pending is not None:
+        n = self.nodes.get(node)  # absent: the strategy sent its own payload (OLCO3 family)
+        if n is not None and n.pending is not None:
             n.version, n.copy, n.residual = n.pending
             n.pending = None
 
