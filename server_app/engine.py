@@ -156,6 +156,9 @@ class Engine:
         self.versions: dict[int, Version] = {}
         self._payload: tuple[list | None, ArrayRecord | None] = (None, None)
         self.node_tasks: dict[int, int] = {}
+        self.zombies: dict[str, int] = {}            # message id of an abandoned task -> its node (still busy)
+        self.zombie_deadlines: dict[str, float] = {}
+        self.held: dict[int, tuple[int, Message]] = {}  # node -> task waiting for the node to be free
         down = CodecSpec(cfg.codec_downlink, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank)
         self.downlink = DownlinkCompressor(down) if down.name != "none" else None
         self.totals = Totals()
@@ -254,16 +257,24 @@ class Engine:
             )
         version.users += 1
         self.flights[seq] = flight
+        self.strategy.in_flight[node] = task.version
         if flight.timing is not None and flight.timing.fail_after_s is not None:
             flight.failure = "dropout (simulated)"
             return
+        if node in self.zombies.values():  # still running an abandoned task: a node takes one message at a time
+            self.held[node] = (seq, msg)
+            return
+        self._push(flight, msg)
+
+    def _push(self, flight: Flight, msg: Message) -> None:
         ids = list(self.grid.push_messages([msg]))
         if not ids or not ids[0]:
             flight.failure = "push rejected by the SuperLink"
             flight.arrived_at = self._clock()
             return
         flight.msg_id = ids[0]
-        self.by_msg[ids[0]] = seq
+        flight.wall_deadline = time.monotonic() + self.cfg.task_ttl
+        self.by_msg[ids[0]] = flight.seq
 
     def _payload_record(self, payload: list) -> ArrayRecord:
         """A strategy's payload as a record; the same list object is serialized (and hashed) once."""
@@ -323,11 +334,25 @@ class Engine:
                     flight.reply = reply
                     flight.bytes_up = wire_bytes(reply)
                     flight.arrived_at = self._clock()
+        if self.zombies:
+            gone = {r.metadata.reply_to_message_id for r in self.grid.pull_messages(list(self.zombies))}
+            now = time.monotonic()
+            gone |= {mid for mid, deadline in self.zombie_deadlines.items() if now > deadline}
+            for mid in gone & set(self.zombies):
+                self._free(self.zombies.pop(mid), mid)
         now = time.monotonic()
         for f in self.flights.values():
             if f.reply is None and not f.failure and now > f.wall_deadline:
                 f.failure = f"no reply within task-ttl = {self.cfg.task_ttl:g} s"
                 f.arrived_at = self._clock()
+
+    def _free(self, node: int, msg_id: str) -> None:
+        """An abandoned task's reply arrived (and was dropped): send the node the task it was given meanwhile."""
+        del self.zombie_deadlines[msg_id]
+        if node in self.held:
+            seq, msg = self.held.pop(node)
+            if seq in self.flights:
+                self._push(self.flights[seq], msg)
 
     def _head_virtual(self) -> Flight | None:
         known, bound = None, None
@@ -352,10 +377,11 @@ class Engine:
         del self.flights[f.seq]
         if f.msg_id is not None:
             del self.by_msg[f.msg_id]
+        self.strategy.in_flight.pop(f.node, None)
         self.idle.append(f.node)
         base = self.versions[f.version].weights
         staleness = self.strategy.version - f.version
-        status, reason, applied = "failed", f.failure, ()
+        status, reason, applied, restart = "failed", f.failure, (), ()
         try:
             if f.failure or f.reply is None:
                 pass
@@ -363,9 +389,9 @@ class Engine:
                 reason = f"client error {f.reply.error.code}: {f.reply.error.reason}"
             else:
                 sent, is_delta, n, metrics = read_reply(f.reply, self.spec.names, base)
-                update = Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta)
+                update = Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta, self.now)
                 verdict = self.strategy.apply(update)
-                status, reason, applied = verdict.status, verdict.reason, verdict.applied
+                status, reason, applied, restart = verdict.status, verdict.reason, verdict.applied, verdict.restart
                 if f.seq in applied:
                     status = "applied"
         except RejectedUpdate as exc:
@@ -373,7 +399,8 @@ class Engine:
         if self.downlink is not None:
             (self.downlink.discard if status in ("failed", "rejected") else self.downlink.confirm)(f.node)
         if status in ("failed", "rejected"):
-            applied = self.strategy.fail(f.node, f.version).applied
+            verdict = self.strategy.fail(f.node, f.version)
+            applied, restart = verdict.applied, verdict.restart
             log.info("task %d on node %d %s: %s", f.seq, f.node, status, reason)
             self.failing, self.last_failure = self.failing + 1, f"{status}: {reason}"
         else:
@@ -389,6 +416,36 @@ class Engine:
                 del counts["buffered"]
         self.totals.applied += len(applied)
         self._release(f.version)
+        for node in restart:
+            self._restart(node)
+
+    def _restart(self, node: int) -> None:
+        """Abandon ``node``'s task in flight: record the work wasted so far, and let the node take fresh work.
+
+        Flower cannot interrupt a running ClientApp, so its reply is awaited and dropped; a task given to the
+        node meanwhile is held until then (on the virtual clock it starts now all the same).
+        """
+        f = next((fl for fl in self.flights.values() if fl.node == node), None)
+        if f is None:
+            return
+        del self.flights[f.seq]
+        self.strategy.in_flight.pop(node, None)
+        if f.msg_id is not None:
+            del self.by_msg[f.msg_id]
+            if f.reply is None:
+                self.zombies[f.msg_id], self.zombie_deadlines[f.msg_id] = node, f.wall_deadline
+        elapsed = self.now - f.dispatched_at
+        down = f.timing.down_s if f.timing else 0.0
+        wasted = min(max(elapsed - down, 0.0), f.timing.compute_s) if f.timing else elapsed
+        self.totals.bytes_down += f.bytes_down
+        self.totals.statuses["restarted"] = self.totals.statuses.get("restarted", 0) + 1
+        self.store.record_update(UpdateRow(
+            seq=f.seq, node_id=node, dispatched_at=f.dispatched_at, completed_at=self.now, base_version=f.version,
+            applied_version=None, staleness=self.strategy.version - f.version, bytes_up=0, bytes_down=f.bytes_down,
+            compute_s=wasted, comm_s=min(elapsed, down), status="restarted", reason="abandoned by the strategy",
+        ))
+        self._release(f.version)
+        self.idle.appendleft(node)
 
     def _record(self, f: Flight, status: str, reason: str, staleness: int, applied: bool) -> None:
         bytes_up = f.bytes_up

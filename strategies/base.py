@@ -61,6 +61,7 @@ class Update:
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     sent_is_delta: bool = True
+    time: float = 0.0  # seconds on the run's clock when the result is applied
 
     @cached_property
     def delta(self) -> Weights:
@@ -83,11 +84,14 @@ class Verdict:
 
     ``status`` is the fate of this update; ``applied`` lists the seqs (this one and/or earlier buffered ones)
     that went into the model as a consequence, so the engine can mark them ``applied`` in the store.
+    ``restart`` lists nodes whose task in flight is abandoned (k-sync's cancellation, ABS's restart): the engine
+    records it as ``restarted`` with the computation wasted so far, and gives the node fresh work at once.
     """
 
     status: Status
     reason: str = ""
     applied: tuple[int, ...] = ()
+    restart: tuple[int, ...] = ()
 
 
 class Strategy(ABC):
@@ -100,6 +104,7 @@ class Strategy(ABC):
         self.weights: Weights = weights
         self.version = 0
         self.num_nodes = num_nodes
+        self.in_flight: dict[int, int] = {}  # node -> version its task started from; kept by the engine
 
     def task_for(self, node: int) -> Task | None:
         """A node is free: give it the newest model (asynchronous default). ``None`` makes it wait."""
