@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from strategies.base import Strategy, Task, Update, Verdict
+from strategies.bounded import ABS, SSP, AdaSync, AsyncSGD, KAsync, KBatchAsync, KSync
 from strategies.codecs import CodecError, CodecSpec
 from strategies.config import STRATEGY_NAMES, ConfigError, RunConfig
 from strategies.fedasync import FedAsync
@@ -20,7 +21,7 @@ __all__ = ["RunConfig", "Strategy", "Task", "Update", "Verdict", "get_strategy",
 
 _BUILTIN: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (FedAvg, FedAsync, FedBuff, LocalSGD, OLCO3, NaiveOverlap, PipeSGD, CoCoDSGD,
-                OverlapLocalSGD)
+                OverlapLocalSGD, AsyncSGD, KBatchAsync, KAsync, KSync, AdaSync, SSP, ABS)
 }
 IMPLEMENTED = tuple(sorted(_BUILTIN))
 

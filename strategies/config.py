@@ -99,6 +99,7 @@ class RunConfig:
     mixing: float = field(default=0.6, metadata=_range(0, 1, lo_open=True))
     server_lr: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     k: int = field(default=4, metadata=_range(1))
+    k_double_every: float = field(default=10.0, metadata=_range(0))
     staleness_bound: int = field(default=4, metadata=_range(0))
     topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
 
