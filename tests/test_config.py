@@ -63,8 +63,8 @@ def test_unknown_strategy_lists_valid_choices():
 
 
 def test_designed_but_unbuilt_strategy_says_so():
-    with pytest.raises(ConfigError, match="abs' is part of the design but not implemented yet; implemented: .*fedbuff"):
-        get_strategy("abs")
+    with pytest.raises(ConfigError, match="ad-psgd' is part of the design but not implemented yet; implemented: .*fedbuff"):
+        get_strategy("ad-psgd")
 
 
 def test_ints_are_accepted_for_floats_and_round_trip():
