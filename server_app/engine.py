@@ -32,7 +32,7 @@ from server_app.downlink import DownlinkCompressor
 from server_app.evaluation import ModelSpec
 from server_app.profiles import NodeProfile, TaskTiming, assign_profiles, sample_task
 from server_app.store import MetricsStore, UpdateRow
-from server_app.wire import RejectedUpdate, read_reply, to_record, wire_bytes
+from server_app.wire import RejectedUpdate, payload_bytes, read_reply, to_record, wire_bytes
 from strategies.base import Strategy, Task, Update, Weights
 from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
@@ -56,6 +56,7 @@ class Flight:
     msg_id: str | None = None            # None: never sent (simulated dropout)
     reply: Message | None = None
     bytes_up: int = 0                    # real serialized size of the reply
+    payload_up: int = 0                  # its content's size: what the virtual clock charges
     arrived_at: float | None = None      # wall clock: when the reply arrived
     failure: str = ""                    # set for failures known without a reply
 
@@ -72,7 +73,7 @@ class Flight:
             return None
         if self.reply.has_error():
             return self.dispatched_at + t.down_s + t.compute_s
-        return self.dispatched_at + t.down_s + t.compute_s + t.upload_s(self.bytes_up)
+        return self.dispatched_at + t.down_s + t.compute_s + t.upload_s(self.payload_up)
 
     def lower_bound(self) -> float:
         """Earliest virtual time this task could complete."""
@@ -251,7 +252,7 @@ class Engine:
         if self.virtual:
             flight.timing = sample_task(
                 self.profiles[node], self.rng, local_steps=self.cfg.local_steps,
-                flops_per_step=self.spec.flops_per_step, bytes_down=flight.bytes_down,
+                flops_per_step=self.spec.flops_per_step, bytes_down=payload_bytes(msg),
                 compute_dist=self.cfg.compute_dist, compute_jitter=self.cfg.compute_jitter,
                 network_jitter=self.cfg.network_jitter,
             )
@@ -333,6 +334,7 @@ class Engine:
                 if flight is not None and flight.reply is None and not flight.failure:
                     flight.reply = reply
                     flight.bytes_up = wire_bytes(reply)
+                    flight.payload_up = payload_bytes(reply)
                     flight.arrived_at = self._clock()
         if self.zombies:
             gone = {r.metadata.reply_to_message_id for r in self.grid.pull_messages(list(self.zombies))}
@@ -464,7 +466,7 @@ class Engine:
     def _durations(self, f: Flight, bytes_up: int) -> tuple[float, float]:
         """Compute and communication seconds: drawn (virtual), or measured by the client (wall)."""
         if f.timing is not None:
-            up = f.timing.upload_s(bytes_up) if bytes_up else 0.0
+            up = f.timing.upload_s(f.payload_up) if bytes_up else 0.0
             return f.timing.compute_s, f.timing.down_s + up
         total = self.now - f.dispatched_at
         metrics = f.reply.content.metric_records.get("metrics") if f.reply and f.reply.has_content() else None

@@ -7,7 +7,6 @@ content-addressed objects (message, record dict, records, arrays, array chunks),
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,9 +19,9 @@ from flwr.supercore.inflatable.inflatable_object import (
 )
 
 from client_app.records import to_record
-from strategies.codecs import CodecError, decode
+from strategies.codecs import CodecError, decode, parse_npy_header
 
-__all__ = ["RejectedUpdate", "read_reply", "to_record", "wire_bytes"]
+__all__ = ["RejectedUpdate", "payload_bytes", "read_reply", "to_record", "wire_bytes"]
 
 NUMPY_STYPE = "numpy.ndarray"
 
@@ -39,6 +38,20 @@ def wire_bytes(msg: Message) -> int:
     their ids are cached by ``Array.slice_array`` (hashed once per array), and deflating them a second time only
     to count bytes cost most of the engine's time on large models.
     """
+    return _tree_bytes(msg)
+
+
+def payload_bytes(msg: Message) -> int:
+    """Bytes of the message's content tree only: what the virtual clock charges for a transfer.
+
+    The message object itself carries metadata whose serialized length depends on the run id and node ids
+    (varints of random 64-bit numbers), which would make a run's timing, hence its event order, depend on ids
+    that differ between runs of the same seed. The content does not.
+    """
+    return _tree_bytes(msg.content) if msg.has_content() else 0
+
+
+def _tree_bytes(root: InflatableObject) -> int:
     seen: dict[str, int] = {}
 
     def visit(obj: InflatableObject) -> None:
@@ -52,7 +65,7 @@ def wire_bytes(msg: Message) -> int:
             seen[oid] = len(obj.deflate())
 
     with no_object_id_recompute():  # Flower's own cache of object ids for the duration of one serialization
-        visit(msg)
+        visit(root)
     return sum(seen.values())
 
 
@@ -136,23 +149,13 @@ def _all_finite(value: np.ndarray) -> bool:
 def _npy_view(name: str, data: bytes) -> np.ndarray:
     """Parse ``.npy`` bytes (what ``Array.numpy()`` would ``np.load``) into a read-only view, without a copy."""
     try:
-        stream = io.BytesIO(data)
-        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        version = np.lib.format.read_magic(stream)
-        if version not in readers:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, fortran, dtype = readers[version](stream)
-        if dtype.hasobject:
-            raise ValueError("object arrays are not accepted")
-        count = int(np.prod(shape, dtype=np.int64))
-        if len(data) - stream.tell() != count * dtype.itemsize:
-            raise ValueError(f"{len(data) - stream.tell()} data bytes for {count} x {dtype}")
-        flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
-        return flat.reshape(shape, order="F" if fortran else "C")
-    except Exception as exc:  # hostile bytes raise many types; all of them mean "undecodable"
-        raise RejectedUpdate(f"{name}: undecodable array bytes ({type(exc).__name__}: {exc})") from exc
-
-
+        dtype, shape, fortran, offset = parse_npy_header(data)
+    except CodecError as exc:
+        raise RejectedUpdate(f"{name}: undecodable array bytes ({exc})") from exc
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset != count * dtype.itemsize:
+        raise RejectedUpdate(f"{name}: undecodable array bytes ({len(data) - offset} data bytes for {count} x {dtype})")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
 def _metrics(record: object) -> dict[str, float]:
     if record is None:
         return {}

@@ -322,7 +322,7 @@ MALFORMED = [
     ("powersgd truncated", lambda: build(PSGD, struct.pack("<III", 4, 5, 1) + bytes(35), (4, 5)), "truncated"),
     ("fp16 inf", lambda: build(STYPES["fp16"], np.full(10, np.inf, "<f2").tobytes()), "NaN/Inf"),
     ("fp16 truncated", lambda: build(STYPES["fp16"], bytes(19)), "fp16: truncated"),
-    ("none bad header", lambda: build("numpy.ndarray", b"\x93NUMPY\x01\x00garbage"), "malformed .npy"),
+    ("none bad header", lambda: build("numpy.ndarray", b"\x93NUMPY\x01\x00garbage"), ".npy header"),
     ("none dtype", lambda: with_data(Array(np.zeros(10, np.float32)), Array(np.zeros(10)).data), ".npy dtype float64"),
     ("none extra bytes", lambda: with_data(Array(np.zeros(10, np.float32)), Array(np.zeros(10, np.float32)).data
                                            + b"\0"), "extra bytes"),
@@ -361,3 +361,36 @@ def test_bench_codec_throughput_smoke(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert {row["codec"] for row in report["results"]} == {"copy", *CODECS}
     assert "| topk |" in capsys.readouterr().out
+
+
+def test_npy_headers_parse_without_ast_and_match_numpy():
+    """Our strict .npy header parser agrees with np.save's output (and is thread-safe, unlike ast on 3.11)."""
+    import io
+    import threading
+
+    from strategies.codecs import parse_npy_header
+
+    for arr in (np.zeros((3, 4), np.float32), np.zeros(5, np.float64), np.zeros((), np.float16),
+                np.asfortranarray(np.zeros((2, 3), np.float32)), np.zeros((0, 7), np.int64)):
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        dtype, shape, fortran, offset = parse_npy_header(buf.getvalue())
+        assert (dtype, shape, fortran) == (arr.dtype, arr.shape, arr.flags.f_contiguous and not arr.flags.c_contiguous)
+        assert len(buf.getvalue()) - offset == arr.nbytes
+    payload = io.BytesIO()
+    np.save(payload, np.ones((64, 64), np.float32))
+    errors = []
+
+    def hammer():
+        try:
+            for _ in range(300):
+                parse_npy_header(payload.getvalue())
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

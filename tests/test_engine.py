@@ -31,6 +31,14 @@ def test_same_seed_same_run_whatever_the_reply_order(simulate, strategy):
         assert [(e["t"], e["accuracy"]) for e in other.evals()] == [(e["t"], e["accuracy"]) for e in first.evals()]
 
 
+def test_run_and_node_ids_do_not_change_the_clock(simulate):
+    """Flower's run and node ids are random; their varint lengths must not reach the virtual clock."""
+    a, b = (simulate("fedbuff", nodes=4, max_updates=12, run_id=rid, **FLEET) for rid in (7, 2**62 + 12345))
+    keep = ("seq", "dispatched_at", "completed_at", "status")
+    assert [tuple(r[k] for k in keep) for r in a.updates()] == [tuple(r[k] for k in keep) for r in b.updates()]
+    assert [r["bytes_down"] for r in a.updates()] != [r["bytes_down"] for r in b.updates()]  # ids are on the wire
+
+
 def test_another_seed_gives_another_run(simulate):
     a = simulate("fedbuff", nodes=4, max_updates=12, seed=1, **FLEET)
     b = simulate("fedbuff", nodes=4, max_updates=12, seed=2, **FLEET)
