@@ -4,6 +4,9 @@
 
 - bench.engine_overhead: our engine vs Flower's FedAvg.start on the same in-process Grid (BENCHMARKS.md)
 - bench.stragglers: FedAvg / FedAsync / FedBuff on digits with and without stragglers (RESULTS.md)
+- bench.codec_throughput: encode + decode throughput of every codec (BENCHMARKS.md)
+- bench.olco3_delay: OLCO3 against its baselines as the delay grows, Fashion-MNIST (RESULTS.md)
+- bench.abs_stragglers: ABS and the bounded-staleness family against stragglers (RESULTS.md)
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ def main() -> int:
          "--repeats", "1" if quick else "3", "--json", "results/engine_overhead.json",
          "--markdown", "results/engine_overhead.md"],
         ["-m", "bench.stragglers", "--seeds", *(["0"] if quick else ["0", "1", "2"]), "--out", "results/stragglers"],
+        ["-m", "bench.codec_throughput", "--json", "results/codec_throughput.json"],
+        ["-m", "bench.olco3_delay", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/olco3_delay"],
+        ["-m", "bench.abs_stragglers", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/abs_stragglers"],
     ]
     for args in runs:
         print("$ python", " ".join(args), flush=True)
