@@ -12,12 +12,11 @@ wasted on abandoned (restarted) tasks.
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import statistics
 from pathlib import Path
 
-from bench.common import run_with_curve
+from bench.common import prepare, run_with_curve, write_outputs
 
 METHODS = {
     "fedavg": {"strategy": "fedavg"},
@@ -103,13 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     p.add_argument("--out", default="results/abs_stragglers")
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    db = out.with_suffix(".db")
-    db.unlink(missing_ok=True)
+    out, db = prepare(args.out)
     rows = []
     for steps in args.steps:
         for seed in args.seeds:
@@ -126,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"U={steps} seed {seed} {name:14} t={r['time']:.2f}s rounds={rounds} acc={r['accuracy']:.3f} "
                       f"max-staleness={max(hist, default=0)} wasted={share:.1%}", flush=True)
     md = "\n\n".join(table(rows, u) for u in args.steps)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    out.with_suffix(".md").write_text(md + "\n")
-    plot(rows, out.with_suffix(".png"))
-    print(md)
+    write_outputs(out, rows, md, plot)
     return 0
 
 

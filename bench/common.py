@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from server_app.simulate import merge_config, run_local
@@ -17,3 +19,23 @@ def run_with_curve(settings: dict, *, nodes: int, db: Path) -> dict:
     return {"run_id": s.run_id, "stop": s.stop_reason, "time": s.time, "applied": s.applied,
             "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "accuracy": s.accuracy, "loss": s.loss,
             "curve": curve}
+
+
+def prepare(out: str) -> tuple[Path, Path]:
+    """One intra-op thread (the runner's clients run on threads), the output folder, a fresh store beside it."""
+    import torch
+
+    torch.set_num_threads(1)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = path.with_suffix(".db")
+    db.unlink(missing_ok=True)
+    return path, db
+
+
+def write_outputs(out: Path, rows: list[dict], markdown: str, plot: Callable[[list[dict], Path], None]) -> None:
+    """``OUT.json`` (every row, curves included), ``OUT.md`` (the table) and ``OUT.png``; print the table."""
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".md").write_text(markdown + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(markdown)

@@ -13,11 +13,10 @@ top-k 1% with error feedback) and olco3 (both compensations, top-k 1% with error
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from bench.common import run_with_curve
+from bench.common import prepare, run_with_curve, write_outputs
 
 TOPK_EF = {"codec": "topk", "codec-ratio": 0.01, "error-feedback": True}
 METHODS = {  # name -> (run-config, uses D)
@@ -105,13 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--out", default="results/olco3_delay")
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    db = out.with_suffix(".db")
-    db.unlink(missing_ok=True)
+    out, db = prepare(args.out)
     base = {"dataset": args.dataset, "model": "mlp", "profiles": "laptop/4g=1", "local-steps": 10, "lr": 0.05,
             "batch-size": 32, "max-updates": args.periods * args.nodes, "eval-every": 4 * args.nodes}
     rows = []
@@ -122,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24} D={d} seed {seed}: acc={r['accuracy']:.4f} up={r['bytes_up'] / 1e6:.2f}MB "
                   f"t={r['time']:.1f}s", flush=True)
     md = f"{args.dataset}, {args.nodes} nodes, {args.periods} periods\n\n" + table(rows)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    out.with_suffix(".md").write_text(md + "\n")
-    plot(rows, out.with_suffix(".png"))
-    print(md)
+    write_outputs(out, rows, md, plot)
     return 0
 
 

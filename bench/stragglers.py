@@ -11,11 +11,10 @@ the wire, and plots accuracy against virtual time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from bench.common import run_with_curve
+from bench.common import prepare, run_with_curve, write_outputs
 
 STRATEGIES = ("fedavg", "fedasync", "fedbuff")
 STRAGGLERS = {"straggler-fraction": 0.2, "straggler-slowdown": 10.0}
@@ -85,13 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="results/stragglers", help="prefix of the .json/.md/.png outputs")
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    db = out.with_suffix(".db")
-    db.unlink(missing_ok=True)
+    out, db = prepare(args.out)
     rows = []
     for fleet, settings in FLEETS.items():
         for seed in args.seeds:
@@ -101,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"acc={r['accuracy']:.3f}", flush=True)
                 rows.append(r)
     md = table(rows)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    out.with_suffix(".md").write_text(md + "\n")
-    plot(rows, out.with_suffix(".png"))
-    print(md)
+    write_outputs(out, rows, md, plot)
     return 0
 
 

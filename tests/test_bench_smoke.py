@@ -24,3 +24,14 @@ def test_engine_overhead_smoke(tmp_path, capsys):
     assert "| flower-fedavg |" in table and "| staleflower-fedavg |" in table
     assert "ratio_vs_flower_fedavg" in table
     assert md.read_text().strip() == table.strip()
+
+
+def test_olco3_delay_reproduction_smoke(tmp_path):
+    from bench import olco3_delay
+
+    assert olco3_delay.main(["--dataset", "digits", "--nodes", "4", "--periods", "2", "--seeds", "0",
+                             "--delays", "1", "--out", str(tmp_path / "o")]) == 0
+    table = (tmp_path / "o.md").read_text()
+    for method in olco3_delay.METHODS:
+        assert f"| {method} |" in table
+    assert (tmp_path / "o.png").stat().st_size > 0
