@@ -7,6 +7,7 @@
 - bench.codec_throughput: encode + decode throughput of every codec (BENCHMARKS.md)
 - bench.olco3_delay: OLCO3 against its baselines as the delay grows, Fashion-MNIST (RESULTS.md)
 - bench.abs_stragglers: ABS and the bounded-staleness family against stragglers (RESULTS.md)
+- bench.abs_sweep: the sweep behind ABS's default schedule (RESULTS.md)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> int:
         ["-m", "bench.codec_throughput", "--json", "results/codec_throughput.json"],
         ["-m", "bench.olco3_delay", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/olco3_delay"],
         ["-m", "bench.abs_stragglers", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/abs_stragglers"],
+        ["-m", "bench.abs_sweep", "--seed", "0", "--out", "results/abs_sweep.md"],
     ]
     for args in runs:
         print("$ python", " ".join(args), flush=True)
