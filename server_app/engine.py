@@ -32,7 +32,7 @@ from server_app.downlink import DownlinkCompressor
 from server_app.evaluation import ModelSpec
 from server_app.profiles import NodeProfile, TaskTiming, assign_profiles, sample_task
 from server_app.store import MetricsStore, UpdateRow
-from server_app.wire import RejectedUpdate, payload_bytes, read_reply, to_record, wire_bytes
+from server_app.wire import RejectedUpdate, message_sizes, read_reply, to_record
 from strategies.base import Strategy, Task, Update, Weights
 from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
@@ -247,12 +247,12 @@ class Engine:
             content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.version), ttl=self.cfg.task_ttl,
         )
-        flight = Flight(seq, node, task.version, self._clock(), wire_bytes(msg),
-                        time.monotonic() + self.cfg.task_ttl)
+        bytes_down, payload_down = message_sizes(msg)
+        flight = Flight(seq, node, task.version, self._clock(), bytes_down, time.monotonic() + self.cfg.task_ttl)
         if self.virtual:
             flight.timing = sample_task(
                 self.profiles[node], self.rng, local_steps=self.cfg.local_steps,
-                flops_per_step=self.spec.flops_per_step, bytes_down=payload_bytes(msg),
+                flops_per_step=self.spec.flops_per_step, bytes_down=payload_down,
                 compute_dist=self.cfg.compute_dist, compute_jitter=self.cfg.compute_jitter,
                 network_jitter=self.cfg.network_jitter,
             )
@@ -333,8 +333,7 @@ class Engine:
                 flight = self.flights[seq] if seq is not None else None
                 if flight is not None and flight.reply is None and not flight.failure:
                     flight.reply = reply
-                    flight.bytes_up = wire_bytes(reply)
-                    flight.payload_up = payload_bytes(reply)
+                    flight.bytes_up, flight.payload_up = message_sizes(reply)
                     flight.arrived_at = self._clock()
         if self.zombies:
             gone = {r.metadata.reply_to_message_id for r in self.grid.pull_messages(list(self.zombies))}

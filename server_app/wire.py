@@ -21,7 +21,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 from client_app.records import to_record
 from strategies.codecs import CodecError, decode, parse_npy_header
 
-__all__ = ["RejectedUpdate", "payload_bytes", "read_reply", "to_record", "wire_bytes"]
+__all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "read_reply", "to_record", "wire_bytes"]
 
 NUMPY_STYPE = "numpy.ndarray"
 
@@ -31,27 +31,27 @@ class RejectedUpdate(ValueError):
 
 
 def wire_bytes(msg: Message) -> int:
-    """Bytes of the message as Flower serializes it for transport (unique objects of its tree).
-
-    Equal to ``sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())`` (the test checks it), but
-    an array chunk's size is computed from its length instead of deflating it again: chunks are the model's bytes,
-    their ids are cached by ``Array.slice_array`` (hashed once per array), and deflating them a second time only
-    to count bytes cost most of the engine's time on large models.
-    """
-    return _tree_bytes(msg)
+    """Bytes of the message as Flower serializes it for transport (unique objects of its tree)."""
+    return message_sizes(msg)[0]
 
 
 def payload_bytes(msg: Message) -> int:
-    """Bytes of the message's content tree only: what the virtual clock charges for a transfer.
+    """Bytes of the message's content tree only (see ``message_sizes``)."""
+    return message_sizes(msg)[1]
 
-    The message object itself carries metadata whose serialized length depends on the run id and node ids
-    (varints of random 64-bit numbers), which would make a run's timing, hence its event order, depend on ids
-    that differ between runs of the same seed. The content does not.
+
+def message_sizes(msg: Message) -> tuple[int, int]:
+    """``(wire bytes, content bytes)`` of a message, in one walk of its object tree.
+
+    Wire bytes equal ``sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())`` (the test checks
+    it), but an array chunk's size is computed from its length instead of deflating it again: chunks are the
+    model's bytes, their ids are cached by ``Array.slice_array`` (hashed once per array), and deflating them a
+    second time only to count bytes cost most of the engine's time on large models.
+
+    Content bytes leave out the message object itself, whose metadata has varints of the run id and node ids:
+    random 64-bit numbers that differ between runs of the same seed. The virtual clock charges content bytes, so
+    that a run's timing, hence its event order, does not depend on them.
     """
-    return _tree_bytes(msg.content) if msg.has_content() else 0
-
-
-def _tree_bytes(root: InflatableObject) -> int:
     seen: dict[str, int] = {}
 
     def visit(obj: InflatableObject) -> None:
@@ -65,8 +65,10 @@ def _tree_bytes(root: InflatableObject) -> int:
             seen[oid] = len(obj.deflate())
 
     with no_object_id_recompute():  # Flower's own cache of object ids for the duration of one serialization
-        visit(root)
-    return sum(seen.values())
+        if msg.has_content():
+            visit(msg.content)
+        content = sum(seen.values())
+        return content + len(msg.deflate()), content
 
 
 def reference_wire_bytes(msg: Message) -> int:
