@@ -438,19 +438,17 @@ class Engine:
         elapsed = self.now - f.dispatched_at
         down = f.timing.down_s if f.timing else 0.0
         wasted = min(max(elapsed - down, 0.0), f.timing.compute_s) if f.timing else elapsed
-        self.totals.bytes_down += f.bytes_down
-        self.totals.statuses["restarted"] = self.totals.statuses.get("restarted", 0) + 1
-        self.store.record_update(UpdateRow(
-            seq=f.seq, node_id=node, dispatched_at=f.dispatched_at, completed_at=self.now, base_version=f.version,
-            applied_version=None, staleness=self.strategy.version - f.version, bytes_up=0, bytes_down=f.bytes_down,
-            compute_s=wasted, comm_s=min(elapsed, down), status="restarted", reason="abandoned by the strategy",
-        ))
+        f.bytes_up = 0  # abandoned before its upload, on the run's clock
+        self._record(f, "restarted", "abandoned by the strategy", self.strategy.version - f.version, False,
+                     durations=(wasted, min(elapsed, down)))
         self._release(f.version)
         self.idle.appendleft(node)
 
-    def _record(self, f: Flight, status: str, reason: str, staleness: int, applied: bool) -> None:
+    def _record(self, f: Flight, status: str, reason: str, staleness: int, applied: bool,
+                durations: tuple[float, float] | None = None) -> None:
+        """Write the task's row and count it in the totals; ``durations`` overrides (compute_s, comm_s)."""
         bytes_up = f.bytes_up
-        compute_s, comm_s = self._durations(f, bytes_up)
+        compute_s, comm_s = durations or self._durations(f, bytes_up)
         self.totals.bytes_up += bytes_up
         self.totals.bytes_down += f.bytes_down
         self.totals.statuses[status] = self.totals.statuses.get(status, 0) + 1
