@@ -102,6 +102,10 @@ class RunConfig:
     k_double_every: float = field(default=10.0, metadata=_range(0))
     staleness_bound: int = field(default=4, metadata=_range(0))
     topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
+    # Multi-thread local training on the client (issue 6: Leashed-SGD and its baselines).
+    local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))
+    local_threads: int = field(default=1, metadata=_range(1, 256))
+    persistence: int = field(default=200, metadata=_range(0))
 
     def __post_init__(self) -> None:
         """Check types, choices and ranges, so bad values fail before training."""
