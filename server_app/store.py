@@ -24,12 +24,13 @@ CREATE TABLE IF NOT EXISTS updates(
     run_id TEXT, seq INTEGER, node_id INTEGER, dispatched_at REAL, completed_at REAL,
     base_version INTEGER, applied_version INTEGER, staleness INTEGER,
     bytes_up INTEGER, bytes_down INTEGER, compute_s REAL, comm_s REAL,
-    status TEXT, reason TEXT,
+    status TEXT, reason TEXT, peer_id INTEGER, transport_bytes_up INTEGER, transport_bytes_down INTEGER,
     PRIMARY KEY (run_id, seq)
 );
 CREATE TABLE IF NOT EXISTS evals(
     run_id TEXT, t REAL, model_version INTEGER, updates_applied INTEGER,
-    bytes_up_total INTEGER, bytes_down_total INTEGER, loss REAL, accuracy REAL, metrics_json TEXT
+    bytes_up_total INTEGER, bytes_down_total INTEGER, loss REAL, accuracy REAL, metrics_json TEXT,
+    consensus_distance REAL
 );
 CREATE TABLE IF NOT EXISTS nodes(
     run_id TEXT, node_id INTEGER, idx INTEGER, partition_id INTEGER, device TEXT, network TEXT,
@@ -38,6 +39,18 @@ CREATE TABLE IF NOT EXISTS nodes(
 CREATE INDEX IF NOT EXISTS evals_run ON evals(run_id, t);
 CREATE INDEX IF NOT EXISTS updates_run_time ON updates(run_id, completed_at);
 """
+
+# Columns added after a table's first release: a store written by an older version gains them on open.
+ADDED_COLUMNS = {
+    "updates": (("peer_id", "INTEGER"), ("transport_bytes_up", "INTEGER"), ("transport_bytes_down", "INTEGER")),
+    "evals": (("consensus_distance", "REAL"),),
+}
+UPDATE_COLUMNS = ("run_id", "seq", "node_id", "dispatched_at", "completed_at", "base_version", "applied_version",
+                  "staleness", "bytes_up", "bytes_down", "compute_s", "comm_s", "status", "reason", "peer_id",
+                  "transport_bytes_up", "transport_bytes_down")
+EVAL_COLUMNS = ("run_id", "t", "model_version", "updates_applied", "bytes_up_total", "bytes_down_total", "loss",
+                "accuracy", "metrics_json", "consensus_distance")
+CONSENSUS_KEY = "consensus-distance"  # a strategy's state_summary key that goes to its own column
 
 def sql_node_id(node_id: int) -> int:
     """Flower's node ids are unsigned 64-bit; SQLite integers are signed. Store the same 64 bits, signed.
@@ -73,6 +86,9 @@ class UpdateRow:
     comm_s: float
     status: str
     reason: str = ""
+    peer_id: int | None = None               # the node it averaged with (gossip strategies)
+    transport_bytes_up: int | None = None    # what Flower's messages really carried, where bytes_up/down are
+    transport_bytes_down: int | None = None  # node-to-node traffic instead (gossip strategies; see README)
 
 
 class MetricsStore:
@@ -85,7 +101,15 @@ class MetricsStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._add_columns()
         self.run_id = ""
+
+    def _add_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def start_run(self, run_id: str, strategy: str, config: Mapping[str, object]) -> None:
         """Register a run as ``running``."""
@@ -108,10 +132,11 @@ class MetricsStore:
             raise ValueError(f"unknown update status {row.status!r}")
         with self.db:
             self.db.execute(
-                "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO updates({', '.join(UPDATE_COLUMNS)}) VALUES ({', '.join('?' * len(UPDATE_COLUMNS))})",
                 (self.run_id, row.seq, sql_node_id(row.node_id), row.dispatched_at, row.completed_at, row.base_version,
                  row.applied_version, row.staleness, row.bytes_up, row.bytes_down, row.compute_s, row.comm_s,
-                 row.status, row.reason),
+                 row.status, row.reason, None if row.peer_id is None else sql_node_id(row.peer_id),
+                 row.transport_bytes_up, row.transport_bytes_down),
             )
 
     def mark_applied(self, seqs: Iterable[int], version: int) -> None:
@@ -124,12 +149,14 @@ class MetricsStore:
 
     def record_eval(self, t: float, version: int, applied: int, bytes_up: int, bytes_down: int,
                     loss: float, accuracy: float, extra: Mapping[str, float] | None = None) -> None:
-        """One evaluation of the global model."""
+        """One evaluation of the global (or average) model; ``extra[CONSENSUS_KEY]`` goes to its own column."""
+        extra = dict(extra or {})
+        consensus = extra.pop(CONSENSUS_KEY, None)
         with self.db:
             self.db.execute(
-                "INSERT INTO evals VALUES (?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO evals({', '.join(EVAL_COLUMNS)}) VALUES ({', '.join('?' * len(EVAL_COLUMNS))})",
                 (self.run_id, t, version, applied, bytes_up, bytes_down, loss, accuracy,
-                 json.dumps(dict(extra or {}), sort_keys=True)),
+                 json.dumps(extra, sort_keys=True), consensus),
             )
 
     def finish_run(self, status: str, error: str = "") -> None:
