@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS nodes(
     run_id TEXT, node_id INTEGER, idx INTEGER, partition_id INTEGER, device TEXT, network TEXT,
     slowdown REAL, dropout REAL, torch_device TEXT
 );
+CREATE TABLE IF NOT EXISTS task_metrics(
+    run_id TEXT, seq INTEGER, node_id INTEGER, key TEXT, value REAL, PRIMARY KEY (run_id, seq, key)
+);
 CREATE INDEX IF NOT EXISTS evals_run ON evals(run_id, t);
 CREATE INDEX IF NOT EXISTS updates_run_time ON updates(run_id, completed_at);
 """
@@ -137,6 +140,14 @@ class MetricsStore:
                  row.applied_version, row.staleness, row.bytes_up, row.bytes_down, row.compute_s, row.comm_s,
                  row.status, row.reason, None if row.peer_id is None else sql_node_id(row.peer_id),
                  row.transport_bytes_up, row.transport_bytes_down),
+            )
+
+    def record_task_metrics(self, seq: int, node_id: int, metrics: Mapping[str, float]) -> None:
+        """The numbers of a task's reply ``metrics`` record (``train-loss``, ``exec-*``...), one row per key."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO task_metrics VALUES (?,?,?,?,?)",
+                [(self.run_id, seq, sql_node_id(node_id), k, float(v)) for k, v in metrics.items()],
             )
 
     def mark_applied(self, seqs: Iterable[int], version: int) -> None:
