@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client_app.data import Dataset, load_dataset, load_partition
+from client_app.executors import ExecutorSpec, train_local
 from client_app.models import build_model
 from client_app.records import NodeState, from_record
 from client_app.trainer import LocalSGD, pick_device
@@ -30,10 +31,11 @@ def train(msg: Message, context: Context) -> Message:
     sgd = LocalSGD(steps=int(task["local-steps"]), batch_size=int(task["batch-size"]), lr=float(task["lr"]),
                    momentum=float(task["momentum"]), prox_mu=float(task["prox-mu"]), seed=int(task["task-seed"]))
     device = pick_device(cfg.device)
+    executor = ExecutorSpec.from_config(cfg)  # local-executor, local-threads, persistence (issue 6)
 
     def local_train(start: list) -> tuple[list, dict[str, float]]:
         model.load_state_dict({n: torch.from_numpy(w) for n, w in zip(names, start, strict=True)})
-        metrics = sgd.run(model, x, y, device)
+        metrics = train_local(sgd, model, x, y, device, executor)
         return [t.detach().cpu().numpy() for t in model.state_dict().values()], metrics
 
     record = msg.content.array_records["arrays"]
