@@ -444,7 +444,7 @@ class Leashed(Policy):
                     t.add_(g, alpha=-self.lr)
             w.sync()
             new = self._new(tensors, v1.timestamp + 1)
-            self._before_cas(w)
+            self._before_cas(w, attempt)
             if self.latest.compare_and_set(v1, new):
                 v1.stale.set()
                 self._try_reclaim(v1)
@@ -462,8 +462,8 @@ class Leashed(Policy):
         """The latest published vector."""
         return cast(ParameterVector, self.latest.load()).tensors
 
-    def _before_cas(self, w: Worker) -> None:
-        """Test seam: runs between building a new vector and its CAS (a rival may publish here)."""
+    def _before_cas(self, w: Worker, attempt: int) -> None:
+        """Test seam: runs between building a new vector and its CAS (``attempt`` counts from 1)."""
 
     def _new(self, tensors: Tensors, timestamp: int) -> ParameterVector:
         self._allocated()
