@@ -18,7 +18,9 @@ task has a lower bound (download + compute + upload latency), and the head waits
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,10 +32,11 @@ from flwr.serverapp import Grid
 
 from server_app.downlink import DownlinkCompressor
 from server_app.evaluation import ModelSpec
+from server_app.links import exchange_seconds
 from server_app.profiles import NodeProfile, TaskTiming, assign_profiles, sample_task
 from server_app.store import MetricsStore, UpdateRow
 from server_app.wire import RejectedUpdate, message_sizes, read_reply, to_record
-from strategies.base import Strategy, Task, Update, Weights
+from strategies.base import Exchange, Strategy, Task, Update, Weights
 from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
 
@@ -59,6 +62,8 @@ class Flight:
     payload_up: int = 0                  # its content's size: what the virtual clock charges
     arrived_at: float | None = None      # wall clock: when the reply arrived
     failure: str = ""                    # set for failures known without a reply
+    base: Weights | None = None          # the node's own model the task trains from (gossip); else the version's
+    exchange: Exchange | None = None     # node-to-node traffic charged instead of the star's (gossip)
 
     def due(self) -> float | None:
         """Virtual completion time once it is known (reply in hand, or a failure decided at dispatch)."""
@@ -86,8 +91,16 @@ class Version:
     """A published model version kept alive while tasks computed on it are in flight."""
 
     weights: Weights
-    record: object
+    names: list[str]
     users: int = 0
+    _record: ArrayRecord | None = None
+
+    @property
+    def record(self) -> ArrayRecord:
+        """The version as a record, serialized on first use (gossip tasks send each node's own model instead)."""
+        if self._record is None:
+            self._record = to_record(self.names, self.weights)
+        return self._record
 
 
 @dataclass
@@ -150,6 +163,7 @@ class Engine:
         self._record_fleet(node_info or {})
         self.rng = np.random.default_rng([cfg.seed, 0x5EED])
         self.strategy = strategy_cls(cfg, [w.copy() for w in spec.initial], len(nodes))
+        self.strategy.nodes = list(nodes)
         self.cap = min(cfg.concurrency, len(nodes)) if cfg.concurrency > 0 else len(nodes)
         self.idle: deque[int] = deque(nodes)
         self.flights: dict[int, Flight] = {}          # seq -> flight
@@ -238,7 +252,8 @@ class Engine:
         version = self._version(task.version)
         config = self._task_config(seq, node, task)
         arrays = version.record if task.payload is None else self._payload_record(task.payload)
-        if task.payload is None and self.downlink is not None:  # two-way compression of the broadcast model
+        broadcast = task.payload is None and task.exchange is None  # gossip and all-reduce broadcast nothing
+        if broadcast and self.downlink is not None:  # two-way compression of the broadcast model
             extra, compressed = self.downlink.payload(node, task.version, version.weights, config["task-seed"])
             config.update(extra)
             if compressed is not None:
@@ -248,14 +263,10 @@ class Engine:
             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.version), ttl=self.cfg.task_ttl,
         )
         bytes_down, payload_down = message_sizes(msg)
-        flight = Flight(seq, node, task.version, self._clock(), bytes_down, time.monotonic() + self.cfg.task_ttl)
+        flight = Flight(seq, node, task.version, self._clock(), bytes_down, time.monotonic() + self.cfg.task_ttl,
+                        base=task.base, exchange=task.exchange)
         if self.virtual:
-            flight.timing = sample_task(
-                self.profiles[node], self.rng, local_steps=self.cfg.local_steps,
-                flops_per_step=self.spec.flops_per_step, bytes_down=payload_down,
-                compute_dist=self.cfg.compute_dist, compute_jitter=self.cfg.compute_jitter,
-                network_jitter=self.cfg.network_jitter,
-            )
+            flight.timing = self._timing(node, payload_down, task.exchange)
         version.users += 1
         self.flights[seq] = flight
         self.strategy.in_flight[node] = task.version
@@ -266,6 +277,21 @@ class Engine:
             self.held[node] = (seq, msg)
             return
         self._push(flight, msg)
+
+    def _timing(self, node: int, payload_down: int, exchange: Exchange | None) -> TaskTiming:
+        """Draw a task's times; a node-to-node exchange replaces the star's download and upload."""
+        timing = sample_task(
+            self.profiles[node], self.rng, local_steps=self.cfg.local_steps,
+            flops_per_step=self.spec.flops_per_step, bytes_down=payload_down,
+            compute_dist=self.cfg.compute_dist, compute_jitter=self.cfg.compute_jitter,
+            network_jitter=self.cfg.network_jitter,
+        )
+        if exchange is None:
+            return timing
+        # The node already holds its model (the message carrying it is this emulation's transport, not the
+        # algorithm's traffic): no download; the "upload" is the exchange, whatever the reply's size.
+        return dataclasses.replace(timing, down_s=0.0, up_latency_s=exchange_seconds(exchange, self.profiles),
+                                   up_bps=math.inf)
 
     def _push(self, flight: Flight, msg: Message) -> None:
         ids = list(self.grid.push_messages([msg]))
@@ -302,8 +328,7 @@ class Engine:
         if v not in self.versions:
             if v != self.strategy.version:
                 raise RuntimeError(f"strategy asked for version {v}, which is neither current nor in flight")
-            w = self.strategy.weights
-            self.versions[v] = Version(w, to_record(self.spec.names, w))
+            self.versions[v] = Version(self.strategy.weights, self.spec.names)
         return self.versions[v]
 
     def _release(self, v: int) -> None:
@@ -380,7 +405,7 @@ class Engine:
             del self.by_msg[f.msg_id]
         self.strategy.in_flight.pop(f.node, None)
         self.idle.append(f.node)
-        base = self.versions[f.version].weights
+        base = f.base if f.base is not None else self.versions[f.version].weights
         staleness = self.strategy.version - f.version
         status, reason, applied, restart = "failed", f.failure, (), ()
         try:
@@ -446,18 +471,25 @@ class Engine:
 
     def _record(self, f: Flight, status: str, reason: str, staleness: int, applied: bool,
                 durations: tuple[float, float] | None = None) -> None:
-        """Write the task's row and count it in the totals; ``durations`` overrides (compute_s, comm_s)."""
-        bytes_up = f.bytes_up
-        compute_s, comm_s = durations or self._durations(f, bytes_up)
+        """Write the task's row and count it in the totals; ``durations`` overrides (compute_s, comm_s).
+
+        A gossip task's bytes are its node-to-node exchange's (``Exchange``); what Flower's messages carried in
+        this emulation (the node's model out, its delta back) goes to the ``transport_bytes_*`` columns.
+        """
+        compute_s, comm_s = durations or self._durations(f, f.bytes_up)
+        ex = f.exchange
+        bytes_up, bytes_down = (f.bytes_up, f.bytes_down) if ex is None else (
+            (ex.bytes_up, ex.bytes_down) if status != "failed" and durations is None else (0, 0))
         self.totals.bytes_up += bytes_up
-        self.totals.bytes_down += f.bytes_down
+        self.totals.bytes_down += bytes_down
         self.totals.statuses[status] = self.totals.statuses.get(status, 0) + 1
         self.store.record_update(UpdateRow(
             seq=f.seq, node_id=f.node, dispatched_at=f.dispatched_at, completed_at=self.now,
             base_version=f.version, applied_version=self.strategy.version if applied else None,
             staleness=None if status == "failed" else staleness,
-            bytes_up=bytes_up, bytes_down=f.bytes_down, compute_s=compute_s, comm_s=comm_s,
-            status=status, reason=reason,
+            bytes_up=bytes_up, bytes_down=bytes_down, compute_s=compute_s, comm_s=comm_s,
+            status=status, reason=reason, peer_id=ex.peer if ex is not None else None,
+            transport_bytes_up=f.bytes_up, transport_bytes_down=f.bytes_down,
         ))
 
     def _durations(self, f: Flight, bytes_up: int) -> tuple[float, float]:

@@ -15,13 +15,15 @@ from strategies.config import STRATEGY_NAMES, ConfigError, RunConfig
 from strategies.fedasync import FedAsync
 from strategies.fedavg import FedAvg
 from strategies.fedbuff import FedBuff
+from strategies.gossip import ADPSGD, DPSGD, AllReduceSGD
 from strategies.olco3 import OLCO3, CoCoDSGD, LocalSGD, NaiveOverlap, OverlapLocalSGD, PipeSGD
 
 __all__ = ["RunConfig", "Strategy", "Task", "Update", "Verdict", "get_strategy", "IMPLEMENTED"]
 
 _BUILTIN: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (FedAvg, FedAsync, FedBuff, LocalSGD, OLCO3, NaiveOverlap, PipeSGD, CoCoDSGD,
-                OverlapLocalSGD, AsyncSGD, KBatchAsync, KAsync, KSync, AdaSync, SSP, ABS)
+                OverlapLocalSGD, AsyncSGD, KBatchAsync, KAsync, KSync, AdaSync, SSP, ABS, ADPSGD, DPSGD,
+                AllReduceSGD)
 }
 IMPLEMENTED = tuple(sorted(_BUILTIN))
 

@@ -30,16 +30,41 @@ Status = Literal["applied", "buffered", "dropped"]
 
 
 @dataclass(frozen=True)
+class Exchange:
+    """Node-to-node traffic of a decentralized task, charged instead of the star's download and upload.
+
+    Decentralized algorithms (``strategies/gossip.py``) move models between nodes, not to and from a server.
+    The engine then times the task as ``compute + rounds * (slowest link load + slowest pair latency)``: in each
+    round every ``(src, dst, nbytes)`` transfer runs at once, a node's uplink carries the sum of what it sends
+    and its downlink the sum of what it receives, and a transfer between two nodes pays both one-way latencies.
+    ``bytes_up``/``bytes_down`` are what this task's row is charged: the bytes its exchange put on uplinks and
+    on downlinks of the fleet (a node-to-node transfer crosses one of each). ``peer`` is the node it averaged
+    with, when it is one node. Node ids are the engine's (Flower's) ids.
+    """
+
+    transfers: tuple[tuple[int, int, int], ...] = ()
+    rounds: int = 1
+    bytes_up: int = 0
+    bytes_down: int = 0
+    peer: int | None = None
+
+
+@dataclass(frozen=True)
 class Task:
     """What a free node is asked to do: train on model ``version`` with these extra settings.
 
     ``payload``, when given, is sent in place of the model (e.g. OLCO3's delayed average of compressed
-    contributions), as Flower ``Array``s in model order; the empty list sends nothing.
+    contributions), as Flower ``Array``s in model order; the empty list sends nothing. ``base`` is the model
+    that payload stands for when it is the node's own model (gossip: each node has its own): the reply's delta
+    is taken against it instead of against ``version``. ``exchange`` replaces the star's link times and bytes
+    with node-to-node traffic (see ``Exchange``).
     """
 
     version: int
     config: dict[str, int | float | str | bool] = field(default_factory=dict)
     payload: list[Array] | None = None
+    base: Weights | None = None
+    exchange: Exchange | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +129,7 @@ class Strategy(ABC):
         self.weights: Weights = weights
         self.version = 0
         self.num_nodes = num_nodes
+        self.nodes: list[int] = list(range(num_nodes))  # node ids in fleet order; the engine sets Flower's ids
         self.in_flight: dict[int, int] = {}  # node -> version its task started from; kept by the engine
 
     def task_for(self, node: int) -> Task | None:

@@ -96,6 +96,20 @@ def encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None = No
     return _encode(spec, x, seed=seed, state=state, unbiased=True)
 
 
+def encode_difference(spec: CodecSpec, target: np.ndarray, copy: np.ndarray, *, seed: int,
+                      state: dict | None = None) -> tuple[Array, np.ndarray]:
+    """Encode ``target - copy`` for a receiver that holds ``copy``; return the ``Array`` and its new copy.
+
+    Difference coding against a copy both ends hold is its own error feedback: whatever a message leaves out
+    stays in ``target - new_copy`` and goes out with the next one, so no residual is added (adding one would
+    count the omission twice and diverge). The biased form is used (rand-k is not rescaled): the copy only
+    ever moves towards the target.
+    """
+    v = _as_input(target) - copy
+    arr = _encode(spec, v, seed=seed, state=state, unbiased=False)
+    return arr, (copy + decode(arr, shape=v.shape, dtype=v.dtype)).astype(copy.dtype, copy=False)
+
+
 def decode(arr: Array, *, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
     """Decode and validate an ``Array`` from any codec (dispatch on its stype) into a new array of shape/dtype."""
     want_shape, numel = _check_shape(shape)

@@ -18,11 +18,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from strategies.config import ConfigError
+
 TOPOLOGIES = ("ring", "bipartite-exponential", "complete")
 
 
-class TopologyError(ValueError):
-    """A topology that cannot be built, or cannot be used by the algorithm that asked for it."""
+class TopologyError(ConfigError):
+    """A topology that cannot be built, or cannot be used by the algorithm that asked for it (a config error)."""
 
 
 @dataclass(frozen=True)

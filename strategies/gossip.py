@@ -1,0 +1,296 @@
+"""Decentralized training: AD-PSGD (Lian et al., ICML 2018, arXiv 1710.06952), D-PSGD and AllReduce-SGD.
+
+Flower is hub and spoke and a node handles one message at a time, so the pairwise exchange is carried by the
+platform: the server side keeps every node's model as that node's authoritative copy, sends a node a snapshot of
+its own model to compute on, and applies the gossip step between two nodes' models when the result arrives.
+What a task costs on the virtual clock and in the store is the node-to-node traffic the real algorithm would
+send (``Exchange``), not the emulation's messages, whose real sizes go to the ``transport_bytes_*`` columns.
+
+- ``ad-psgd`` (``../shared/notes/algorithms.md`` section 3.2): node i computes a gradient on its snapshot
+  x̂_i; when it completes, if i is *active* it picks a random neighbour j (drawn at dispatch) on the bipartite
+  ``topology`` and atomically sets x_i, x_j <- (x_i + x_j) / 2, then applies its now stale gradient:
+  x_i <- x_i - delta_i. *Passive* nodes only apply their gradients; they are averaged when an active node
+  picks them. Results are applied one at a time in clock order, so every averaging is atomic and nobody ever
+  waits for a partner: there is nothing to deadlock, and a slow node simply takes part in fewer averagings.
+- ``d-psgd``: synchronous gossip rounds, X <- X W - Delta with Metropolis-Hastings weights on the topology.
+- ``allreduce-sgd``: synchronous exact averaging of the nodes' deltas, timed as a ring all-reduce (dense), or as
+  a ring all-gather of the compressed deltas when a codec is set.
+
+With a ``codec``, the models exchanged between nodes travel compressed: node j keeps a copy of what it last
+learnt of node i's model and i sends ``C(x_i - copy + e)`` with error feedback per directed edge
+(``GossipChannel``), so a sparse codec still converges to the node's model; ``codec = "none"`` sends exact models
+and makes every averaging sum-preserving. The "delta" of a local task is the sum of ``local-steps`` SGD steps
+(one step: ``lr * gradient``, as in the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from strategies import topology
+from strategies.base import Exchange, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.client import ClientJob, Weights
+from strategies.codecs import CodecSpec, encode, encode_difference
+
+
+def encoded_bytes(spec: CodecSpec, like: Sequence[np.ndarray]) -> int:
+    """Serialized bytes of a model-shaped list encoded with ``spec``, as Flower serializes an ArrayRecord.
+
+    Every codec's size depends only on the shapes (tested), so one measurement on zeros holds for the run.
+    """
+    arrays = {str(i): encode(spec, np.zeros(a.shape, a.dtype), seed=0, state={}) for i, a in enumerate(like)}
+    return sum(len(o.deflate()) for o in get_all_nested_objects(ArrayRecord(arrays)).values())
+
+
+def consensus_distance(models: Sequence[Weights], mean: Weights) -> float:
+    """Mean over nodes of the squared distance of a node's model to the average model."""
+    total = 0.0
+    for m in models:
+        total += sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(m, mean, strict=True))
+    return total / len(models)
+
+
+class GossipChannel:
+    """What each node knows of its neighbours' models when models travel compressed.
+
+    Per directed edge (src, dst): a copy of src's model as dst last reconstructed it (all nodes start from the
+    same initial model, so that is every copy's start). Sending is ``q = C(x_src - copy)``; both ends then hold
+    ``copy + decode(q)``, and what q left out goes with the next exchange on that edge
+    (``strategies.codecs.encode_difference``). Without a codec the view is the model itself.
+    """
+
+    def __init__(self, spec: CodecSpec, initial: Weights) -> None:
+        self.spec = spec
+        self.initial = initial
+        self.copies: dict[tuple[int, int], Weights] = {}
+        self.states: dict[tuple[int, int, int], dict] = {}  # (src, dst, tensor) -> codec state (PowerSGD)
+
+    def send(self, src: int, dst: int, model: Weights, seed: int) -> Weights:
+        """The view the receiver ``dst`` holds of ``src``'s ``model`` after this exchange."""
+        if self.spec.name == "none":
+            return model
+        copy = self.copies.get((src, dst), self.initial)
+        view = [encode_difference(self.spec, x, c, seed=(seed + t) % 2**64,
+                                  state=self.states.setdefault((src, dst, t), {}))[1]
+                for t, (x, c) in enumerate(zip(model, copy, strict=True))]
+        self.copies[(src, dst)] = view
+        return view
+
+
+class Decentralized(Strategy):
+    """Every node has its own model, kept here; a task trains on a snapshot of the node's own model.
+
+    The published ``weights`` (what is evaluated) are the average of the node models; ``version`` counts applied
+    updates (AD-PSGD) or rounds (synchronous ones), so a task's staleness is the number of versions published
+    while it computed, the global view's tau of the paper.
+    """
+
+    requires_bipartite = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.graph = topology.build(self.cfg.topology, self.num_nodes)
+        if self.requires_bipartite:
+            self.active = set(topology.require_gossip_graph(self.graph)[0])
+        elif not self.graph.connected():
+            raise topology.TopologyError(f"topology {self.cfg.topology!r} on {self.num_nodes} nodes is not connected")
+        self.models: list[Weights] = [self.weights] * self.num_nodes  # replaced, never mutated in place
+        self.codec = CodecSpec(self.cfg.codec, self.cfg.codec_ratio, self.cfg.codec_levels, self.cfg.codec_rank)
+        self.channel = GossipChannel(self.codec, self.weights)
+        self.model_bytes = encoded_bytes(self.codec, self.weights)
+        self._index: dict[int, int] = {}
+
+    def index(self, node: int) -> int:
+        """A node id's position in the fleet (its place on the topology)."""
+        if not self._index:
+            self._index = {n: i for i, n in enumerate(self.nodes)}
+        return self._index[node]
+
+    def snapshot(self, i: int, exchange: Exchange, config: dict | None = None) -> Task:
+        """A task training on node i's own model as it is now."""
+        model = self.models[i]
+        payload = [Array(np.ascontiguousarray(w)) for w in model]
+        return Task(self.version, config or {}, payload, base=model, exchange=exchange)
+
+    def publish_average(self) -> None:
+        """Publish the average of the node models as the next version."""
+        self._publish(weighted_sum([(1.0 / self.num_nodes, m) for m in self.models]))
+
+    def state_summary(self) -> dict[str, float]:
+        """The consensus distance goes to the store's ``evals.consensus_distance``."""
+        return {"consensus-distance": consensus_distance(self.models, self.weights)}
+
+    @staticmethod
+    def client(job: ClientJob) -> tuple[list[Array], dict[str, float]]:
+        """Local steps on the snapshot; the delta goes back exact.
+
+        In the real algorithm the gradient never leaves the node: this message is the emulation's transport,
+        so it is not compressed (the codec applies to the models the nodes exchange).
+        """
+        trained, metrics = job.train(job.received)
+        return [Array(np.ascontiguousarray(w - t)) for w, t in zip(job.received, trained, strict=True)], metrics
+
+
+class ADPSGD(Decentralized):
+    """Asynchronous decentralized parallel SGD: atomic pairwise averaging on a bipartite graph."""
+
+    name = "ad-psgd"
+    requires_bipartite = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rng = np.random.default_rng([self.cfg.seed, 0xAD95])
+        self.partner: dict[int, int] = {}  # active node -> the passive neighbour it will average with
+
+    def task_for(self, node: int) -> Task | None:
+        """A snapshot of the node's model; an active node also draws the neighbour it will average with."""
+        i = self.index(node)
+        if i not in self.active:
+            return self.snapshot(i, Exchange())
+        j = int(self.rng.choice(self.graph.neighbours[i]))
+        self.partner[node] = j
+        b, peer = self.model_bytes, self.nodes[j]
+        exchange = Exchange(((node, peer, b), (peer, node, b)), bytes_up=2 * b, bytes_down=2 * b, peer=peer)
+        return self.snapshot(i, exchange, {"peer": j})
+
+    def apply(self, update: Update) -> Verdict:
+        """Average atomically with the partner (active nodes), then apply the stale gradient."""
+        i = self.index(update.node)
+        j = self.partner.pop(update.node, None)
+        if j is not None:
+            self.gossip(i, j, seed=update.seq)
+        self.models[i] = step(self.models[i], update.delta, 1.0)
+        self.publish_average()
+        return Verdict("applied", applied=(update.seq,))
+
+    def gossip(self, i: int, j: int, seed: int) -> None:
+        """x_i, x_j <- (x_i + x_j) / 2, each end averaging with what it received of the other."""
+        xi, xj = self.models[i], self.models[j]
+        xj_at_i = self.channel.send(j, i, xj, seed * 2)
+        xi_at_j = self.channel.send(i, j, xi, seed * 2 + 1)
+        self.models[i] = [(a + b) * 0.5 for a, b in zip(xi, xj_at_i, strict=True)]
+        self.models[j] = [(a + b) * 0.5 for a, b in zip(xj, xi_at_j, strict=True)]
+
+    def fail(self, node: int, base_version: int) -> Verdict:
+        """A lost task averages with nobody; the node gets a fresh snapshot next."""
+        self.partner.pop(node, None)
+        return Verdict("dropped")
+
+
+class SyncRounds(Decentralized):
+    """Rounds in which every node computes once; the round closes when all n results are in.
+
+    A failed task is redone by the same node: a synchronous decentralized round cannot close without it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.round = 0
+        self.running: set[int] = set()
+        self.results: dict[int, Update] = {}
+
+    def task_for(self, node: int) -> Task | None:
+        """One task per node per round."""
+        if node in self.running or node in self.results:
+            return None
+        self.running.add(node)
+        return self.round_task(node)
+
+    def round_task(self, node: int) -> Task:
+        """The node's task of the current round."""
+        raise NotImplementedError
+
+    def apply(self, update: Update) -> Verdict:
+        """Hold results until the round is complete, then close it."""
+        self.running.discard(update.node)
+        self.results[update.node] = update
+        if len(self.results) < self.num_nodes:
+            return Verdict("buffered", f"round {self.round}: {len(self.results)}/{self.num_nodes} in")
+        updates = [self.results[n] for n in self.nodes]
+        self.close(updates)
+        self.round += 1
+        self.results = {}
+        return Verdict("applied", applied=tuple(u.seq for u in updates))
+
+    def close(self, updates: list[Update]) -> None:
+        """Combine one round's updates (in fleet order) into the node models."""
+        raise NotImplementedError
+
+    def fail(self, node: int, base_version: int) -> Verdict:
+        """The node redoes its part of the round."""
+        self.running.discard(node)
+        return Verdict("dropped")
+
+    def state_summary(self) -> dict[str, float]:
+        """Round number and consensus distance."""
+        return {**super().state_summary(), "round": float(self.round)}
+
+
+class DPSGD(SyncRounds):
+    """Synchronous decentralized SGD (Lian et al., NeurIPS 2017): X <- X W - Delta, W Metropolis-Hastings."""
+
+    name = "d-psgd"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        nbrs = self.graph.neighbours
+        self.mixing = [
+            {j: 1.0 / (1 + max(len(nbrs[i]), len(nbrs[j]))) for j in nbrs[i]} for i in range(self.num_nodes)
+        ]
+
+    def round_task(self, node: int) -> Task:
+        """Every node sends its model to each neighbour and receives theirs; the round's links are shared."""
+        i, b, nbrs = self.index(node), self.model_bytes, self.graph.neighbours
+        transfers = tuple((self.nodes[a], self.nodes[c], b) for a in range(self.num_nodes) for c in nbrs[a])
+        sent = len(nbrs[i]) * b
+        return self.snapshot(i, Exchange(transfers, bytes_up=sent, bytes_down=sent), {"round": self.round})
+
+    def close(self, updates: list[Update]) -> None:
+        """x_i <- W_ii x_i + sum_j W_ij x_j (as i received it) - delta_i, from the round's start models."""
+        old = self.models
+        new = []
+        for i, u in enumerate(updates):
+            w_self = 1.0 - sum(self.mixing[i].values())
+            parts = [(w_self, old[i])]
+            for j, w in self.mixing[i].items():
+                parts.append((w, self.channel.send(j, i, old[j], seed=(self.round * self.num_nodes + j) * 64 + i)))
+            new.append(step(weighted_sum(parts), u.delta, 1.0))
+        self.models = new
+        self.publish_average()
+
+
+class AllReduceSGD(SyncRounds):
+    """Synchronous SGD with exact averaging: every node applies the mean of all deltas to the shared model.
+
+    Timed as a ring all-reduce of the delta (2(n-1) steps of 1/n of it each; in fp16 with ``codec = "fp16"``), or,
+    with a sparse or quantized codec, as a ring all-gather of the compressed deltas (n-1 steps of one compressed
+    delta each): such payloads cannot be summed on the way round, so compression pays only beyond about n/2.
+    """
+
+    name = "allreduce-sgd"
+
+    def round_task(self, node: int) -> Task:
+        """The shared model (all node models are equal), and the ring's traffic."""
+        n, ids = self.num_nodes, self.nodes
+        if self.codec.name in ("none", "fp16"):  # sums travel in the same format: a true all-reduce
+            chunk, rounds = -(-self.model_bytes // n), 2 * (n - 1)
+        else:
+            chunk, rounds = self.model_bytes, n - 1
+        ring = tuple((ids[k], ids[(k + 1) % n], chunk) for k in range(n))
+        ex = Exchange(ring, rounds=rounds, bytes_up=rounds * chunk, bytes_down=rounds * chunk)
+        return Task(self.version, {"round": self.round}, exchange=ex)
+
+    @staticmethod
+    def client(job: ClientJob) -> tuple[list[Array], dict[str, float]]:
+        """Local steps; the delta is what the ring reduces, so the run's codec (and error feedback) applies."""
+        return Strategy.client(job)
+
+    def close(self, updates: list[Update]) -> None:
+        """Set w <- w - mean_i delta_i: what an all-reduce of the deltas computes on every node."""
+        mean = weighted_sum([(1.0 / len(updates), u.delta) for u in updates])
+        self._publish(step(self.weights, mean, 1.0))
+        self.models = [self.weights] * self.num_nodes

@@ -1,0 +1,291 @@
+"""AD-PSGD, D-PSGD and AllReduce-SGD: the gossip step, the graph checks, node-to-node timing, and real runs."""
+
+import sqlite3
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from server_app.links import exchange_seconds
+from server_app.profiles import DEVICES, NETWORKS, NodeProfile
+from server_app.store import MetricsStore
+from strategies.base import Exchange, Update
+from strategies.codecs import CODECS, CodecSpec, encode
+from strategies.config import RunConfig
+from strategies.gossip import ADPSGD, DPSGD, AllReduceSGD, GossipChannel, encoded_bytes
+from strategies.topology import TopologyError
+
+SHAPES = [(6, 5), (5,)]
+FLEET = {"nodes": 8, "model": "logreg", "local_steps": 2, "profiles": "ethernet=1", "compute_dist": "fixed"}
+
+
+def random_models(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(n)]
+
+
+def make(cls, n=8, **cfg):
+    init = [np.zeros(s, np.float32) for s in SHAPES]
+    strategy = cls(RunConfig(strategy=cls.name, **cfg), init, n)
+    strategy.nodes = [1000 + i for i in range(n)]
+    return strategy
+
+
+def update(strategy, node, delta, seq=0):
+    i = strategy.index(node)
+    return Update(seq, node, 0, 0, delta, strategy.models[i], 10)
+
+
+def total(models):
+    return [sum(m[t].astype(np.float64) for m in models) for t in range(len(SHAPES))]
+
+
+# ------------------------------------------------------------------------------------------ the gossip step
+def test_pairwise_averaging_preserves_the_sum_of_models():
+    s = make(ADPSGD, topology="ring")
+    s.models = random_models(8)
+    before = total(s.models)
+    for seq, (i, j) in enumerate([(0, 1), (2, 1), (0, 7), (4, 5), (6, 5), (2, 3)]):
+        s.gossip(i, j, seed=seq)
+    for a, b in zip(before, total(s.models), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(s.models[2][0], s.models[3][0])  # the last pair holds the same model
+
+
+def test_active_node_averages_then_applies_its_stale_gradient():
+    s = make(ADPSGD, topology="ring")
+    s.models = random_models(8)
+    xi, xj = s.models[0], s.models[1]
+    task = s.task_for(1000)  # node 0 is active (even side of the ring)
+    j = s.index(task.exchange.peer)
+    xj = s.models[j]
+    delta = [np.full(sh, 0.25, np.float32) for sh in SHAPES]
+    s.models[j] = [x + 1 for x in xj]  # the partner moved while node 0 computed: averaging sees the new x_j
+    verdict = s.apply(update(s, 1000, delta))
+    assert verdict.status == "applied"
+    for t in range(len(SHAPES)):
+        mid = (xi[t] + xj[t] + 1) / 2
+        np.testing.assert_allclose(s.models[0][t], mid - 0.25, atol=1e-6)
+        np.testing.assert_allclose(s.models[j][t], mid, atol=1e-6)
+    np.testing.assert_allclose(s.weights[0], np.mean([m[0] for m in s.models], axis=0), atol=1e-6)
+
+
+def test_passive_node_only_applies_its_gradient_and_task_carries_its_own_snapshot():
+    s = make(ADPSGD, topology="ring")
+    s.models = random_models(8)
+    task = s.task_for(1001)  # odd: passive
+    assert task.exchange == Exchange() and task.base is s.models[1]
+    np.testing.assert_array_equal(np.asarray(task.payload[0].numpy()), s.models[1][0])
+    others = [m for k, m in enumerate(s.models) if k != 1]
+    s.apply(update(s, 1001, [np.ones(sh, np.float32) for sh in SHAPES]))
+    assert all(a is b for a, b in zip(others, [m for k, m in enumerate(s.models) if k != 1], strict=True))
+
+
+def test_active_nodes_only_pick_passive_neighbours():
+    s = make(ADPSGD, n=16, topology="bipartite-exponential")
+    peers = Counter()
+    for _ in range(200):
+        for i in range(0, 16, 2):
+            task = s.task_for(1000 + i)
+            j = s.index(task.exchange.peer)
+            assert j % 2 == 1 and j in s.graph.neighbours[i]
+            peers[j] += 1
+            s.fail(1000 + i, 0)
+    assert set(peers) == set(range(1, 16, 2))  # every passive node is reached
+
+
+@pytest.mark.parametrize("topology,n", [("ring", 7), ("bipartite-exponential", 9), ("complete", 4)])
+def test_ad_psgd_refuses_a_graph_that_is_not_bipartite(topology, n):
+    with pytest.raises(TopologyError, match="not bipartite"):
+        make(ADPSGD, n=n, topology=topology)
+
+
+def test_d_psgd_takes_any_connected_graph_and_mixes_doubly_stochastically():
+    s = make(DPSGD, n=7, topology="ring")
+    w = np.zeros((7, 7))
+    for i, row in enumerate(s.mixing):
+        w[i, i] = 1 - sum(row.values())
+        for j, v in row.items():
+            w[i, j] = v
+    np.testing.assert_allclose(w.sum(0), 1)
+    np.testing.assert_allclose(w.sum(1), 1)
+    assert (w >= 0).all()
+
+
+def test_d_psgd_round_without_gradients_preserves_the_sum():
+    s = make(DPSGD, n=6, topology="bipartite-exponential")
+    s.models = random_models(6)
+    before = total(s.models)
+    for k, node in enumerate(s.nodes):
+        assert s.task_for(node) is not None and s.task_for(node) is None  # one task per node per round
+        s.apply(update(s, node, [np.zeros(sh, np.float32) for sh in SHAPES], seq=k))
+    assert s.round == 1
+    for a, b in zip(before, total(s.models), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_allreduce_applies_the_mean_delta_to_every_node():
+    s = make(AllReduceSGD, n=4)
+    deltas = random_models(4, seed=3)
+    for k, node in enumerate(s.nodes):
+        s.task_for(node)
+        s.apply(Update(k, node, 0, 0, deltas[k], s.weights, 10))
+    expect = [-np.mean([d[t] for d in deltas], axis=0) for t in range(len(SHAPES))]
+    for m in s.models:
+        np.testing.assert_allclose(m[0], expect[0], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- compression
+@pytest.mark.parametrize("codec", CODECS)
+def test_encoded_size_is_the_real_size_whatever_the_content(codec):
+    spec = CodecSpec(codec, 0.1, 16, 2)
+    like = [np.zeros((40, 30), np.float32), np.zeros(30, np.float32)]
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x = [rng.standard_normal(a.shape).astype(np.float32) for a in like]
+        real = encoded_bytes(spec, like)
+        from flwr.app import ArrayRecord
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+        rec = ArrayRecord({str(i): encode(spec, a, seed=7, state={}) for i, a in enumerate(x)})
+        assert real == sum(len(o.deflate()) for o in get_all_nested_objects(rec).values())
+
+
+def test_compressed_gossip_views_converge_to_the_sender_model_with_error_feedback():
+    init = [np.zeros((50, 40), np.float32)]
+    channel = GossipChannel(CodecSpec("topk", 0.1, 16, 2), init)
+    model = random_models(1)[0][:1]
+    model = [np.random.default_rng(2).standard_normal((50, 40)).astype(np.float32)]
+    errors = []
+    for seq in range(30):
+        view = channel.send(0, 1, model, seed=seq)
+        errors.append(float(np.linalg.norm(view[0] - model[0]) / np.linalg.norm(model[0])))
+    assert errors[0] > 0.5 and errors[-1] < 0.05  # each exchange sends 10 % of the entries, the copy catches up
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def node(network, device="laptop"):
+    return NodeProfile(DEVICES[device], NETWORKS[network])
+
+
+def test_pair_exchange_is_timed_on_both_nodes_links():
+    profiles = {1: node("wifi"), 2: node("4g")}
+    b = 1_000_000
+    ex = Exchange(((1, 2, b), (2, 1, b)))
+    slowest = max(8 * b / NETWORKS["wifi"].up_bps, 8 * b / NETWORKS["4g"].down_bps, 8 * b / NETWORKS["4g"].up_bps,
+                  8 * b / NETWORKS["wifi"].down_bps)
+    lat = NETWORKS["wifi"].latency_s + NETWORKS["4g"].latency_s
+    assert exchange_seconds(ex, profiles) == pytest.approx(slowest + lat)
+    assert exchange_seconds(Exchange(), profiles) == 0.0
+
+
+def test_a_node_sending_to_many_neighbours_shares_its_uplink():
+    profiles = {k: node("wifi") for k in range(5)}
+    one = exchange_seconds(Exchange(((0, 1, 10**6),)), profiles)
+    four = exchange_seconds(Exchange(tuple((0, k, 10**6) for k in range(1, 5))), profiles)
+    lat = 2 * NETWORKS["wifi"].latency_s
+    assert four - lat == pytest.approx(4 * (one - lat))
+
+
+def test_ring_allreduce_time_grows_with_rounds_and_the_slowest_link():
+    fast = {k: node("ethernet") for k in range(8)}
+    one_slow = {**fast, 3: node("3g")}
+    s = make(AllReduceSGD, n=8)
+    s.nodes = list(range(8))
+    ex = s.task_for(0).exchange
+    assert ex.rounds == 14 and len(ex.transfers) == 8
+    assert exchange_seconds(ex, one_slow) > 50 * exchange_seconds(ex, fast)
+
+
+# --------------------------------------------------------------------------------------- real engine runs
+def per_node(run, status="applied"):
+    return Counter(r["node_id"] for r in run.updates() if r["status"] == status)
+
+
+def test_ad_psgd_run_records_consensus_peers_and_node_to_node_bytes(simulate):
+    run = simulate("ad-psgd", max_updates=64, eval_every=16, **FLEET)
+    evals = run.evals()
+    assert evals[0]["consensus_distance"] == 0.0  # everyone starts from the same model
+    assert all(e["consensus_distance"] > 0 for e in evals[1:])
+    rows = run.updates()
+    with_peer = [r for r in rows if r["peer_id"] is not None]
+    assert 0 < len(with_peer) < len(rows)  # active nodes average, passive ones do not
+    node_ids = {r["node_id"] for r in rows}
+    assert {r["peer_id"] for r in with_peer} <= node_ids
+    assert all(r["bytes_up"] == 0 for r in rows if r["peer_id"] is None)
+    assert all(r["bytes_up"] > 0 and r["transport_bytes_up"] > 0 for r in with_peer)
+    fedbuff = simulate("fedbuff", max_updates=16, **FLEET)
+    assert all(e["consensus_distance"] is None for e in fedbuff.evals())
+
+
+def test_no_deadlock_or_starvation_with_a_100x_slower_node(simulate):
+    slow = {"straggler_fraction": 1 / 8, "straggler_slowdown": 100.0}
+    base = simulate("ad-psgd", max_updates=1000, eval_every=0, **FLEET)
+    run = simulate("ad-psgd", max_updates=1000, eval_every=0, **FLEET, **slow)
+    counts = per_node(run)
+    assert len(counts) == 8 and min(counts.values()) >= 1  # the slow node still contributes
+    slow_node = min(counts, key=counts.get)
+    assert counts[slow_node] < min(c for n, c in counts.items() if n != slow_node) / 10
+    assert run.summary.stop_reason == "max-updates"
+    assert run.summary.time < 1.3 * base.summary.time  # the fleet does not wait for it
+    sync = simulate("allreduce-sgd", max_updates=80, eval_every=0, **FLEET, **slow)
+    sync_base = simulate("allreduce-sgd", max_updates=80, eval_every=0, **FLEET)
+    assert sync.summary.time > 10 * sync_base.summary.time  # ... while all-reduce waits for it every round
+
+
+def test_virtual_clock_runs_are_deterministic_whatever_the_reply_order(simulate):
+    def trace(run):
+        return [(r["seq"], r["node_id"] and r["status"], r["completed_at"], r["peer_id"] is not None)
+                for r in run.updates()]
+
+    a = simulate("ad-psgd", max_updates=40, reorder_seed=1, **FLEET)
+    b = simulate("ad-psgd", max_updates=40, reorder_seed=2, **FLEET)
+    assert trace(a) == trace(b)
+    for x, y in zip(a.summary.weights, b.summary.weights, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("strategy,codec,shrink", [("ad-psgd", "topk", 2), ("ad-psgd", "qsgd", 2),
+                                                   ("d-psgd", "fp16", 1.7), ("allreduce-sgd", "fp16", 1.7)])
+def test_codecs_shrink_the_exchanged_models_and_training_still_works(simulate, strategy, codec, shrink):
+    plain = simulate(strategy, max_updates=160, **FLEET)
+    packed = simulate(strategy, max_updates=160, codec=codec, codec_ratio=0.25, **FLEET)
+    assert packed.summary.bytes_up < plain.summary.bytes_up / shrink
+    assert packed.summary.accuracy > plain.summary.accuracy - 0.1
+
+
+def test_ad_psgd_matches_allreduce_per_update(simulate):
+    gossip = simulate("ad-psgd", max_updates=160, **FLEET)
+    exact = simulate("allreduce-sgd", max_updates=160, **FLEET)
+    assert abs(gossip.summary.accuracy - exact.summary.accuracy) < 0.05
+    assert gossip.summary.accuracy > 0.5
+
+
+def test_sync_gossip_redoes_a_lost_task_and_still_closes_rounds(simulate):
+    run = simulate("d-psgd", max_updates=48, dropout=0.2, **FLEET)
+    assert run.summary.stop_reason == "max-updates"
+    versions = Counter(r["applied_version"] for r in run.updates() if r["status"] == "applied")
+    assert set(versions.values()) == {8}  # every round has one result from each of the 8 nodes
+    assert any(r["status"] == "failed" for r in run.updates())
+
+
+def test_bad_topology_is_a_config_error_before_training(simulate):
+    with pytest.raises(TopologyError, match="not bipartite"):
+        simulate("ad-psgd", nodes=5, max_updates=4, model="logreg")
+
+
+def test_an_old_store_gains_the_new_columns(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE updates(run_id TEXT, seq INTEGER, node_id INTEGER, dispatched_at REAL, "
+                   "completed_at REAL, base_version INTEGER, applied_version INTEGER, staleness INTEGER, "
+                   "bytes_up INTEGER, bytes_down INTEGER, compute_s REAL, comm_s REAL, status TEXT, reason TEXT)")
+        db.execute("CREATE TABLE evals(run_id TEXT, t REAL, model_version INTEGER, updates_applied INTEGER, "
+                   "bytes_up_total INTEGER, bytes_down_total INTEGER, loss REAL, accuracy REAL, metrics_json TEXT)")
+    store = MetricsStore(path)
+    store.start_run("r", "ad-psgd", {})
+    store.record_eval(0.0, 0, 0, 0, 0, 1.0, 0.5, {"consensus-distance": 0.25, "round": 1.0})
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT consensus_distance, metrics_json FROM evals").fetchone() == (0.25, '{"round": 1.0}')
+        cols = {r[1] for r in db.execute("PRAGMA table_info(updates)")}
+    assert {"peer_id", "transport_bytes_up", "transport_bytes_down"} <= cols
