@@ -1,0 +1,299 @@
+"""The live dashboard: ``streamlit run dashboard/app.py [-- --db PATH]`` (or ``make dashboard``).
+
+Layout only: the data comes from ``dashboard.queries`` (read-only SQL over the metrics store, one short read
+transaction per refresh) and the charts from ``dashboard.charts``. Without ``--db`` it opens the store runs write
+by default (``$STALEFLOWER_METRICS_DB``, else ``~/.staleflower/metrics.db``). While "Live" is on, the body is a
+fragment that reruns every ``REFRESH_S`` seconds; a refresh costs nothing when the store has not changed (results
+are cached by the store's and its WAL's size and modification time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts dashboard/, not the repository, on the path
+    sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from dashboard import charts, queries  # noqa: E402
+from dashboard.queries import StoreError  # noqa: E402
+
+REFRESH_S = 2.0
+log = logging.getLogger("staleflower.dashboard")
+
+
+def default_db() -> str:
+    """``--db PATH`` after ``--`` on the command line, else the default metrics store of the runners."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--db")
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    if args.db:
+        return args.db
+    from strategies.config import default_metrics_path
+
+    return str(default_metrics_path())
+
+
+def store_token(path: str) -> tuple[tuple[int, int] | None, ...]:
+    """Changes whenever a commit lands: size and mtime of the store and of its WAL."""
+    p = Path(path).expanduser()
+    out = []
+    for f in (p, p.with_name(p.name + "-wal")):
+        try:
+            s = os.stat(f)
+            out.append((s.st_mtime_ns, s.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@st.cache_data(ttl=600, max_entries=16, show_spinner=False)
+def cached_runs(path: str, token: tuple) -> pd.DataFrame:
+    """The run list, re-read only when the store changed."""
+    return queries.load_runs(path)
+
+
+@st.cache_data(ttl=600, max_entries=32, show_spinner=False)
+def cached_page(path: str, selected: tuple[str, ...], focus: str | None, target: float, limit: int,
+                token: tuple) -> queries.PageData:
+    """Everything the page draws, re-read only when the store changed."""
+    return queries.load_page(path, list(selected), focus, target, limit)
+
+
+def show_store_error(exc: StoreError) -> None:
+    """A store that cannot be read is a message in the page, never a stack trace."""
+    if exc.kind in ("missing", "empty"):
+        st.info(str(exc))
+    else:
+        st.error(str(exc))
+
+
+def mb(x: float | None) -> str:
+    """Bytes as MB."""
+    return "–" if x is None or pd.isna(x) else f"{x / 1e6:,.2f} MB"
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+def sidebar() -> tuple[bool, int]:
+    """Store path, live switch, follow-newest switch, timeline size."""
+    sb = st.sidebar
+    sb.title("staleflower")
+    sb.text_input("Metrics store (SQLite)", key="db", help="the `metrics-db` of the runs; `--db` sets the default")
+    live = sb.toggle(f"Live: refresh every {REFRESH_S:g} s", value=True, key="live")
+    sb.toggle("Follow the newest run", value=True, key="follow",
+              help="a run that starts is added to the picker's selection")
+    limit = sb.number_input("Timeline: latest tasks drawn", min_value=100, max_value=20000, value=1500, step=500,
+                            key="timeline_limit")
+    sb.caption("Reads the store only: read-only connection, one short transaction per refresh (WAL: the running "
+               "ServerApp is never blocked). Times are seconds on each run's clock.")
+    return live, int(limit)
+
+
+def pick_runs(runs: pd.DataFrame) -> list[str]:
+    """The run picker; keeps the selection valid when the store changes, and adds a new run when following."""
+    ids = list(runs["run_id"])
+    newest = ids[0]
+    chosen = [r for r in st.session_state.get("runs", []) if r in set(ids)]
+    previous_newest = st.session_state.get("newest")
+    if "runs" not in st.session_state:  # first load: ?run=ID&run=ID in the URL, else the newest run
+        chosen = [r for r in st.query_params.get_all("run") if r in set(ids)] or [newest]
+    elif not chosen:
+        chosen = [newest]
+    elif st.session_state.get("follow", True) and previous_newest and newest != previous_newest:
+        chosen = [newest] if chosen == [previous_newest] else [newest, *chosen]
+    st.session_state["newest"] = newest
+    st.session_state["runs"] = chosen
+    labels = dict(zip(runs["run_id"], runs["label"] + " (" + runs["status"].fillna("?") + ")", strict=True))
+    return st.multiselect("Runs (several are overlaid)", ids, format_func=labels.__getitem__, key="runs")
+
+
+def body(limit: int) -> None:
+    """Everything below the sidebar; a fragment that reruns on the live timer."""
+    path = str(st.session_state["db"])
+    try:
+        runs = cached_runs(path, store_token(path))
+    except StoreError as exc:
+        show_store_error(exc)
+        return
+    if runs.empty:
+        st.info(f"The metrics store {path} has no run yet. Start one and it appears here.")
+        return
+    selected = pick_runs(runs)
+    if not selected:
+        st.info("Pick one or more runs above.")
+        return
+    labels = dict(zip(runs["run_id"], runs["label"], strict=True))
+    c1, c2, c3 = st.columns([2, 2, 1])
+    focus = c1.selectbox("Per-node views for", selected, format_func=labels.__getitem__, key="focus")
+    x_axis = c2.radio("Accuracy and loss against", list(charts.X_AXES), horizontal=True, key="x_axis",
+                      format_func={"clock": "run clock", "updates": "applied updates",
+                                   "bytes": "cumulative bytes"}.__getitem__)
+    cfg_target = pd.to_numeric(runs.set_index("run_id").loc[selected, "target_accuracy"], errors="coerce").max()
+    target = c3.number_input("Target accuracy", 0.0, 1.0, float(cfg_target) if cfg_target > 0 else 0.8, 0.05,
+                             key="target", format="%.2f")
+    try:
+        page = cached_page(path, tuple(selected), focus, float(target), limit, store_token(path))
+    except StoreError as exc:
+        show_store_error(exc)
+        return
+    draw(page, x_axis, float(target))
+
+
+def draw(page: queries.PageData, x_axis: str, target: float) -> None:
+    """The views of the selected runs."""
+    labels = page.labels()
+    domain = list(labels.values())
+    overview = page.overview()
+    running = overview[overview["status"] == "running"]
+    tasks = int(page.summary["tasks"].sum()) if len(page.summary) else 0
+    st.caption(f"refreshed {datetime.now():%H:%M:%S} · {len(running)} of {len(overview)} selected runs running · "
+               f"{tasks:,} tasks stored · time bucket {page.width:g} s")
+    for row in overview[overview["status"] == "failed"].itertuples():
+        err = page.runs.set_index("run_id").at[row.run_id, "error"]
+        st.error(f"Run {row.label} failed: {err or 'no reason stored'}")
+
+    tiles(page, overview, target)
+    overview_table(overview)
+
+    st.subheader("Accuracy and loss")
+    ev = page.labelled(page.evals)
+    without = [labels[r] for r in page.selected if r not in set(page.evals["run_id"])]
+    if without:
+        st.info("No evaluation yet for " + ", ".join(without) + ": accuracy and loss appear after the first one "
+                "(the engine evaluates at the start and every `eval-every` applied updates).")
+    if len(ev):
+        a, b = st.columns(2)
+        a.altair_chart(charts.metric(ev, domain, "accuracy", "accuracy", x_axis), width="stretch")
+        b.altair_chart(charts.metric(ev, domain, "loss", "loss", x_axis), width="stretch")
+        consensus = ev.dropna(subset=["consensus_distance"])
+        if len(consensus):
+            st.altair_chart(charts.metric(consensus, domain, "consensus_distance", "consensus distance", x_axis),
+                            width="stretch")
+
+    if page.summary.empty:
+        st.info("No task has completed yet in the selected runs: staleness, bandwidth and the per-node views "
+                "appear with the first one.")
+        return
+    st.subheader("Staleness")
+    a, b = st.columns(2)
+    hist = page.labelled(page.staleness)
+    a.altair_chart(charts.staleness_histogram(hist[hist["status"] == "applied"], domain), width="stretch")
+    b.altair_chart(charts.staleness_over_time(page.labelled(page.staleness_time), domain), width="stretch")
+
+    st.subheader("Bandwidth")
+    a, b = st.columns(2)
+    bw = page.labelled(page.bandwidth)
+    a.altair_chart(charts.bandwidth(bw, domain, cumulative=False), width="stretch")
+    b.altair_chart(charts.bandwidth(bw, domain, cumulative=True), width="stretch")
+
+    per_node(page, labels)
+    configs(page, labels)
+
+
+def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None:
+    """One row of tiles per run: time and bytes to the target accuracy, measured compression, latest accuracy."""
+    reached = page.targets.set_index("run_id") if len(page.targets) else pd.DataFrame()
+    first = page.selected[0]
+    base = reached.loc[first] if first in reached.index else None
+    for row in overview.itertuples():
+        box = st.container(border=True)
+        name, t_col, b_col, c_col, a_col = box.columns([3, 2, 2, 2, 2], vertical_alignment="center")
+        name.markdown(f"**{row.label}**  \n{row.status}" + (" · live" if row.status == "running" else ""))
+        hit = reached.loc[row.run_id] if row.run_id in reached.index else None
+        dt = db = None
+        if hit is not None and base is not None and row.run_id != first:
+            dt = f"{hit.t - base.t:+.3f} s vs first"
+            db = f"{(hit.bytes_total - base.bytes_total) / 1e6:+,.2f} MB vs first"
+        t_col.metric(f"time to {target:.0%}", f"{hit.t:.3f} s" if hit is not None else "not yet", delta=dt,
+                     delta_color="inverse", help="run clock at the first evaluation reaching the target")
+        b_col.metric(f"bytes to {target:.0%}", mb(hit.bytes_total) if hit is not None else "not yet",
+                     delta=db, delta_color="inverse", help="bytes up + down until that evaluation")
+        ratio = getattr(row, "compression", None)
+        c_col.metric("compression", "–" if ratio is None or pd.isna(ratio) else f"{ratio:.1f}x",
+                     help="measured: bytes each task received over bytes it sent back, both as serialized "
+                          "(the uplink compression when the downlink carries the dense model)")
+        acc = getattr(row, "accuracy", None)
+        a_col.metric("accuracy (latest)", "–" if acc is None or pd.isna(acc) else f"{acc:.3f}")
+
+
+def overview_table(overview: pd.DataFrame) -> None:
+    """The selected runs side by side: outcomes, bytes, staleness."""
+    cols = {"label": "run", "status": "status", "clock_s": "clock (s)", "tasks": "tasks", "applied": "applied",
+            "buffered": "buffered", "dropped": "dropped", "rejected": "rejected", "restarted": "restarted",
+            "failed": "failed", "nodes": "nodes", "mb_up": "MB up", "mb_down": "MB down",
+            "compression": "down/up", "mean_staleness": "mean staleness", "max_staleness": "max staleness",
+            "accuracy": "accuracy", "loss": "loss"}
+    table = overview.assign(mb_up=overview.get("bytes_up", pd.Series(dtype=float)) / 1e6,
+                            mb_down=overview.get("bytes_down", pd.Series(dtype=float)) / 1e6)
+    table = table[[c for c in cols if c in table]].rename(columns=cols)
+    fmt = {c: st.column_config.NumberColumn(format="%.3f") for c in ("clock (s)", "MB up", "MB down", "accuracy",
+                                                                       "loss")}
+    fmt.update({c: st.column_config.NumberColumn(format="%.2f") for c in ("down/up", "mean staleness")})
+    st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
+
+
+def per_node(page: queries.PageData, labels: dict[str, str]) -> None:
+    """Bandwidth, timeline and outcomes per node of the focus run."""
+    if page.focus is None or page.nodes.empty:
+        return
+    st.subheader(f"Per node: {labels[page.focus]}")
+    a, b = st.columns(2)
+    direction = a.radio("Bandwidth per node", ["up_bps", "down_bps"], horizontal=True, key="node_direction",
+                        format_func={"up_bps": "up", "down_bps": "down"}.__getitem__)
+    a.altair_chart(charts.node_bandwidth(page.node_bandwidth, direction), width="stretch")
+    b.altair_chart(charts.node_bytes(page.nodes), width="stretch")
+    total = int(page.nodes["tasks"].sum())
+    shown = len(page.timeline)
+    st.markdown("**Timeline** (dispatch to completion)" + (f": the latest {shown:,} of {total:,} tasks"
+                                                            if shown < total else ""))
+    st.altair_chart(charts.timeline(page.timeline), width="stretch")
+    a, b = st.columns(2)
+    a.markdown("**Tasks per node** (who straggles)")
+    a.altair_chart(charts.updates_per_node(page.nodes), width="stretch")
+    b.markdown("**Mean task time per node**")
+    b.altair_chart(charts.task_time_per_node(page.nodes), width="stretch")
+
+
+def configs(page: queries.PageData, labels: dict[str, str]) -> None:
+    """The runs' configs side by side, and each strategy's state at its last evaluation."""
+    st.subheader("Config")
+    table = pd.DataFrame({labels[r]: pd.Series(c["config"], dtype=object) for r, c in page.configs.items()})
+    table = table.astype(str)
+    if len(table.columns) > 1 and st.toggle("Only keys that differ", value=False, key="cfg_diff"):
+        table = table[table.nunique(axis=1) > 1]
+    st.dataframe(table, width="stretch")
+    states = {labels[r]: c["state"] for r, c in page.configs.items() if c["state"]}
+    if states:
+        with st.expander("Strategy state at the last evaluation"):
+            st.json(states)
+
+
+def main() -> None:
+    """The page."""
+    st.set_page_config(page_title="staleflower dashboard", layout="wide")
+    st.session_state.setdefault("db", default_db())
+    live, limit = sidebar()
+    run_every = REFRESH_S if live else None
+    st.fragment(run_every=run_every)(guarded)(limit)
+
+
+def guarded(limit: int) -> None:
+    """``body``, with any unexpected failure shown as a message (the traceback goes to the server's log)."""
+    try:
+        body(limit)
+    except StoreError as exc:
+        show_store_error(exc)
+    except Exception as exc:  # never a stack trace in the page
+        log.exception("dashboard failed")
+        st.error(f"The dashboard could not draw this store: {type(exc).__name__}: {exc}")
+
+
+main()

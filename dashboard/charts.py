@@ -1,0 +1,154 @@
+"""Altair charts of the dashboard, built from the DataFrames of ``dashboard.queries`` (no data work here).
+
+Every chart colours runs by their label with one shared domain (a run keeps its colour across charts) and task
+statuses with one fixed palette.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import altair as alt
+import pandas as pd
+
+STATUS_COLORS = {
+    "applied": "#2ca02c", "buffered": "#9ecae9", "dropped": "#9e9e9e",
+    "rejected": "#ff7f0e", "restarted": "#9467bd", "failed": "#d62728",
+}
+MB = 1e6
+RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+              "#7f7f7f"]  # tableau10: neighbours stay distinguishable
+X_AXES = {  # evals column, axis title
+    "clock": ("t", "run clock (s)"),
+    "updates": ("updates_applied", "applied updates"),
+    "bytes": ("mb_total", "cumulative bytes on the wire, up + down (MB)"),
+}
+
+
+def _rows_height(rows: int, per_row: int, legend: bool = False) -> int:
+    """Height of a chart with one band per node: Streamlit fits axes and a bottom legend inside it too."""
+    return min(max(200, 60 + (50 if legend else 0) + per_row * rows), 1400)
+
+
+def _runs(domain: Sequence[str]) -> alt.Color:
+    colors = (RUN_COLORS * (len(domain) // len(RUN_COLORS) + 1))[:max(len(domain), 1)]
+    return alt.Color("run:N", scale=alt.Scale(domain=list(domain), range=colors), legend=alt.Legend(orient="bottom",
+                                                                                      labelLimit=400))
+
+
+def _status(field: str = "status") -> alt.Color:
+    return alt.Color(f"{field}:N", scale=alt.Scale(domain=list(STATUS_COLORS), range=list(STATUS_COLORS.values())),
+                     legend=alt.Legend(orient="right"), title="status")
+
+
+def metric(evals: pd.DataFrame, domain: Sequence[str], y: str, title: str, x: str = "clock") -> alt.Chart:
+    """Accuracy, loss (or any evals column ``y``) of every run against the clock, updates or bytes."""
+    col, x_title = X_AXES[x]
+    data = evals.assign(mb_total=evals["bytes_total"] / MB)
+    return alt.Chart(data).mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=alt.X(f"{col}:Q", title=x_title),
+        y=alt.Y(f"{y}:Q", title=title, scale=alt.Scale(zero=False)),
+        color=_runs(domain),
+        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f", title="clock (s)"), "updates_applied:Q",
+                 alt.Tooltip("mb_total:Q", format=".2f", title="MB"), alt.Tooltip(f"{y}:Q", format=".4f")],
+    ).properties(height=260)
+
+
+def staleness_histogram(hist: pd.DataFrame, domain: Sequence[str]) -> alt.Chart:
+    """Applied updates per staleness, one bar per run side by side."""
+    return alt.Chart(hist).mark_bar().encode(
+        x=alt.X("staleness:O", title="staleness (versions published between dispatch and apply)"),
+        xOffset=alt.XOffset("run:N", scale=alt.Scale(domain=list(domain))),
+        y=alt.Y("tasks:Q", title="applied updates"),
+        color=_runs(domain),
+        tooltip=["run:N", "staleness:O", "tasks:Q"],
+    ).properties(height=260)
+
+
+def staleness_over_time(df: pd.DataFrame, domain: Sequence[str]) -> alt.Chart:
+    """Mean (solid) and max (dashed) staleness of the updates applied in each time bucket."""
+    return alt.Chart(df).transform_fold(["mean_staleness", "max_staleness"], as_=["measure", "staleness"]).mark_line(
+        interpolate="step-after").encode(
+        x=alt.X("t:Q", title="run clock (s)"),
+        y=alt.Y("staleness:Q", title="staleness"),
+        color=_runs(domain),
+        strokeDash=alt.StrokeDash("measure:N", sort=["mean_staleness", "max_staleness"],
+                                  legend=alt.Legend(orient="bottom", title=None)),
+        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f"), "measure:N", alt.Tooltip("staleness:Q", format=".2f")],
+    ).properties(height=260)
+
+
+def bandwidth(df: pd.DataFrame, domain: Sequence[str], cumulative: bool) -> alt.Chart:
+    """Total bytes per second (or cumulative MB) up (solid) and down (dashed) of every run."""
+    up, down = ("up_cum", "down_cum") if cumulative else ("up_bps", "down_bps")
+    data = df.assign(up=df[up] / MB, down=df[down] / MB)
+    return alt.Chart(data).transform_fold(["up", "down"], as_=["direction", "mb"]).mark_line(
+        interpolate="linear" if cumulative else "step-after").encode(
+        x=alt.X("t_end:Q" if cumulative else "t:Q", title="run clock (s)"),
+        y=alt.Y("mb:Q", title="cumulative MB" if cumulative else "MB/s"),
+        color=_runs(domain),
+        strokeDash=alt.StrokeDash("direction:N", sort=["up", "down"], legend=alt.Legend(orient="bottom", title=None)),
+        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f"), "direction:N", alt.Tooltip("mb:Q", format=".3f")],
+    ).properties(height=260)
+
+
+def node_bandwidth(df: pd.DataFrame, direction: str) -> alt.Chart:
+    """Bytes per second of each node of one run, stacked (``direction``: ``up_bps`` or ``down_bps``)."""
+    data = df.assign(mbps=df[direction] / MB)
+    return alt.Chart(data).mark_area(interpolate="step-after").encode(
+        x=alt.X("t:Q", title="run clock (s)"),
+        y=alt.Y("mbps:Q", title="MB/s", stack="zero"),
+        color=alt.Color("node:N", legend=alt.Legend(orient="right", title="node")),
+        tooltip=["node:N", alt.Tooltip("t:Q", format=".3f"), alt.Tooltip("mbps:Q", format=".3f", title="MB/s")],
+    ).properties(height=260)
+
+
+def node_bytes(nodes: pd.DataFrame) -> alt.Chart:
+    """Cumulative MB up and down per node of one run."""
+    data = nodes.assign(up=nodes["bytes_up"] / MB, down=nodes["bytes_down"] / MB)
+    order = list(nodes.sort_values("node_order")["node"])
+    return alt.Chart(data).transform_fold(["up", "down"], as_=["direction", "mb"]).mark_bar().encode(
+        y=alt.Y("node:N", sort=order, title=None),
+        x=alt.X("mb:Q", title="MB"),
+        yOffset=alt.YOffset("direction:N", sort=["up", "down"]),
+        color=alt.Color("direction:N", sort=["up", "down"], legend=alt.Legend(orient="bottom", title=None)),
+        tooltip=["node:N", "direction:N", alt.Tooltip("mb:Q", format=".3f"),
+                 alt.Tooltip("compression:Q", format=".2f", title="down/up")],
+    ).properties(height=_rows_height(len(order), 30, legend=True))
+
+
+def timeline(df: pd.DataFrame) -> alt.Chart:
+    """One bar per task of one run, from dispatch to completion, on its node's row, coloured by status."""
+    order = list(df.drop_duplicates("node").sort_values("node_order")["node"])
+    return alt.Chart(df).mark_bar(height={"band": 0.8}).encode(
+        x=alt.X("dispatched_at:Q", title="run clock (s)"),
+        x2="completed_at:Q",
+        y=alt.Y("node:N", sort=order, title=None),
+        color=_status(),
+        tooltip=["node:N", "seq:Q", "status:N", "staleness:Q", alt.Tooltip("dispatched_at:Q", format=".3f"),
+                 alt.Tooltip("completed_at:Q", format=".3f"), "reason:N"],
+    ).properties(height=_rows_height(len(order), 26))
+
+
+def updates_per_node(nodes: pd.DataFrame) -> alt.Chart:
+    """Tasks per node of one run by outcome: who contributes and who straggles."""
+    order = list(nodes.sort_values("node_order")["node"])
+    return alt.Chart(nodes).transform_fold(list(STATUS_COLORS), as_=["status", "tasks_n"]).mark_bar().encode(
+        y=alt.Y("node:N", sort=order, title=None),
+        x=alt.X("tasks_n:Q", title="tasks"),
+        color=_status(),
+        tooltip=["node:N", "status:N", "tasks_n:Q", alt.Tooltip("mean_task_s:Q", format=".3f"),
+                 alt.Tooltip("mean_staleness:Q", format=".2f")],
+    ).properties(height=_rows_height(len(order), 26))
+
+
+def task_time_per_node(nodes: pd.DataFrame) -> alt.Chart:
+    """Mean compute and communication seconds per task, per node of one run (stacked: the task's length)."""
+    order = list(nodes.sort_values("node_order")["node"])
+    return alt.Chart(nodes).transform_fold(["mean_compute_s", "mean_comm_s"], as_=["part", "s"]).mark_bar().encode(
+        y=alt.Y("node:N", sort=order, title=None),
+        x=alt.X("s:Q", title="mean seconds per task", stack="zero"),
+        color=alt.Color("part:N", sort=["mean_compute_s", "mean_comm_s"],
+                        legend=alt.Legend(orient="right", title=None)),
+        tooltip=["node:N", "part:N", alt.Tooltip("s:Q", format=".3f")],
+    ).properties(height=_rows_height(len(order), 26))

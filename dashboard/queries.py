@@ -1,0 +1,450 @@
+"""Read-only SQL over the metrics store: every aggregate the dashboard shows, computed by SQLite.
+
+The store is DESIGN.md's contract (tables ``runs``, ``updates``, ``evals``), written by the ServerApp in WAL
+mode. This module only reads it:
+
+- through a read-only URI connection (``file:...?mode=ro``) with a short busy timeout, and ``query_only``;
+- inside one short read transaction per page load (``snapshot``): every view of a refresh sees the same
+  committed state, and under WAL a reader never blocks the writer (nor the writer the reader);
+- with every aggregation in SQL (``GROUP BY`` for histograms, per-node and per-time-bucket sums, window functions
+  for cumulative sums and for picking the first evaluation that reaches a target), so that Python never loops
+  over rows and a page costs a handful of index scans whatever the size of the run.
+
+Columns beyond the contract are used only when present: ``runs.error``, ``evals.metrics_json``,
+``evals.consensus_distance`` (gossip strategies) and the ``nodes`` table (device and network of each node).
+
+Times are seconds on the run's clock (virtual or wall); bytes are what was really serialized. Bandwidth puts a
+task's ``bytes_down`` at its dispatch and its ``bytes_up`` at its completion, the two ends of the task the store
+records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# DESIGN.md's contract: what a file must have to be read as a metrics store.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "runs": ("run_id", "started_at", "finished_at", "status", "strategy", "config_json"),
+    "updates": ("run_id", "seq", "node_id", "dispatched_at", "completed_at", "base_version", "applied_version",
+                "staleness", "bytes_up", "bytes_down", "compute_s", "comm_s", "status", "reason"),
+    "evals": ("run_id", "t", "model_version", "updates_applied", "bytes_up_total", "bytes_down_total", "loss",
+              "accuracy"),
+}
+STATUSES = ("applied", "buffered", "dropped", "rejected", "restarted", "failed")
+BUSY_TIMEOUT_S = 1.0      # a reader waits at most this long for a lock (WAL readers normally never wait)
+MAX_BUCKETS = 120         # time buckets of the bandwidth and staleness-over-time series
+MAX_EVAL_POINTS = 2000    # evaluations per run drawn (every k-th kept beyond that, the last one always)
+TIMELINE_LIMIT = 1500     # tasks drawn in the per-node timeline (the most recent ones)
+
+
+class StoreError(Exception):
+    """The file cannot be read as a metrics store; ``kind`` says why, the message says it to a person."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # missing | empty | locked | foreign | unreadable
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Columns of each table of the store (only the tables that exist)."""
+
+    columns: dict[str, frozenset[str]]
+
+    def has(self, table: str, column: str | None = None) -> bool:
+        """Whether ``table`` (and ``column`` in it) exists."""
+        cols = self.columns.get(table)
+        return cols is not None and (column is None or column in cols)
+
+
+# ------------------------------------------------------------------------------------------------ connection
+def connect(path: str | Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """A read-only connection to the store at ``path``; ``StoreError`` if it is missing or empty."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise StoreError("missing", f"No metrics store at {p}: no run has written there yet. Start one "
+                                    "(`make run`, or `python -m server_app.simulate --set metrics-db=...`) "
+                                    "or pick another file.")
+    if p.is_dir():
+        raise StoreError("foreign", f"{p} is a directory, not a metrics store (an SQLite file).")
+    if p.stat().st_size == 0:
+        raise StoreError("empty", f"The metrics store {p} is empty (0 bytes): no run has written to it yet.")
+    uri = p.resolve().as_uri() + "?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA query_only=1")
+        db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    except sqlite3.Error as exc:
+        raise _translate(exc, p) from exc
+    return db
+
+
+@contextmanager
+def snapshot(path: str | Path, timeout: float = BUSY_TIMEOUT_S) -> Iterator[tuple[sqlite3.Connection, Schema]]:
+    """One short read transaction: every query inside sees the same committed state of the store."""
+    p = Path(path).expanduser()
+    db = connect(p, timeout)
+    try:
+        try:
+            db.execute("BEGIN")
+            schema = read_schema(db, p)
+        except sqlite3.Error as exc:
+            raise _translate(exc, p) from exc
+        try:
+            yield db, schema
+        except sqlite3.Error as exc:
+            raise _translate(exc, p) from exc
+        finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def read_schema(db: sqlite3.Connection, path: Path | str = "") -> Schema:
+    """The store's tables and columns; ``StoreError('foreign')`` if DESIGN.md's tables or columns are missing."""
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    columns = {t: frozenset(r[1] for r in db.execute(f'PRAGMA table_info("{t}")')) for t in tables}
+    if not columns:
+        raise StoreError("empty", f"The metrics store {path} has no tables yet: no run has written to it.")
+    missing = [f"{t}" if t not in columns else f"{t}.{c}"
+               for t, cols in REQUIRED.items() for c in (cols if t in columns else cols[:1])
+               if t not in columns or c not in columns[t]]
+    if missing:
+        shown = ", ".join(dict.fromkeys(m if "." in m else f"table {m}" for m in missing))
+        raise StoreError("foreign", f"{path} is an SQLite file but not a staleflower metrics store "
+                                    f"(missing {shown}; see DESIGN.md for the schema).")
+    return Schema(columns)
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return StoreError("locked", f"The metrics store {path} is locked by another process ({text}); "
+                                    "it is retried at the next refresh.")
+    if "not a database" in text or "malformed" in text or "encrypted" in text:
+        return StoreError("foreign", f"{path} is not an SQLite metrics store ({text}).")
+    return StoreError("unreadable", f"Cannot read the metrics store {path}: {text}.")
+
+
+def _frame(db: sqlite3.Connection, sql: str, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    cur = db.execute(sql, params or {})
+    return pd.DataFrame.from_records(cur.fetchall(), columns=[d[0] for d in cur.description])
+
+
+def _ids(run_ids: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """``:r0,:r1,...`` and their values, for ``run_id IN (...)`` with named parameters."""
+    names = [f"r{i}" for i in range(len(run_ids))]
+    return ",".join(f":{n}" for n in names) or "NULL", dict(zip(names, run_ids, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ the queries
+def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
+    """Every run, newest first, with its task and evaluation counts and a human label."""
+    error = "r.error" if schema.has("runs", "error") else "NULL"
+    cfg = "CASE WHEN json_valid(r.config_json) THEN json_extract(r.config_json, '$.{}') END"
+    df = _frame(db, f"""
+        SELECT r.run_id, r.started_at, r.finished_at, r.status, r.strategy, {error} AS error,
+               {cfg.format('codec')} AS codec, {cfg.format('clock')} AS clock,
+               {cfg.format('"target-accuracy"')} AS target_accuracy,
+               COALESCE(u.n, 0) AS tasks, COALESCE(u.applied, 0) AS applied, u.last_t AS clock_s,
+               COALESCE(e.n, 0) AS evals
+        FROM runs r
+        LEFT JOIN (SELECT run_id, COUNT(*) AS n, SUM(status = 'applied') AS applied, MAX(completed_at) AS last_t
+                   FROM updates GROUP BY run_id) u USING (run_id)
+        LEFT JOIN (SELECT run_id, COUNT(*) AS n FROM evals GROUP BY run_id) e USING (run_id)
+        ORDER BY r.started_at DESC, r.run_id
+    """)
+    df["run_id"] = df["run_id"].astype(str)
+    local = datetime.now().astimezone().tzinfo
+    started = (pd.to_datetime(df["started_at"], unit="s", utc=True, errors="coerce").dt.tz_convert(local)
+               .dt.strftime("%m-%d %H:%M:%S"))
+    codec = df["codec"].fillna("none").astype(str)
+    suffix = pd.Series(" + " + codec, index=df.index).where(~codec.isin(["", "none"]), "")
+    df["label"] = (df["strategy"].fillna("?").astype(str) + suffix + " · " + df["run_id"].str[-6:] + " · "
+                   + started.fillna("?"))
+    return df
+
+
+def evals(db: sqlite3.Connection, schema: Schema, run_ids: Sequence[str],
+          max_points: int = MAX_EVAL_POINTS) -> pd.DataFrame:
+    """Evaluations of the runs in time order (every k-th beyond ``max_points`` per run, the last always kept)."""
+    ids, params = _ids(run_ids)
+    consensus = "consensus_distance" if schema.has("evals", "consensus_distance") else "NULL"
+    return _frame(db, f"""
+        SELECT run_id, t, model_version, updates_applied, bytes_up_total, bytes_down_total,
+               bytes_up_total + bytes_down_total AS bytes_total, loss, accuracy,
+               {consensus} AS consensus_distance
+        FROM (SELECT *, ROW_NUMBER() OVER w AS i, COUNT(*) OVER (PARTITION BY run_id) AS n
+              FROM evals WHERE run_id IN ({ids}) WINDOW w AS (PARTITION BY run_id ORDER BY t, rowid))
+        WHERE n <= :m OR i = n OR (i - 1) % ((n + :m - 1) / :m) = 0
+        ORDER BY run_id, i
+    """, {**params, "m": max_points})
+
+
+def summary(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Per run: tasks by status, bytes each way, the measured compression ratio, staleness, clock span.
+
+    ``compression`` is bytes down per byte up over the tasks that uploaded: what a node received (the model,
+    dense unless ``codec-downlink`` compresses it) over what it sent back, both as really serialized.
+    """
+    ids, params = _ids(run_ids)
+    counts = ", ".join(f"SUM(status = '{s}') AS {s}" for s in STATUSES)
+    return _frame(db, f"""
+        SELECT run_id, COUNT(*) AS tasks, {counts}, COUNT(DISTINCT node_id) AS nodes,
+               COALESCE(SUM(bytes_up), 0) AS bytes_up, COALESCE(SUM(bytes_down), 0) AS bytes_down,
+               SUM(CASE WHEN bytes_up > 0 THEN bytes_down END) * 1.0
+                   / NULLIF(SUM(CASE WHEN bytes_up > 0 THEN bytes_up END), 0) AS compression,
+               AVG(CASE WHEN status = 'applied' THEN staleness END) AS mean_staleness,
+               MAX(CASE WHEN status = 'applied' THEN staleness END) AS max_staleness,
+               MAX(completed_at) AS clock_s
+        FROM updates WHERE run_id IN ({ids}) GROUP BY run_id
+    """, params)
+
+
+def last_evals(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Per run, its latest evaluation: clock time, applied updates, loss and accuracy."""
+    ids, params = _ids(run_ids)
+    return _frame(db, f"""
+        SELECT run_id, t AS eval_t, updates_applied AS eval_updates, loss, accuracy
+        FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY t DESC, rowid DESC) AS i
+              FROM evals WHERE run_id IN ({ids}))
+        WHERE i = 1
+    """, params)
+
+
+def staleness_histogram(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Tasks per (run, staleness, status); failed tasks have no staleness and are left out."""
+    ids, params = _ids(run_ids)
+    return _frame(db, f"""
+        SELECT run_id, staleness, status, COUNT(*) AS tasks FROM updates
+        WHERE run_id IN ({ids}) AND staleness IS NOT NULL
+        GROUP BY run_id, staleness, status ORDER BY run_id, staleness, status
+    """, params)
+
+
+def bucket_width(span_s: float | None, buckets: int = MAX_BUCKETS) -> float:
+    """A round bucket width (1, 2 or 5 times a power of ten) giving at most ``buckets`` buckets over ``span_s``."""
+    if span_s is None or not math.isfinite(span_s) or span_s <= 0:
+        return 1.0
+    raw = span_s / buckets
+    base = 10.0 ** math.floor(math.log10(raw))
+    return next(m * base for m in (1, 2, 5, 10) if m * base >= raw * (1 - 1e-9))
+
+
+def staleness_over_time(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> pd.DataFrame:
+    """Mean and max staleness of the updates applied in each time bucket of ``width`` seconds."""
+    ids, params = _ids(run_ids)
+    return _frame(db, f"""
+        SELECT run_id, CAST(completed_at / :w AS INTEGER) * :w AS t, AVG(staleness) AS mean_staleness,
+               MAX(staleness) AS max_staleness, COUNT(*) AS applied
+        FROM updates WHERE run_id IN ({ids}) AND status = 'applied' AND staleness IS NOT NULL
+        GROUP BY run_id, CAST(completed_at / :w AS INTEGER) ORDER BY run_id, t
+    """, {**params, "w": width})
+
+
+def bandwidth(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> pd.DataFrame:
+    """Per run and time bucket: bytes/s up and down, and cumulative bytes at the bucket's end (no gaps)."""
+    ids, params = _ids(run_ids)
+    return _frame(db, f"""
+        WITH RECURSIVE
+        span AS (SELECT run_id, CAST(MAX(MAX(completed_at), MAX(dispatched_at)) / :w AS INTEGER) AS last
+                 FROM updates WHERE run_id IN ({ids}) GROUP BY run_id),
+        b(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM b WHERE i < (SELECT MAX(last) FROM span)),
+        up AS (SELECT run_id, CAST(completed_at / :w AS INTEGER) AS i, SUM(bytes_up) AS v
+               FROM updates WHERE run_id IN ({ids}) GROUP BY 1, 2),
+        down AS (SELECT run_id, CAST(dispatched_at / :w AS INTEGER) AS i, SUM(bytes_down) AS v
+                 FROM updates WHERE run_id IN ({ids}) GROUP BY 1, 2)
+        SELECT span.run_id, b.i * :w AS t, (b.i + 1) * :w AS t_end,
+               COALESCE(up.v, 0) / :w AS up_bps, COALESCE(down.v, 0) / :w AS down_bps,
+               SUM(COALESCE(up.v, 0)) OVER c AS up_cum, SUM(COALESCE(down.v, 0)) OVER c AS down_cum
+        FROM span JOIN b ON b.i <= span.last
+        LEFT JOIN up ON up.run_id = span.run_id AND up.i = b.i
+        LEFT JOIN down ON down.run_id = span.run_id AND down.i = b.i
+        WINDOW c AS (PARTITION BY span.run_id ORDER BY b.i)
+        ORDER BY span.run_id, b.i
+    """, {**params, "w": width})
+
+
+def _nodes_join(schema: Schema) -> tuple[str, str, str]:
+    """(JOIN clause, label, sort key) naming a task's node by index, device and network when ``nodes`` exists.
+
+    The store keeps Flower's unsigned node ids as signed integers; without a ``nodes`` row a node is shown by that
+    stored id.
+    """
+    if not schema.has("nodes") or not {"run_id", "node_id", "idx", "device", "network"} <= schema.columns["nodes"]:
+        return "", "'node ' || u.node_id", "u.node_id"
+    join = ("LEFT JOIN (SELECT run_id, node_id, MIN(idx) AS idx, MIN(device) AS device, MIN(network) AS network "
+            "FROM nodes WHERE run_id = :run GROUP BY node_id) n ON n.node_id = u.node_id")
+    label = ("CASE WHEN n.idx IS NULL THEN 'node ' || u.node_id "
+             "ELSE printf('n%02d %s/%s', n.idx, COALESCE(n.device, '?'), COALESCE(n.network, '?')) END")
+    return join, label, "COALESCE(n.idx, 1e18)"
+
+
+def node_stats(db: sqlite3.Connection, schema: Schema, run_id: str) -> pd.DataFrame:
+    """Per node of one run: tasks by status, mean task time, compute and communication, staleness, bytes."""
+    join, label, key = _nodes_join(schema)
+    counts = ", ".join(f"SUM(u.status = '{s}') AS {s}" for s in STATUSES)
+    return _frame(db, f"""
+        SELECT {label} AS node, MIN({key}) AS node_order, COUNT(*) AS tasks, {counts},
+               AVG(u.completed_at - u.dispatched_at) AS mean_task_s, AVG(u.compute_s) AS mean_compute_s,
+               AVG(u.comm_s) AS mean_comm_s, AVG(CASE WHEN u.status = 'applied' THEN u.staleness END)
+               AS mean_staleness, SUM(u.bytes_up) AS bytes_up, SUM(u.bytes_down) AS bytes_down,
+               SUM(CASE WHEN u.bytes_up > 0 THEN u.bytes_down END) * 1.0
+                   / NULLIF(SUM(CASE WHEN u.bytes_up > 0 THEN u.bytes_up END), 0) AS compression
+        FROM updates u {join} WHERE u.run_id = :run
+        GROUP BY u.node_id ORDER BY node_order, u.node_id
+    """, {"run": run_id})
+
+
+def node_bandwidth(db: sqlite3.Connection, schema: Schema, run_id: str, width: float) -> pd.DataFrame:
+    """Per node of one run and time bucket: bytes/s up and down (buckets without traffic are zero)."""
+    join, label, _ = _nodes_join(schema)
+    return _frame(db, f"""
+        WITH RECURSIVE
+        span AS (SELECT CAST(MAX(MAX(completed_at), MAX(dispatched_at)) / :w AS INTEGER) AS last
+                 FROM updates WHERE run_id = :run),
+        b(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM b WHERE i < (SELECT last FROM span)),
+        nd AS (SELECT u.node_id, {label} AS node FROM (SELECT DISTINCT run_id, node_id FROM updates
+                                                       WHERE run_id = :run) u {join}),
+        up AS (SELECT node_id, CAST(completed_at / :w AS INTEGER) AS i, SUM(bytes_up) AS v
+               FROM updates WHERE run_id = :run GROUP BY 1, 2),
+        down AS (SELECT node_id, CAST(dispatched_at / :w AS INTEGER) AS i, SUM(bytes_down) AS v
+                 FROM updates WHERE run_id = :run GROUP BY 1, 2)
+        SELECT nd.node, b.i * :w AS t, COALESCE(up.v, 0) / :w AS up_bps, COALESCE(down.v, 0) / :w AS down_bps
+        FROM nd JOIN b
+        LEFT JOIN up ON up.node_id = nd.node_id AND up.i = b.i
+        LEFT JOIN down ON down.node_id = nd.node_id AND down.i = b.i
+        ORDER BY nd.node, b.i
+    """, {"run": run_id, "w": width})
+
+
+def timeline(db: sqlite3.Connection, schema: Schema, run_id: str, limit: int = TIMELINE_LIMIT) -> pd.DataFrame:
+    """The ``limit`` most recently completed tasks of one run: node, dispatch, completion, status."""
+    join, label, key = _nodes_join(schema)
+    return _frame(db, f"""
+        SELECT {label} AS node, {key} AS node_order,
+               u.seq, u.dispatched_at, u.completed_at, u.status, u.staleness, u.reason
+        FROM (SELECT * FROM updates WHERE run_id = :run ORDER BY completed_at DESC LIMIT :limit) u {join}
+        ORDER BY u.completed_at
+    """, {"run": run_id, "limit": limit})
+
+
+def first_reaching(db: sqlite3.Connection, run_ids: Sequence[str], target: float) -> pd.DataFrame:
+    """Per run, the first evaluation with accuracy >= ``target``: its clock time, updates and bytes."""
+    ids, params = _ids(run_ids)
+    return _frame(db, f"""
+        SELECT run_id, t, updates_applied, bytes_up_total, bytes_down_total,
+               bytes_up_total + bytes_down_total AS bytes_total, accuracy
+        FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY t, rowid) AS i
+              FROM evals WHERE run_id IN ({ids}) AND accuracy >= :target)
+        WHERE i = 1
+    """, {**params, "target": target})
+
+
+def configs(db: sqlite3.Connection, schema: Schema, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each run's config (parsed ``config_json``), and the strategy's state at its last evaluation if stored."""
+    ids, params = _ids(run_ids)
+    state = ("(SELECT metrics_json FROM evals e WHERE e.run_id = r.run_id ORDER BY t DESC, rowid DESC LIMIT 1)"
+             if schema.has("evals", "metrics_json") else "NULL")
+    rows = db.execute(f"SELECT run_id, config_json, {state} FROM runs r WHERE run_id IN ({ids})", params).fetchall()
+    return {str(run_id): {"config": parse_config(cfg), "state": parse_config(st) if st else {}}
+            for run_id, cfg, st in rows}
+
+
+def parse_config(raw: str | None) -> dict[str, Any]:
+    """A JSON object stored as text; an unreadable one becomes ``{'unparsed': raw}``."""
+    try:
+        value = json.loads(raw or "{}")
+    except (TypeError, ValueError):
+        return {"unparsed": raw}
+    return value if isinstance(value, dict) else {"unparsed": raw}
+
+
+# ------------------------------------------------------------------------------------------------ one page load
+@dataclass
+class PageData:
+    """Everything one refresh of the page draws, read in one snapshot of the store."""
+
+    runs: pd.DataFrame
+    selected: list[str]
+    focus: str | None
+    width: float = 1.0
+    evals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    staleness: pd.DataFrame = field(default_factory=pd.DataFrame)
+    staleness_time: pd.DataFrame = field(default_factory=pd.DataFrame)
+    bandwidth: pd.DataFrame = field(default_factory=pd.DataFrame)
+    nodes: pd.DataFrame = field(default_factory=pd.DataFrame)
+    node_bandwidth: pd.DataFrame = field(default_factory=pd.DataFrame)
+    timeline: pd.DataFrame = field(default_factory=pd.DataFrame)
+    targets: pd.DataFrame = field(default_factory=pd.DataFrame)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timeline_limit: int = TIMELINE_LIMIT
+    last: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def labels(self) -> dict[str, str]:
+        """Run id to label, for the selected runs in selection order."""
+        names = dict(zip(self.runs["run_id"], self.runs["label"], strict=True))
+        return {r: names[r] for r in self.selected}
+
+    def labelled(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` with a ``run`` column holding each row's run label."""
+        return df.assign(run=df["run_id"].map(self.labels())) if "run_id" in df else df
+
+    def overview(self) -> pd.DataFrame:
+        """One row per selected run: status, clock, tasks by outcome, latest accuracy, bytes, compression."""
+        base = self.runs.set_index("run_id").loc[self.selected, ["label", "status", "strategy", "clock"]]
+        out = base.join(self.summary.set_index("run_id"), how="left") if len(self.summary) else base
+        if len(self.last):
+            out = out.join(self.last.set_index("run_id"), how="left")
+        return out.reset_index()
+
+
+def load_runs(path: str | Path) -> pd.DataFrame:
+    """The run list alone (the picker), in its own short transaction."""
+    with snapshot(path) as (db, schema):
+        return list_runs(db, schema)
+
+
+def load_page(path: str | Path, selected: Sequence[str] | None = None, focus: str | None = None,
+              target: float = 0.0, timeline_limit: int = TIMELINE_LIMIT) -> PageData:
+    """Read everything the page shows for the ``selected`` runs (default: the newest) in one read transaction.
+
+    ``focus`` is the run of the per-node views (default: the first selected); ``target`` the accuracy of the
+    time-to-target and bytes-to-target tiles (0: no tiles).
+    """
+    with snapshot(path) as (db, schema):
+        runs = list_runs(db, schema)
+        known = set(runs["run_id"])
+        chosen = [r for r in (selected if selected is not None else runs["run_id"][:1]) if r in known]
+        focus = focus if focus in chosen else (chosen[0] if chosen else None)
+        page = PageData(runs=runs, selected=chosen, focus=focus, timeline_limit=timeline_limit)
+        if not chosen:
+            return page
+        page.summary = summary(db, chosen)
+        span = page.summary["clock_s"].max() if len(page.summary) else None
+        page.width = bucket_width(None if pd.isna(span) else float(span))
+        page.evals = evals(db, schema, chosen)
+        page.last = last_evals(db, chosen)
+        page.staleness = staleness_histogram(db, chosen)
+        page.staleness_time = staleness_over_time(db, chosen, page.width)
+        page.bandwidth = bandwidth(db, chosen, page.width)
+        page.configs = configs(db, schema, chosen)
+        if target > 0:
+            page.targets = first_reaching(db, chosen, target)
+        if focus is not None:
+            page.nodes = node_stats(db, schema, focus)
+            page.node_bandwidth = node_bandwidth(db, schema, focus, page.width)
+            page.timeline = timeline(db, schema, focus, timeline_limit)
+        return page
