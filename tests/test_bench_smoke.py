@@ -35,3 +35,23 @@ def test_olco3_delay_reproduction_smoke(tmp_path):
     for method in olco3_delay.METHODS:
         assert f"| {method} |" in table
     assert (tmp_path / "o.png").stat().st_size > 0
+
+
+def test_local_executors_smoke(tmp_path, capsys):
+    """`python bench/local_executors.py --quick --json OUT`: every executor and model, the JSON keys, the table."""
+    from bench import local_executors
+
+    out = tmp_path / "le.json"
+    report = local_executors.main(["--quick", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["machine"]["cores"] >= 1 and len(data["machine"]["loadavg_before"]) == 3
+    rows = {(r["model"], r["executor"], r["threads"]) for r in data["results"]}
+    assert rows == {(m, e, t) for m in ("mlp", "cnn") for e, t in local_executors.configurations((1, 2))}
+    for r in data["results"]:
+        for key in ("updates_per_s", "time_to_loss_threshold_s", "staleness_mean", "staleness_max", "failed_swaps",
+                    "dropped_gradients", "peak_live_vectors"):
+            assert key in r
+        assert r["updates_per_s"] > 0 and r["peak_live_vectors"] <= 2 * r["threads"] + 1
+    assert {c["threads"] for c in data["comparisons"]} == {1, 2}
+    assert "| mlp | leashed | 2 |" in capsys.readouterr().out
