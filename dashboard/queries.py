@@ -3,12 +3,16 @@
 The store is DESIGN.md's contract (tables ``runs``, ``updates``, ``evals``), written by the ServerApp in WAL
 mode. This module only reads it:
 
-- through a read-only URI connection (``file:...?mode=ro``) with a short busy timeout, and ``query_only``;
+- through a read-only URI connection (``file:...?mode=ro``: SQLite refuses any write to the store or its WAL)
+  with a short busy timeout;
 - inside one short read transaction per page load (``snapshot``): every view of a refresh sees the same
   committed state, and under WAL a reader never blocks the writer (nor the writer the reader);
-- with every aggregation in SQL (``GROUP BY`` for histograms, per-node and per-time-bucket sums, window functions
-  for cumulative sums and for picking the first evaluation that reaches a target), so that Python never loops
-  over rows and a page costs a handful of index scans whatever the size of the run.
+- with every aggregation in SQL: one grouped pass over the selected runs' tasks (``stage``) into a small
+  temporary table (per node, status, staleness and time bucket) from which every per-task view is a ``GROUP BY``
+  of a few thousand rows; window functions for cumulative sums and evaluation thinning; index range scans for
+  the run list, evaluations, the first evaluation reaching a target and the timeline's latest tasks. Python
+  never loops over rows (only over the few selected runs), and what a page returns is bounded by nodes x
+  buckets, not by the length of the run (BENCHMARKS.md: 1k, 10k, 100k updates).
 
 Columns beyond the contract are used only when present: ``runs.error``, ``evals.metrics_json``,
 ``evals.consensus_distance`` (gossip strategies) and the ``nodes`` table (device and network of each node).
@@ -82,7 +86,7 @@ def connect(path: str | Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connec
     uri = p.resolve().as_uri() + "?mode=ro"
     try:
         db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA query_only=1")
+        db.execute("PRAGMA temp_store=MEMORY")  # the staged aggregates (temp tables: the store stays read-only)
         db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
     except sqlite3.Error as exc:
         raise _translate(exc, p) from exc
@@ -150,18 +154,17 @@ def _ids(run_ids: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------ the queries
 def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
-    """Every run, newest first, with its task and evaluation counts and a human label."""
+    """Every run, newest first, with its task and evaluation counts and a human label (index-only counts)."""
     error = "r.error" if schema.has("runs", "error") else "NULL"
     cfg = "CASE WHEN json_valid(r.config_json) THEN json_extract(r.config_json, '$.{}') END"
     df = _frame(db, f"""
         SELECT r.run_id, r.started_at, r.finished_at, r.status, r.strategy, {error} AS error,
                {cfg.format('codec')} AS codec, {cfg.format('clock')} AS clock,
                {cfg.format('"target-accuracy"')} AS target_accuracy,
-               COALESCE(u.n, 0) AS tasks, COALESCE(u.applied, 0) AS applied, u.last_t AS clock_s,
-               COALESCE(e.n, 0) AS evals
+               COALESCE(u.n, 0) AS tasks, u.last_t AS clock_s, COALESCE(e.n, 0) AS evals
         FROM runs r
-        LEFT JOIN (SELECT run_id, COUNT(*) AS n, SUM(status = 'applied') AS applied, MAX(completed_at) AS last_t
-                   FROM updates GROUP BY run_id) u USING (run_id)
+        LEFT JOIN (SELECT run_id, COUNT(*) AS n, MAX(completed_at) AS last_t FROM updates GROUP BY run_id) u
+               USING (run_id)
         LEFT JOIN (SELECT run_id, COUNT(*) AS n FROM evals GROUP BY run_id) e USING (run_id)
         ORDER BY r.started_at DESC, r.run_id
     """)
@@ -176,61 +179,45 @@ def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
     return df
 
 
+def _per_run(db: sqlite3.Connection, sql: str, run_ids: Sequence[str], **params: Any) -> pd.DataFrame:
+    """``sql`` (with ``:run``) once per run, concatenated: each is an index range scan of one run's rows."""
+    frames = [_frame(db, sql, {**params, "run": run}) for run in run_ids]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else _frame(db, sql, {**params, "run": None})
+
+
 def evals(db: sqlite3.Connection, schema: Schema, run_ids: Sequence[str],
           max_points: int = MAX_EVAL_POINTS) -> pd.DataFrame:
-    """Evaluations of the runs in time order (every k-th beyond ``max_points`` per run, the last always kept)."""
-    ids, params = _ids(run_ids)
-    consensus = "consensus_distance" if schema.has("evals", "consensus_distance") else "NULL"
-    return _frame(db, f"""
-        SELECT run_id, t, model_version, updates_applied, bytes_up_total, bytes_down_total,
-               bytes_up_total + bytes_down_total AS bytes_total, loss, accuracy,
-               {consensus} AS consensus_distance
-        FROM (SELECT *, ROW_NUMBER() OVER w AS i, COUNT(*) OVER (PARTITION BY run_id) AS n
-              FROM evals WHERE run_id IN ({ids}) WINDOW w AS (PARTITION BY run_id ORDER BY t, rowid))
-        WHERE n <= :m OR i = n OR (i - 1) % ((n + :m - 1) / :m) = 0
-        ORDER BY run_id, i
-    """, {**params, "m": max_points})
+    """Evaluations of the runs in time order (every k-th beyond ``max_points`` per run, the last always kept).
 
-
-def summary(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
-    """Per run: tasks by status, bytes each way, the measured compression ratio, staleness, clock span.
-
-    ``compression`` is bytes down per byte up over the tasks that uploaded: what a node received (the model,
-    dense unless ``codec-downlink`` compresses it) over what it sent back, both as really serialized.
+    The ``evals_run`` index ``(run_id, t)`` gives the order, so the numbering needs no sort.
     """
-    ids, params = _ids(run_ids)
-    counts = ", ".join(f"SUM(status = '{s}') AS {s}" for s in STATUSES)
-    return _frame(db, f"""
-        SELECT run_id, COUNT(*) AS tasks, {counts}, COUNT(DISTINCT node_id) AS nodes,
-               COALESCE(SUM(bytes_up), 0) AS bytes_up, COALESCE(SUM(bytes_down), 0) AS bytes_down,
-               SUM(CASE WHEN bytes_up > 0 THEN bytes_down END) * 1.0
-                   / NULLIF(SUM(CASE WHEN bytes_up > 0 THEN bytes_up END), 0) AS compression,
-               AVG(CASE WHEN status = 'applied' THEN staleness END) AS mean_staleness,
-               MAX(CASE WHEN status = 'applied' THEN staleness END) AS max_staleness,
-               MAX(completed_at) AS clock_s
-        FROM updates WHERE run_id IN ({ids}) GROUP BY run_id
-    """, params)
+    consensus = "consensus_distance" if schema.has("evals", "consensus_distance") else "NULL"
+    return _per_run(db, f"""
+        WITH n AS (SELECT COUNT(*) AS n FROM evals WHERE run_id = :run)
+        SELECT run_id, t, model_version, updates_applied, bytes_up_total, bytes_down_total,
+               bytes_up_total + bytes_down_total AS bytes_total, loss, accuracy, {consensus} AS consensus_distance
+        FROM (SELECT *, ROW_NUMBER() OVER (ORDER BY t, rowid) AS i FROM evals WHERE run_id = :run), n
+        WHERE n.n <= :m OR i = n.n OR (i - 1) % ((n.n + :m - 1) / :m) = 0
+        ORDER BY i
+    """, run_ids, m=max_points)
 
 
 def last_evals(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
     """Per run, its latest evaluation: clock time, applied updates, loss and accuracy."""
-    ids, params = _ids(run_ids)
-    return _frame(db, f"""
+    return _per_run(db, """
         SELECT run_id, t AS eval_t, updates_applied AS eval_updates, loss, accuracy
-        FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY t DESC, rowid DESC) AS i
-              FROM evals WHERE run_id IN ({ids}))
-        WHERE i = 1
-    """, params)
+        FROM evals WHERE run_id = :run ORDER BY t DESC, rowid DESC LIMIT 1
+    """, run_ids)
 
 
-def staleness_histogram(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
-    """Tasks per (run, staleness, status); failed tasks have no staleness and are left out."""
-    ids, params = _ids(run_ids)
-    return _frame(db, f"""
-        SELECT run_id, staleness, status, COUNT(*) AS tasks FROM updates
-        WHERE run_id IN ({ids}) AND staleness IS NOT NULL
-        GROUP BY run_id, staleness, status ORDER BY run_id, staleness, status
-    """, params)
+def first_reaching(db: sqlite3.Connection, run_ids: Sequence[str], target: float) -> pd.DataFrame:
+    """Per run, the first evaluation with accuracy >= ``target``: its clock time, updates and bytes."""
+    return _per_run(db, """
+        SELECT run_id, t, updates_applied, bytes_up_total, bytes_down_total,
+               bytes_up_total + bytes_down_total AS bytes_total, accuracy
+        FROM evals WHERE run_id = :run AND accuracy >= :target ORDER BY t, rowid LIMIT 1
+    """, run_ids, target=target)
 
 
 def bucket_width(span_s: float | None, buckets: int = MAX_BUCKETS) -> float:
@@ -242,29 +229,87 @@ def bucket_width(span_s: float | None, buckets: int = MAX_BUCKETS) -> float:
     return next(m * base for m in (1, 2, 5, 10) if m * base >= raw * (1 - 1e-9))
 
 
-def staleness_over_time(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> pd.DataFrame:
-    """Mean and max staleness of the updates applied in each time bucket of ``width`` seconds."""
+def clock_span(db: sqlite3.Connection, run_ids: Sequence[str]) -> float | None:
+    """The latest completion among the runs' tasks, in seconds on their clocks (``None`` before the first one).
+
+    Read from the ``(run_id, completed_at)`` index.
+    """
     ids, params = _ids(run_ids)
-    return _frame(db, f"""
-        SELECT run_id, CAST(completed_at / :w AS INTEGER) * :w AS t, AVG(staleness) AS mean_staleness,
-               MAX(staleness) AS max_staleness, COUNT(*) AS applied
-        FROM updates WHERE run_id IN ({ids}) AND status = 'applied' AND staleness IS NOT NULL
-        GROUP BY run_id, CAST(completed_at / :w AS INTEGER) ORDER BY run_id, t
+    return db.execute(f"SELECT MAX(completed_at) FROM updates WHERE run_id IN ({ids})", params).fetchone()[0]
+
+
+def stage(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> int:
+    """One pass over the runs' tasks into ``temp.dash_tasks``, which every per-task view then reads.
+
+    One row per (run, node, status, staleness, completion bucket, dispatch bucket) with its task count, bytes
+    each way, task, compute and communication seconds: a few thousand rows whatever the number of tasks (nodes x
+    buckets x the statuses and staleness values met), so that the views after it cost next to nothing. The scan
+    reads the table directly when the selected runs hold a third of its rows or more (cheaper than a lookup per
+    row through the primary key), through the index otherwise. Returns the number of staged rows.
+    """
+    ids, params = _ids(run_ids)
+    selected = db.execute(f"SELECT COUNT(*) FROM updates WHERE run_id IN ({ids})", params).fetchone()[0]
+    total = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM updates").fetchone()[0]
+    source = "updates NOT INDEXED" if selected * 3 >= total else "updates"
+    db.execute("DROP TABLE IF EXISTS temp.dash_tasks")
+    db.execute(f"""
+        CREATE TEMP TABLE dash_tasks AS
+        SELECT run_id, node_id, status, staleness,
+               CAST(completed_at / :w AS INTEGER) AS bc, CAST(dispatched_at / :w AS INTEGER) AS bd,
+               COUNT(*) AS n, SUM(bytes_up) AS up, SUM(bytes_down) AS down,
+               SUM(CASE WHEN bytes_up > 0 THEN bytes_down END) AS down_when_up,
+               SUM(completed_at - dispatched_at) AS task_s, SUM(compute_s) AS compute_s, SUM(comm_s) AS comm_s
+        FROM {source} WHERE run_id IN ({ids})
+        GROUP BY run_id, node_id, status, staleness, bc, bd
     """, {**params, "w": width})
+    return db.execute("SELECT COUNT(*) FROM temp.dash_tasks").fetchone()[0]
 
 
-def bandwidth(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> pd.DataFrame:
-    """Per run and time bucket: bytes/s up and down, and cumulative bytes at the bucket's end (no gaps)."""
-    ids, params = _ids(run_ids)
+def summary(db: sqlite3.Connection) -> pd.DataFrame:
+    """Per staged run: tasks by status, bytes each way, the measured compression ratio, staleness, nodes.
+
+    ``compression`` is bytes down per byte up over the tasks that uploaded: what a node received (the model,
+    dense unless ``codec-downlink`` compresses it) over what it sent back, both as really serialized.
+    """
+    counts = ", ".join(f"SUM(CASE WHEN status = '{s}' THEN n ELSE 0 END) AS {s}" for s in STATUSES)
     return _frame(db, f"""
+        SELECT run_id, SUM(n) AS tasks, {counts}, COUNT(DISTINCT node_id) AS nodes,
+               COALESCE(SUM(up), 0) AS bytes_up, COALESCE(SUM(down), 0) AS bytes_down,
+               SUM(down_when_up) * 1.0 / NULLIF(SUM(up), 0) AS compression,
+               SUM(CASE WHEN status = 'applied' THEN staleness * n END) * 1.0
+                   / NULLIF(SUM(CASE WHEN status = 'applied' AND staleness IS NOT NULL THEN n END), 0)
+                   AS mean_staleness,
+               MAX(CASE WHEN status = 'applied' THEN staleness END) AS max_staleness
+        FROM temp.dash_tasks GROUP BY run_id
+    """)
+
+
+def staleness_histogram(db: sqlite3.Connection) -> pd.DataFrame:
+    """Tasks per (run, staleness, status) of the staged runs; failed tasks have no staleness and are left out."""
+    return _frame(db, """
+        SELECT run_id, staleness, status, SUM(n) AS tasks FROM temp.dash_tasks WHERE staleness IS NOT NULL
+        GROUP BY run_id, staleness, status ORDER BY run_id, staleness, status
+    """)
+
+
+def staleness_over_time(db: sqlite3.Connection, width: float) -> pd.DataFrame:
+    """Mean and max staleness of the updates applied in each completion bucket of the staged runs."""
+    return _frame(db, """
+        SELECT run_id, bc * :w AS t, SUM(staleness * n) * 1.0 / SUM(n) AS mean_staleness,
+               MAX(staleness) AS max_staleness, SUM(n) AS applied
+        FROM temp.dash_tasks WHERE status = 'applied' AND staleness IS NOT NULL
+        GROUP BY run_id, bc ORDER BY run_id, bc
+    """, {"w": width})
+
+
+def bandwidth(db: sqlite3.Connection, width: float) -> pd.DataFrame:
+    """Per staged run and time bucket: bytes/s up and down, and cumulative bytes at the bucket's end (no gaps)."""
+    return _frame(db, """
         WITH RECURSIVE
-        span AS (SELECT run_id, CAST(MAX(MAX(completed_at), MAX(dispatched_at)) / :w AS INTEGER) AS last
-                 FROM updates WHERE run_id IN ({ids}) GROUP BY run_id),
+        span AS (SELECT run_id, MAX(MAX(bc), MAX(bd)) AS last FROM temp.dash_tasks GROUP BY run_id),
         b(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM b WHERE i < (SELECT MAX(last) FROM span)),
-        up AS (SELECT run_id, CAST(completed_at / :w AS INTEGER) AS i, SUM(bytes_up) AS v
-               FROM updates WHERE run_id IN ({ids}) GROUP BY 1, 2),
-        down AS (SELECT run_id, CAST(dispatched_at / :w AS INTEGER) AS i, SUM(bytes_down) AS v
-                 FROM updates WHERE run_id IN ({ids}) GROUP BY 1, 2)
+        up AS (SELECT run_id, bc AS i, SUM(up) AS v FROM temp.dash_tasks GROUP BY 1, 2),
+        down AS (SELECT run_id, bd AS i, SUM(down) AS v FROM temp.dash_tasks GROUP BY 1, 2)
         SELECT span.run_id, b.i * :w AS t, (b.i + 1) * :w AS t_end,
                COALESCE(up.v, 0) / :w AS up_bps, COALESCE(down.v, 0) / :w AS down_bps,
                SUM(COALESCE(up.v, 0)) OVER c AS up_cum, SUM(COALESCE(down.v, 0)) OVER c AS down_cum
@@ -273,54 +318,53 @@ def bandwidth(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> p
         LEFT JOIN down ON down.run_id = span.run_id AND down.i = b.i
         WINDOW c AS (PARTITION BY span.run_id ORDER BY b.i)
         ORDER BY span.run_id, b.i
-    """, {**params, "w": width})
+    """, {"w": width})
 
 
-def _nodes_join(schema: Schema) -> tuple[str, str, str]:
+def _nodes_join(schema: Schema, alias: str = "u") -> tuple[str, str, str]:
     """(JOIN clause, label, sort key) naming a task's node by index, device and network when ``nodes`` exists.
 
     The store keeps Flower's unsigned node ids as signed integers; without a ``nodes`` row a node is shown by that
     stored id.
     """
     if not schema.has("nodes") or not {"run_id", "node_id", "idx", "device", "network"} <= schema.columns["nodes"]:
-        return "", "'node ' || u.node_id", "u.node_id"
-    join = ("LEFT JOIN (SELECT run_id, node_id, MIN(idx) AS idx, MIN(device) AS device, MIN(network) AS network "
-            "FROM nodes WHERE run_id = :run GROUP BY node_id) n ON n.node_id = u.node_id")
-    label = ("CASE WHEN n.idx IS NULL THEN 'node ' || u.node_id "
+        return "", f"'node ' || {alias}.node_id", f"{alias}.node_id"
+    join = ("LEFT JOIN (SELECT node_id, MIN(idx) AS idx, MIN(device) AS device, MIN(network) AS network "
+            f"FROM nodes WHERE run_id = :run GROUP BY node_id) n ON n.node_id = {alias}.node_id")
+    label = (f"CASE WHEN n.idx IS NULL THEN 'node ' || {alias}.node_id "
              "ELSE printf('n%02d %s/%s', n.idx, COALESCE(n.device, '?'), COALESCE(n.network, '?')) END")
     return join, label, "COALESCE(n.idx, 1e18)"
 
 
 def node_stats(db: sqlite3.Connection, schema: Schema, run_id: str) -> pd.DataFrame:
-    """Per node of one run: tasks by status, mean task time, compute and communication, staleness, bytes."""
-    join, label, key = _nodes_join(schema)
-    counts = ", ".join(f"SUM(u.status = '{s}') AS {s}" for s in STATUSES)
+    """Per node of one staged run: tasks by status, mean task, compute and communication time, staleness, bytes."""
+    join, label, key = _nodes_join(schema, "g")
+    counts = ", ".join(f"SUM(CASE WHEN g.status = '{s}' THEN g.n ELSE 0 END) AS {s}" for s in STATUSES)
     return _frame(db, f"""
-        SELECT {label} AS node, MIN({key}) AS node_order, COUNT(*) AS tasks, {counts},
-               AVG(u.completed_at - u.dispatched_at) AS mean_task_s, AVG(u.compute_s) AS mean_compute_s,
-               AVG(u.comm_s) AS mean_comm_s, AVG(CASE WHEN u.status = 'applied' THEN u.staleness END)
-               AS mean_staleness, SUM(u.bytes_up) AS bytes_up, SUM(u.bytes_down) AS bytes_down,
-               SUM(CASE WHEN u.bytes_up > 0 THEN u.bytes_down END) * 1.0
-                   / NULLIF(SUM(CASE WHEN u.bytes_up > 0 THEN u.bytes_up END), 0) AS compression
-        FROM updates u {join} WHERE u.run_id = :run
-        GROUP BY u.node_id ORDER BY node_order, u.node_id
+        SELECT {label} AS node, MIN({key}) AS node_order, SUM(g.n) AS tasks, {counts},
+               SUM(g.task_s) / SUM(g.n) AS mean_task_s, SUM(g.compute_s) / SUM(g.n) AS mean_compute_s,
+               SUM(g.comm_s) / SUM(g.n) AS mean_comm_s,
+               SUM(CASE WHEN g.status = 'applied' THEN g.staleness * g.n END) * 1.0
+                   / NULLIF(SUM(CASE WHEN g.status = 'applied' AND g.staleness IS NOT NULL THEN g.n END), 0)
+                   AS mean_staleness,
+               SUM(g.up) AS bytes_up, SUM(g.down) AS bytes_down,
+               SUM(g.down_when_up) * 1.0 / NULLIF(SUM(g.up), 0) AS compression
+        FROM temp.dash_tasks g {join} WHERE g.run_id = :run
+        GROUP BY g.node_id ORDER BY node_order, g.node_id
     """, {"run": run_id})
 
 
 def node_bandwidth(db: sqlite3.Connection, schema: Schema, run_id: str, width: float) -> pd.DataFrame:
-    """Per node of one run and time bucket: bytes/s up and down (buckets without traffic are zero)."""
-    join, label, _ = _nodes_join(schema)
+    """Per node of one staged run and time bucket: bytes/s up and down (buckets without traffic are zero)."""
+    join, label, _ = _nodes_join(schema, "g")
     return _frame(db, f"""
         WITH RECURSIVE
-        span AS (SELECT CAST(MAX(MAX(completed_at), MAX(dispatched_at)) / :w AS INTEGER) AS last
-                 FROM updates WHERE run_id = :run),
+        span AS (SELECT MAX(MAX(bc), MAX(bd)) AS last FROM temp.dash_tasks WHERE run_id = :run),
         b(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM b WHERE i < (SELECT last FROM span)),
-        nd AS (SELECT u.node_id, {label} AS node FROM (SELECT DISTINCT run_id, node_id FROM updates
-                                                       WHERE run_id = :run) u {join}),
-        up AS (SELECT node_id, CAST(completed_at / :w AS INTEGER) AS i, SUM(bytes_up) AS v
-               FROM updates WHERE run_id = :run GROUP BY 1, 2),
-        down AS (SELECT node_id, CAST(dispatched_at / :w AS INTEGER) AS i, SUM(bytes_down) AS v
-                 FROM updates WHERE run_id = :run GROUP BY 1, 2)
+        nd AS (SELECT g.node_id, {label} AS node
+               FROM (SELECT DISTINCT node_id FROM temp.dash_tasks WHERE run_id = :run) g {join}),
+        up AS (SELECT node_id, bc AS i, SUM(up) AS v FROM temp.dash_tasks WHERE run_id = :run GROUP BY 1, 2),
+        down AS (SELECT node_id, bd AS i, SUM(down) AS v FROM temp.dash_tasks WHERE run_id = :run GROUP BY 1, 2)
         SELECT nd.node, b.i * :w AS t, COALESCE(up.v, 0) / :w AS up_bps, COALESCE(down.v, 0) / :w AS down_bps
         FROM nd JOIN b
         LEFT JOIN up ON up.node_id = nd.node_id AND up.i = b.i
@@ -330,7 +374,7 @@ def node_bandwidth(db: sqlite3.Connection, schema: Schema, run_id: str, width: f
 
 
 def timeline(db: sqlite3.Connection, schema: Schema, run_id: str, limit: int = TIMELINE_LIMIT) -> pd.DataFrame:
-    """The ``limit`` most recently completed tasks of one run: node, dispatch, completion, status."""
+    """The ``limit`` most recently completed tasks of one run (through the ``(run_id, completed_at)`` index)."""
     join, label, key = _nodes_join(schema)
     return _frame(db, f"""
         SELECT {label} AS node, {key} AS node_order,
@@ -338,18 +382,6 @@ def timeline(db: sqlite3.Connection, schema: Schema, run_id: str, limit: int = T
         FROM (SELECT * FROM updates WHERE run_id = :run ORDER BY completed_at DESC LIMIT :limit) u {join}
         ORDER BY u.completed_at
     """, {"run": run_id, "limit": limit})
-
-
-def first_reaching(db: sqlite3.Connection, run_ids: Sequence[str], target: float) -> pd.DataFrame:
-    """Per run, the first evaluation with accuracy >= ``target``: its clock time, updates and bytes."""
-    ids, params = _ids(run_ids)
-    return _frame(db, f"""
-        SELECT run_id, t, updates_applied, bytes_up_total, bytes_down_total,
-               bytes_up_total + bytes_down_total AS bytes_total, accuracy
-        FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY t, rowid) AS i
-              FROM evals WHERE run_id IN ({ids}) AND accuracy >= :target)
-        WHERE i = 1
-    """, {**params, "target": target})
 
 
 def configs(db: sqlite3.Connection, schema: Schema, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -404,7 +436,7 @@ class PageData:
 
     def overview(self) -> pd.DataFrame:
         """One row per selected run: status, clock, tasks by outcome, latest accuracy, bytes, compression."""
-        base = self.runs.set_index("run_id").loc[self.selected, ["label", "status", "strategy", "clock"]]
+        base = self.runs.set_index("run_id").loc[self.selected, ["label", "status", "strategy", "clock", "clock_s"]]
         out = base.join(self.summary.set_index("run_id"), how="left") if len(self.summary) else base
         if len(self.last):
             out = out.join(self.last.set_index("run_id"), how="left")
@@ -432,17 +464,17 @@ def load_page(path: str | Path, selected: Sequence[str] | None = None, focus: st
         page = PageData(runs=runs, selected=chosen, focus=focus, timeline_limit=timeline_limit)
         if not chosen:
             return page
-        page.summary = summary(db, chosen)
-        span = page.summary["clock_s"].max() if len(page.summary) else None
-        page.width = bucket_width(None if pd.isna(span) else float(span))
         page.evals = evals(db, schema, chosen)
         page.last = last_evals(db, chosen)
-        page.staleness = staleness_histogram(db, chosen)
-        page.staleness_time = staleness_over_time(db, chosen, page.width)
-        page.bandwidth = bandwidth(db, chosen, page.width)
         page.configs = configs(db, schema, chosen)
         if target > 0:
             page.targets = first_reaching(db, chosen, target)
+        page.width = bucket_width(clock_span(db, chosen))
+        stage(db, chosen, page.width)
+        page.summary = summary(db)
+        page.staleness = staleness_histogram(db)
+        page.staleness_time = staleness_over_time(db, page.width)
+        page.bandwidth = bandwidth(db, page.width)
         if focus is not None:
             page.nodes = node_stats(db, schema, focus)
             page.node_bandwidth = node_bandwidth(db, schema, focus, page.width)

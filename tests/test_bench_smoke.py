@@ -55,3 +55,19 @@ def test_local_executors_smoke(tmp_path, capsys):
         assert r["updates_per_s"] > 0 and r["peak_live_vectors"] <= 2 * r["threads"] + 1
     assert {c["threads"] for c in data["comparisons"]} == {1, 2}
     assert "| mlp | leashed | 2 |" in capsys.readouterr().out
+
+
+def test_dashboard_load_smoke(tmp_path, capsys):
+    from bench import dashboard_load
+
+    out, md = tmp_path / "load.json", tmp_path / "load.md"
+    report = dashboard_load.main(["--quick", "--sizes", "100,1000", "--dir", str(tmp_path / "stores"),
+                                  "--json", str(out), "--markdown", str(md)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    rows = data["results"]
+    assert [r["updates"] for r in rows] == [100, 1000]
+    assert rows[0]["ratio_vs_first"] == 1.0 and all(r["ms_median"] > 0 for r in rows)
+    assert rows[1]["evals"] > rows[0]["evals"] > 0
+    table = capsys.readouterr().out
+    assert "| 1,000 |" in table and md.read_text().strip() in table

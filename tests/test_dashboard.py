@@ -1,0 +1,362 @@
+"""The dashboard: its SQL aggregates against the rows of real short runs, and the app through Streamlit's AppTest.
+
+The store is made by the real in-process runner (two short runs, FedBuff and FedAsync + top-k, in one file).
+Bad input (missing, empty, locked, foreign or non-SQLite files, a run with no evaluation or no task yet) must be a
+message in the page, never an exception.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import queries
+from server_app.store import MetricsStore, UpdateRow
+from server_app.testing import simulate
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+VIEW_CHARTS = 11  # accuracy, loss, 2 staleness, 2 bandwidth, 2 per-node bandwidth, timeline, 2 per-node outcomes
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Two real short runs in one store: (path, [fedbuff run id, fedasync run id])."""
+    db = tmp_path_factory.mktemp("dash") / "metrics.db"
+    a = simulate("fedbuff", nodes=4, max_updates=24, eval_every=6, db=db)
+    b = simulate("fedasync", nodes=4, max_updates=24, eval_every=6, codec="topk", db=db)
+    return db, [a.summary.run_id, b.summary.run_id]
+
+
+def _rows(db: Path, sql: str, *params) -> list[tuple]:
+    with sqlite3.connect(db) as con:
+        return con.execute(sql, params).fetchall()
+
+
+def _app(db: Path | str, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["db"] = str(db)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()
+
+
+def _charts(at: AppTest) -> int:
+    return len(at.get("vega_lite_chart"))
+
+
+def _messages(at: AppTest) -> str:
+    return " ".join(str(e.value) for e in [*at.error, *at.info, *at.warning])
+
+
+# ------------------------------------------------------------------------------------------------ the queries
+def test_aggregates_match_the_rows(store) -> None:
+    db, (a, b) = store
+    page = queries.load_page(db, [a, b], focus=b, target=0.0)
+    assert page.selected == [a, b] and page.focus == b
+    ups = _rows(db, "SELECT run_id, node_id, dispatched_at, completed_at, staleness, bytes_up, bytes_down, status "
+                    "FROM updates")
+    for run in (a, b):
+        mine = [r for r in ups if str(r[0]) == run]
+        s = page.summary.set_index("run_id").loc[run]
+        assert s.tasks == len(mine)
+        assert s.applied == sum(r[7] == "applied" for r in mine)
+        assert s.bytes_up == sum(r[5] for r in mine) and s.bytes_down == sum(r[6] for r in mine)
+        uploaded = [r for r in mine if r[5] > 0]
+        assert s.compression == pytest.approx(sum(r[6] for r in uploaded) / sum(r[5] for r in uploaded))
+        hist = page.staleness[page.staleness.run_id == run]
+        expect = collections.Counter((r[4], r[7]) for r in mine if r[4] is not None)
+        assert dict(zip(zip(hist.staleness, hist.status, strict=True), hist.tasks, strict=True)) == expect
+        bw = page.bandwidth[page.bandwidth.run_id == run]
+        assert bw.up_cum.iloc[-1] == sum(r[5] for r in mine)
+        assert bw.down_cum.iloc[-1] == sum(r[6] for r in mine)
+        assert (bw.up_bps * page.width).sum() == pytest.approx(sum(r[5] for r in mine))
+        assert bw.t.diff().dropna().round(9).eq(round(page.width, 9)).all()  # no gaps
+        n_evals = _rows(db, "SELECT COUNT(*) FROM evals WHERE run_id=?", run)[0][0]
+        assert (page.evals.run_id == run).sum() == n_evals
+    # per node of the focus run
+    mine = [r for r in ups if str(r[0]) == b]
+    assert page.nodes.tasks.sum() == len(mine)
+    assert page.nodes.bytes_up.sum() == sum(r[5] for r in mine)
+    assert list(page.nodes.node) == sorted(page.nodes.node)  # n00, n01, ... from the nodes table
+    assert page.node_bandwidth.groupby("node").size().nunique() == 1  # every node has every bucket
+    assert (page.node_bandwidth.up_bps * page.width).sum() == pytest.approx(sum(r[5] for r in mine))
+    assert len(page.timeline) == len(mine) and set(page.timeline.status) <= set(queries.STATUSES)
+    assert page.configs[b]["config"]["codec"] == "topk" and page.configs[a]["config"]["strategy"] == "fedbuff"
+    assert page.runs.set_index("run_id").loc[b, "label"].startswith("fedasync + topk")
+
+
+def test_time_and_bytes_to_target(store) -> None:
+    db, (a, b) = store
+    evals = _rows(db, "SELECT run_id, t, accuracy, bytes_up_total + bytes_down_total FROM evals ORDER BY t, rowid")
+    target = sorted(e[2] for e in evals if str(e[0]) == a)[1]  # reached, but not at the first evaluation
+    page = queries.load_page(db, [a, b], target=target)
+    first = next(e for e in evals if str(e[0]) == a and e[2] >= target)
+    hit = page.targets.set_index("run_id").loc[a]
+    assert (hit.t, hit.bytes_total) == (first[1], first[3])
+    unreachable = queries.load_page(db, [a, b], target=1.01)
+    assert unreachable.targets.empty
+
+
+def test_thinned_evaluations_keep_the_last(store) -> None:
+    db, (a, _) = store
+    with queries.snapshot(db) as (con, schema):
+        every = queries.evals(con, schema, [a])
+        thin = queries.evals(con, schema, [a], max_points=2)
+    assert len(thin) <= 3 and thin.t.iloc[-1] == every.t.iloc[-1] and thin.t.iloc[0] == every.t.iloc[0]
+
+
+def test_bucket_width_is_round_and_bounded() -> None:
+    for span in (0.0, 0.37, 1.0, 9.99, 123.4, 86_400.0):
+        w = queries.bucket_width(span)
+        assert w > 0 and (span == 0 or span / w <= queries.MAX_BUCKETS)
+        mantissa = w / 10 ** __import__("math").floor(__import__("math").log10(w))
+        assert round(mantissa, 6) in (1.0, 2.0, 5.0)
+    assert queries.bucket_width(float("nan")) == 1.0
+
+
+def test_reader_never_blocks_the_writer(tmp_path: Path) -> None:
+    """WAL: a reader inside its snapshot neither waits for nor holds up the writer's commits."""
+    db = tmp_path / "m.db"
+    writer = MetricsStore(db)
+    writer.start_run("r1", "fedbuff", {"strategy": "fedbuff"})
+
+    def row(seq: int) -> UpdateRow:
+        return UpdateRow(seq, 7, seq * 0.1, seq * 0.1 + 0.05, 0, 1, 0, 100, 200, 0.01, 0.04, "applied")
+
+    writer.record_update(row(0))
+    def tasks(con: sqlite3.Connection) -> int:
+        queries.stage(con, ["r1"], 1.0)
+        return int(queries.summary(con).tasks.iloc[0])
+
+    with queries.snapshot(db) as (con, _):
+        before = tasks(con)
+        t0 = time.monotonic()
+        for seq in range(1, 51):  # commits while the reader's transaction is open
+            writer.record_update(row(seq))
+        assert time.monotonic() - t0 < 5.0
+        assert tasks(con) == before == 1  # the reader's snapshot is stable
+    # and a reader while the writer holds an open write transaction is not blocked either
+    writer.db.execute("BEGIN IMMEDIATE")
+    writer.db.execute("UPDATE runs SET status='completed'")
+    t0 = time.monotonic()
+    assert queries.load_page(db, ["r1"]).summary.tasks.iloc[0] == 51
+    assert time.monotonic() - t0 < queries.BUSY_TIMEOUT_S
+    writer.db.execute("COMMIT")
+    writer.close()
+
+
+def test_a_live_run_is_read_while_it_writes(tmp_path: Path) -> None:
+    """Page loads in a loop while a real run writes: they see a growing, consistent store and never fail."""
+    db = tmp_path / "live.db"
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                runs = queries.load_runs(db)
+                if len(runs):
+                    page = queries.load_page(db)
+                    if len(page.summary):
+                        s = page.summary.iloc[0]
+                        assert s.tasks == page.nodes.tasks.sum() == len(page.timeline)
+                        seen.append(int(s.tasks))
+            except queries.StoreError as exc:
+                if exc.kind not in ("missing", "empty"):
+                    errors.append(exc)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+            time.sleep(0.02)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        simulate("fedbuff", nodes=4, max_updates=40, eval_every=5, db=db)
+    finally:
+        done.set()
+        reader.join(timeout=30)
+    assert not errors, errors
+    assert seen and seen == sorted(seen)
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def test_app_draws_every_view_of_a_real_run(store) -> None:
+    db, (a, b) = store
+    at = _app(db)
+    assert not at.exception and not at.error
+    assert [m.value for m in at.multiselect] == [[b]]  # the newest run
+    assert _charts(at) == VIEW_CHARTS
+    labels = [m.label for m in at.metric]
+    assert any(lbl.startswith("time to") for lbl in labels) and any(lbl.startswith("bytes to") for lbl in labels)
+    compression = next(m.value for m in at.metric if m.label == "compression")
+    assert float(compression.rstrip("x")) > 2  # top-k of a small logreg: measured from the stored bytes
+    headers = [h.value for h in at.subheader]
+    assert headers[:3] == ["Accuracy and loss", "Staleness", "Bandwidth"] and "Config" in headers
+    assert any(h.startswith("Per node:") for h in headers)
+
+
+def test_app_overlays_runs_and_switches_views(store) -> None:
+    db, (a, b) = store
+    at = _app(db)
+    at.multiselect(key="runs").set_value([a, b]).run()
+    assert not at.exception and not at.error
+    assert len(at.dataframe[0].value) == 2  # overview: one row per run
+    assert len([m for m in at.metric if m.label == "compression"]) == 2
+    for axis in ("updates", "bytes", "clock"):
+        at.radio(key="x_axis").set_value(axis).run()
+        assert not at.exception and _charts(at) == VIEW_CHARTS
+    at.selectbox(key="focus").set_value(a).run()
+    assert any(h.value.startswith("Per node: fedbuff") for h in at.subheader)
+    at.radio(key="node_direction").set_value("down_bps").run()
+    at.toggle(key="cfg_diff").set_value(True).run()
+    config = at.dataframe[-1].value
+    assert "codec" in config.index and "batch-size" not in config.index  # only keys that differ
+    at.number_input(key="target").set_value(0.05).run()
+    assert not at.exception and not at.error
+    assert [m.value for m in at.metric if m.label.startswith("time to")][0].endswith(" s")
+
+
+def test_app_follows_a_new_run(store, tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    shutil.copy(store[0], db)
+    at = _app(db)
+    first = at.multiselect(key="runs").value
+    new = simulate("fedavg", nodes=3, max_updates=6, eval_every=3, db=db)
+    at.run()
+    assert at.multiselect(key="runs").value == [new.summary.run_id]  # it followed the newest run
+    assert first != [new.summary.run_id] and not at.exception
+
+
+def test_app_reads_run_ids_from_the_url(store) -> None:
+    db, (a, b) = store
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["db"] = str(db)
+    at.query_params["run"] = [a, b]
+    at.run()
+    assert at.multiselect(key="runs").value == [a, b] and not at.exception
+
+
+def test_app_shows_consensus_distance_when_stored(store, tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    shutil.copy(store[0], db)
+    with sqlite3.connect(db) as con:
+        cols = {r[1] for r in con.execute("PRAGMA table_info(evals)")}
+        if "consensus_distance" not in cols:
+            con.execute("ALTER TABLE evals ADD COLUMN consensus_distance REAL")
+        con.execute("UPDATE evals SET consensus_distance = 1.0 / (1 + updates_applied) WHERE run_id = ?",
+                    (store[1][1],))
+    at = _app(db)
+    assert not at.exception and _charts(at) == VIEW_CHARTS + 1
+
+
+def test_app_on_a_store_with_only_the_contract_columns(tmp_path: Path) -> None:
+    """DESIGN.md's tables and columns only: no nodes table, no runs.error, no evals.metrics_json."""
+    db = tmp_path / "bare.db"
+    with sqlite3.connect(db) as con:
+        con.executescript("""
+            CREATE TABLE runs(run_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, status TEXT,
+                              strategy TEXT, config_json TEXT);
+            CREATE TABLE updates(run_id TEXT, seq INTEGER, node_id INTEGER, dispatched_at REAL, completed_at REAL,
+                base_version INTEGER, applied_version INTEGER, staleness INTEGER, bytes_up INTEGER,
+                bytes_down INTEGER, compute_s REAL, comm_s REAL, status TEXT, reason TEXT);
+            CREATE TABLE evals(run_id TEXT, t REAL, model_version INTEGER, updates_applied INTEGER,
+                bytes_up_total INTEGER, bytes_down_total INTEGER, loss REAL, accuracy REAL);
+            INSERT INTO runs VALUES ('x', 1.7e9, NULL, 'failed', 'fedasync', 'not json');
+            INSERT INTO updates VALUES ('x', 0, -5, 0.0, 1.5, 0, 1, 0, 10, 40, 1.0, 0.5, 'applied', ''),
+                                       ('x', 1, 9, 0.0, 2.0, 0, NULL, NULL, 0, 40, 0, 0, 'failed', 'lost'),
+                                       ('x', 2, 9, 2.0, 3.0, 1, NULL, 1, 10, 40, 1, 0, 'rejected', 'NaN');
+            INSERT INTO evals VALUES ('x', 0.0, 0, 0, 0, 0, 2.3, 0.1), ('x', 1.5, 1, 1, 10, 40, 2.0, 0.3);
+        """)
+    at = _app(db)
+    assert not at.exception
+    assert "failed" in _messages(at)  # the run failed: said in the page (no error column: no reason stored)
+    assert _charts(at) == VIEW_CHARTS
+    assert "unparsed" in str(at.dataframe[-1].value.index.tolist())
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_missing_store(tmp_path: Path) -> None:
+    at = _app(tmp_path / "nope.db")
+    assert not at.exception and not at.error
+    assert "No metrics store" in at.info[0].value
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.db").touch()
+    at = _app(tmp_path / "empty.db")
+    assert not at.exception and "empty" in at.info[0].value
+
+
+def test_store_with_no_table_yet(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "fresh.db") as con:
+        con.execute("PRAGMA user_version=1")
+    at = _app(tmp_path / "fresh.db")
+    assert not at.exception and "no tables" in at.info[0].value
+
+
+def test_store_with_tables_but_no_run(tmp_path: Path) -> None:
+    MetricsStore(tmp_path / "m.db").close()
+    at = _app(tmp_path / "m.db")
+    assert not at.exception and "has no run yet" in at.info[0].value
+
+
+def test_foreign_sqlite_file(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "other.db") as con:
+        con.execute("CREATE TABLE runs(id INTEGER, name TEXT)")
+        con.execute("CREATE TABLE photos(id INTEGER)")
+    at = _app(tmp_path / "other.db")
+    assert not at.exception
+    msg = at.error[0].value
+    assert "not a staleflower metrics store" in msg and "table updates" in msg and "runs.run_id" in msg
+
+
+def test_not_an_sqlite_file(tmp_path: Path) -> None:
+    (tmp_path / "junk.db").write_bytes(b"this is not an SQLite database\n" * 100)
+    at = _app(tmp_path / "junk.db")
+    assert not at.exception and "not an SQLite metrics store" in at.error[0].value
+
+
+def test_a_directory(tmp_path: Path) -> None:
+    at = _app(tmp_path)
+    assert not at.exception and "directory" in at.error[0].value
+
+
+def test_locked_store(store, tmp_path: Path) -> None:
+    db = tmp_path / "locked.db"
+    shutil.copy(store[0], db)
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("PRAGMA locking_mode=EXCLUSIVE")
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        at = _app(db)
+        assert not at.exception
+        assert "locked" in at.error[0].value and "retried" in at.error[0].value
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    at.run()  # the next refresh reads it
+    assert not at.exception and not at.error and _charts(at) == VIEW_CHARTS
+
+
+def test_run_with_no_evaluation_and_no_task_yet(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    w = MetricsStore(db)
+    w.start_run("fresh", "fedbuff", {"strategy": "fedbuff", "target-accuracy": 0.0})
+    at = _app(db)
+    assert not at.exception and not at.error
+    text = _messages(at)
+    assert "No evaluation yet" in text and "No task has completed yet" in text
+    w.record_update(UpdateRow(0, 3, 0.0, 0.4, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
+    at.run()
+    assert not at.exception and not at.error
+    assert "No evaluation yet" in _messages(at) and "No task has completed yet" not in _messages(at)
+    assert _charts(at) == VIEW_CHARTS - 2  # everything but accuracy and loss
+    w.close()
