@@ -49,7 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 dashboard: $(STAMP)
-	$(BIN)/streamlit run dashboard/app.py -- --db $(DB)
+	$(BIN)/streamlit run dashboard/app.py -- $(if $(DB),--db $(DB))
 
 # Caches and Flower's private home; keeps .venv and results/ (see distclean).
 clean:

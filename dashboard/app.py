@@ -9,7 +9,6 @@ are cached by the store's and its WAL's size and modification time).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -28,18 +27,6 @@ from dashboard.queries import StoreError  # noqa: E402
 
 REFRESH_S = 2.0
 log = logging.getLogger("staleflower.dashboard")
-
-
-def default_db() -> str:
-    """``--db PATH`` after ``--`` on the command line, else the default metrics store of the runners."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--db")
-    args, _ = parser.parse_known_args(sys.argv[1:])
-    if args.db:
-        return args.db
-    from strategies.config import default_metrics_path
-
-    return str(default_metrics_path())
 
 
 def store_token(path: str) -> tuple[tuple[int, int] | None, ...]:
@@ -279,7 +266,7 @@ def configs(page: queries.PageData, labels: dict[str, str]) -> None:
 def main() -> None:
     """The page."""
     st.set_page_config(page_title="staleflower dashboard", layout="wide")
-    st.session_state.setdefault("db", default_db())
+    st.session_state.setdefault("db", queries.default_db())
     live, limit = sidebar()
     run_every = REFRESH_S if live else None
     st.fragment(run_every=run_every)(guarded)(limit)

@@ -24,9 +24,11 @@ records.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sqlite3
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +74,22 @@ class Schema:
 
 
 # ------------------------------------------------------------------------------------------------ connection
+def default_db(argv: list[str] | None = None) -> str:
+    """``--db PATH`` after ``--`` on the command line, else the default metrics store of the runners."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--db", nargs="?", default="")
+    try:
+        args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        db = args.db or ""
+    except argparse.ArgumentError:
+        db = ""
+    if db:
+        return db
+    from strategies.config import default_metrics_path  # $STALEFLOWER_METRICS_DB, else ~/.staleflower/metrics.db
+
+    return str(default_metrics_path())
+
+
 def connect(path: str | Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """A read-only connection to the store at ``path``; ``StoreError`` if it is missing or empty."""
     p = Path(path).expanduser()

@@ -360,3 +360,12 @@ def test_run_with_no_evaluation_and_no_task_yet(tmp_path: Path) -> None:
     assert "No evaluation yet" in _messages(at) and "No task has completed yet" not in _messages(at)
     assert _charts(at) == VIEW_CHARTS - 2  # everything but accuracy and loss
     w.close()
+
+
+def test_default_store_is_the_runners_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("STALEFLOWER_METRICS_DB", str(tmp_path / "env.db"))
+    assert queries.default_db([]) == str((tmp_path / "env.db").resolve())
+    assert queries.default_db(["--db"]) == str((tmp_path / "env.db").resolve())  # `make dashboard DB=`
+    assert queries.default_db(["--db", "x.db"]) == queries.default_db(["--db=x.db"]) == "x.db"
+    monkeypatch.delenv("STALEFLOWER_METRICS_DB")
+    assert queries.default_db([]) == str(Path("~/.staleflower/metrics.db").expanduser().resolve())
