@@ -103,7 +103,7 @@ def connect(path: str | Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connec
         raise StoreError("empty", f"The metrics store {p} is empty (0 bytes): no run has written to it yet.")
     uri = p.resolve().as_uri() + "?mode=ro"
     try:
-        db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
         db.execute("PRAGMA temp_store=MEMORY")  # the staged aggregates (temp tables: the store stays read-only)
         db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
     except sqlite3.Error as exc:
