@@ -12,7 +12,7 @@ send (``Exchange``), not the emulation's messages, whose real sizes go to the ``
   x_i <- x_i - delta_i. *Passive* nodes only apply their gradients; they are averaged when an active node
   picks them. Results are applied one at a time in clock order, so every averaging is atomic and nobody ever
   waits for a partner: there is nothing to deadlock, and a slow node simply takes part in fewer averagings.
-- ``d-psgd``: synchronous gossip rounds, X <- X W - Delta with Metropolis-Hastings weights on the topology.
+- ``d-psgd``: synchronous gossip rounds, X <- X W - Delta with lazy Metropolis-Hastings weights on the topology.
 - ``allreduce-sgd``: synchronous exact averaging of the nodes' deltas, timed as a ring all-reduce (dense), or as
   a ring all-gather of the compressed deltas when a codec is set.
 
@@ -231,15 +231,17 @@ class SyncRounds(Decentralized):
 
 
 class DPSGD(SyncRounds):
-    """Synchronous decentralized SGD (Lian et al., NeurIPS 2017): X <- X W - Delta, W Metropolis-Hastings."""
+    """Synchronous decentralized SGD (Lian et al., NeurIPS 2017): X <- X W - Delta, W lazy Metropolis-Hastings."""
 
     name = "d-psgd"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         nbrs = self.graph.neighbours
+        # Lazy Metropolis-Hastings weights, (I + W_MH) / 2: on a bipartite graph plain W_MH has an eigenvalue
+        # near -1 (the two sides swap their models every round) and D-PSGD oscillates; the lazy form does not.
         self.mixing = [
-            {j: 1.0 / (1 + max(len(nbrs[i]), len(nbrs[j]))) for j in nbrs[i]} for i in range(self.num_nodes)
+            {j: 0.5 / (1 + max(len(nbrs[i]), len(nbrs[j]))) for j in nbrs[i]} for i in range(self.num_nodes)
         ]
 
     def round_task(self, node: int) -> Task:
