@@ -84,8 +84,8 @@ def table(rows: list[dict], slowdowns: list[float]) -> str:
             ep = mean_or_none([r["epochs_to_target"] for r in rs])
             per_epoch = statistics.mean(r["time"] / (r["updates"] / r["per_epoch"]) for r in rs)
             speed = f"{tt / ref:.1f}x" if tt and ref and m != "ad-psgd" else "-"
-            out.append(f"| {s:g}x | {m} | {_fmt(tt, '.1f')} | {_fmt(ep, '.1f')} "
-                       f"| {statistics.mean(r['accuracy'] for r in rs):.3f} | {statistics.mean(r['loss'] for r in rs):.3f} "
+            acc, loss = (statistics.mean(r[k] for r in rs) for k in ("accuracy", "loss"))
+            out.append(f"| {s:g}x | {m} | {_fmt(tt, '.1f')} | {_fmt(ep, '.1f')} | {acc:.3f} | {loss:.3f} "
                        f"| {per_epoch:.2f} | {speed} |")
     return "\n".join(out)
 
@@ -119,7 +119,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     """Run the sweep and write OUT.json, OUT.md and OUT.png."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=15.0)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--out", default="results/adpsgd_straggler")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out, db = prepare(args.out)
     rows = []
     for s in args.slowdowns:
@@ -137,13 +137,16 @@ def main() -> None:
                 r = rows[-1]
                 print(f"{m} slow={s:g}x seed={seed}: t={r['time']:.1f}s acc={r['accuracy']:.3f} "
                       f"to90={r['time_to_target']}", flush=True)
-    cmd = "python -m bench.adpsgd_straggler " + " ".join(
-        [f"--seeds {' '.join(map(str, args.seeds))}", f"--slowdowns {' '.join(f'{s:g}' for s in args.slowdowns)}",
-         f"--epochs {args.epochs:g}"])
+    parts = [f"--seeds {' '.join(map(str, args.seeds))}", f"--slowdowns {' '.join(f'{s:g}' for s in args.slowdowns)}",
+             f"--epochs {args.epochs:g}"]
+    if args.methods != list(METHODS):
+        parts.append("--methods " + " ".join(args.methods))
+    cmd = "python -m bench.adpsgd_straggler " + " ".join(parts)
     md = (f"{NODES} nodes, digits, MLP, one SGD step of 32 examples per task, laptops on ethernet, "
           f"{args.epochs:g} epochs, mean over seeds {args.seeds}. Command: `{cmd}`\n\n" + table(rows, args.slowdowns))
     write_outputs(out, rows, md, plot)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

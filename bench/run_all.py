@@ -8,6 +8,7 @@
 - bench.olco3_delay: OLCO3 against its baselines as the delay grows, Fashion-MNIST (RESULTS.md)
 - bench.abs_stragglers: ABS and the bounded-staleness family against stragglers (RESULTS.md)
 - bench.abs_sweep: the sweep behind ABS's default schedule (RESULTS.md)
+- bench.adpsgd_straggler: AD-PSGD against D-PSGD, AllReduce-SGD and async-SGD with one slow node (RESULTS.md)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> int:
         ["-m", "bench.olco3_delay", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/olco3_delay"],
         ["-m", "bench.abs_stragglers", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/abs_stragglers"],
         ["-m", "bench.abs_sweep", "--seed", "0", "--out", "results/abs_sweep.md"],
+        ["-m", "bench.adpsgd_straggler", "--seeds", *(["0"] if quick else ["0", "1"]), "--slowdowns",
+         *(["1", "10"] if quick else ["1", "2", "10", "100"]), "--out", "results/adpsgd_straggler"],
     ]
     for args in runs:
         print("$ python", " ".join(args), flush=True)

@@ -71,3 +71,19 @@ def test_dashboard_load_smoke(tmp_path, capsys):
     assert rows[1]["evals"] > rows[0]["evals"] > 0
     table = capsys.readouterr().out
     assert "| 1,000 |" in table and md.read_text().strip() in table
+
+
+def test_adpsgd_straggler_reproduction_smoke(tmp_path):
+    from bench import adpsgd_straggler
+
+    out = tmp_path / "a"
+    assert adpsgd_straggler.main(["--seeds", "0", "--slowdowns", "10", "--epochs", "1", "--methods", "ad-psgd",
+                                  "allreduce-sgd", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert {r["method"] for r in rows} == {"ad-psgd", "allreduce-sgd"}
+    assert all(r["updates"] % 16 == 0 and r["curve"] for r in rows)
+    by = {r["method"]: r for r in rows}
+    assert by["allreduce-sgd"]["time"] > by["ad-psgd"]["time"]  # the slow node holds every all-reduce round
+    table = out.with_suffix(".md").read_text()
+    assert "| 10x | ad-psgd |" in table and "| 10x | allreduce-sgd |" in table
+    assert out.with_suffix(".png").stat().st_size > 0
