@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from server_app.downlink import DownlinkCompressor
 from server_app.evaluation import ModelSpec
 from server_app.links import exchange_seconds
+from server_app.membership import Membership
 from server_app.profiles import NodeProfile, TaskTiming, assign_profiles, sample_task
 from server_app.store import MetricsStore, UpdateRow
 from server_app.wire import RejectedUpdate, message_sizes, read_reply, to_record
@@ -186,6 +187,8 @@ class Engine:
         self.failure_limit = max(100, 10 * len(nodes))
         self.failing = 0
         self.last_failure = ""
+        # Wall clock: nodes join late, vanish and come back (server_app/membership.py); virtual: a fixed fleet.
+        self.membership = None if self.virtual else Membership(self)
 
     def _record_fleet(self, info: dict[int, dict]) -> None:
         self.store.record_nodes(
@@ -202,6 +205,9 @@ class Engine:
         reason = self._stop_reason()
         while not reason:
             flight = self._next()
+            if flight is None and self.membership is not None and self.membership.wait():
+                self._fill()  # a node joined or came back online
+                continue
             if flight is None:
                 reason = "stalled: no task in flight and the strategy gives none"
                 break
@@ -236,10 +242,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------- dispatching
     def _fill(self) -> None:
         """Give work to free nodes, in the order they became free, while there is room."""
+        if self.membership is not None:
+            self.membership.sync()
         waiting: deque[int] = deque()
         while self.idle and len(self.flights) < self.cap:
             node = self.idle.popleft()
-            task = self.strategy.task_for(node)
+            online = self.membership is None or self.membership.usable(node)
+            task = self.strategy.task_for(node) if online else None
             if task is None:
                 waiting.append(node)
             else:
