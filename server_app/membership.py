@@ -19,6 +19,11 @@ heartbeats are current) at most every ``every_s`` seconds, without ever blocking
 - **an empty fleet** (every node offline, nothing in flight) is waited out for up to ``task-ttl`` seconds: a
   device that lost its link may come back; only then does the run stop as stalled.
 
+Newcomers and a changing ``num_nodes`` are for *elastic* strategies: FedAvg, FedAsync, FedBuff and the K-family
+with ABS (``ELASTIC``), or a strategy of your own with a class attribute ``elastic = True``. The others keep the
+fleet they started with (the OLCO3 family's periods and the gossip graphs are built for a fixed set of nodes):
+newcomers are left out (logged), and an offline node simply gets no task until it is back.
+
 Only the engine calls this module: ``Membership(engine)`` at start when the clock is ``wall``, ``sync()`` before
 it hands out work, ``usable(node)`` to skip offline nodes, ``wait()`` when it has nothing in flight.
 """
@@ -32,6 +37,10 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from server_app.profiles import NodeProfile, ProfileError, assign_profiles
+from strategies.bounded import KAggregation
+from strategies.fedasync import FedAsync
+from strategies.fedavg import FedAvg
+from strategies.fedbuff import FedBuff
 
 if TYPE_CHECKING:
     from server_app.engine import Engine
@@ -40,6 +49,9 @@ log = logging.getLogger("staleflower")
 
 #: Seconds between two looks at ``grid.get_node_ids()`` (one HTTP call to the SuperLink); a failed task forces one.
 REFRESH_S = 3.0
+
+#: Strategies that work on a fleet that changes during the run (see the module docstring).
+ELASTIC = (FedAvg, FedAsync, FedBuff, KAggregation)
 
 
 class Membership:
@@ -55,6 +67,8 @@ class Membership:
         self.last = time.monotonic()
         self.changed = False                                 # the usable set grew since the last wait()
         self.failed_seen = 0                                 # failed tasks when the nodes were last looked at
+        self.elastic = isinstance(engine.strategy, ELASTIC) or bool(getattr(engine.strategy, "elastic", False))
+        self.ignored: set[int] = set()                       # newcomers a fixed-fleet strategy cannot take
 
     # ------------------------------------------------------------------------------------------- engine API
     def usable(self, node: int) -> bool:
@@ -82,8 +96,12 @@ class Membership:
         if back:
             self.changed = True
         self.online = online & known
-        new = sorted(online - known - self.asked)
-        if new:
+        new = sorted(online - known - self.asked - self.ignored)
+        if new and not self.elastic:
+            log.warning("node(s) %s joined late: left out, strategy %s needs the fleet it started with",
+                        new, self.engine.cfg.strategy)
+            self.ignored.update(new)
+        elif new:
             self._ask(new)
         self._resize()
 
@@ -160,4 +178,5 @@ class Membership:
         n = max(1, len([x for x in e.nodes if x in self.online]))
         e.cap = min(e.cfg.concurrency, len(e.nodes)) if e.cfg.concurrency > 0 else len(e.nodes)
         e.failure_limit = max(e.failure_limit, 10 * len(e.nodes))
-        e.strategy.num_nodes = n
+        if self.elastic:
+            e.strategy.num_nodes = n

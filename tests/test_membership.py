@@ -149,3 +149,12 @@ def test_empty_fleet_waits_for_a_node_then_stalls(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="stalled"):
         _run(tmp_path, {"script": [(1, "die", 1000), (1, "die", 1001)]}, nodes=2, min_nodes=2,
              strategy="fedbuff", max_updates=50, task_ttl=0.5)
+
+
+def test_fixed_fleet_strategy_leaves_newcomers_out(tmp_path: Path) -> None:
+    # OLCO3's periods are built for the nodes it started with: a late node is not admitted.
+    summary, updates, fleet = _run(tmp_path, {"late": [1003], "script": [(2, "join", 1003)]}, strategy="olco3",
+                                   max_updates=12)
+    assert summary.stop_reason == "max-updates"
+    assert 1003 not in {n["node_id"] for n in fleet}
+    assert 1003 not in {u["node_id"] for u in updates}
