@@ -21,7 +21,7 @@ else
 RUN_CONFIG := --run-config "$(CONFIG)"
 endif
 
-.PHONY: venv run test test-fast lint bench dashboard clean distclean
+.PHONY: venv run test test-fast lint bench dashboard clean distclean deploy-local
 
 venv: $(STAMP)
 
@@ -50,6 +50,13 @@ bench: $(STAMP)
 
 dashboard: $(STAMP)
 	$(BIN)/streamlit run dashboard/app.py -- $(if $(DB),--db $(DB))
+
+# A local deployment on Flower's real runtime: throw-away CA, SuperLink with TLS and SuperNode authentication,
+# DEPLOY_NODES (default 3) registered SuperNodes, one `flwr run` on the wall clock, all stopped by pid at the end.
+#   make deploy-local [DEPLOY_NODES=3] [CONFIG=configs/X.toml] [LINKS=wifi,4g,3g] [RUN_ARGS="--run-config 'k=v'"]
+deploy-local: $(STAMP)
+	$(BIN)/python scripts/deploy_local.py --nodes $(or $(DEPLOY_NODES),3) $(if $(CONFIG),--run-config "$(CONFIG)") \
+		$(if $(LINKS),--links "$(LINKS)") $(RUN_ARGS)
 
 # Caches and Flower's private home; keeps .venv and results/ (see distclean).
 clean:
