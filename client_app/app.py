@@ -49,7 +49,9 @@ def train(msg: Message, context: Context) -> Message:
         error_feedback=cfg.error_feedback,
     )
     arrays, metrics = get_strategy(cfg.strategy).client(job)
-    metrics = {**metrics, "num-examples": len(y)}
+    # Echo the task's seq and model version: the server rejects a reply meant for another task (server_app/guard.py).
+    echo = {k: int(task[k]) for k in ("task-seq", "model-version") if k in task}
+    metrics = {**metrics, "num-examples": len(y), **echo}
     delta = ArrayRecord(dict(zip(names, arrays, strict=True)))
     return Message(RecordDict({"delta": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

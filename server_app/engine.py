@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 
 from server_app.downlink import DownlinkCompressor
 from server_app.evaluation import ModelSpec
+from server_app.guard import UpdateGuard, join_reasons
 from server_app.links import exchange_seconds
 from server_app.membership import Membership
 from server_app.profiles import NodeProfile, TaskTiming, assign_profiles, sample_task
@@ -177,6 +178,7 @@ class Engine:
         self.held: dict[int, tuple[int, Message]] = {}  # node -> task waiting for the node to be free
         down = CodecSpec(cfg.codec_downlink, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank)
         self.downlink = DownlinkCompressor(down) if down.name != "none" else None
+        self.guard = UpdateGuard(cfg, spec.initial)  # size, version and norm checks of replies (issue 9)
         self.totals = Totals()
         self.seq = 0
         self.now = 0.0
@@ -423,10 +425,13 @@ class Engine:
             elif f.reply.has_error():
                 reason = f"client error {f.reply.error.code}: {f.reply.error.reason}"
             else:
+                self.guard.admit(f.reply, f.payload_up, f.seq, f.version)
                 sent, is_delta, n, metrics = read_reply(f.reply, self.spec.names, base)
                 update = Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta, self.now)
+                update, note = self.guard.screen(update)
                 verdict = self.strategy.apply(update)
-                status, reason, applied, restart = verdict.status, verdict.reason, verdict.applied, verdict.restart
+                status, applied, restart = verdict.status, verdict.applied, verdict.restart
+                reason = join_reasons(note, verdict.reason)
                 if f.seq in applied:
                     status = "applied"
         except RejectedUpdate as exc:

@@ -7,6 +7,7 @@ content-addressed objects (message, record dict, records, arrays, array chunks),
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,9 +22,11 @@ from flwr.supercore.inflatable.inflatable_object import (
 from client_app.records import to_record
 from strategies.codecs import CodecError, decode, parse_npy_header
 
-__all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "read_reply", "to_record", "wire_bytes"]
+__all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "read_reply", "to_record", "validate_reply",
+           "wire_bytes"]
 
 NUMPY_STYPE = "numpy.ndarray"
+log = logging.getLogger("staleflower")
 
 
 class RejectedUpdate(ValueError):
@@ -90,7 +93,25 @@ def read_reply(
     (trained weights); ``strategies.base.Update`` derives either form from the other. Anything malformed
     raises ``RejectedUpdate`` with the reason: unknown or missing keys, wrong stype, dtype or shape, undecodable
     bytes, NaN or Inf, a bad ``num-examples``.
+
+    A reply comes from a device the server does not control, so any other exception the checks of
+    ``validate_reply`` might still raise on some input nobody foresaw is turned into a ``RejectedUpdate`` too
+    (and logged with its traceback): a bug in validation must cost one update, not the run. The fuzz tests and
+    ``bench/fuzz_report.py`` call ``validate_reply`` itself and count such exceptions as crashes.
     """
+    try:
+        return validate_reply(msg, names, base)
+    except RejectedUpdate:
+        raise
+    except Exception as exc:
+        log.exception("reply validation raised %s; rejecting the reply", type(exc).__name__)
+        raise RejectedUpdate(f"malformed reply (validation raised {type(exc).__name__}: {exc})") from exc
+
+
+def validate_reply(
+    msg: Message, names: Sequence[str], base: Sequence[np.ndarray]
+) -> tuple[list[np.ndarray], bool, int, dict]:
+    """``read_reply`` without its last line of defence: only ``RejectedUpdate`` is expected out of it."""
     content = msg.content
     records = content.array_records
     if "delta" in records:
@@ -125,9 +146,7 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
         raise RejectedUpdate(
             f"{name}: got {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}"
         )
-    value = _npy_view(name, arr.data)
-    if value.dtype != ref.dtype or value.shape != ref.shape:
-        raise RejectedUpdate(f"{name}: bytes decode to {value.dtype}{list(value.shape)}, not the declared type")
+    value = _npy_view(name, arr.data, ref)
     if not _all_finite(value):
         raise RejectedUpdate(f"{name}: contains NaN or Inf")
     return value
@@ -148,16 +167,24 @@ def _all_finite(value: np.ndarray) -> bool:
     return bool(np.isfinite(value).all())
 
 
-def _npy_view(name: str, data: bytes) -> np.ndarray:
-    """Parse ``.npy`` bytes (what ``Array.numpy()`` would ``np.load``) into a read-only view, without a copy."""
+def _npy_view(name: str, data: bytes, ref: np.ndarray) -> np.ndarray:
+    """Parse ``.npy`` bytes (what ``Array.numpy()`` would ``np.load``) into a read-only view, without a copy.
+
+    The header's dtype and shape must be the model's before any size is computed from them: a header may claim
+    any shape (``(2**32, 2**32)`` overflows an int64 product to 0 entries).
+    """
     try:
         dtype, shape, fortran, offset = parse_npy_header(data)
     except CodecError as exc:
         raise RejectedUpdate(f"{name}: undecodable array bytes ({exc})") from exc
-    count = int(np.prod(shape, dtype=np.int64))
+    if dtype != ref.dtype or shape != ref.shape:
+        raise RejectedUpdate(f"{name}: bytes decode to {dtype}{list(shape)}, not the declared type")
+    count = ref.size
     if len(data) - offset != count * dtype.itemsize:
         raise RejectedUpdate(f"{name}: undecodable array bytes ({len(data) - offset} data bytes for {count} x {dtype})")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+
+
 def _metrics(record: object) -> dict[str, float]:
     if record is None:
         return {}

@@ -354,7 +354,7 @@ def parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...
     descr, fortran, dims = match.groups()
     try:
         dtype = np.dtype(descr)
-    except TypeError as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # '<U99999999999999', ...
         raise CodecError(f"none: unknown .npy dtype {descr!r}") from exc
     _require(not dtype.hasobject, "none: object arrays are not accepted")
     shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)

@@ -1,0 +1,132 @@
+"""The server's door check: size, version and norm sanity of client replies, before they can touch the model.
+
+``server_app/wire.py`` validates a reply's *form* (keys, stype, dtype, shape, every byte, NaN and Inf). A reply
+can be perfectly formed and still hostile or broken: far larger than any honest reply, meant for another task,
+or a delta a thousand times larger than anybody else's (a diverged client, a scaling bug, a poisoning attempt).
+``UpdateGuard`` (one per run) catches those, in two calls around the decoding:
+
+- ``admit(reply, payload_bytes, seq, version)``, before decoding: a reply whose content is larger than
+  ``2 x`` the dense model's serialized size plus 64 KiB is rejected as oversized, and a reply that echoes a
+  ``task-seq`` or ``model-version`` (our ClientApp does, in its ``metrics``) other than its task's is rejected
+  as a wrong model version; a reply that echoes neither (a Flower-style ClientApp) is accepted.
+- ``screen(update)``, after decoding: the outlier filter of run-config key ``update-filter``:
+
+  - ``none`` (default): every update passes; norms are not even computed.
+  - ``reject``: an update whose delta's L2 norm exceeds ``norm-multiplier`` x the median norm of the last
+    ``norm-window`` accepted updates is rejected (status ``rejected``, the reason gives both numbers).
+  - ``clip``: such an update is scaled down to that bound and applied; the row keeps the status the strategy
+    gives it and its reason says ``clipped from X to Y``.
+
+  The filter starts once ``min(5, norm-window)`` updates are in the window, and only while the median is
+  positive. The window holds the norms of what was accepted (a clipped update counts with its clipped norm, so
+  a run whose honest norms drift up still adapts; a rejected one not at all). The norm is that of the update's
+  delta (``base - trained``: for a gossip node, against its own model), whatever the strategy does with it.
+
+Raises ``RejectedUpdate``, so the engine records the reason and gives the node new work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import Message
+
+from server_app.wire import RejectedUpdate
+from strategies.base import Update
+from strategies.config import RunConfig
+
+__all__ = ["ECHO_KEYS", "UpdateGuard", "delta_norm", "join_reasons"]
+
+ECHO_KEYS = ("task-seq", "model-version")  # what our ClientApp echoes from its task's config in its metrics
+SIZE_FACTOR = 2
+SIZE_SLACK = 64 * 1024  # metrics, record and array headers: a few hundred bytes in practice
+PER_TENSOR = 256  # .npy header and Array/record framing of one tensor, rounded up
+MIN_WINDOW = 5
+
+
+class UpdateGuard:
+    """Size, version and norm checks of one run's replies (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, model: Sequence[np.ndarray]) -> None:
+        self.mode = cfg.update_filter
+        self.multiplier = cfg.norm_multiplier
+        self.norms: deque[float] = deque(maxlen=cfg.norm_window)
+        self.min_entries = min(MIN_WINDOW, cfg.norm_window)
+        self.dense_bytes = sum(int(w.nbytes) + PER_TENSOR for w in model)
+        self.max_bytes = SIZE_FACTOR * self.dense_bytes + SIZE_SLACK
+
+    # ------------------------------------------------------------------------------------------ before decoding
+    def admit(self, reply: Message, payload_bytes: int, seq: int, version: int) -> None:
+        """Reject an oversized reply, or one that echoes another task's ``task-seq`` / ``model-version``."""
+        if payload_bytes > self.max_bytes:
+            raise RejectedUpdate(f"oversized reply: {payload_bytes} bytes of content, more than the limit of "
+                                 f"{self.max_bytes} ({SIZE_FACTOR} x the dense model's {self.dense_bytes} + "
+                                 f"{SIZE_SLACK})")
+        if not reply.has_content():
+            raise RejectedUpdate("reply has neither content nor an error")
+        metrics = reply.content.metric_records.get("metrics")
+        if metrics is None:
+            return
+        for key, expected in zip(ECHO_KEYS, (seq, version), strict=True):
+            if key in metrics and not _equals(metrics[key], expected):
+                raise RejectedUpdate(f"wrong model version: the reply echoes {key} = {metrics[key]!r}, "
+                                     f"its task was sent with {key} = {expected}")
+
+    # ------------------------------------------------------------------------------------------- after decoding
+    def screen(self, update: Update) -> tuple[Update, str]:
+        """The outlier filter: ``(update to apply, note for the row's reason)``; raises ``RejectedUpdate``."""
+        if self.mode == "none":
+            return update, ""
+        norm = delta_norm(update.delta)
+        bound = self.bound()
+        note = ""
+        if bound is not None and norm > bound:
+            window = f"{self.multiplier:g} x median {self.median():.4g} of the last {len(self.norms)} accepted"
+            if self.mode == "reject":
+                raise RejectedUpdate(f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({window})")
+            scale = bound / norm
+            clipped = [np.multiply(d, scale, dtype=d.dtype) for d in update.delta]
+            update = dataclasses.replace(update, sent=clipped, sent_is_delta=True)
+            note = f"clipped from {norm:.4g} to {bound:.4g} ({window})"
+            norm = bound
+        self.norms.append(norm)
+        return update, note
+
+    def median(self) -> float:
+        """Median norm of the window (0 when empty)."""
+        return float(np.median(self.norms)) if self.norms else 0.0
+
+    def bound(self) -> float | None:
+        """The largest norm accepted as is, or None while the filter is not active yet."""
+        if len(self.norms) < self.min_entries:
+            return None
+        median = self.median()
+        return self.multiplier * median if median > 0 else None
+
+
+def delta_norm(delta: Sequence[np.ndarray]) -> float:
+    """L2 norm of all tensors together, exact even where squares overflow the dtype (inf only for inf input)."""
+    total = 0.0
+    for d in delta:
+        n = float(np.linalg.norm(d.reshape(-1)))
+        if not math.isfinite(n) and d.size:  # float32 squares overflow past ~1.8e19: rescale in float64
+            peak = float(np.max(np.abs(d)))
+            n = peak * float(np.linalg.norm(d.reshape(-1).astype(np.float64) / peak)) if math.isfinite(peak) else n
+        total = math.hypot(total, n)
+    return total
+
+
+def join_reasons(*parts: str) -> str:
+    """A row's reason from the non-empty parts."""
+    return "; ".join(p for p in parts if p)
+
+
+def _equals(value: object, expected: int) -> bool:
+    """Whether an echoed metric is the integer ``expected`` (3 and 3.0 are; NaN, lists, bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value == expected
