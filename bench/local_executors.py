@@ -17,11 +17,14 @@ the code the ClientApp runs. Each run reports, under keys named after them:
 - ``peak_live_vectors`` (and ``peak_vector_mb``): most parameter vectors alive at once;
 - ``final_loss``: loss of the final model on the held-out images.
 
-Each configuration runs ``--repeats`` times in rotating order and the median of each number is reported
-(``repeats`` keeps every run). torch's intra-op pool is set to one thread, so m workers use at most m cores and the
-sequential baseline one core, as in the paper's per-thread execution. The machine's core count, device and
-``os.getloadavg()`` before and after are recorded: on a shared 2-core machine other processes take cores too.
-SGD without momentum, lr 0.05, batch 64, torch's default initialisation with seed 1337, persistence 200 (the
+For each model and m the executors run back to back, ``--repeats`` times in an order rotated from repeat to
+repeat; the median of each number over repeats is reported (``repeats`` keeps every run, with ``cpu_seconds``,
+the process's CPU time, beside the wall-clock ``seconds``), and the ratios between executors are medians of
+ratios within a repeat, so that the runs compared saw about the same load. torch's intra-op pool is set to one
+thread, so m workers use at most m cores and the sequential baseline one core, as in the paper's per-thread
+execution. The machine's core count, device and ``os.getloadavg()`` before and after are recorded: on a shared
+2-core machine other processes take cores too. SGD without momentum, lr 0.05, batch 64, torch's default
+initialisation with seed 1337, persistence 200 (the
 reference code's default). On CUDA (when torch sees one) every worker runs on its own stream.
 """
 
@@ -121,11 +124,14 @@ def one_run(model_name: str, executor: str, threads: int, data: tuple, steps: in
     xe_t, ye_t = torch.tensor(xe, device=device), torch.tensor(ye, device=device)
     initial = loss_of(model, xe_t, ye_t)
     sgd = LocalSGD(steps=steps, batch_size=64, lr=0.05, seed=SEED)
+    cpu = time.process_time()
     report = run_executor(make_policy(executor, sgd.lr, 200), sgd, model, x, y, device, threads)
+    cpu = time.process_time() - cpu
     params = sum(p.numel() for p in model.parameters())
     return {
         "updates": report.published,
         "seconds": report.seconds,
+        "cpu_seconds": cpu,
         "updates_per_s": report.published / report.seconds,
         "initial_loss": initial,
         "loss_threshold": THRESHOLD_FRACTION * initial,
@@ -162,20 +168,32 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
-    """Per model and m: locked's and HOGWILD!'s time to the threshold over Leashed-SGD's (> 1: Leashed faster)."""
-    by = {(r["model"], r["executor"], r["threads"]): r for r in rows}
+    """Per model and m, ratios between executors, paired by repeat (one repeat's runs ran back to back).
+
+    Medians over repeats of locked's and HOGWILD!'s time to the threshold over Leashed-SGD's (> 1: Leashed-SGD
+    faster), and of the updates/s and peak-memory ratios.
+    """
+    by = {(r["model"], r["executor"], r["threads"]): r["repeats"] for r in rows}
+
+    def paired(a: list[dict] | None, b: list[dict] | None, key: str) -> float | None:
+        if a is None or b is None:
+            return None
+        values = [v for v in (ratio(x[key], y[key]) for x, y in zip(a, b, strict=True)) if v is not None]
+        return statistics.median(values) if values else None
+
     out = []
-    for (model, executor, m), r in by.items():
+    for (model, executor, m), leashed in by.items():
         if executor != "leashed":
             continue
         locked, hog = by.get((model, "locked", m)), by.get((model, "hogwild", m))
-        t = r["time_to_loss_threshold_s"]
+        t = "time_to_loss_threshold_s"
         out.append({
             "model": model, "threads": m,
-            "time_ratio_locked_over_leashed": ratio(locked and locked["time_to_loss_threshold_s"], t),
-            "time_ratio_hogwild_over_leashed": ratio(hog and hog["time_to_loss_threshold_s"], t),
-            "updates_per_s_ratio_leashed_over_locked": ratio(r["updates_per_s"], locked and locked["updates_per_s"]),
-            "memory_ratio_leashed_over_locked": ratio(r["peak_live_vectors"], locked and locked["peak_live_vectors"]),
+            "time_ratio_locked_over_leashed": paired(locked, leashed, t),
+            "time_ratio_hogwild_over_leashed": paired(hog, leashed, t),
+            "updates_per_s_ratio_leashed_over_locked": paired(leashed, locked, "updates_per_s"),
+            "updates_per_s_ratio_leashed_over_hogwild": paired(leashed, hog, "updates_per_s"),
+            "memory_ratio_leashed_over_locked": paired(leashed, locked, "peak_live_vectors"),
         })
     return out
 
@@ -195,12 +213,14 @@ def markdown(report: dict) -> str:
             f"| {fmt(r['time_to_loss_threshold_s'])} | {r['staleness_mean']:.2f} / {r['staleness_max']:.0f} "
             f"| {r['failed_swaps']:.0f} | {r['dropped_gradients']:.0f} | {r['peak_live_vectors']:.0f} "
             f"| {r['final_loss']:.3f} |")
-    lines += ["", "| model | m | locked / leashed time | hogwild / leashed time | leashed / locked updates/s |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "| model | m | locked / leashed time | hogwild / leashed time | leashed / locked updates/s "
+              "| leashed / hogwild updates/s | leashed / locked memory |", "|---|---:|---:|---:|---:|---:|---:|"]
     for c in report["comparisons"]:
         lines.append(f"| {c['model']} | {c['threads']} | {fmt(c['time_ratio_locked_over_leashed'])} "
                      f"| {fmt(c['time_ratio_hogwild_over_leashed'])} "
-                     f"| {fmt(c['updates_per_s_ratio_leashed_over_locked'])} |")
+                     f"| {fmt(c['updates_per_s_ratio_leashed_over_locked'])} "
+                     f"| {fmt(c['updates_per_s_ratio_leashed_over_hogwild'])} "
+                     f"| {fmt(c['memory_ratio_leashed_over_locked'])} |")
     return "\n".join(lines)
 
 
@@ -225,13 +245,17 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     configs = [(m, e, t) for m in MODELS for e, t in configurations(threads)]
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
-    for rep in range(repeats):
-        shift = rep * 5 % len(configs)  # rotate the order so no configuration always runs first or last
-        for cfg in configs[shift:] + configs[:shift]:
-            model, executor, m = cfg
-            runs[cfg].append(one_run(model, executor, m, data, steps[model], device))
-            print(f"[{rep + 1}/{repeats}] {model} {executor} m={m}: "
-                  f"{runs[cfg][-1]['updates_per_s']:.0f} updates/s", file=sys.stderr, flush=True)
+    # One group per (model, m): its executors run back to back, in an order rotated from repeat to repeat, so
+    # the runs compared with one another saw about the same load from the machine's other processes.
+    groups = [[c for c in configs if c[0] == model and c[2] == m] for model in MODELS for m in threads]
+    for group in groups:
+        for rep in range(repeats):
+            shift = rep % len(group)
+            for cfg in group[shift:] + group[:shift]:
+                model, executor, m = cfg
+                runs[cfg].append(one_run(model, executor, m, data, steps[model], device))
+                print(f"[{rep + 1}/{repeats}] {model} {executor} m={m}: "
+                      f"{runs[cfg][-1]['updates_per_s']:.0f} updates/s", file=sys.stderr, flush=True)
     rows = [{"model": m, "executor": e, "threads": t, **median_row(runs[(m, e, t)]), "repeats": runs[(m, e, t)]}
             for m, e, t in configs]
     report = {
