@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,10 +38,15 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     spec = validate(cfg)
     evaluator = Evaluator(cfg, spec.names)
     store = MetricsStore(cfg.metrics_path())
-    store.start_run(run_id, cfg.strategy, cfg.to_mapping())
+    state = None
+    if cfg.resume:
+        run_id, state = cfg.resume, reopen(store, cfg)
+    else:
+        store.start_run(run_id, cfg.strategy, cfg.to_mapping())
     try:
         nodes, info = discover(grid, cfg)
-        engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes, info)
+        engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes, info,
+                        resume_from=state)
         summary = engine.run()
         if summary.stop_reason.startswith("stalled"):
             raise RuntimeError(summary.stop_reason)
@@ -53,6 +59,26 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     store.finish_run("completed")
     store.close()
     return summary
+
+
+# Keys a resumed run may change: where it stops, and the resume key itself.
+RESUMABLE_CHANGES = frozenset({"resume", "max-updates", "max-time", "target-accuracy", "metrics-db"})
+
+
+def reopen(store: MetricsStore, cfg: RunConfig) -> bytes:
+    """The checkpoint of run ``cfg.resume``, its later rows rolled back; the config must be the run's own."""
+    row = store.db.execute("SELECT config_json FROM runs WHERE run_id=?", (cfg.resume,)).fetchone()
+    if row is None:
+        raise ConfigError(f"resume = {cfg.resume!r}: no such run in {store.path}")
+    before, now = json.loads(row[0]), cfg.to_mapping()
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"resume = {cfg.resume!r}: the run config differs from the run's own ({diffs})")
+    try:
+        return store.resume_run(cfg.resume)
+    except LookupError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def validate(cfg: RunConfig) -> ModelSpec:

@@ -30,6 +30,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from server_app import checkpoint
 from server_app.downlink import DownlinkCompressor
 from server_app.evaluation import ModelSpec
 from server_app.guard import UpdateGuard, join_reasons
@@ -65,6 +66,7 @@ class Flight:
     arrived_at: float | None = None      # wall clock: when the reply arrived
     failure: str = ""                    # set for failures known without a reply
     base: Weights | None = None          # the node's own model the task trains from (gossip); else the version's
+    content: RecordDict | None = None    # what was sent, to send again after a resume (server_app/checkpoint.py)
     exchange: Exchange | None = None     # node-to-node traffic charged instead of the star's (gossip)
 
     def due(self) -> float | None:
@@ -153,7 +155,8 @@ class Engine:
 
     def __init__(self, grid: Grid, cfg: RunConfig, strategy_cls: type[Strategy], spec: ModelSpec,
                  evaluate: Evaluate, store: MetricsStore, run_id: str, nodes: list[int],
-                 node_info: dict[int, dict] | None = None, poll_s: float = 0.005) -> None:
+                 node_info: dict[int, dict] | None = None, poll_s: float = 0.005,
+                 resume_from: bytes | None = None) -> None:
         self.grid, self.cfg, self.spec, self.evaluate, self.store = grid, cfg, spec, evaluate, store
         self.run_id = run_id
         self.nodes = nodes
@@ -162,7 +165,8 @@ class Engine:
             len(nodes), mix=cfg.profiles, seed=cfg.seed, straggler_fraction=cfg.straggler_fraction,
             straggler_slowdown=cfg.straggler_slowdown, dropout=cfg.dropout, profile_file=cfg.profile_file,
         ), strict=True))
-        self._record_fleet(node_info or {})
+        if resume_from is None:
+            self._record_fleet(node_info or {})
         self.rng = np.random.default_rng([cfg.seed, 0x5EED])
         self.strategy = strategy_cls(cfg, [w.copy() for w in spec.initial], len(nodes))
         self.strategy.nodes = list(nodes)
@@ -191,6 +195,11 @@ class Engine:
         self.last_failure = ""
         # Wall clock: nodes join late, vanish and come back (server_app/membership.py); virtual: a fixed fleet.
         self.membership = None if self.virtual else Membership(self)
+        self.checkpointed = 0  # applied updates at the last checkpoint
+        self.resumed = resume_from is not None
+        if resume_from is not None:
+            checkpoint.restore(self, resume_from)
+            self.checkpointed = self.totals.applied
 
     def _record_fleet(self, info: dict[int, dict]) -> None:
         self.store.record_nodes(
@@ -202,7 +211,8 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- the loop
     def run(self) -> RunSummary:
         """Dispatch, apply in clock order, evaluate, until a stop condition holds."""
-        self._evaluate()
+        if not self.resumed:
+            self._evaluate()
         self._fill()
         reason = self._stop_reason()
         while not reason:
@@ -228,10 +238,30 @@ class Engine:
             reason = self._stop_reason()
             if not reason:
                 self._fill()
+                self._maybe_checkpoint()
         loss, acc = self._evaluate()
+        if self.cfg.checkpoint_every:
+            self._checkpoint()  # the final state: a resumed finished run ends at once, tests compare weights
         return RunSummary(self.run_id, reason, self.now, self.strategy.version, self.totals.applied,
                           self.totals.bytes_up, self.totals.bytes_down, loss, acc, dict(self.totals.statuses),
                           self.strategy.weights)
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint_every
+        if every and self.totals.applied // every > self.checkpointed // every:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        self.store.save_checkpoint(self.totals.applied, checkpoint.capture(self))
+        self.checkpointed = self.totals.applied
+
+    def resend(self, flight: Flight) -> None:
+        """Send a restored task's message again (a resumed run: the old process and its messages are gone)."""
+        assert flight.content is not None
+        version = flight.content.config_records["config"].get("model-version", flight.version)
+        msg = Message(content=flight.content, dst_node_id=flight.node, message_type=MessageType.TRAIN,
+                      group_id=str(version), ttl=self.cfg.task_ttl)
+        self._push(flight, msg)
 
     def _stop_reason(self) -> str:
         c = self.cfg
@@ -275,7 +305,7 @@ class Engine:
         )
         bytes_down, payload_down = message_sizes(msg)
         flight = Flight(seq, node, task.version, self._clock(), bytes_down, time.monotonic() + self.cfg.task_ttl,
-                        base=task.base, exchange=task.exchange)
+                        base=task.base, exchange=task.exchange, content=msg.content)
         if self.virtual:
             flight.timing = self._timing(node, payload_down, task.exchange)
         version.users += 1

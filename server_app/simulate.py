@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import secrets
+import sqlite3
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ from server_app.app import app as server_app
 from server_app.app import validate
 from server_app.engine import RunSummary
 from server_app.local_grid import LocalGrid
+from strategies import get_strategy
 from strategies.config import ConfigError, ConfigValue, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -78,6 +81,32 @@ def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: o
     return RunSummary.from_config(dict(context.state.config_records["summary"]), weights)
 
 
+def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[str, ConfigValue], int]:
+    """The config and fleet size of a stored run, to resume it; ``values`` may change only its stop conditions.
+
+    The store is the one ``values`` names (``metrics-db``, else the default); the nodes are as many as the run had.
+    """
+    from server_app.app import RESUMABLE_CHANGES
+
+    path = RunConfig.from_mapping(values).metrics_path()
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_id}: no metrics store at {path} (set metrics-db)")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        nodes = db.execute("SELECT COUNT(*) FROM nodes WHERE run_id=?", (run_id,)).fetchone()[0]
+    if row is None:
+        raise ConfigError(f"--resume {run_id}: no such run in {path}")
+    stored = json.loads(row[0])
+    defaults = default_config()
+    stops = {k: v for k, v in values.items() if k in RESUMABLE_CHANGES and v != defaults.get(k)}
+    resumed = {**stored, **stops, "metrics-db": str(path), "resume": run_id}
+    cfg = RunConfig.from_mapping(resumed)
+    if why := get_strategy(cfg.strategy).node_state_reason(cfg):
+        raise ConfigError(f"--resume {run_id}: {why}, and the in-process runner's nodes died with it; such a run "
+                          "resumes exactly only in deployment, where SuperNodes keep their state")
+    return resumed, nodes
+
+
 def server_context(run_id: int, values: Mapping[str, ConfigValue]) -> Context:
     """The Context the ServerApp would get from Flower."""
     return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(values))
@@ -102,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # clients run on parallel threads; one intra-op thread each avoids oversubscription
     try:
-        if args.resume:
-            raise ConfigError("--resume arrives with checkpointing (issue 9); this build cannot resume runs")
         values = merge_config(args.run_config, args.set)
+        if args.resume:
+            values, args.nodes = resume_config(values, args.resume)
         cfg = RunConfig.from_mapping(values)
         validate(cfg)
         clientapp = load_object(args.clientapp) if args.clientapp else None

@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS nodes(
 CREATE TABLE IF NOT EXISTS task_metrics(
     run_id TEXT, seq INTEGER, node_id INTEGER, key TEXT, value REAL, PRIMARY KEY (run_id, seq, key)
 );
+CREATE TABLE IF NOT EXISTS checkpoints(
+    run_id TEXT PRIMARY KEY, taken_at REAL, applied INTEGER, updates_rowid INTEGER, evals_rowid INTEGER,
+    buffered_json TEXT, state BLOB
+);
 CREATE INDEX IF NOT EXISTS evals_run ON evals(run_id, t);
 CREATE INDEX IF NOT EXISTS updates_run_time ON updates(run_id, completed_at);
 """
@@ -169,6 +173,35 @@ class MetricsStore:
                 (self.run_id, t, version, applied, bytes_up, bytes_down, loss, accuracy,
                  json.dumps(extra, sort_keys=True), consensus),
             )
+
+    def save_checkpoint(self, applied: int, state: bytes) -> None:
+        """Replace the run's checkpoint, with the store's extent at this moment, in one transaction."""
+        with self.db:
+            (u_rowid,) = self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM updates").fetchone()
+            (e_rowid,) = self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM evals").fetchone()
+            buffered = self.db.execute("SELECT seq, reason FROM updates WHERE run_id=? AND status='buffered'",
+                                       (self.run_id,)).fetchall()
+            self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?)",
+                            (self.run_id, time.time(), applied, u_rowid, e_rowid, json.dumps(buffered), state))
+
+    def resume_run(self, run_id: str) -> bytes:
+        """Reopen a run at its checkpoint: roll back later rows, mark it running; return the engine state."""
+        row = self.db.execute("SELECT updates_rowid, evals_rowid, buffered_json, state FROM checkpoints "
+                              "WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            known = self.db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            why = "no such run" if known is None else f"the run ({known[0]}) has no checkpoint: set checkpoint-every"
+            raise LookupError(f"cannot resume run {run_id} from {self.path}: {why}")
+        u_rowid, e_rowid, buffered, state = row
+        with self.db:
+            self.db.execute("DELETE FROM updates WHERE run_id=? AND rowid>?", (run_id, u_rowid))
+            self.db.execute("DELETE FROM evals WHERE run_id=? AND rowid>?", (run_id, e_rowid))
+            back = [(reason, run_id, seq) for seq, reason in json.loads(buffered)]
+            self.db.executemany("UPDATE updates SET status='buffered', applied_version=NULL, reason=? "
+                                "WHERE run_id=? AND seq=?", back)
+            self.db.execute("UPDATE runs SET status='running', finished_at=NULL, error=NULL WHERE run_id=?", (run_id,))
+        self.run_id = run_id
+        return state
 
     def finish_run(self, status: str, error: str = "") -> None:
         """Close the run with its final status."""

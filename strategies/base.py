@@ -123,6 +123,7 @@ class Strategy(ABC):
     """Server half of an algorithm. Subclass, set ``name``, implement ``apply``; register in ``strategies``."""
 
     name: ClassVar[str] = ""
+    keeps_node_state: ClassVar[bool] = False  # its client half keeps state on the node across tasks
 
     def __init__(self, cfg: RunConfig, weights: Weights, num_nodes: int) -> None:
         self.cfg = cfg
@@ -158,6 +159,19 @@ class Strategy(ABC):
     def state_summary(self) -> dict[str, float]:
         """Numbers worth logging at evaluation time (buffer fill, K, bound...)."""
         return {}
+
+    @classmethod
+    def node_state_reason(cls, cfg: RunConfig) -> str:
+        """Why this run keeps state on its nodes across tasks ("" if it does not): such state is not checkpointed."""
+        if cls.keeps_node_state:
+            return f"strategy {cls.name!r} keeps its in-flight queues on the nodes"
+        if cfg.error_feedback and cfg.codec != "none":
+            return "error-feedback residuals live on the nodes"
+        if cfg.codec == "powersgd":
+            return "PowerSGD's warm-start matrices live on the nodes"
+        if cfg.codec_downlink != "none":
+            return "codec-downlink keeps each node's model copy on the node"
+        return ""
 
     def _publish(self, weights: Weights) -> None:
         """Install a new model version."""

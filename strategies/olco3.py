@@ -58,6 +58,7 @@ class DelayedAveraging(Strategy):
 
     name = "olco3"
     compensation: ClassVar[str] = "both"  # both | staleness | none
+    keeps_node_state = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -13,27 +13,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from strategies.config import STALENESS_FNS, ConfigError
 
 StalenessFn = Callable[[int], float]
 
 
-def staleness_fn(name: str, a: float = 0.5, b: float = 4.0) -> StalenessFn:
-    """Return s(tau) for a name of ``STALENESS_FNS`` with parameters a and b."""
-    forms: dict[str, StalenessFn] = {
-        "constant": lambda tau: 1.0,
-        "polynomial": lambda tau: (tau + 1.0) ** -a,
-        "hinge": lambda tau: 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0),
-        "sqrt": lambda tau: 1.0 / math.sqrt(1.0 + tau),
-    }
-    if name not in forms:
-        raise ConfigError(f"staleness-fn = {name!r} is not one of: {', '.join(STALENESS_FNS)}")
-    fn = forms[name]
+@dataclass(frozen=True)
+class Staleness:
+    """s(tau) of one named form; a plain object (not a closure) so a strategy holding it can be checkpointed."""
 
-    def weight(tau: int) -> float:
+    name: str
+    a: float = 0.5
+    b: float = 4.0
+
+    def __call__(self, tau: int) -> float:
+        """The weight of an update ``tau`` versions stale."""
         if tau < 0:
             raise ValueError(f"staleness must be >= 0, got {tau}")
-        return fn(tau)
+        if self.name == "constant":
+            return 1.0
+        if self.name == "polynomial":
+            return (tau + 1.0) ** -self.a
+        if self.name == "hinge":
+            return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
+        return 1.0 / math.sqrt(1.0 + tau)
 
-    return weight
+
+def staleness_fn(name: str, a: float = 0.5, b: float = 4.0) -> StalenessFn:
+    """Return s(tau) for a name of ``STALENESS_FNS`` with parameters a and b."""
+    if name not in STALENESS_FNS:
+        raise ConfigError(f"staleness-fn = {name!r} is not one of: {', '.join(STALENESS_FNS)}")
+    return Staleness(name, a, b)
