@@ -87,3 +87,12 @@ def test_adpsgd_straggler_reproduction_smoke(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| 10x | ad-psgd |" in table and "| 10x | allreduce-sgd |" in table
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_checkpoint_cost_smoke(tmp_path):
+    from bench import checkpoint_cost
+
+    out = tmp_path / "c.md"
+    assert checkpoint_cost.main(["--updates", "12", "--repeats", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| off | 0 |" in text and "| 1 | 13 |" in text and "One checkpoint:" in text
