@@ -155,10 +155,15 @@ class MetricsStore:
             )
 
     def mark_applied(self, seqs: Iterable[int], version: int) -> None:
-        """Buffered updates went into the model as ``version``."""
+        """Buffered updates went into the model as ``version``.
+
+        The strategy's reason ("buffer 3/5") is cleared; the update guard's note ("clipped from X to Y (...)",
+        always first, ``; ``-separated) stays: it says what was applied.
+        """
         with self.db:
             self.db.executemany(
-                "UPDATE updates SET status='applied', applied_version=?, reason='' WHERE run_id=? AND seq=?",
+                "UPDATE updates SET status='applied', applied_version=?, reason=CASE WHEN reason LIKE 'clipped from %'"
+                " THEN substr(reason, 1, instr(reason || '; ', '; ') - 1) ELSE '' END WHERE run_id=? AND seq=?",
                 [(version, self.run_id, s) for s in seqs],
             )
 

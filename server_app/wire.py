@@ -191,8 +191,11 @@ def _metrics(record: object) -> dict[str, float]:
     return {k: v for k, v in dict(record).items() if isinstance(v, int | float)}
 
 
+MAX_EXAMPLES = 2**53  # beyond, a float count is no longer exact; and FedAvg weights by it: a claim, not a fact
+
+
 def _num_examples(metrics: dict[str, float]) -> int:
     n = metrics.get("num-examples", 1)
-    if isinstance(n, bool) or not float(n).is_integer() or n < 1:
-        raise RejectedUpdate(f"num-examples must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not 1 <= n <= MAX_EXAMPLES or not float(n).is_integer():  # NaN fails the range
+        raise RejectedUpdate(f"num-examples must be a positive integer up to 2**53, got {n!r}")
     return int(n)
