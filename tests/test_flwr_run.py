@@ -232,3 +232,22 @@ def test_flwr_run_with_invalid_config_ends_failed(superlink: SuperLink, tmp_path
     run = superlink.wait(run_id)
     assert run["status"] == "finished:failed", run
     assert "buffer-size" in run.get("status-details", ""), run
+
+
+def test_flwr_run_gossip_matches_the_in_process_runner(superlink: SuperLink, tmp_path: Path) -> None:
+    """AD-PSGD on the real runtime: per-node models, consensus distance, and the same run as in-process."""
+    db = tmp_path / "g.db"
+    settings = "strategy='ad-psgd' max-updates=24 model='logreg' local-steps=2 eval-every=8"
+    run_id = superlink.run(f"{settings} metrics-db='{db}'")
+    run = superlink.wait(run_id)
+    assert run["status"] == "finished:completed", f"{run}\n{superlink.logs(run_id)}"
+    with sqlite3.connect(db) as con:
+        curve = con.execute("SELECT updates_applied, accuracy, consensus_distance FROM evals WHERE run_id=? "
+                            "ORDER BY t, rowid", (run_id,)).fetchall()
+        peers = con.execute("SELECT COUNT(*) FROM updates WHERE run_id=? AND peer_id IS NOT NULL",
+                            (run_id,)).fetchone()[0]
+    assert peers > 0 and all(c[2] is not None for c in curve) and curve[-1][2] > 0
+    local = simulate("ad-psgd", nodes=4, db=tmp_path / "local.db", max_updates=24, model="logreg", local_steps=2,
+                     eval_every=8, min_nodes=2)
+    assert [(e["updates_applied"], e["accuracy"]) for e in local.evals()] == [c[:2] for c in curve]
+    assert [e["consensus_distance"] for e in local.evals()] == pytest.approx([c[2] for c in curve], rel=1e-5)
