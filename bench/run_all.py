@@ -8,6 +8,8 @@
 - bench.olco3_delay: OLCO3 against its baselines as the delay grows, Fashion-MNIST (RESULTS.md)
 - bench.abs_stragglers: ABS and the bounded-staleness family against stragglers (RESULTS.md)
 - bench.abs_sweep: the sweep behind ABS's default schedule (RESULTS.md)
+- bench.dashboard_load: the dashboard's data-load time on stores of 1k, 10k and 100k updates (BENCHMARKS.md)
+- bench.checkpoint_cost: what checkpoint-every costs (RELIABILITY.md)
 - bench.adpsgd_straggler: AD-PSGD against D-PSGD, AllReduce-SGD and async-SGD with one slow node (RESULTS.md)
 """
 
@@ -32,6 +34,9 @@ def main() -> int:
         ["-m", "bench.olco3_delay", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/olco3_delay"],
         ["-m", "bench.abs_stragglers", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/abs_stragglers"],
         ["-m", "bench.abs_sweep", "--seed", "0", "--out", "results/abs_sweep.md"],
+        ["-m", "bench.dashboard_load", "--json", "results/dashboard_load.json", "--markdown",
+         "results/dashboard_load.md"],
+        ["-m", "bench.checkpoint_cost", "--repeats", "1" if quick else "3", "--out", "results/checkpoint_cost.md"],
         ["-m", "bench.adpsgd_straggler", "--seeds", *(["0"] if quick else ["0", "1"]), "--slowdowns",
          *(["1", "10"] if quick else ["1", "2", "10", "100"]), "--out", "results/adpsgd_straggler"],
     ]
