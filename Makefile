@@ -13,6 +13,7 @@ DB      ?= results/metrics.db
 NODES   ?= 10
 CONFIG  ?=
 RUN_ARGS ?=
+DASHBOARD_ADDRESS ?= 127.0.0.1  # this machine only; 0.0.0.0 to serve the network
 
 # metrics-db must be absolute: the ServerApp's working directory is not the repository.
 ifeq ($(strip $(CONFIG)),)
@@ -49,7 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 dashboard: $(STAMP)
-	$(BIN)/streamlit run dashboard/app.py -- $(if $(DB),--db $(DB))
+	$(BIN)/streamlit run dashboard/app.py --server.address $(DASHBOARD_ADDRESS) -- $(if $(DB),--db $(DB))
 
 # A local deployment on Flower's real runtime: throw-away CA, SuperLink with TLS and SuperNode authentication,
 # DEPLOY_NODES (default 3) registered SuperNodes, one `flwr run` on the wall clock, all stopped by pid at the end.
