@@ -112,7 +112,8 @@ def delta_norm(delta: Sequence[np.ndarray]) -> float:
     """L2 norm of all tensors together, exact even where squares overflow the dtype (inf only for inf input)."""
     total = 0.0
     for d in delta:
-        n = float(np.linalg.norm(d.reshape(-1)))
+        with np.errstate(over="ignore"):
+            n = float(np.linalg.norm(d.reshape(-1)))
         if not math.isfinite(n) and d.size:  # float32 squares overflow past ~1.8e19: rescale in float64
             peak = float(np.max(np.abs(d)))
             n = peak * float(np.linalg.norm(d.reshape(-1).astype(np.float64) / peak)) if math.isfinite(peak) else n

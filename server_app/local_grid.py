@@ -23,6 +23,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from server_app.wire import message_sizes
+
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
 
 
@@ -111,6 +113,8 @@ class LocalGrid(Grid):
     def _handle(self, msg: Message) -> Message:
         try:
             reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            if reply.has_content():
+                message_sizes(reply)  # serializes it as Flower's transport would (an int beyond int64 fails)
         except Exception as exc:  # a ClientApp exception becomes an error reply, as in Flower's runtime
             reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
         reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
