@@ -473,8 +473,12 @@ def _oversized(content: RecordDict, src: Source) -> RecordDict:
 def _wrong_version(content: RecordDict, src: Source) -> RecordDict:
     metrics = dict(content.metric_records["metrics"])
     key = src.pick(["model-version", "task-seq"])
-    metrics[key] = src.pick([int(metrics.get(key, 0)) + src.int(1, 1000), int(metrics.get(key, 0)) - src.int(1, 5),
-                             math.nan, 0.5 + int(metrics.get(key, 0)), [1, 2]])
+    if key in metrics:
+        echoed = int(metrics[key])  # type: ignore[call-overload]
+        wrong = [echoed + src.int(1, 1000), echoed - src.int(1, 5), math.nan, echoed + 0.5, [1, 2]]
+    else:  # a reply that echoed nothing (Flower-style) now echoes something no task was sent with
+        wrong = [-src.int(1, 1000), math.nan, 0.5, [1, 2]]
+    metrics[key] = src.pick(wrong)
     out = RecordDict(dict(content.items()))
     out["metrics"] = MetricRecord(metrics)
     return out
