@@ -96,3 +96,25 @@ def test_checkpoint_cost_smoke(tmp_path):
     assert checkpoint_cost.main(["--updates", "12", "--repeats", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| off | 0 |" in text and "| 1 | 13 |" in text and "One checkpoint:" in text
+
+
+def test_fuzz_report_smoke(tmp_path, capsys):
+    """`python -m bench.fuzz_report --quick`: every target tried, nothing crashed, the norm-filter example."""
+    from bench import fuzz_report
+
+    out, md = tmp_path / "fuzz.json", tmp_path / "fuzz.md"
+    report = fuzz_report.main(["--quick", "--json", str(out), "--markdown", str(md)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    targets = {t["target"]: t for t in data["targets"]}
+    assert {f"decode {c}" for c in ("none", "fp16", "topk", "randk", "qsgd", "sign", "powersgd")} < set(targets)
+    assert {"reply records", "guard: size, version", "engine (hostile run)"} < set(targets)
+    for t in targets.values():
+        assert t["crashes"] == 0, t
+        assert t["tried"] == t["rejected"] + t["accepted_valid"] > 0
+    assert targets["engine (hostile run)"]["run"]["weights_finite"]
+    modes = {r["update_filter"]: r for r in data["norm_filter"]}
+    assert modes["reject"]["scaled_rejected"] == modes["reject"]["scaled_tasks"] > 0
+    assert modes["clip"]["scaled_clipped"] == modes["clip"]["scaled_tasks"] > 0
+    table = capsys.readouterr().out
+    assert "| decode topk |" in table and md.read_text().strip() in table
