@@ -19,13 +19,14 @@ the code the ClientApp runs. Each run reports, under keys named after them:
 
 For each model and m the executors run back to back, ``--repeats`` times in an order rotated from repeat to
 repeat; the median of each number over repeats is reported (``repeats`` keeps every run, with ``cpu_seconds``,
-the process's CPU time, beside the wall-clock ``seconds``), and the ratios between executors are medians of
+the process's CPU time, beside the wall-clock ``seconds``; ``cpu_ms_per_update`` is the executor's cost per
+published update, which other processes' load hardly moves), and the ratios between executors are medians of
 ratios within a repeat, so that the runs compared saw about the same load. torch's intra-op pool is set to one
 thread, so m workers use at most m cores and the sequential baseline one core, as in the paper's per-thread
 execution. The machine's core count, device and ``os.getloadavg()`` before and after are recorded: on a shared
 2-core machine other processes take cores too. SGD without momentum, lr 0.05, batch 64, torch's default
-initialisation with seed 1337, persistence 200 (the
-reference code's default). On CUDA (when torch sees one) every worker runs on its own stream.
+initialisation with seed 1337, persistence 200 (the reference code's default). On CUDA (when torch sees one)
+every worker runs on its own stream.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def one_run(model_name: str, executor: str, threads: int, data: tuple, steps: in
         "updates": report.published,
         "seconds": report.seconds,
         "cpu_seconds": cpu,
+        "cpu_ms_per_update": 1e3 * cpu / max(report.published, 1),
         "updates_per_s": report.published / report.seconds,
         "initial_loss": initial,
         "loss_threshold": THRESHOLD_FRACTION * initial,
@@ -205,11 +207,13 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def markdown(report: dict) -> str:
     """The table of BENCHMARKS.md's issue-6 section."""
-    lines = ["| model | executor | m | updates/s | time to loss threshold (s) | staleness mean / max | failed swaps "
-             "| dropped | peak live vectors | final loss |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | executor | m | updates/s | CPU ms / update | time to loss threshold (s) | staleness mean / max "
+             "| failed swaps | dropped | peak live vectors | final loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(
             f"| {r['model']} | {r['executor']} | {r['threads']} | {r['updates_per_s']:.0f} "
+            f"| {fmt(r['cpu_ms_per_update'])} "
             f"| {fmt(r['time_to_loss_threshold_s'])} | {r['staleness_mean']:.2f} / {r['staleness_max']:.0f} "
             f"| {r['failed_swaps']:.0f} | {r['dropped_gradients']:.0f} | {r['peak_live_vectors']:.0f} "
             f"| {r['final_loss']:.3f} |")
