@@ -176,6 +176,7 @@ def clear_cache() -> None:
     """Forget every dataset loaded so far (tests, or a long-lived process that switches datasets)."""
     _load_generated.cache_clear()
     _load_fashion_mnist.cache_clear()
+    _SPLITS.clear()
 
 
 @functools.lru_cache(maxsize=8)
@@ -518,13 +519,34 @@ def _fill_empty(parts: list, rng: np.random.Generator) -> list:
     return parts
 
 
+_SPLITS: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = {}  # (id(labels), args) -> (labels, read-only parts)
+_SPLITS_MAX = 8
+
+
+def _split(labels: np.ndarray, num_partitions: int, *, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
+    """``partition_indices``, memoized: the entry holds ``labels`` itself, so its id cannot be reused meanwhile."""
+    key = (id(labels), num_partitions, scheme, alpha, seed)
+    hit = _SPLITS.get(key)
+    if hit is not None and hit[0] is labels:
+        return hit[1]
+    parts = partition_indices(labels, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
+    for part in parts:
+        part.setflags(write=False)  # shared by every caller
+    while len(_SPLITS) >= _SPLITS_MAX:  # threads may race here; the worst case is a split computed twice
+        _SPLITS.pop(next(iter(_SPLITS)), None)
+    _SPLITS[key] = (labels, parts)
+    return parts
+
+
 def load_partition(
     dataset: Dataset, partition_id: int, num_partitions: int, *, scheme: str, alpha: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return the train samples of one partition, as fresh (writable, C-contiguous) arrays.
 
-    Recomputed on each call rather than cached: it takes milliseconds even for 60k labels, and keeping it
-    stateless means a client in a fresh process gets exactly what it would get in a shared one.
+    The split of all partitions is computed once per (labels array, arguments) and reused by the next calls in
+    the same process: it costs O(len(labels) + num_partitions), which every task paid again (6 of the 11 ms of a
+    logreg task with 1,000 nodes). The split is a pure function of its arguments, so a client in a fresh process
+    still gets exactly what it would get in a shared one.
 
     Raises
     ------
@@ -533,7 +555,7 @@ def load_partition(
     """
     if isinstance(partition_id, bool) or not isinstance(partition_id, int | np.integer):
         raise DataError(f"partition_id must be an integer, got {partition_id!r}")
-    parts = partition_indices(dataset.y_train, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
+    parts = _split(dataset.y_train, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition_id {partition_id} out of range 0..{num_partitions - 1}")
     idx = parts[partition_id]
