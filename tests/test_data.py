@@ -389,3 +389,22 @@ def test_load_partition_returns_that_clients_train_samples():
 def test_load_partition_rejects_bad_ids(pid):
     with pytest.raises(DataError, match="partition_id"):
         load_partition(load_dataset("digits"), pid, 5, scheme="iid", alpha=0.5, seed=0)
+
+
+def test_load_partition_splits_once_per_labels_and_arguments(monkeypatch):
+    data.clear_cache()
+    ds = load_dataset("digits")
+    calls = []
+    real = data.partition_indices
+    monkeypatch.setattr(data, "partition_indices", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    kwargs = {"scheme": "iid", "alpha": 0.5, "seed": 0}
+    first = [load_partition(ds, pid, 1000, **kwargs) for pid in range(0, 1000, 97)]
+    again = load_partition(ds, 97, 1000, **kwargs)
+    assert calls == [1000]  # one split for every call with these arguments
+    np.testing.assert_array_equal(again[1], first[1][1])
+    again[0][:] = 0  # the caller's own copy: the next call is unaffected
+    assert load_partition(ds, 97, 1000, **kwargs)[0].any()
+    load_partition(ds, 0, 1000, **{**kwargs, "seed": 1})
+    other = data.Dataset(ds.name, ds.x_train, ds.y_train.copy(), ds.x_test, ds.y_test, ds.num_classes)
+    load_partition(other, 0, 1000, **kwargs)
+    assert calls == [1000, 1000, 1000]  # another seed, another labels array: split again
