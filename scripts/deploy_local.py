@@ -43,6 +43,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -390,6 +391,8 @@ class LocalDeployment:
         self.home = self.workdir / "flwr-home"
         self.pki = self.workdir / "pki"
         self.superlink: Proc | None = None
+        self.closed = False
+        self._lock = threading.Lock()
         self.env = dict(os.environ)
         self.env.update(
             # flower-superlink / flower-supernode spawn flower-superexec, flwr-serverapp, flwr-clientapp by name.
@@ -410,20 +413,28 @@ class LocalDeployment:
         self.close()
 
     def close(self) -> None:
-        """Stop every process started (SuperNodes first, then the SuperLink), then remove the namespaces."""
-        for p in reversed(self.procs):
-            if p.alive() or _group_alive(p.pid):
-                self.log(f"[deploy] stopping {p.name} (pid {p.pid})")
-            p.stop()
-        self.procs.clear()
-        if self.netns is not None:
-            self.netns.destroy()
+        """Stop every process started (SuperNodes first, then the SuperLink), then remove the namespaces.
+
+        Safe to call twice and from another thread: once closed, the deployment starts nothing more.
+        """
+        with self._lock:
+            self.closed = True
+            for p in reversed(self.procs):
+                if p.alive() or _group_alive(p.pid):
+                    self.log(f"[deploy] stopping {p.name} (pid {p.pid})")
+                p.stop()
+            self.procs.clear()
+            if self.netns is not None:
+                self.netns.destroy()
 
     def start(self) -> None:
         """Certificates, keys, SuperLink, registration and SuperNodes; returns once all nodes are online."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.netns is not None:
-            self.netns.create()
+            with self._lock:
+                if self.closed:
+                    raise DeployError("deployment closed")
+                self.netns.create()
         self.start_superlink()
         for i in range(self.num_nodes):
             node = self.new_node(i)
@@ -431,16 +442,22 @@ class LocalDeployment:
             self.start_node(node)
         self.wait_online(len(self.nodes))
 
-    def _spawn(self, name: str, cmd: list[str], netns: str | None = None) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], netns: str | None = None, home: Path | None = None) -> Proc:
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         if netns is not None:
             cmd = ["ip", "netns", "exec", netns, *cmd]
-        with log.open("ab") as out:
-            popen = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+        env = self.env
+        if home is not None:  # a SuperNode's own Flower home, as on a device: where it installs the app
+            home.mkdir(parents=True, exist_ok=True)
+            env = {**env, "FLWR_HOME": str(home)}
+        with self._lock, log.open("ab") as out:
+            if self.closed:
+                raise DeployError(f"deployment closed: not starting {name}")
+            popen = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
+            proc = Proc(name, popen, log)
+            self.procs.append(proc)
         return proc
 
     def start_superlink(self) -> None:
@@ -514,7 +531,8 @@ class LocalDeployment:
         ]
         link = f" behind {node.link[0]} ({node.link[1]} down, {node.link[2]} up)" if node.link else ""
         self.log(f"[deploy] starting flower-supernode {node.index} ({parts}){link}")
-        node.proc = self._spawn(f"supernode{node.index}", cmd, netns=ns)
+        node.proc = self._spawn(f"supernode{node.index}", cmd, netns=ns,
+                                home=self.workdir / f"supernode{node.index}")
         return node.proc
 
     def supernodes(self) -> list[dict]:
