@@ -291,10 +291,10 @@ class Namespaces:
 
     def destroy(self) -> None:
         """Remove what ``create`` made (deleting a namespace deletes its veth end, and so the pair)."""
-        for ns in self.created_ns:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        for link in self.created_links:
-            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+        for cmd in [["ip", "netns", "del", ns] for ns in self.created_ns] + [
+                ["ip", "link", "del", link] for link in self.created_links]:
+            with contextlib.suppress(OSError):
+                subprocess.run(cmd, capture_output=True, check=False)
         self.created_ns.clear()
         self.created_links.clear()
 
@@ -303,15 +303,17 @@ def probe_namespaces() -> str:
     """Try one namespace with a shaped veth; return "" if it works, else the failing command and its error."""
     if os.geteuid() != 0:
         return f"network namespaces need root (running as uid {os.geteuid()})"
-    probe = Namespaces([("probe", "1mbit", "1mbit")], tag=f"sfp{os.getpid() % 100000}")
+    probe: Namespaces | None = None
     try:
+        probe = Namespaces([("probe", "1mbit", "1mbit")], tag=f"sfp{os.getpid() % 100000}")
         probe.create()
     except NamespacesUnavailable as exc:
         return str(exc)
     except OSError as exc:  # ip/tc not installed
         return f"{exc.filename or 'ip'}: {exc.strerror}"
     finally:
-        probe.destroy()
+        if probe is not None:
+            probe.destroy()
     return ""
 
 
