@@ -118,3 +118,20 @@ def test_fuzz_report_smoke(tmp_path, capsys):
     assert modes["clip"]["scaled_clipped"] == modes["clip"]["scaled_tasks"] > 0
     table = capsys.readouterr().out
     assert "| decode topk |" in table and md.read_text().strip() in table
+
+
+def test_scale_smoke(tmp_path, capsys):
+    """`python -m bench.scale --quick`: two run lengths in child processes, memory sampled along each run."""
+    from bench import scale
+
+    out, md = tmp_path / "scale.json", tmp_path / "scale.md"
+    report = scale.main(["--quick", "--json", str(out), "--markdown", str(md)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert [r["updates"] for r in data["results"]] == [60, 120]
+    for r in data["results"]:
+        assert r["nodes"] == 20 and r["applied"] >= r["updates"] and r["updates_per_s"] > 0
+        assert r["peak_rss_mb"] >= r["rss_mb_100"] > 0 and len(r["samples"]) >= 8
+        assert all(s["flights"] <= 5 for s in r["samples"])
+    table = capsys.readouterr().out
+    assert "| 20 | 5 |" in table and md.read_text().strip() in table

@@ -1,0 +1,162 @@
+"""Scale (issue 9): the in-process runner with 1,000 nodes, 100 concurrent, on the virtual clock.
+
+    python -m bench.scale [--nodes 1000] [--concurrency 100] [--updates 5000,20000] [--workers 2] [--quick]
+                          [--json results/scale.json] [--markdown results/scale.md]
+
+Each run (FedBuff, logreg on digits, 2 local steps, every node its own partition of the 1,437 training images)
+goes in a fresh child process, so its peak RSS is its own. The child wraps ``Engine._evaluate`` (an evaluation
+every 1/40 of the run, ``--samples``) to sample, after a ``gc.collect()``, the resident set size
+(``/proc/self/statm``) and the number of objects the garbage collector tracks, together with the applied-update
+count and the wall time. The table reports RSS at 25 %, 50 % and 100 % of the run, the growth from 25 % to
+100 %, the peak RSS (``ru_maxrss``), and applied updates per second of wall time between the first and the last
+evaluation (start-up, node discovery, the evaluations and the sampling excluded). Memory that did not depend on
+run length would show the same RSS at 25 % and 100 %, and the same peak for a run four times longer.
+
+``--quick`` (the smoke test): 20 nodes, 5 concurrent, 60 and 120 updates, 8 samples each. The machine's load
+average before and after is recorded: on a shared 2-core machine other processes take cores too, so updates/s
+is a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb() -> float:
+    """Resident set size now, in MiB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE / 2**20
+
+
+def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, samples_per_run: int = 40
+          ) -> dict[str, Any]:
+    """One run in this process; returns its samples and figures."""
+    import torch
+
+    torch.set_num_threads(1)
+    from server_app import engine as engine_module
+    from server_app.simulate import merge_config, run_local
+
+    samples: list[dict[str, float]] = []
+    original = engine_module.Engine._evaluate
+
+    def sampled(self: Any) -> tuple[float, float]:
+        t = time.perf_counter()
+        result = original(self)
+        gc.collect()
+        samples.append({"applied": self.totals.applied, "wall_s": t, "rss_mb": rss_mb(),
+                        "gc_objects": len(gc.get_objects()), "flights": len(self.flights),
+                        "versions": len(self.versions), "accuracy": result[1],
+                        "sampling_s": time.perf_counter() - t})  # evaluation + sampling: not counted as run time
+        return result
+
+    engine_module.Engine._evaluate = sampled  # type: ignore[method-assign]
+    values = merge_config(overrides={
+        "strategy": "fedbuff", "dataset": "digits", "model": "logreg", "local-steps": 2, "max-updates": updates,
+        "concurrency": concurrency, "eval-every": max(updates // samples_per_run, 1), "metrics-db": db,
+        "min-nodes": nodes,
+    })
+    t0 = time.perf_counter()
+    summary = run_local(values, nodes=nodes, workers=workers)
+    total = time.perf_counter() - t0
+    first, last = samples[0], samples[-1]
+
+    def at(fraction: float) -> dict[str, float]:
+        return min(samples, key=lambda s: abs(s["applied"] - fraction * updates))
+
+    engine_s = last["wall_s"] - first["wall_s"] - sum(s["sampling_s"] for s in samples[:-1])
+    return {
+        "nodes": nodes, "concurrency": concurrency, "workers": workers, "updates": updates,
+        "applied": summary.applied, "tasks": sum(summary.statuses.values()), "statuses": summary.statuses,
+        "accuracy": round(summary.accuracy, 4), "virtual_time_s": round(summary.time, 2),
+        "wall_s": round(total, 1), "engine_wall_s": round(engine_s, 1),
+        "updates_per_s": round((last["applied"] - first["applied"]) / engine_s, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **{f"rss_mb_{p}": round(at(p / 100)["rss_mb"], 1) for p in (25, 50, 100)},
+        **{f"gc_objects_{p}": at(p / 100)["gc_objects"] for p in (25, 50, 100)},
+        "rss_growth_25_to_100_mb": round(at(1.0)["rss_mb"] - at(0.25)["rss_mb"], 1),
+        "store_mb": round(Path(db).stat().st_size / 2**20, 1),
+        "samples": [{k: round(v, 3) if isinstance(v, float) else v for k, v in s.items() if k != "wall_s"}
+                    | {"t_s": round(s["wall_s"] - first["wall_s"], 2)} for s in samples],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table of BENCHMARKS.md."""
+    lines = ["| nodes | concurrent | applied updates | tasks | wall s | updates/s | RSS 25 % | RSS 50 % | RSS 100 % "
+             "| growth 25→100 % | peak RSS | tracked objects 25 % → 100 % | accuracy |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['nodes']:,} | {r['concurrency']} | {r['applied']:,} | {r['tasks']:,} | {r['wall_s']:.0f} | "
+            f"{r['updates_per_s']:.1f} | {r['rss_mb_25']:.0f} MiB | {r['rss_mb_50']:.0f} MiB | "
+            f"{r['rss_mb_100']:.0f} MiB | {r['rss_growth_25_to_100_mb']:+.1f} MiB | {r['peak_rss_mb']:.0f} MiB | "
+            f"{r['gc_objects_25']:,} → {r['gc_objects_100']:,} | {r['accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run each length in its own process; write the JSON and the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--updates", default="5000,20000", help="comma-separated run lengths (applied updates)")
+    parser.add_argument("--workers", type=int, default=2, help="client threads of the in-process Grid")
+    parser.add_argument("--samples", type=int, default=40, help="evaluations (memory samples) per run")
+    parser.add_argument("--quick", action="store_true", help="20 nodes, 5 concurrent, 60 and 120 updates")
+    parser.add_argument("--json", default="results/scale.json")
+    parser.add_argument("--markdown", default="results/scale.md")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--db", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        result = child(args.nodes, args.concurrency, int(args.updates), args.workers, args.db, args.samples)
+        Path(args.json).write_text(json.dumps(result))
+        return result
+    if args.quick:
+        args.nodes, args.concurrency, args.updates, args.samples = 20, 5, "60,120", 8
+    load_before = os.getloadavg()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        for updates in (int(u) for u in args.updates.split(",")):
+            out, db = Path(tmp) / f"{updates}.json", Path(tmp) / f"{updates}.db"
+            cmd = [sys.executable, "-m", "bench.scale", "--child", "--nodes", str(args.nodes), "--concurrency",
+                   str(args.concurrency), "--updates", str(updates), "--workers", str(args.workers),
+                   "--samples", str(args.samples),
+                   "--json", str(out), "--db", str(db)]
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+            results.append(json.loads(out.read_text()))
+    report = {
+        "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "workload": "fedbuff (buffer 5), logreg on digits, 2 local steps, virtual clock, default fleet mix",
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())},
+        "results": results,
+    }
+    table = markdown(report)
+    for path, text in ((args.json, json.dumps(report, indent=1)), (args.markdown, table + "\n")):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
