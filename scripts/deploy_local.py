@@ -359,6 +359,27 @@ def run_config_args(overrides: Sequence[str], defaults: dict[str, object]) -> li
     return out
 
 
+def stage_app(dest: Path, src: Path = ROOT) -> Path:
+    """A slim copy of the Flower app: ``pyproject.toml`` and the packages the wheel ships, nothing else.
+
+    ``flwr run`` sends the app (FAB) to every SuperNode, once per app version. Built from the repository root it
+    also carries benchmarks, results and docs (about 1.3 MB today); this copy is about 0.3 MB, which matters on a
+    cellular link. Runs that name modules outside these packages (``strategy = "mypkg.mod:Class"``) need the
+    repository itself as the app.
+    """
+    import shutil
+
+    with open(src / "pyproject.toml", "rb") as f:
+        packages = tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copy2(src / "pyproject.toml", dest / "pyproject.toml")
+    for pkg in packages:
+        shutil.copytree(src / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
 @dataclass
 class Node:
     """A SuperNode: its index, key, Flower node id (once registered) and process."""
@@ -659,6 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--links", default="", help="comma-separated links per node, cycling: "
                     f"{', '.join(LINKS)} or DOWN/UP tc rates (root; network namespaces)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take (default 1800)")
+    ap.add_argument("--app", type=Path, default=ROOT,
+                    help="the Flower app directory for `flwr run` (default: the repository)")
+    ap.add_argument("--slim", action="store_true", help="run a slim copy of the app (pyproject.toml and the "
+                    "packages only: about 0.3 MB instead of 1.3 MB for every SuperNode to download)")
     args = ap.parse_args(argv)
     if args.nodes < 1:
         ap.error("--nodes must be >= 1")
@@ -670,7 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(exc))
 
     t0 = time.monotonic()
-    with _signals_raise(), LocalDeployment(args.workdir, num_nodes=args.nodes, links=links) as dep:
+    app = stage_app(args.workdir.resolve() / "app", args.app.resolve()) if args.slim else args.app
+    with _signals_raise(), LocalDeployment(args.workdir, num_nodes=args.nodes, links=links, app=app) as dep:
         try:
             dep.start()
             proc, db = dep.start_run(args.run_config or [DEMO_CONFIG])

@@ -36,6 +36,7 @@ from deploy_local import (  # noqa: E402
     Node,
     make_node_key,
     probe_namespaces,
+    stage_app,
     tail,
 )
 
@@ -220,8 +221,10 @@ def shaped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShapedRun]:
         return
     # Node 0 on Wi-Fi rates (80/35 Mbit/s), node 1 on a poor cellular link (400/100 kbit/s): the MLP's ~224 KB
     # model takes ~4.5 s down and ~18 s up there, on top of a task's fixed costs.
-    dep = LocalDeployment(tmp_path_factory.mktemp("shaped"), num_nodes=2, links=["wifi", "400kbit/100kbit"],
-                          log=lambda msg: None)
+    base = tmp_path_factory.mktemp("shaped")
+    # The slim app: the FAB crosses the slow link once, and its size is not what this test measures.
+    dep = LocalDeployment(base / "deploy", num_nodes=2, links=["wifi", "400kbit/100kbit"],
+                          app=stage_app(base / "app"), log=lambda msg: None)
     scenario = ShapedRun(dep)
     scenario.thread = threading.Thread(target=scenario.run, name="shaped-links", daemon=True)
     scenario.thread.start()
