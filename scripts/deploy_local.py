@@ -70,6 +70,7 @@ LINKS: dict[str, tuple[str, str]] = {
 # What `make deploy-local` runs when given no run config: a short FedBuff run (a few minutes on 2 cores; every task
 # on the real runtime costs a ClientApp process start and the SuperNode's 3 s idle poll).
 DEMO_CONFIG = "strategy='fedbuff' max-updates=24 buffer-size=3 eval-every=6 task-ttl=120"
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # flwr.common.config.parse_config_args's pattern
 _RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit)$")
 
 
@@ -584,11 +585,12 @@ class LocalDeployment:
         Returns the ``flwr`` process (its output goes to ``logs/run.log``) and the metrics store the run writes.
         """
         db = Path(metrics_db or self.workdir / "metrics.db").resolve()
-        defaults: dict[str, object] = {"clock": "wall", "metrics-db": str(db)}
-        args = run_config_args(run_config, defaults)
-        for i, a in enumerate(args):  # the run config's own metrics-db wins
-            if i % 2 and a.startswith("metrics-db="):
-                db = Path(tomllib.loads(f"v = {a.split('=', 1)[1]}")["v"]).resolve()
+        args = run_config_args(run_config, {"metrics-db": str(db)})
+        for pair in args[1::2]:  # the run config's own metrics-db wins (flwr's own k=v pattern)
+            for key, value in _PAIR.findall(pair):
+                if key == "metrics-db":
+                    db = Path(tomllib.loads(f"v = {value}")["v"]).resolve()
+        args += ["--run-config", 'clock="wall"']  # always: a deployment runs on real time
         self.log(f"[deploy] flwr run {self.app} {CONN} --stream {' '.join(args)}")
         run_log = self.workdir / "logs" / "run.log"
         run_log.unlink(missing_ok=True)
