@@ -331,3 +331,15 @@ def test_none_lets_them_through_and_the_model_suffers(scaled_runs):
     assert scaled and all(r["status"] == "applied" and r["reason"] == "" for r in scaled)
     damaged, guarded = runs["none"].summary.accuracy, min(runs[m].summary.accuracy for m in ("reject", "clip"))
     assert guarded > 0.7 and damaged < guarded - 0.2, (damaged, guarded)
+
+
+@pytest.mark.parametrize("strategy", ["ad-psgd", "d-psgd", "olco3"])
+def test_the_norm_filter_works_for_gossip_and_delayed_averaging(simulate, strategy):
+    scaling = ScalingClient(factor=1e3, every=5, offset=2, start=12)
+    run = simulate(strategy, nodes=4, max_updates=40, update_filter="reject", clientapp=scaling.app)
+    rows = run.updates()
+    scaled = [r for r in rows if scaling.scaled(r["seq"])]
+    assert scaled and all(r["status"] == "rejected" and "exceeds the bound" in r["reason"] for r in scaled)
+    assert not any(r["status"] == "rejected" for r in rows if not scaling.scaled(r["seq"]))
+    assert run.summary.stop_reason == "max-updates"
+    assert all(np.isfinite(w).all() for w in run.summary.weights)
