@@ -11,6 +11,8 @@
 - bench.dashboard_load: the dashboard's data-load time on stores of 1k, 10k and 100k updates (BENCHMARKS.md)
 - bench.checkpoint_cost: what checkpoint-every costs (RELIABILITY.md)
 - bench.adpsgd_straggler: AD-PSGD against D-PSGD, AllReduce-SGD and async-SGD with one slow node (RESULTS.md)
+- bench.fuzz_report: malformed inputs per target, rejected / accepted / crashes; the norm filter (RELIABILITY.md)
+- bench.scale: 1,000 in-process nodes, memory over the run and updates/s (BENCHMARKS.md, RELIABILITY.md)
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def main() -> int:
         ["-m", "bench.checkpoint_cost", "--repeats", "1" if quick else "3", "--out", "results/checkpoint_cost.md"],
         ["-m", "bench.adpsgd_straggler", "--seeds", *(["0"] if quick else ["0", "1"]), "--slowdowns",
          *(["1", "10"] if quick else ["1", "2", "10", "100"]), "--out", "results/adpsgd_straggler"],
+        ["-m", "bench.fuzz_report", "--n", "200" if quick else "2000", "--json", "results/fuzz_report.json",
+         "--markdown", "results/fuzz_report.md"],
+        ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
+         "--markdown", "results/scale.md"],
     ]
     for args in runs:
         print("$ python", " ".join(args), flush=True)
