@@ -469,6 +469,8 @@ class Engine:
         if self.downlink is not None:
             (self.downlink.discard if status in ("failed", "rejected") else self.downlink.confirm)(f.node)
         if status in ("failed", "rejected"):
+            if self.membership is not None:  # a lost node: the strategy sees the fleet without it
+                self.membership.sync(force=True)
             verdict = self.strategy.fail(f.node, f.version)
             applied, restart = verdict.applied, verdict.restart
             log.info("task %d on node %d %s: %s", f.seq, f.node, status, reason)

@@ -44,6 +44,18 @@ class FlakyGrid(LocalGrid):
         self.train_replies = 0
         self.guard = threading.Lock()
 
+    def _play_script(self) -> None:
+        busy = {self.sent[m].metadata.dst_node_id for m in self.pending if m in self.sent}
+        while self.script and self.script[0][0] <= self.train_replies:
+            _, action, node = self.script[0]
+            if action == "join":
+                self.joined.add(node)
+            elif node not in busy:  # a node dies mid-task: wait until it has one
+                break
+            else:
+                (self.offline if action == "die" else self.silent).add(node)
+            self.script.pop(0)
+
     def get_node_ids(self) -> list[int]:
         return sorted(self.joined - self.offline)
 
@@ -56,6 +68,7 @@ class FlakyGrid(LocalGrid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self._play_script()  # before pulling: the replies counted so far have been handled by the engine
         wanted = list(message_ids)
         out = []
         for mid in wanted:  # Flower's generated reply for a message whose node went offline
@@ -71,16 +84,6 @@ class FlakyGrid(LocalGrid):
             out.append(reply)
             if self.sent[reply.metadata.reply_to_message_id].metadata.message_type == "train":
                 self.train_replies += 1
-        busy = {self.sent[m].metadata.dst_node_id for m in self.pending if m in self.sent}
-        while self.script and self.script[0][0] <= self.train_replies:
-            _, action, node = self.script[0]
-            if action == "join":
-                self.joined.add(node)
-            elif node not in busy:  # a node dies mid-task: wait until it has one
-                break
-            else:
-                (self.offline if action == "die" else self.silent).add(node)
-            self.script.pop(0)
         return out
 
 
@@ -158,3 +161,13 @@ def test_fixed_fleet_strategy_leaves_newcomers_out(tmp_path: Path) -> None:
     assert summary.stop_reason == "max-updates"
     assert 1003 not in {n["node_id"] for n in fleet}
     assert 1003 not in {u["node_id"] for u in updates}
+
+
+@pytest.mark.xfail(reason="strategies/bounded.py: KAggregation.fail does not re-check K once the fleet shrank, so "
+                   "arrivals already in hand wait for a node that is gone (see docs/deploy.md, Known limits)")
+def test_abs_applies_arrivals_in_hand_when_a_silent_node_is_declared_gone(tmp_path: Path) -> None:
+    # K = N = 4. Node 1001 dies silently; the three others deliver (3 of 4) and wait (distinct nodes); then
+    # Flower declares 1001 unavailable. K is now 3: the three arrivals in hand are an update, not a stall.
+    summary, updates, _ = _run(tmp_path, {"script": [(0, "vanish", 1001), (3, "die", 1001)]}, strategy="abs",
+                               max_updates=12, k=4, k_double_every=0.0, task_ttl=5.0)
+    assert summary.stop_reason == "max-updates"
