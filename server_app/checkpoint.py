@@ -2,8 +2,9 @@
 
 With ``checkpoint-every = N`` the engine saves, after every N applied updates (and at the end of the run), one
 pickle of everything that decides the rest of the run: the strategy object (model, versions, buffers, queues,
-server-side residuals, its random generators), the engine's clock, counters, random generator, published
-versions still in use, the downlink compressor's copies, and every task in flight with the message it was sent.
+server-side residuals, its random generators), the engine's clock, counters, random generator, outlier-filter
+window, published versions still in use, the downlink compressor's copies, and every task in flight with the
+message it was sent.
 It goes into the store's ``checkpoints`` table in one SQLite transaction, together with how far the store's
 ``updates`` and ``evals`` tables had been written, so a checkpoint and the rows it accounts for can never
 disagree; the previous checkpoint of the run is replaced in the same transaction.
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from server_app.engine import Engine
 
 FORMAT = 1
-ENGINE_FIELDS = ("profiles", "rng", "strategy", "cap", "idle", "flights", "versions", "node_tasks", "downlink",
+ENGINE_FIELDS = ("profiles", "rng", "strategy", "cap", "idle", "flights", "versions", "node_tasks", "downlink", "guard",
                  "totals", "seq", "now", "last_eval", "failing", "last_failure")
 
 
