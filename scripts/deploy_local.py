@@ -98,15 +98,33 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _group_alive(pgid: int) -> bool:
+def _procs() -> dict[int, tuple[int, int, str]]:
+    """Every process: pid -> (parent pid, process-group id, state), from /proc."""
+    out: dict[int, tuple[int, int, str]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
+            out[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0])
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    return any(g == pgid and st != "Z" for _, g, st in _procs().values())
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, whatever their group or session (superexec starts sessions of its own)."""
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _, _) in _procs().items():
+        children.setdefault(ppid, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            found.append(kid)
+            todo.append(kid)
+    return found
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -135,17 +153,29 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> None:
-        """Signal the whole group (the process and what it spawned: superexec, clientapp/serverapp), then KILL."""
+        """Signal the process's group and every process it spawned, wait up to ``grace_s``, then KILL the rest.
+
+        Flower's ``flower-superexec`` runs in a session of its own, and so do the ServerApp and ClientApp processes
+        it starts: the group alone would leave them behind, so the descendants found now are signalled by pid.
+        """
+        kids = _descendants(self.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
+        for kid in kids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(kid, sig)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             self.popen.poll()
-            if not _group_alive(self.pid):
+            if not _group_alive(self.pid) and not any(_alive(k) for k in kids):
                 break
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+        for kid in kids:
+            if _alive(kid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(kid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
 
@@ -662,11 +692,14 @@ def _signals_raise() -> Iterator[None]:
 
     old = signal.signal(signal.SIGTERM, on_term)
     old_hup = signal.signal(signal.SIGHUP, on_term)
+    # Ctrl-C is KeyboardInterrupt even where the shell started us with SIGINT ignored (a background job).
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
         signal.signal(signal.SIGHUP, old_hup)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
