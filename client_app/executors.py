@@ -432,6 +432,7 @@ class Leashed(Policy):
         d = w.direction(grads)
         for attempt in range(1, self.persistence + 2):
             v1 = self.acquire()
+            self._allocated()  # the private copy counts as live from before it is made
             try:
                 # copy and apply in one pass: torch.add(t, g, alpha) computes t + alpha * g into a new tensor,
                 # the same arithmetic as t.clone().add_(g, alpha=alpha) with half the memory traffic
@@ -440,7 +441,7 @@ class Leashed(Policy):
             finally:
                 self.release(w, v1)  # with verify=True, checks that v1 did not change while it was copied
             w.sync()
-            new = self._new(tensors, v1.timestamp + 1)
+            new = ParameterVector(tensors, v1.timestamp + 1, check=self._check(tensors))
             self._before_cas(w, attempt)
             if self.latest.compare_and_set(v1, new):
                 v1.stale.set()
@@ -463,8 +464,12 @@ class Leashed(Policy):
         """Test seam: runs between building a new vector and its CAS (``attempt`` counts from 1)."""
 
     def _new(self, tensors: Tensors, timestamp: int) -> ParameterVector:
+        """A new vector holding ``tensors``, counted as live."""
         self._allocated()
-        return ParameterVector(tensors, timestamp, check=checksum(tensors) if self.verify else None)
+        return ParameterVector(tensors, timestamp, check=self._check(tensors))
+
+    def _check(self, tensors: Tensors) -> float | None:
+        return checksum(tensors) if self.verify else None
 
     def _try_reclaim(self, v: ParameterVector) -> None:
         """Free ``v`` if it is stale and unread; the CAS on ``deleted`` lets exactly one thread do it."""
