@@ -457,6 +457,8 @@ class Engine:
             else:
                 self.guard.admit(f.reply, f.payload_up, f.seq, f.version)
                 sent, is_delta, n, metrics = read_reply(f.reply, self.spec.names, base)
+                if any(k.startswith("exec-") for k in metrics):  # multi-thread executors' numbers (issue 6)
+                    self.store.record_task_metrics(f.seq, f.node, metrics)
                 update = Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta, self.now)
                 update, note = self.guard.screen(update)
                 verdict = self.strategy.apply(update)
