@@ -77,6 +77,15 @@ class KAggregation(Strategy):
         k = self.k_now()
         if len(self.pending) < k:
             return Verdict("buffered", f"{len(self.pending)}/{k} arrivals")
+        return self._flush()
+
+    def fail(self, node: int, base_version: int) -> Verdict:
+        """A lost task. When K has come down to the arrivals in hand (the fleet lost a node), apply them now."""
+        if self.pending and len(self.pending) >= self.k_now():
+            return self._flush()
+        return Verdict("dropped")
+
+    def _flush(self) -> Verdict:
         mean = weighted_sum([(1.0 / len(self.pending), u.delta) for u in self.pending])
         applied = tuple(u.seq for u in self.pending)
         self.pending = []

@@ -163,8 +163,6 @@ def test_fixed_fleet_strategy_leaves_newcomers_out(tmp_path: Path) -> None:
     assert 1003 not in {u["node_id"] for u in updates}
 
 
-@pytest.mark.xfail(reason="strategies/bounded.py: KAggregation.fail does not re-check K once the fleet shrank, so "
-                   "arrivals already in hand wait for a node that is gone (see docs/deploy.md, Known limits)")
 def test_abs_applies_arrivals_in_hand_when_a_silent_node_is_declared_gone(tmp_path: Path) -> None:
     # K = N = 4. Node 1001 dies silently; the three others deliver (3 of 4) and wait (distinct nodes); then
     # Flower declares 1001 unavailable. K is now 3: the three arrivals in hand are an update, not a stall.
