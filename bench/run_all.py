@@ -12,6 +12,7 @@
 - bench.checkpoint_cost: what checkpoint-every costs (RELIABILITY.md)
 - bench.adpsgd_straggler: AD-PSGD against D-PSGD, AllReduce-SGD and async-SGD with one slow node (RESULTS.md)
 - bench.fuzz_report: malformed inputs per target, rejected / accepted / crashes; the norm filter (RELIABILITY.md)
+- bench/local_executors.py: Leashed-SGD, HOGWILD!, lock-based and sequential local executors (BENCHMARKS.md)
 - bench.scale: 1,000 in-process nodes, memory over the run and updates/s (BENCHMARKS.md, RELIABILITY.md)
 """
 
@@ -43,6 +44,7 @@ def main() -> int:
          *(["1", "10"] if quick else ["1", "2", "10", "100"]), "--out", "results/adpsgd_straggler"],
         ["-m", "bench.fuzz_report", "--n", "200" if quick else "2000", "--json", "results/fuzz_report.json",
          "--markdown", "results/fuzz_report.md"],
+        ["bench/local_executors.py", *(["--quick"] if quick else []), "--json", "results/local_executors.json"],
         ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
          "--markdown", "results/scale.md"],
     ]
