@@ -19,10 +19,10 @@ def trace(run):
 
 
 @pytest.mark.parametrize("strategy", ["fedbuff", "fedasync", "fedavg"])
-def test_same_seed_same_run_whatever_the_reply_order(simulate, strategy):
+def test_same_seed_same_run_whatever_the_reply_order(simulate, strategy, tmp_path):
     # One run id for all: wire bytes include its varint (random ids below 2**56 are a byte shorter).
     runs = [simulate(strategy, nodes=6, concurrency=4, max_updates=24, dropout=0.1, reorder_seed=r,
-                     run_id=2**62 + 1, **FLEET) for r in (None, 1, 2)]
+                     run_id=2**62 + 1, db=tmp_path / f"{r}.db", **FLEET) for r in (None, 1, 2)]
     first = runs[0]
     assert len(trace(first)) >= 24
     for other in runs[1:]:
