@@ -26,6 +26,10 @@ import pytest
 
 from server_app.testing import simulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from deploy_local import _alive, _descendants  # noqa: E402  (the deployment kit's process helpers)
+from deploy_local import tail as _tail  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,42 +89,6 @@ def _json(text: str) -> dict:
         return json.loads(text[start:])
     except ValueError:
         return {}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    # A zombie (exited, not yet reaped) is not alive.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
-def _descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (from /proc), so that what the SuperLink spawned can be stopped too."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            found.append(kid)
-            todo.append(kid)
-    return found
 
 
 def _free_port() -> int:
