@@ -39,3 +39,11 @@ def write_outputs(out: Path, rows: list[dict], markdown: str, plot: Callable[[li
     out.with_suffix(".md").write_text(markdown + "\n")
     plot(rows, out.with_suffix(".png"))
     print(markdown)
+
+
+def write_report(report: dict, table: str, json_path: str, markdown_path: str) -> None:
+    """``report`` as JSON and ``table`` as Markdown (folders made as needed); print the table."""
+    for path, text in ((json_path, json.dumps(report, indent=1)), (markdown_path, table + "\n")):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    print(table)

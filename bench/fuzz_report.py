@@ -28,7 +28,6 @@ a ClientApp that multiplies one delta in five by 1e3, under ``update-filter`` no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import write_report
 from server_app.guard import UpdateGuard
 from server_app.testing import simulate
 from server_app.wire import RejectedUpdate, message_sizes, validate_reply
@@ -226,11 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "loadavg_after": list(os.getloadavg())},
         "targets": targets, "norm_filter": norm,
     }
-    table = markdown(report)
-    for path, text in ((args.json, json.dumps(report, indent=1)), (args.markdown, table + "\n")):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-    print(table)
+    write_report(report, markdown(report), args.json, args.markdown)
     return report
 
 

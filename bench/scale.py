@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -150,11 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())},
         "results": results,
     }
-    table = markdown(report)
-    for path, text in ((args.json, json.dumps(report, indent=1)), (args.markdown, table + "\n")):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-    print(table)
+    write_report(report, markdown(report), args.json, args.markdown)
     return report
 
 
