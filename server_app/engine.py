@@ -258,10 +258,11 @@ class Engine:
     def resend(self, flight: Flight) -> None:
         """Send a restored task's message again (a resumed run: the old process and its messages are gone)."""
         assert flight.content is not None
-        version = flight.content.config_records["config"].get("model-version", flight.version)
-        msg = Message(content=flight.content, dst_node_id=flight.node, message_type=MessageType.TRAIN,
-                      group_id=str(version), ttl=self.cfg.task_ttl)
-        self._push(flight, msg)
+        self._push(flight, self._train_message(flight.node, flight.version, flight.content))
+
+    def _train_message(self, node: int, version: int, content: RecordDict) -> Message:
+        return Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(version),
+                       ttl=self.cfg.task_ttl)
 
     def _stop_reason(self) -> str:
         c = self.cfg
@@ -299,10 +300,7 @@ class Engine:
             config.update(extra)
             if compressed is not None:
                 arrays = ArrayRecord(dict(zip(self.spec.names, compressed, strict=True)))
-        msg = Message(
-            content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
-            dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.version), ttl=self.cfg.task_ttl,
-        )
+        msg = self._train_message(node, task.version, RecordDict({"arrays": arrays, "config": ConfigRecord(config)}))
         bytes_down, payload_down = message_sizes(msg)
         flight = Flight(seq, node, task.version, self._clock(), bytes_down, time.monotonic() + self.cfg.task_ttl,
                         base=task.base, exchange=task.exchange, content=msg.content)
