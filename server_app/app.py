@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from client_app.models import ModelError
 from server_app.engine import Engine, RunSummary
 from server_app.evaluation import Evaluator, ModelSpec, model_spec
 from server_app.profiles import ProfileError, parse_mix
-from server_app.store import MetricsStore
+from server_app.store import MetricsStore, stored_run
 from strategies import check_implemented, get_strategy
 from strategies.config import ConfigError, RunConfig
 
@@ -67,10 +66,10 @@ RESUMABLE_CHANGES = frozenset({"resume", "max-updates", "max-time", "target-accu
 
 def reopen(store: MetricsStore, cfg: RunConfig) -> bytes:
     """The checkpoint of run ``cfg.resume``, its later rows rolled back; the config must be the run's own."""
-    row = store.db.execute("SELECT config_json FROM runs WHERE run_id=?", (cfg.resume,)).fetchone()
-    if row is None:
+    run = stored_run(store.db, cfg.resume)
+    if run is None:
         raise ConfigError(f"resume = {cfg.resume!r}: no such run in {store.path}")
-    before, now = json.loads(row[0]), cfg.to_mapping()
+    before, now = run[0], cfg.to_mapping()
     changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)

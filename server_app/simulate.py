@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import secrets
 import sqlite3
@@ -26,10 +25,11 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
+from server_app.app import RESUMABLE_CHANGES, validate
 from server_app.app import app as server_app
-from server_app.app import validate
 from server_app.engine import RunSummary
 from server_app.local_grid import LocalGrid
+from server_app.store import stored_run
 from strategies import get_strategy
 from strategies.config import ConfigError, ConfigValue, RunConfig
 
@@ -86,17 +86,14 @@ def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[
 
     The store is the one ``values`` names (``metrics-db``, else the default); the nodes are as many as the run had.
     """
-    from server_app.app import RESUMABLE_CHANGES
-
     path = RunConfig.from_mapping(values).metrics_path()
     if not path.is_file():
         raise ConfigError(f"--resume {run_id}: no metrics store at {path} (set metrics-db)")
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        row = db.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        nodes = db.execute("SELECT COUNT(*) FROM nodes WHERE run_id=?", (run_id,)).fetchone()[0]
-    if row is None:
+        run = stored_run(db, run_id)
+    if run is None:
         raise ConfigError(f"--resume {run_id}: no such run in {path}")
-    stored = json.loads(row[0])
+    stored, nodes = run
     defaults = default_config()
     stops = {k: v for k, v in values.items() if k in RESUMABLE_CHANGES and v != defaults.get(k)}
     resumed = {**stored, **stops, "metrics-db": str(path), "resume": run_id}

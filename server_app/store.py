@@ -72,6 +72,15 @@ def unsigned_node_id(stored: int) -> int:
     return stored & (2**64 - 1)
 
 
+def stored_run(db: sqlite3.Connection, run_id: str) -> tuple[dict, int] | None:
+    """A recorded run's config and fleet size (None: no such run); what a resume starts from."""
+    row = db.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    (nodes,) = db.execute("SELECT COUNT(*) FROM nodes WHERE run_id=?", (run_id,)).fetchone()
+    return json.loads(row[0]), nodes
+
+
 UPDATE_STATUSES = ("applied", "buffered", "dropped", "rejected", "failed", "restarted")
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
 
