@@ -26,6 +26,7 @@ and makes every averaging sum-preserving. The "delta" of a local task is the sum
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -244,12 +245,20 @@ class DPSGD(SyncRounds):
             {j: 0.5 / (1 + max(len(nbrs[i]), len(nbrs[j]))) for j in nbrs[i]} for i in range(self.num_nodes)
         ]
 
+    @cached_property
+    def transfers(self) -> tuple[tuple[int, int, int], ...]:
+        """A round's traffic, the same every round: every node's model to each of its neighbours.
+
+        Built on first use: the engine sets the fleet's node ids after construction.
+        """
+        b, nbrs = self.model_bytes, self.graph.neighbours
+        return tuple((self.nodes[a], self.nodes[c], b) for a in range(self.num_nodes) for c in nbrs[a])
+
     def round_task(self, node: int) -> Task:
         """Every node sends its model to each neighbour and receives theirs; the round's links are shared."""
-        i, b, nbrs = self.index(node), self.model_bytes, self.graph.neighbours
-        transfers = tuple((self.nodes[a], self.nodes[c], b) for a in range(self.num_nodes) for c in nbrs[a])
-        sent = len(nbrs[i]) * b
-        return self.snapshot(i, Exchange(transfers, bytes_up=sent, bytes_down=sent), {"round": self.round})
+        i = self.index(node)
+        sent = len(self.graph.neighbours[i]) * self.model_bytes
+        return self.snapshot(i, Exchange(self.transfers, bytes_up=sent, bytes_down=sent), {"round": self.round})
 
     def close(self, updates: list[Update]) -> None:
         """x_i <- W_ii x_i + sum_j W_ij x_j (as i received it) - delta_i, from the round's start models."""
@@ -275,16 +284,20 @@ class AllReduceSGD(SyncRounds):
 
     name = "allreduce-sgd"
 
-    def round_task(self, node: int) -> Task:
-        """The shared model (all node models are equal), and the ring's traffic."""
+    @cached_property
+    def ring(self) -> Exchange:
+        """Every node's traffic in every round (built on first use, once the engine has set the node ids)."""
         n, ids = self.num_nodes, self.nodes
         if self.codec.name in ("none", "fp16"):  # sums travel in the same format: a true all-reduce
             chunk, rounds = -(-self.model_bytes // n), 2 * (n - 1)
         else:
             chunk, rounds = self.model_bytes, n - 1
-        ring = tuple((ids[k], ids[(k + 1) % n], chunk) for k in range(n))
-        ex = Exchange(ring, rounds=rounds, bytes_up=rounds * chunk, bytes_down=rounds * chunk)
-        return Task(self.version, {"round": self.round}, exchange=ex)
+        transfers = tuple((ids[k], ids[(k + 1) % n], chunk) for k in range(n))
+        return Exchange(transfers, rounds=rounds, bytes_up=rounds * chunk, bytes_down=rounds * chunk)
+
+    def round_task(self, node: int) -> Task:
+        """The shared model (all node models are equal), and the ring's traffic."""
+        return Task(self.version, {"round": self.round}, exchange=self.ring)
 
     @staticmethod
     def client(job: ClientJob) -> tuple[list[Array], dict[str, float]]:
