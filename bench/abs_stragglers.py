@@ -16,7 +16,7 @@ import sqlite3
 import statistics
 from pathlib import Path
 
-from bench.common import prepare, run_with_curve, write_outputs
+from bench.common import prepare, pyplot, run_with_curve, write_outputs
 
 METHODS = {
     "fedavg": {"strategy": "fedavg"},
@@ -66,10 +66,7 @@ def table(rows: list[dict], steps: int) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Applied-staleness histograms per method (first seed, each U) and accuracy against virtual time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = sorted({r["steps"] for r in rows})
     seed = min(r["seed"] for r in rows)

@@ -16,7 +16,7 @@ import sqlite3
 import statistics
 from pathlib import Path
 
-from bench.common import prepare, run_with_curve, write_outputs
+from bench.common import prepare, pyplot, run_with_curve, write_outputs
 
 METHODS = {
     "ad-psgd": {"strategy": "ad-psgd", "topology": "bipartite-exponential"},
@@ -96,10 +96,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Loss against epochs (top) and against virtual time (bottom), one column per slowdown, first seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     slowdowns = sorted({r["slowdown"] for r in rows})
     seed = min(r["seed"] for r in rows)

@@ -6,6 +6,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from server_app.simulate import merge_config, run_local
 
@@ -47,3 +48,13 @@ def write_report(report: dict, table: str, json_path: str, markdown_path: str) -
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     print(table)
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the headless Agg backend, imported late: only the scripts writing PNGs need it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

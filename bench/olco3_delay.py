@@ -16,7 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from bench.common import prepare, run_with_curve, write_outputs
+from bench.common import prepare, pyplot, run_with_curve, write_outputs
 
 TOPK_EF = {"codec": "topk", "codec-ratio": 0.01, "error-feedback": True}
 METHODS = {  # name -> (run-config, uses D)
@@ -65,10 +65,7 @@ def _cell(values: list[float], fmt: str = ".1f") -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Final accuracy against D per method (first seed), and accuracy against uplink bytes for the largest D."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     seed = min(r["seed"] for r in rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))

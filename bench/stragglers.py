@@ -14,7 +14,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from bench.common import prepare, run_with_curve, write_outputs
+from bench.common import prepare, pyplot, run_with_curve, write_outputs
 
 STRATEGIES = ("fedavg", "fedasync", "fedbuff")
 STRAGGLERS = {"straggler-fraction": 0.2, "straggler-slowdown": 10.0}
@@ -56,11 +56,8 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy against virtual time, one panel per fleet, first seed."""
-    import matplotlib
+    plt = pyplot()
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(FLEETS), figsize=(15, 4), sharey=True)
     seed = min(r["seed"] for r in rows)
