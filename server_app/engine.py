@@ -524,8 +524,12 @@ class Engine:
         """
         compute_s, comm_s = durations or self._durations(f, f.bytes_up)
         ex = f.exchange
-        bytes_up, bytes_down = (f.bytes_up, f.bytes_down) if ex is None else (
-            (ex.bytes_up, ex.bytes_down) if status != "failed" and durations is None else (0, 0))
+        if ex is None:
+            bytes_up, bytes_down = f.bytes_up, f.bytes_down
+        elif status in ("failed", "restarted"):  # the node never got to its exchange
+            bytes_up = bytes_down = 0
+        else:
+            bytes_up, bytes_down = ex.bytes_up, ex.bytes_down
         self.totals.bytes_up += bytes_up
         self.totals.bytes_down += bytes_down
         self.totals.statuses[status] = self.totals.statuses.get(status, 0) + 1
