@@ -25,7 +25,6 @@ it, so runs that use client state resume exactly only in deployment.
 from __future__ import annotations
 
 import pickle
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -75,7 +74,6 @@ def restore(engine: Engine, blob: bytes) -> None:
     for name in ENGINE_FIELDS:
         setattr(engine, name, state[name])
     engine.nodes = state["nodes"]
-    engine.idle = deque(engine.idle)
     engine.by_msg.clear()
     engine.zombies.clear()
     engine.zombie_deadlines.clear()
