@@ -5,6 +5,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from server_app.links import exchange_seconds
 from server_app.profiles import DEVICES, NETWORKS, NodeProfile
@@ -141,11 +143,9 @@ def test_encoded_size_is_the_real_size_whatever_the_content(codec):
     spec = CodecSpec(codec, 0.1, 16, 2)
     like = [np.zeros((40, 30), np.float32), np.zeros(30, np.float32)]
     rng = np.random.default_rng(1)
+    real = encoded_bytes(spec, like)
     for _ in range(3):
         x = [rng.standard_normal(a.shape).astype(np.float32) for a in like]
-        real = encoded_bytes(spec, like)
-        from flwr.app import ArrayRecord
-        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
         rec = ArrayRecord({str(i): encode(spec, a, seed=7, state={}) for i, a in enumerate(x)})
         assert real == sum(len(o.deflate()) for o in get_all_nested_objects(rec).values())
 
@@ -153,7 +153,6 @@ def test_encoded_size_is_the_real_size_whatever_the_content(codec):
 def test_compressed_gossip_views_converge_to_the_sender_model_with_error_feedback():
     init = [np.zeros((50, 40), np.float32)]
     channel = GossipChannel(CodecSpec("topk", 0.1, 16, 2), init)
-    model = random_models(1)[0][:1]
     model = [np.random.default_rng(2).standard_normal((50, 40)).astype(np.float32)]
     errors = []
     for seq in range(30):
