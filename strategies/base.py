@@ -15,10 +15,11 @@ tasks computed on them are in flight (clients send deltas relative to the versio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import ClassVar, Protocol
 
 import numpy as np
 from flwr.app import Array
@@ -26,7 +27,55 @@ from flwr.app import Array
 from strategies.client import ClientJob, Weights
 from strategies.config import RunConfig
 
-Status = Literal["applied", "buffered", "dropped"]
+
+class Status(StrEnum):
+    """The fate of a task, as the store's ``updates.status`` column records it (DESIGN.md).
+
+    A strategy's ``Verdict`` uses the first three; the engine decides the other three. A ``StrEnum``, so a
+    status compares equal to its string and is stored as one.
+    """
+
+    APPLIED = "applied"      # went into the model (at once, or when its buffer was flushed)
+    BUFFERED = "buffered"    # held by the strategy; may become applied later
+    DROPPED = "dropped"      # the strategy chose not to use it
+    REJECTED = "rejected"    # the engine refused the reply (malformed, oversized, outlier)
+    FAILED = "failed"        # no usable reply: dropout, lost node, client error, time-out
+    RESTARTED = "restarted"  # abandoned by the strategy while in flight (k-sync, ABS)
+
+
+VERDICT_STATUSES = (Status.APPLIED, Status.BUFFERED, Status.DROPPED)
+
+
+class EngineView(Protocol):
+    """What a strategy may read of the engine that runs it: the clock, the tasks in flight, the fleet's size.
+
+    Read-only by construction: the engine hands a strategy this view when it builds it and never writes into
+    the strategy afterwards; everything the strategy learns arrives through ``task_for``/``apply``/``fail``.
+    """
+
+    @property
+    def now(self) -> float:
+        """Seconds on the run's clock."""
+        ...
+
+    @property
+    def in_flight(self) -> Mapping[int, int]:
+        """Node -> model version its task in flight started from."""
+        ...
+
+    @property
+    def fleet_size(self) -> int:
+        """Nodes that can take work now (on the wall clock, those online)."""
+        ...
+
+
+@dataclass
+class DetachedView:
+    """The view of a strategy that runs outside an engine (unit tests): whatever the test sets."""
+
+    now: float = 0.0
+    in_flight: dict[int, int] = field(default_factory=dict)
+    fleet_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,20 +167,41 @@ class Verdict:
     applied: tuple[int, ...] = ()
     restart: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        """Accept the plain strings too (``Verdict("applied")``), and refuse what a strategy may not decide."""
+        status = Status(self.status)
+        if status not in VERDICT_STATUSES:
+            raise ValueError(f"a strategy's verdict is one of {[str(s) for s in VERDICT_STATUSES]}, not {status!r}")
+        object.__setattr__(self, "status", status)
+
 
 class Strategy(ABC):
-    """Server half of an algorithm. Subclass, set ``name``, implement ``apply``; register in ``strategies``."""
+    """Server half of an algorithm. Subclass, set ``name``, implement ``apply``, decorate with ``@register``.
+
+    Built once per run with the run's settings, the initial model, the fleet (node ids in fleet order: the
+    order of partition ids, so a node's index is its place on a topology) and a read-only ``EngineView``.
+    """
 
     name: ClassVar[str] = ""
     keeps_node_state: ClassVar[bool] = False  # its client half keeps state on the node across tasks
+    elastic: ClassVar[bool] = False  # works on a fleet that changes during a run (server_app/membership.py)
 
-    def __init__(self, cfg: RunConfig, weights: Weights, num_nodes: int) -> None:
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         self.cfg = cfg
         self.weights: Weights = weights
         self.version = 0
-        self.num_nodes = num_nodes
-        self.nodes: list[int] = list(range(num_nodes))  # node ids in fleet order; the engine sets Flower's ids
-        self.in_flight: dict[int, int] = {}  # node -> version its task started from; kept by the engine
+        self.nodes: tuple[int, ...] = tuple(fleet)
+        self.view: EngineView = view if view is not None else DetachedView(fleet_size=len(self.nodes))
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes the policy counts: those online for an elastic strategy, else the fleet it started with."""
+        return self.view.fleet_size if self.elastic else len(self.nodes)
+
+    @property
+    def in_flight(self) -> Mapping[int, int]:
+        """Node -> version its task in flight started from (the engine's, read-only)."""
+        return self.view.in_flight
 
     def task_for(self, node: int) -> Task | None:
         """A node is free: give it the newest model (asynchronous default). ``None`` makes it wait."""

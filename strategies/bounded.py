@@ -33,22 +33,26 @@ update staler than tau(t); k-sync and AdaSync only ever apply fresh (staleness 0
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
-from strategies.base import Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.client import Weights
+from strategies.config import RunConfig
+from strategies.registry import register
 
 
 class KAggregation(Strategy):
     """Server half of the family; subclasses set the policy."""
 
-    name = "k-batch-async"
+    elastic = True  # K counts the nodes online
     distinct: ClassVar[bool] = False      # a node whose upload is pending waits for the update
     cancel_rest: ClassVar[bool] = False   # after an update, every task still in flight restarts
     adaptive: ClassVar[bool] = False      # K(t) and tau(t) follow the schedules
     bounded: ClassVar[bool] = False       # restart nodes staler than tau(t)
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.pending: list[Update] = []
         self.now = 0.0
 
@@ -109,6 +113,7 @@ class KAggregation(Strategy):
         return out
 
 
+@register
 class AsyncSGD(KAggregation):
     """Asynchronous SGD: every arrival is applied at once, however stale."""
 
@@ -119,12 +124,14 @@ class AsyncSGD(KAggregation):
         return 1
 
 
+@register
 class KBatchAsync(KAggregation):
     """K-batch-async SGD: update after any K arrivals; a finished node fetches the newest model at once."""
 
     name = "k-batch-async"
 
 
+@register
 class KAsync(KAggregation):
     """K-async SGD: update after K arrivals from distinct nodes; the others keep computing, stale or not."""
 
@@ -132,6 +139,7 @@ class KAsync(KAggregation):
     distinct = True
 
 
+@register
 class KSync(KAggregation):
     """K-sync SGD: every node computes on the current model; the first K are applied, the rest cancelled."""
 
@@ -140,6 +148,7 @@ class KSync(KAggregation):
     cancel_rest = True
 
 
+@register
 class AdaSync(KSync):
     """AdaSync: K-sync with K growing over time (the schedule of the module docstring)."""
 
@@ -147,6 +156,7 @@ class AdaSync(KSync):
     adaptive = True
 
 
+@register
 class ABS(KAggregation):
     """ABS: K(t) first arrivals per update, no cancellation, restart of nodes staler than tau(t)."""
 
@@ -156,13 +166,14 @@ class ABS(KAggregation):
     bounded = True
 
 
+@register
 class SSP(KAggregation):
     """Stale synchronous parallel (Ho et al. 2013): a node more than ``staleness-bound`` tasks ahead waits."""
 
     name = "ssp"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.clock: dict[int, int] = {}
 
     def k_now(self) -> int:

@@ -7,17 +7,24 @@
 
 from __future__ import annotations
 
-from strategies.base import Strategy, Update, Verdict
+from collections.abc import Sequence
+
+from strategies.base import EngineView, Strategy, Update, Verdict
+from strategies.client import Weights
+from strategies.config import RunConfig
+from strategies.registry import register
 from strategies.staleness import staleness_fn
 
 
+@register
 class FedAsync(Strategy):
     """Asynchronous mixing of every arriving client model."""
 
     name = "fedasync"
+    elastic = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         c = self.cfg
         self.s = staleness_fn(c.staleness_fn, c.staleness_a, c.staleness_b)
         self.last_alpha = 0.0

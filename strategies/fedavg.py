@@ -9,16 +9,23 @@ early wait: that is the straggler cost the asynchronous strategies avoid.
 
 from __future__ import annotations
 
-from strategies.base import Strategy, Task, Update, Verdict, step, weighted_sum
+from collections.abc import Sequence
+
+from strategies.base import EngineView, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.client import Weights
+from strategies.config import RunConfig
+from strategies.registry import register
 
 
+@register
 class FedAvg(Strategy):
     """Synchronous federated averaging."""
 
     name = "fedavg"
+    elastic = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.round = 0
         self.members: set[int] = set()
         self.outstanding = 0

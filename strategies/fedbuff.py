@@ -7,17 +7,24 @@ they become ``applied`` together when the buffer is flushed.
 
 from __future__ import annotations
 
-from strategies.base import Accumulator, Strategy, Update, Verdict, step
+from collections.abc import Sequence
+
+from strategies.base import Accumulator, EngineView, Strategy, Update, Verdict, step
+from strategies.client import Weights
+from strategies.config import RunConfig
+from strategies.registry import register
 from strategies.staleness import staleness_fn
 
 
+@register
 class FedBuff(Strategy):
     """Buffered asynchronous aggregation with staleness weighting and a server learning rate."""
 
     name = "fedbuff"
+    elastic = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         c = self.cfg
         self.s = staleness_fn(c.staleness_fn, c.staleness_a, c.staleness_b)
         self.buffer = Accumulator(self.weights)

@@ -26,16 +26,17 @@ and makes every averaging sum-preserving. The "delta" of a local task is the sum
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from strategies import topology
-from strategies.base import Exchange, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Exchange, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, encode, encode_difference
+from strategies.config import RunConfig
+from strategies.registry import register
 
 
 def encoded_bytes(spec: CodecSpec, like: Sequence[np.ndarray]) -> int:
@@ -92,8 +93,8 @@ class Decentralized(Strategy):
 
     requires_bipartite = False
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.graph = topology.build(self.cfg.topology, self.num_nodes)
         if self.requires_bipartite:
             self.active = set(topology.require_gossip_graph(self.graph)[0])
@@ -103,12 +104,10 @@ class Decentralized(Strategy):
         self.codec = CodecSpec(self.cfg.codec, self.cfg.codec_ratio, self.cfg.codec_levels, self.cfg.codec_rank)
         self.channel = GossipChannel(self.codec, self.weights)
         self.model_bytes = encoded_bytes(self.codec, self.weights)
-        self._index: dict[int, int] = {}
+        self._index = {n: i for i, n in enumerate(self.nodes)}
 
     def index(self, node: int) -> int:
         """A node id's position in the fleet (its place on the topology)."""
-        if not self._index:
-            self._index = {n: i for i, n in enumerate(self.nodes)}
         return self._index[node]
 
     def snapshot(self, i: int, exchange: Exchange, config: dict | None = None) -> Task:
@@ -136,14 +135,15 @@ class Decentralized(Strategy):
         return [Array(np.ascontiguousarray(w - t)) for w, t in zip(job.received, trained, strict=True)], metrics
 
 
+@register
 class ADPSGD(Decentralized):
     """Asynchronous decentralized parallel SGD: atomic pairwise averaging on a bipartite graph."""
 
     name = "ad-psgd"
     requires_bipartite = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.rng = np.random.default_rng([self.cfg.seed, 0xAD95])
         self.partner: dict[int, int] = {}  # active node -> the passive neighbour it will average with
 
@@ -188,8 +188,8 @@ class SyncRounds(Decentralized):
     A failed task is redone by the same node: a synchronous decentralized round cannot close without it.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.round = 0
         self.running: set[int] = set()
         self.results: dict[int, Update] = {}
@@ -231,28 +231,23 @@ class SyncRounds(Decentralized):
         return {**super().state_summary(), "round": float(self.round)}
 
 
+@register
 class DPSGD(SyncRounds):
     """Synchronous decentralized SGD (Lian et al., NeurIPS 2017): X <- X W - Delta, W lazy Metropolis-Hastings."""
 
     name = "d-psgd"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         nbrs = self.graph.neighbours
         # Lazy Metropolis-Hastings weights, (I + W_MH) / 2: on a bipartite graph plain W_MH has an eigenvalue
         # near -1 (the two sides swap their models every round) and D-PSGD oscillates; the lazy form does not.
         self.mixing = [
             {j: 0.5 / (1 + max(len(nbrs[i]), len(nbrs[j]))) for j in nbrs[i]} for i in range(self.num_nodes)
         ]
-
-    @cached_property
-    def transfers(self) -> tuple[tuple[int, int, int], ...]:
-        """A round's traffic, the same every round: every node's model to each of its neighbours.
-
-        Built on first use: the engine sets the fleet's node ids after construction.
-        """
-        b, nbrs = self.model_bytes, self.graph.neighbours
-        return tuple((self.nodes[a], self.nodes[c], b) for a in range(self.num_nodes) for c in nbrs[a])
+        # A round's traffic, the same every round: every node's model to each of its neighbours.
+        b = self.model_bytes
+        self.transfers = tuple((self.nodes[a], self.nodes[c], b) for a in range(self.num_nodes) for c in nbrs[a])
 
     def round_task(self, node: int) -> Task:
         """Every node sends its model to each neighbour and receives theirs; the round's links are shared."""
@@ -274,6 +269,7 @@ class DPSGD(SyncRounds):
         self.publish_average()
 
 
+@register
 class AllReduceSGD(SyncRounds):
     """Synchronous SGD with exact averaging: every node applies the mean of all deltas to the shared model.
 
@@ -284,9 +280,12 @@ class AllReduceSGD(SyncRounds):
 
     name = "allreduce-sgd"
 
-    @cached_property
-    def ring(self) -> Exchange:
-        """Every node's traffic in every round (built on first use, once the engine has set the node ids)."""
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
+        self.ring = self._ring()
+
+    def _ring(self) -> Exchange:
+        """Every node's traffic in every round."""
         n, ids = self.num_nodes, self.nodes
         if self.codec.name in ("none", "fp16"):  # sums travel in the same format: a true all-reduce
             chunk, rounds = -(-self.model_bytes // n), 2 * (n - 1)

@@ -42,26 +42,28 @@ the same state. The global model the server evaluates is xbar with every complet
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 from flwr.app import Array
 
-from strategies.base import Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, ErrorFeedback
+from strategies.config import RunConfig
 from strategies.fedavg import FedAvg
+from strategies.registry import register
 
 
 class DelayedAveraging(Strategy):
     """Server half of OLCO3, naive overlap and Pipe-SGD: periods, a D-period pipeline, averages of contributions."""
 
-    name = "olco3"
     compensation: ClassVar[str] = "both"  # both | staleness | none
     keeps_node_state = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.delay = self.period_delay()
         self.next_round: dict[int, int] = {}
         self.running: dict[int, int] = {}               # node -> period of its task in flight
@@ -166,6 +168,7 @@ class DelayedAveraging(Strategy):
         return start
 
 
+@register
 class OLCO3(DelayedAveraging):
     """OLCO3: staleness compensation and compression compensation (our reconstruction, see module docstring)."""
 
@@ -173,6 +176,7 @@ class OLCO3(DelayedAveraging):
     compensation = "both"
 
 
+@register
 class NaiveOverlap(DelayedAveraging):
     """Overlap without compensation: every period restarts from the stale average."""
 
@@ -180,6 +184,7 @@ class NaiveOverlap(DelayedAveraging):
     compensation = "none"
 
 
+@register
 class PipeSGD(DelayedAveraging):
     """Pipe-SGD (Li et al., NeurIPS 2018): D-stale averaging, optional error feedback (paper: local-steps = 1)."""
 
@@ -187,6 +192,7 @@ class PipeSGD(DelayedAveraging):
     compensation = "none"
 
 
+@register
 class CoCoDSGD(DelayedAveraging):
     """CoCoD-SGD (Shen et al., IJCAI 2019): ``x_i <- avg_j(x_j^{t,0}) + (x_i^{t,p} - x_i^{t,0})``, delay 1.
 
@@ -196,8 +202,8 @@ class CoCoDSGD(DelayedAveraging):
 
     name = "cocod-sgd"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.models: dict[int, list[Array]] = {0: self.start}  # version -> the model as sent
 
     def period_delay(self) -> int:
@@ -231,6 +237,7 @@ class CoCoDSGD(DelayedAveraging):
         return arrays, metrics
 
 
+@register
 class OverlapLocalSGD(DelayedAveraging):
     """Overlap-Local-SGD (Wang, Liang, Joshi, ICASSP 2020): pull toward a stale anchor instead of averaging.
 
@@ -243,8 +250,8 @@ class OverlapLocalSGD(DelayedAveraging):
 
     name = "overlap-local-sgd"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        super().__init__(cfg, weights, fleet, view)
         self.anchors: dict[int, list[Array]] = {0: self.start, 1: self.start}
         self.anchor_weights: dict[int, Weights] = {0: self.weights, 1: self.weights}
 
@@ -282,7 +289,8 @@ class OverlapLocalSGD(DelayedAveraging):
         return arrays, metrics
 
 
-class LocalSGD(FedAvg):
+@register
+class LocalSGDAveraging(FedAvg):
     """Local SGD / periodic averaging: every node, every period, blocking, equal weights: ``w <- mean_i x_i``."""
 
     name = "local-sgd"
