@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import write_report
-from server_app.guard import UpdateGuard
+from server_app.intake import UpdateGuard
 from server_app.testing import simulate
 from server_app.wire import RejectedUpdate, message_sizes, validate_reply
 from strategies.codecs import CODECS

@@ -1,10 +1,10 @@
 """Crash-safe runs: the engine's whole state, checkpointed atomically into the metrics store, and resumed.
 
 With ``checkpoint-every = N`` the engine saves, after every N applied updates (and at the end of the run), one
-pickle of everything that decides the rest of the run: the strategy object (model, versions, buffers, queues,
-server-side residuals, its random generators), the engine's clock, counters, random generator, outlier-filter
-window, published versions still in use, the downlink compressor's copies, and every task in flight with the
-message it was sent.
+pickle of its ``EngineState`` (``server_app/state.py``), which holds everything that decides the rest of the run:
+the strategy object (model, versions, buffers, queues, server-side residuals, its random generators), the clock's
+time, counters, random generator, outlier-filter window, published versions still in use, the downlink
+compressor's copies, and every task in flight with the message it was sent.
 It goes into the store's ``checkpoints`` table in one SQLite transaction, together with how far the store's
 ``updates`` and ``evals`` tables had been written, so a checkpoint and the rows it accounts for can never
 disagree; the previous checkpoint of the run is replaced in the same transaction.
@@ -25,64 +25,56 @@ it, so runs that use client state resume exactly only in deployment.
 from __future__ import annotations
 
 import pickle
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-if TYPE_CHECKING:
-    from server_app.engine import Engine
+from server_app.state import EngineState
 
-FORMAT = 1
-ENGINE_FIELDS = ("profiles", "rng", "strategy", "cap", "idle", "flights", "versions", "node_tasks", "downlink", "guard",
-                 "totals", "seq", "now", "last_eval", "failing", "last_failure")
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run (missing, other format, other fleet)."""
 
 
-def capture(engine: Engine) -> bytes:
-    """The engine's state as bytes (see the module docstring for what is in it)."""
-    state: dict[str, Any] = {name: getattr(engine, name) for name in ENGINE_FIELDS}
-    state["format"] = FORMAT
-    state["nodes"] = list(engine.nodes)
-    saved = [(f, f.reply, f.msg_id, f.arrived_at, f.content) for f in engine.flights.values()]
-    records = [(v, v._record) for v in engine.versions.values()]
+def capture(state: EngineState) -> bytes:
+    """The engine's state as bytes, whole (see the module docstring for what is in it).
+
+    Replies in hand and cached serialized records belong to this process, not to the run: they are left out
+    (and put back afterwards); each flight's message content is kept as plain values, so the task can be sent
+    again after a resume.
+    """
+    saved = [(f, f.reply, f.arrived_at, f.content) for f in state.flights.values()]
+    records = [(v, v._record) for v in state.versions.values()]
     memo: dict[int, Frozen] = {}
     try:
-        for f, *_ in saved:  # replies and message ids belong to this process's Grid, not to the run
-            f.reply, f.msg_id, f.arrived_at = None, None, None
+        for f, *_ in saved:
+            f.reply, f.arrived_at = None, None
             f.content = _freeze(f.content, memo)  # type: ignore[assignment]
-        for v, _ in records:  # serialized records are rebuilt on demand
+        for v, _ in records:
             v._record = None
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps({"format": FORMAT, "state": state}, protocol=pickle.HIGHEST_PROTOCOL)
     finally:
-        for f, reply, msg_id, arrived, content in saved:
-            f.reply, f.msg_id, f.arrived_at, f.content = reply, msg_id, arrived, content
+        for f, reply, arrived, content in saved:
+            f.reply, f.arrived_at, f.content = reply, arrived, content
         for v, rec in records:
             v._record = rec
 
 
-def restore(engine: Engine, blob: bytes) -> None:
-    """Put a captured state into a freshly built engine of the same run, and send the tasks in flight again."""
-    state = pickle.loads(blob)  # the blob comes from our own store, written by capture()
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
-    if sorted(state["nodes"]) != sorted(engine.nodes) and engine.virtual:
-        raise CheckpointError(f"the run had {len(state['nodes'])} nodes; {len(engine.nodes)} are connected now: "
+def restore(blob: bytes, nodes: list[int], virtual: bool) -> EngineState:
+    """The state a checkpoint holds, for a run that now has ``nodes`` connected; its flights' contents rebuilt."""
+    saved: dict[str, Any] = pickle.loads(blob)  # the blob comes from our own store, written by capture()
+    if saved.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint format {saved.get('format')!r} is not {FORMAT}")
+    state: EngineState = saved["state"]
+    if virtual and sorted(state.nodes) != sorted(nodes):
+        raise CheckpointError(f"the run had {len(state.nodes)} nodes; {len(nodes)} are connected now: "
                               "resume with the same fleet")
-    for name in ENGINE_FIELDS:
-        setattr(engine, name, state[name])
-    engine.nodes = state["nodes"]
-    engine.by_msg.clear()
-    engine.zombies.clear()
-    engine.zombie_deadlines.clear()
-    engine.held.clear()
     memo: dict[int, RecordDict] = {}
-    for flight in sorted(engine.flights.values(), key=lambda f: f.seq):
+    for flight in sorted(state.flights.values(), key=lambda f: f.seq):
         flight.content = _thaw(flight.content, memo)  # type: ignore[arg-type]
-        if not flight.failure and flight.content is not None:
-            engine.resend(flight)
+    return state
 
 
 # A message's content as plain values: Flower's records cache memoryviews of their serialized form, which do not

@@ -27,8 +27,8 @@ from flwr.app import Context, RecordDict
 
 from server_app.app import RESUMABLE_CHANGES, validate
 from server_app.app import app as server_app
-from server_app.engine import RunSummary
 from server_app.local_grid import LocalGrid
+from server_app.state import RunSummary
 from server_app.store import stored_run
 from strategies import get_strategy
 from strategies.config import ConfigError, ConfigValue, RunConfig

@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from server_app.engine import RunSummary
 from server_app.simulate import merge_config, run_local
+from server_app.state import RunSummary
 from strategies.base import Strategy
 from strategies.config import key_of
 

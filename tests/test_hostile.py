@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client_app.app import train as real_train
-from server_app.guard import UpdateGuard, delta_norm, join_reasons
+from server_app.intake import UpdateGuard, delta_norm, join_reasons
 from server_app.wire import RejectedUpdate, message_sizes, read_reply, validate_reply
 from strategies.base import Update
 from strategies.codecs import CODECS

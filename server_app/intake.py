@@ -1,9 +1,14 @@
-"""The server's door check: size, version and norm sanity of client replies, before they can touch the model.
+"""Intake: the one place a client's reply is read, turned into a validated ``Update`` or a ``RejectedUpdate``.
 
-``server_app/wire.py`` validates a reply's *form* (keys, stype, dtype, shape, every byte, NaN and Inf). A reply
-can be perfectly formed and still hostile or broken: far larger than any honest reply, meant for another task,
-or a delta a thousand times larger than anybody else's (a diverged client, a scaling bug, a poisoning attempt).
-``UpdateGuard`` (one per run) catches those, in two calls around the decoding:
+Everything a client sends is attacker-controlled. ``Intake.read`` is the engine's only way into a reply: error
+replies, the door checks below, the form checks of ``server_app/wire.py`` (keys, stype, dtype, shape, every byte,
+NaN and Inf), the reply's metrics (parsed once, numbers only), then the outlier filter. A bad reply costs its
+task, never the run: whatever it holds ends as ``RejectedUpdate`` with the reason the store records.
+
+A reply can be perfectly formed and still hostile or broken: far larger than any honest reply, meant for another
+task, or a delta a thousand times larger than anybody else's (a diverged client, a scaling bug, a poisoning
+attempt). ``UpdateGuard`` (one per run, checkpointed with the engine's state) catches those, in two calls around
+the decoding:
 
 - ``admit(reply, payload_bytes, seq, version)``, before decoding: a reply whose content is larger than
   ``2 x`` the dense model's serialized size plus 64 KiB is rejected as oversized, and a reply that echoes a
@@ -35,11 +40,12 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import Message
 
-from server_app.wire import RejectedUpdate
-from strategies.base import Update
+from server_app.state import Flight
+from server_app.wire import RejectedUpdate, read_reply
+from strategies.base import Update, Weights
 from strategies.config import RunConfig
 
-__all__ = ["ECHO_KEYS", "UpdateGuard", "delta_norm", "join_reasons"]
+__all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "delta_norm", "join_reasons", "reply_metrics"]
 
 ECHO_KEYS = ("task-seq", "model-version")  # what our ClientApp echoes from its task's config in its metrics
 SIZE_FACTOR = 2
@@ -131,3 +137,35 @@ def _equals(value: object, expected: int) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return value == expected
+
+
+class Intake:
+    """Turns a flight's reply into an ``Update`` for the strategy, or raises ``RejectedUpdate`` with the reason."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def read(self, f: Flight, guard: UpdateGuard, base: Weights, staleness: int, now: float) -> Update:
+        """The reply of ``f`` as an update computed on ``base``, ``staleness`` versions old, applied at ``now``."""
+        reply = f.reply
+        if f.failure or reply is None:
+            raise TaskFailed(f.failure)
+        if reply.has_error():
+            raise TaskFailed(f"client error {reply.error.code}: {reply.error.reason}")
+        guard.admit(reply, f.payload_up, f.seq, f.version)
+        sent, is_delta, n, metrics = read_reply(reply, self.names, base)
+        return Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta, now)
+
+
+class TaskFailed(Exception):
+    """A task that produced no reply to read (dropout, lost node, time-out, client error): the reason."""
+
+
+def reply_metrics(reply: Message | None) -> dict[str, float]:
+    """The numbers of a reply's ``metrics`` record (anything else in it is ignored): what wall-clock timing reads."""
+    if reply is None or reply.has_error() or not reply.has_content():
+        return {}
+    record = reply.content.metric_records.get("metrics")
+    if record is None:
+        return {}
+    return {k: float(v) for k, v in dict(record).items() if isinstance(v, int | float) and not isinstance(v, bool)}

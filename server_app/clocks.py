@@ -1,0 +1,187 @@
+"""The run's clock: when a task is due, which result comes next, and how long its parts took.
+
+``VirtualClock`` (``clock = "virtual"``): at dispatch the clock draws the task's download and compute time from the
+node's profile with a seeded generator; the upload time follows from the reply's real serialized size. Results
+are applied strictly in (virtual completion time, dispatch seq) order, so a run is a function of its seed, however
+the real replies arrive. A reply can only be applied once no task still outstanding could complete earlier:
+every outstanding task has a lower bound (download + compute + upload latency), and the head waits until all
+bounds are past it (conservative discrete-event simulation). Clients still run in parallel meanwhile.
+
+``ScriptedClock``: a virtual clock whose compute times come from a function of (node index, task index) and
+whose links are instant: for tests that need an exact schedule.
+
+``WallClock`` (``clock = "wall"``): replies are applied in real arrival order; times are real seconds since the
+run started, and a task's compute time is what its client reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from server_app.links import exchange_seconds
+from server_app.profiles import TaskTiming, sample_task
+from server_app.state import EngineState, Flight
+from strategies.base import Exchange
+from strategies.config import RunConfig
+
+
+class Clock(Protocol):
+    """What the engine asks of a clock."""
+
+    virtual: bool
+
+    def now(self, state: EngineState) -> float:
+        """Seconds on the run's clock, for stamping a dispatch or an arrival."""
+        ...
+
+    def draw(self, state: EngineState, node: int, payload_down: int, exchange: Exchange | None) -> TaskTiming | None:
+        """A task's timings, drawn at dispatch (None: the clock learns them from the task itself)."""
+        ...
+
+    def head(self, flights: Iterable[Flight]) -> tuple[float, Flight] | None:
+        """The next result in clock order and its completion time, once nothing outstanding can come earlier."""
+        ...
+
+    def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
+        """``(compute_s, comm_s)`` of a completed task."""
+        ...
+
+    def wasted(self, flight: Flight, now: float) -> tuple[float, float]:
+        """``(compute_s, comm_s)`` spent so far by a task abandoned at ``now`` (before its upload)."""
+        ...
+
+
+class VirtualClock:
+    """Timings drawn from the node profiles (see the module docstring)."""
+
+    virtual = True
+
+    def __init__(self, cfg: RunConfig, flops_per_step: float) -> None:
+        self.cfg = cfg
+        self.flops_per_step = flops_per_step
+
+    def now(self, state: EngineState) -> float:
+        """The virtual time of the last applied result."""
+        return state.now
+
+    def draw(self, state: EngineState, node: int, payload_down: int, exchange: Exchange | None) -> TaskTiming:
+        """Draw a task's times; a node-to-node exchange replaces the star's download and upload."""
+        c = self.cfg
+        timing = sample_task(state.profiles[node], state.rng, local_steps=c.local_steps,
+                             flops_per_step=self.flops_per_step, bytes_down=payload_down,
+                             compute_dist=c.compute_dist, compute_jitter=c.compute_jitter,
+                             network_jitter=c.network_jitter)
+        if exchange is None:
+            return timing
+        # The node already holds its model (the message carrying it is this emulation's transport, not the
+        # algorithm's traffic): no download; the "upload" is the exchange, whatever the reply's size.
+        return dataclasses.replace(timing, down_s=0.0, up_latency_s=exchange_seconds(exchange, state.profiles),
+                                   up_bps=math.inf)
+
+    def head(self, flights: Iterable[Flight]) -> tuple[float, Flight] | None:
+        """The earliest known completion, unless an outstanding task could still complete before it."""
+        known: tuple[tuple[float, int], Flight] | None = None
+        bound: tuple[float, int] | None = None
+        for f in flights:
+            due = _due(f)
+            if due is not None:
+                if known is None or (due, f.seq) < known[0]:
+                    known = ((due, f.seq), f)
+            else:
+                lb = (_lower_bound(f), f.seq)
+                bound = lb if bound is None or lb < bound else bound
+        if known is None or (bound is not None and bound < known[0]):
+            return None
+        return known[0][0], known[1]
+
+    def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
+        """The drawn compute time; download plus the upload of the reply's content size."""
+        t = _timing(flight)
+        up = t.upload_s(flight.payload_up) if flight.bytes_up else 0.0
+        return t.compute_s, t.down_s + up
+
+    def wasted(self, flight: Flight, now: float) -> tuple[float, float]:
+        """Compute done between the end of the download and ``now``; the download so far."""
+        t = _timing(flight)
+        elapsed = now - flight.dispatched_at
+        return min(max(elapsed - t.down_s, 0.0), t.compute_s), min(elapsed, t.down_s)
+
+
+class ScriptedClock(VirtualClock):
+    """A virtual clock with instant links and compute times from ``script(node_index, task_index)`` seconds."""
+
+    def __init__(self, script: Callable[[int, int], float]) -> None:
+        super().__init__(RunConfig(), 0.0)
+        self.script = script
+
+    def draw(self, state: EngineState, node: int, payload_down: int, exchange: Exchange | None) -> TaskTiming:
+        """The scripted compute time of this node's current task; no download, upload or failure."""
+        compute = float(self.script(state.nodes.index(node), state.node_tasks.get(node, 0)))
+        return TaskTiming(down_s=0.0, compute_s=compute, up_latency_s=0.0, up_bps=math.inf, fail_after_s=None)
+
+
+class WallClock:
+    """Real seconds since the run started; results in arrival order."""
+
+    virtual = False
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def now(self, state: EngineState) -> float:
+        """Real seconds since the run started."""
+        return time.monotonic() - self.t0
+
+    def draw(self, state: EngineState, node: int, payload_down: int, exchange: Exchange | None) -> None:
+        """Nothing to draw: the task takes what it takes."""
+        return None
+
+    def head(self, flights: Iterable[Flight]) -> tuple[float, Flight] | None:
+        """The earliest arrival in hand."""
+        done = [f for f in flights if f.arrived_at is not None]
+        if not done:
+            return None
+        first = min(done, key=lambda f: (f.arrived_at, f.seq))
+        assert first.arrived_at is not None
+        return first.arrived_at, first
+
+    def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
+        """What the client says it computed; the rest of the task's time is communication."""
+        return client_compute_s, max(now - flight.dispatched_at - client_compute_s, 0.0)
+
+    def wasted(self, flight: Flight, now: float) -> tuple[float, float]:
+        """All of the elapsed time counts as compute: the wall clock cannot tell the parts apart."""
+        return now - flight.dispatched_at, 0.0
+
+
+def make_clock(cfg: RunConfig, flops_per_step: float) -> Clock:
+    """The clock run-config key ``clock`` names."""
+    return VirtualClock(cfg, flops_per_step) if cfg.clock == "virtual" else WallClock()
+
+
+def _timing(f: Flight) -> TaskTiming:
+    assert f.timing is not None, "a virtual clock draws every task's timing at dispatch"
+    return f.timing
+
+
+def _due(f: Flight) -> float | None:
+    """Virtual completion time once it is known (reply in hand, or a failure decided at dispatch)."""
+    t = _timing(f)
+    if t.fail_after_s is not None:
+        return f.dispatched_at + t.fail_after_s
+    if f.failure:
+        return f.dispatched_at + t.lower_bound_s()
+    if f.reply is None:
+        return None
+    if f.reply.has_error():
+        return f.dispatched_at + t.down_s + t.compute_s
+    return f.dispatched_at + t.down_s + t.compute_s + t.upload_s(f.payload_up)
+
+
+def _lower_bound(f: Flight) -> float:
+    """Earliest virtual time this task could complete."""
+    return f.dispatched_at + _timing(f).lower_bound_s()
