@@ -34,7 +34,7 @@ def rows(db, run_id):
 def final_weights(db, run_id):
     with sqlite3.connect(db) as con:
         blob = con.execute("SELECT state FROM checkpoints WHERE run_id=?", (run_id,)).fetchone()[0]
-    return pickle.loads(blob)["strategy"].weights
+    return pickle.loads(blob)["state"].policy.weights
 
 
 def assert_same_weights(a, b):
