@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Array
 
 from strategies.client import ClientJob, Weights
-from strategies.config import RunConfig
+from strategies.config import ConfigValue, RunConfig
 
 
 class Status(StrEnum):
@@ -110,7 +110,7 @@ class Task:
     """
 
     version: int
-    config: dict[str, int | float | str | bool] = field(default_factory=dict)
+    config: dict[str, ConfigValue] = field(default_factory=dict)
     payload: list[Array] | None = None
     base: Weights | None = None
     exchange: Exchange | None = None
@@ -213,7 +213,7 @@ class Strategy(ABC):
 
     def fail(self, node: int, base_version: int) -> Verdict:
         """A task on ``node`` failed (dropout, lost node, client error, rejected update). Default: nothing."""
-        return Verdict("dropped")
+        return Verdict(Status.DROPPED)
 
     @staticmethod
     def client(job: ClientJob) -> tuple[list[Array], dict[str, float]]:

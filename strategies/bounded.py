@@ -36,7 +36,7 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar
 
-from strategies.base import EngineView, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
@@ -80,21 +80,21 @@ class KAggregation(Strategy):
         self.pending.append(update)
         k = self.k_now()
         if len(self.pending) < k:
-            return Verdict("buffered", f"{len(self.pending)}/{k} arrivals")
+            return Verdict(Status.BUFFERED, f"{len(self.pending)}/{k} arrivals")
         return self._flush()
 
     def fail(self, node: int, base_version: int) -> Verdict:
         """A lost task. When K has come down to the arrivals in hand (the fleet lost a node), apply them now."""
         if self.pending and len(self.pending) >= self.k_now():
             return self._flush()
-        return Verdict("dropped")
+        return Verdict(Status.DROPPED)
 
     def _flush(self) -> Verdict:
         mean = weighted_sum([(1.0 / len(self.pending), u.delta) for u in self.pending])
         applied = tuple(u.seq for u in self.pending)
         self.pending = []
         self._publish(step(self.weights, mean, self.cfg.server_lr))
-        return Verdict("applied", applied=applied, restart=self.to_restart())
+        return Verdict(Status.APPLIED, applied=applied, restart=self.to_restart())
 
     def to_restart(self) -> tuple[int, ...]:
         """Nodes whose task in flight is abandoned after an update."""

@@ -9,13 +9,14 @@ deployment alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array
 
-from strategies.codecs import CodecSpec, ErrorFeedback, decode, encode
+from strategies.codecs import CodecSpec, CodecState, ErrorFeedback, decode, encode
+from strategies.config import ConfigValue
 
 Weights = list[np.ndarray]
 LocalTrain = Callable[[Weights], tuple[Weights, dict[str, float]]]
@@ -29,7 +30,7 @@ class ClientJob:
     """One task on one node."""
 
     received: Weights                       # decoded "arrays" of the message: the model, or a strategy payload
-    task: Mapping[str, object]              # the task's ConfigRecord
+    task: Mapping[str, ConfigValue]         # the task's ConfigRecord
     train: LocalTrain                       # local steps from given weights -> (trained weights, metrics)
     state: MutableMapping[str, Weights]     # persists on the node across the run's tasks
     codec: CodecSpec
@@ -52,7 +53,8 @@ class ClientJob:
         """
         old_e = self.state.get(memory_from) if memory_from and self.error_feedback else None
         old_q = self.state.get(_q_key(memory_from)) if memory_from else None
-        codec_states = [{"q": q} if q is not None and q.size else {} for q in (old_q or [None] * len(delta))]
+        warm: Sequence[np.ndarray | None] = old_q or [None] * len(delta)
+        codec_states: list[CodecState] = [{"q": q} if q is not None and q.size else {} for q in warm]
         seeds = [(self.seed + i) % 2**64 for i in range(len(delta))]
         if self.error_feedback:
             ef = ErrorFeedback(self.codec)
@@ -73,16 +75,16 @@ def _q_key(memory: str) -> str:
     return POWERSGD_KEY if memory == RESIDUAL_KEY else f"{memory}/{POWERSGD_KEY}"
 
 
-def downlink_model(state: MutableMapping[str, Weights], task: Mapping[str, object], received: Weights) -> Weights:
+def downlink_model(state: MutableMapping[str, Weights], task: Mapping[str, ConfigValue], received: Weights) -> Weights:
     """The model a task trains from under downlink compression (``server_app/downlink.py``).
 
     ``downlink = "full"``: the message carries the model; ``"delta"``: it carries a compressed difference against
     the copy of version ``base-version`` that this node stored earlier. The node keeps that copy and the new one
     (keyed by version) and forgets the rest, so a task the server had to redo still finds its base.
     """
-    version = int(task["model-version"])  # type: ignore[call-overload]
+    version = int(task["model-version"])
     if task["downlink"] == "delta":
-        base_version = int(task["base-version"])  # type: ignore[call-overload]
+        base_version = int(task["base-version"])
         model = [b + d for b, d in zip(state[f"downlink/{base_version}"], received, strict=True)]
     else:
         base_version, model = version, received

@@ -41,6 +41,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array
@@ -63,6 +64,8 @@ _SIGN_HEAD = struct.Struct("<f")  # scale
 _PSGD_HEAD = struct.Struct("<III")  # n, m, r
 # _SIGN_BITS[b, j] is bit j (little order) of byte b: a lookup table turns packed bits into values in one gather.
 _SIGN_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)
+
+CodecState = dict[str, np.ndarray]  # what a codec keeps per tensor across calls: PowerSGD's warm-start Q ("q")
 
 
 class CodecError(ValueError):
@@ -87,7 +90,7 @@ class CodecSpec:
         _require(_is_int(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
 
 
-def encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None = None) -> Array:
+def encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: CodecState | None = None) -> Array:
     """Compress one tensor into one ``Array``.
 
     ``seed`` (0 <= seed < 2**64) drives rand-k's indices, QSGD's rounding and PowerSGD's first Q; ``state`` is
@@ -97,7 +100,7 @@ def encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None = No
 
 
 def encode_difference(spec: CodecSpec, target: np.ndarray, copy: np.ndarray, *, seed: int,
-                      state: dict | None = None) -> tuple[Array, np.ndarray]:
+                      state: CodecState | None = None) -> tuple[Array, np.ndarray]:
     """Encode ``target - copy`` for a receiver that holds ``copy``; return the ``Array`` and its new copy.
 
     Difference coding against a copy both ends hold is its own error feedback: whatever a message leaves out
@@ -116,7 +119,8 @@ def decode(arr: Array, *, shape: tuple[int, ...], dtype: np.dtype | str) -> np.n
     want_dtype = _check_dtype(dtype)
     stype, a_dtype, a_shape, data = _fields(arr)
     decoder = _DECODERS.get(stype)
-    _require(decoder is not None, f"unknown stype {stype!r}; expected one of {', '.join(_DECODERS)}")
+    if decoder is None:
+        raise CodecError(f"unknown stype {stype!r}; expected one of {', '.join(_DECODERS)}")
     _require(a_dtype in FLOAT_DTYPES, f"dtype {a_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
     _require(a_dtype == want_dtype.name, f"dtype {a_dtype} does not match the expected {want_dtype.name}")
     _require(a_shape == want_shape, f"shape {a_shape} does not match the expected shape {want_shape}")
@@ -124,7 +128,7 @@ def decode(arr: Array, *, shape: tuple[int, ...], dtype: np.dtype | str) -> np.n
         return decoder(data, want_shape, numel, want_dtype)
 
 
-def roundtrip(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None = None) -> np.ndarray:
+def roundtrip(spec: CodecSpec, x: np.ndarray, *, seed: int, state: CodecState | None = None) -> np.ndarray:
     """``decode(encode(...))``: exactly what the receiver will see."""
     return decode(encode(spec, x, seed=seed, state=state), shape=x.shape, dtype=x.dtype)
 
@@ -140,7 +144,7 @@ class ErrorFeedback:
     def __init__(self, spec: CodecSpec):
         self.spec = spec
         self.residuals: dict[int, np.ndarray] = {}
-        self.states: dict[int, dict] = {}
+        self.states: dict[int, CodecState] = {}
 
     def compress(self, index: int, x: np.ndarray, *, seed: int) -> tuple[Array, np.ndarray]:
         """Encode tensor ``index`` with its residual added; return the ``Array`` and what the receiver decodes."""
@@ -158,7 +162,7 @@ class ErrorFeedback:
 # ---------------------------------------------------------------------------------------------- encoders
 
 
-def _encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: dict | None, unbiased: bool) -> Array:
+def _encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: CodecState | None, unbiased: bool) -> Array:
     _require(isinstance(spec, CodecSpec), f"spec must be a CodecSpec, got {type(spec).__name__}")
     x = _as_input(x)
     _require(_is_int(seed) and 0 <= seed < 2**64, f"seed must be an integer in [0, 2**64), got {seed!r}")
@@ -210,7 +214,8 @@ def _topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
         mag = np.abs(flat)
         _require(_all_finite(mag), "topk: input has NaN/Inf")
         return _largest(mag, k)
-    return candidates[_largest(np.abs(flat[candidates]), k)]
+    kept: np.ndarray = candidates[_largest(np.abs(flat[candidates]), k)]
+    return kept
 
 
 def _largest(mag: np.ndarray, k: int) -> np.ndarray:
@@ -301,7 +306,7 @@ def _enc_sign(x: np.ndarray) -> Array:
     return _array(x, "sign", _SIGN_HEAD.pack(scale) + packed.tobytes())
 
 
-def _enc_powersgd(x: np.ndarray, spec: CodecSpec, seed: int, state: dict) -> Array:
+def _enc_powersgd(x: np.ndarray, spec: CodecSpec, seed: int, state: CodecState) -> Array:
     """One warm-started power iteration (Vogels et al. 2019), single-worker: P = MQ, P^ = orth(P), Q = M^T P^."""
     n = x.shape[0] if x.ndim >= 2 else 0
     m, r = (x.size // n if n else 0), spec.rank
@@ -318,7 +323,7 @@ def _enc_powersgd(x: np.ndarray, spec: CodecSpec, seed: int, state: dict) -> Arr
     return _array(x, "powersgd", data)
 
 
-def _warm_q(state: dict, m: int, r: int, seed: int, dtype: np.dtype) -> np.ndarray:
+def _warm_q(state: CodecState, m: int, r: int, seed: int, dtype: np.dtype) -> np.ndarray:
     """Last call's Q (the warm start), or a seeded Gaussian one when absent, misshapen or degenerate."""
     q = state.get("q")
     usable = isinstance(q, np.ndarray) and q.shape == (m, r) and _all_finite(q)
@@ -350,7 +355,8 @@ def parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...
     start = 8 + size_len
     _require(header_len <= 65536 and len(data) >= start + header_len, "none: truncated or oversized .npy header")
     match = _NPY_HEADER.fullmatch(bytes(data[start : start + header_len]).decode("latin-1"))
-    _require(match is not None, "none: malformed .npy header")
+    if match is None:
+        raise CodecError("none: malformed .npy header")
     descr, fortran, dims = match.groups()
     try:
         dtype = np.dtype(descr)
@@ -431,12 +437,12 @@ def _dec_powersgd(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dty
     p_hat = np.frombuffer(data, "<f4", n * r, _PSGD_HEAD.size).reshape(n, r)
     q = np.frombuffer(data, "<f4", m * r, _PSGD_HEAD.size + 4 * n * r).reshape(m, r)
     _require(_all_finite(p_hat) and _all_finite(q), "powersgd: factors contain NaN/Inf")
-    work = np.float64 if dtype == np.float64 else np.float32
+    work: type[np.floating[Any]] = np.float64 if dtype == np.float64 else np.float32
     out = _finite((p_hat.astype(work) @ q.astype(work).T).astype(dtype, copy=False), "powersgd product")
     return out.reshape(shape)
 
 
-_ENCODERS: dict[str, Callable[[np.ndarray, CodecSpec, int, dict, bool], Array]] = {
+_ENCODERS: dict[str, Callable[[np.ndarray, CodecSpec, int, CodecState, bool], Array]] = {
     "none": lambda x, spec, seed, state, unbiased: _enc_none(x),
     "fp16": lambda x, spec, seed, state, unbiased: _enc_fp16(x),
     "topk": lambda x, spec, seed, state, unbiased: _enc_topk(x, spec),
@@ -526,7 +532,7 @@ def _scatter(idx: np.ndarray, values: np.ndarray, shape: tuple[int, ...], numel:
     return out.reshape(shape)
 
 
-def _unpack(head: struct.Struct, data: bytes, codec: str) -> tuple:
+def _unpack(head: struct.Struct, data: bytes, codec: str) -> tuple[Any, ...]:  # struct's own return type
     _require(len(data) >= head.size, f"{codec}: truncated header ({len(data)} bytes < {head.size})")
     return head.unpack_from(data, 0)
 
@@ -565,8 +571,10 @@ def _check_dtype(dtype: np.dtype | str) -> np.dtype:
 
 def _fields(arr: Array) -> tuple[str, str, tuple[int, ...], bytes]:
     stype, dtype, shape, data = (getattr(arr, f, None) for f in ("stype", "dtype", "shape", "data"))
-    _require(isinstance(stype, str) and isinstance(dtype, str), f"not an Array: {type(arr).__name__}")
-    _require(isinstance(data, bytes | bytearray), f"Array data must be bytes, got {type(data).__name__}")
-    ok = isinstance(shape, tuple | list) and all(_is_int(n) and n >= 0 for n in shape)
-    _require(ok, f"Array shape must be a tuple of non-negative integers, got {shape!r}")
+    if not (isinstance(stype, str) and isinstance(dtype, str)):
+        raise CodecError(f"not an Array: {type(arr).__name__}")
+    if not isinstance(data, bytes | bytearray):
+        raise CodecError(f"Array data must be bytes, got {type(data).__name__}")
+    if not (isinstance(shape, tuple | list) and all(_is_int(n) and n >= 0 for n in shape)):
+        raise CodecError(f"Array shape must be a tuple of non-negative integers, got {shape!r}")
     return stype, dtype, tuple(int(n) for n in shape), bytes(data)

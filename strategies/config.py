@@ -116,7 +116,7 @@ class RunConfig:
             object.__setattr__(self, f.name, value)
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(f.metadata['choices'])}")
-            if "range" in f.metadata:
+            if "range" in f.metadata and not isinstance(value, str):  # ranges are on numeric fields only
                 _check_range(key, value, *f.metadata["range"])
 
     @classmethod
@@ -130,7 +130,9 @@ class RunConfig:
                 close = difflib.get_close_matches(key, known, n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
-        return cls(**{known[k]: v for k, v in values.items()})
+        # Any: the values are Flower's untyped scalars until __post_init__ checks each against its field (_coerce).
+        fields: dict[str, Any] = {known[k]: v for k, v in values.items()}
+        return cls(**fields)
 
     def to_mapping(self) -> dict[str, ConfigValue]:
         """The flat kebab-case form Flower uses (and the store records)."""
@@ -156,16 +158,19 @@ def key_of(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> ConfigValue:
+_KINDS: dict[str, type[ConfigValue]] = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _coerce(key: str, value: object, annotation: object) -> ConfigValue:
     """Accept a value of the field's type; ints are accepted for floats (TOML writes ``lr = 1``)."""
-    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(annotation)]
+    kind = _KINDS[str(annotation)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
-    if kind is float and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # only a float field gets this far with a float
         raise ConfigError(f"{key} must be finite, got {value!r}")
     return value
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies.base import EngineView, Strategy, Update, Verdict
+from strategies.base import EngineView, Status, Strategy, Update, Verdict
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
@@ -34,7 +34,7 @@ class FedAsync(Strategy):
         alpha = self.cfg.mixing * self.s(update.staleness)
         self._publish([w - alpha * (w - x) for w, x in zip(self.weights, update.model, strict=True)])
         self.last_alpha = alpha
-        return Verdict("applied", applied=(update.seq,))
+        return Verdict(Status.APPLIED, applied=(update.seq,))
 
     def state_summary(self) -> dict[str, float]:
         """The last mixing weight."""

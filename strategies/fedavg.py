@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies.base import EngineView, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
@@ -48,12 +48,12 @@ class FedAvg(Strategy):
         """Hold the result until the round is complete."""
         self.results.append(update)
         self.outstanding -= 1
-        return self._maybe_close() or Verdict("buffered", "waiting for the round to complete")
+        return self._maybe_close() or Verdict(Status.BUFFERED, "waiting for the round to complete")
 
     def fail(self, node: int, base_version: int) -> Verdict:
         """A failed task leaves the round; the round closes with the results it has."""
         self.outstanding -= 1
-        return self._maybe_close() or Verdict("dropped")
+        return self._maybe_close() or Verdict(Status.DROPPED)
 
     def _maybe_close(self) -> Verdict | None:
         if self.outstanding > 0 or len(self.members) < self.round_size():
@@ -69,7 +69,7 @@ class FedAvg(Strategy):
         self.round += 1
         self.members.clear()
         self.results = []
-        return Verdict("applied", applied=applied) if applied else None
+        return Verdict(Status.APPLIED, applied=applied) if applied else None
 
     def state_summary(self) -> dict[str, float]:
         """Round number."""

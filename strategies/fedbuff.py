@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies.base import Accumulator, EngineView, Strategy, Update, Verdict, step
+from strategies.base import Accumulator, EngineView, Status, Strategy, Update, Verdict, step
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
@@ -36,11 +36,11 @@ class FedBuff(Strategy):
         self.buffer.add_update_delta(update, self.s(update.staleness) / k)
         self.buffered.append(update.seq)
         if len(self.buffered) < k:
-            return Verdict("buffered", f"buffer {len(self.buffered)}/{k}")
+            return Verdict(Status.BUFFERED, f"buffer {len(self.buffered)}/{k}")
         applied = tuple(self.buffered)
         self._publish(step(self.weights, self.buffer.result(), self.cfg.server_lr))
         self.buffer, self.buffered = Accumulator(self.weights), []
-        return Verdict("applied", applied=applied)
+        return Verdict(Status.APPLIED, applied=applied)
 
     def state_summary(self) -> dict[str, float]:
         """Buffer fill."""

@@ -32,10 +32,10 @@ from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from strategies import topology
-from strategies.base import EngineView, Exchange, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
-from strategies.codecs import CodecSpec, encode, encode_difference
-from strategies.config import RunConfig
+from strategies.codecs import CodecSpec, CodecState, encode, encode_difference
+from strategies.config import ConfigValue, RunConfig
 from strategies.registry import register
 
 
@@ -69,7 +69,7 @@ class GossipChannel:
         self.spec = spec
         self.initial = initial
         self.copies: dict[tuple[int, int], Weights] = {}
-        self.states: dict[tuple[int, int, int], dict] = {}  # (src, dst, tensor) -> codec state (PowerSGD)
+        self.states: dict[tuple[int, int, int], CodecState] = {}  # (src, dst, tensor) -> codec state (PowerSGD)
 
     def send(self, src: int, dst: int, model: Weights, seed: int) -> Weights:
         """The view the receiver ``dst`` holds of ``src``'s ``model`` after this exchange."""
@@ -110,7 +110,7 @@ class Decentralized(Strategy):
         """A node id's position in the fleet (its place on the topology)."""
         return self._index[node]
 
-    def snapshot(self, i: int, exchange: Exchange, config: dict | None = None) -> Task:
+    def snapshot(self, i: int, exchange: Exchange, config: dict[str, ConfigValue] | None = None) -> Task:
         """A task training on node i's own model as it is now."""
         model = self.models[i]
         payload = [Array(np.ascontiguousarray(w)) for w in model]
@@ -166,7 +166,7 @@ class ADPSGD(Decentralized):
             self.gossip(i, j, seed=update.seq)
         self.models[i] = step(self.models[i], update.delta, 1.0)
         self.publish_average()
-        return Verdict("applied", applied=(update.seq,))
+        return Verdict(Status.APPLIED, applied=(update.seq,))
 
     def gossip(self, i: int, j: int, seed: int) -> None:
         """x_i, x_j <- (x_i + x_j) / 2, each end averaging with what it received of the other."""
@@ -179,7 +179,7 @@ class ADPSGD(Decentralized):
     def fail(self, node: int, base_version: int) -> Verdict:
         """A lost task averages with nobody; the node gets a fresh snapshot next."""
         self.partner.pop(node, None)
-        return Verdict("dropped")
+        return Verdict(Status.DROPPED)
 
 
 class SyncRounds(Decentralized):
@@ -210,12 +210,12 @@ class SyncRounds(Decentralized):
         self.running.discard(update.node)
         self.results[update.node] = update
         if len(self.results) < self.num_nodes:
-            return Verdict("buffered", f"round {self.round}: {len(self.results)}/{self.num_nodes} in")
+            return Verdict(Status.BUFFERED, f"round {self.round}: {len(self.results)}/{self.num_nodes} in")
         updates = [self.results[n] for n in self.nodes]
         self.close(updates)
         self.round += 1
         self.results = {}
-        return Verdict("applied", applied=tuple(u.seq for u in updates))
+        return Verdict(Status.APPLIED, applied=tuple(u.seq for u in updates))
 
     def close(self, updates: list[Update]) -> None:
         """Combine one round's updates (in fleet order) into the node models."""
@@ -224,7 +224,7 @@ class SyncRounds(Decentralized):
     def fail(self, node: int, base_version: int) -> Verdict:
         """The node redoes its part of the round."""
         self.running.discard(node)
-        return Verdict("dropped")
+        return Verdict(Status.DROPPED)
 
     def state_summary(self) -> dict[str, float]:
         """Round number and consensus distance."""

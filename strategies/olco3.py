@@ -48,10 +48,10 @@ from typing import ClassVar
 import numpy as np
 from flwr.app import Array
 
-from strategies.base import EngineView, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, ErrorFeedback
-from strategies.config import RunConfig
+from strategies.config import ConfigValue, RunConfig
 from strategies.fedavg import FedAvg
 from strategies.registry import register
 
@@ -85,7 +85,7 @@ class DelayedAveraging(Strategy):
             return None
         self.running[node] = r
         kind, payload = self.payload_for(r)
-        config = {"round": r, "delay": self.delay, "payload": kind, "mixing": self.cfg.mixing}
+        config: dict[str, ConfigValue] = {"round": r, "delay": self.delay, "payload": kind, "mixing": self.cfg.mixing}
         return Task(self.version, config, payload)
 
     def payload_for(self, r: int) -> tuple[str, list[Array]]:
@@ -104,14 +104,14 @@ class DelayedAveraging(Strategy):
         while len(self.contrib.get(self.completed, {})) >= self.num_nodes:
             applied += self._close(self.completed)
         if update.seq in applied:
-            return Verdict("applied", applied=tuple(applied))
-        return Verdict("buffered", f"period {r}: {len(self.contrib.get(r, {}))}/{self.num_nodes} in",
+            return Verdict(Status.APPLIED, applied=tuple(applied))
+        return Verdict(Status.BUFFERED, f"period {r}: {len(self.contrib.get(r, {}))}/{self.num_nodes} in",
                        tuple(applied))
 
     def fail(self, node: int, base_version: int) -> Verdict:
         """The period is redone by the same node (every node takes part in every period)."""
         self.running.pop(node, None)
-        return Verdict("dropped")
+        return Verdict(Status.DROPPED)
 
     def _close(self, r: int) -> list[int]:
         updates = self.contrib.pop(r)
@@ -139,6 +139,7 @@ class DelayedAveraging(Strategy):
     def client(cls, job: ClientJob) -> tuple[list[Array], dict[str, float]]:
         """One period on the node: apply the new average, start with the policy's compensations, train, send C."""
         r, d = int(job.task["round"]), int(job.task["delay"])
+        queue: dict[int, Weights]
         if job.task["payload"] == "model":
             xbar, queue = job.received, {}
         else:

@@ -35,7 +35,7 @@ class Staleness:
         if self.name == "constant":
             return 1.0
         if self.name == "polynomial":
-            return (tau + 1.0) ** -self.a
+            return float((tau + 1.0) ** -self.a)  # a positive base: real (typeshed types float ** float as Any)
         if self.name == "hinge":
             return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
         return 1.0 / math.sqrt(1.0 + tau)

@@ -67,13 +67,13 @@ def test_ssp_keeps_every_node_within_the_bound(simulate):
 
 def test_adaptive_schedules_move_as_documented():
     cfg = RunConfig(strategy="abs", k=2, staleness_bound=4, k_double_every=5.0)
-    s = ABS(cfg, [np.zeros(2, np.float32)], num_nodes=16)
+    s = ABS(cfg, [np.zeros(2, np.float32)], fleet=range(16))
     seen = []
     for t in (0.0, 4.9, 5.0, 10.0, 15.0, 20.0, 100.0):
         s.now = t
         seen.append((s.k_now(), s.bound_now()))
     assert seen == [(2, 4), (2, 4), (4, 2), (8, 1), (16, 1), (16, 1), (16, 1)]
-    a = AdaSync(RunConfig(strategy="adasync", k=3, k_double_every=0.0), [np.zeros(2)], num_nodes=16)
+    a = AdaSync(RunConfig(strategy="adasync", k=3, k_double_every=0.0), [np.zeros(2)], fleet=range(16))
     a.now = 1e6
     assert a.k_now() == 3  # k-double-every = 0 keeps K fixed
 

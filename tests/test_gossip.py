@@ -26,11 +26,9 @@ def random_models(n, seed=0):
     return [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(n)]
 
 
-def make(cls, n=8, **cfg):
+def make(cls, n=8, first_id=1000, **cfg):
     init = [np.zeros(s, np.float32) for s in SHAPES]
-    strategy = cls(RunConfig(strategy=cls.name, **cfg), init, n)
-    strategy.nodes = [1000 + i for i in range(n)]
-    return strategy
+    return cls(RunConfig(strategy=cls.name, **cfg), init, fleet=range(first_id, first_id + n))
 
 
 def update(strategy, node, delta, seq=0):
@@ -188,8 +186,7 @@ def test_a_node_sending_to_many_neighbours_shares_its_uplink():
 def test_ring_allreduce_time_grows_with_rounds_and_the_slowest_link():
     fast = {k: node("ethernet") for k in range(8)}
     one_slow = {**fast, 3: node("3g")}
-    s = make(AllReduceSGD, n=8)
-    s.nodes = list(range(8))
+    s = make(AllReduceSGD, n=8, first_id=0)
     ex = s.task_for(0).exchange
     assert ex.rounds == 14 and len(ex.transfers) == 8
     assert exchange_seconds(ex, one_slow) > 50 * exchange_seconds(ex, fast)

@@ -30,7 +30,7 @@ def drive(cls, *, k=4, delay=2, rounds=12, codec="topk", ef=True, check=None):
     rng = np.random.default_rng(0)
     x0 = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     cfg = RunConfig(strategy=cls.name, delay=delay, codec=codec, error_feedback=ef, codec_ratio=0.2)
-    server = cls(cfg, [w.copy() for w in x0], num_nodes=k)
+    server = cls(cfg, [w.copy() for w in x0], fleet=range(k))
     targets = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(k)]
     states = [RecordDict() for _ in range(k)]
     spec = CodecSpec(codec, ratio=0.2)
@@ -85,7 +85,7 @@ def test_naive_overlap_breaks_the_identity():
 
 def test_nodes_never_run_more_than_d_periods_ahead():
     cfg = RunConfig(strategy="olco3", delay=2)
-    s = OLCO3(cfg, [np.zeros(3, np.float32)], num_nodes=2)
+    s = OLCO3(cfg, [np.zeros(3, np.float32)], fleet=range(2))
     rounds = []
     for _ in range(4):
         task = s.task_for(0)

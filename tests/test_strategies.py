@@ -55,7 +55,7 @@ def test_fedavg_equals_flowers_fedavg_on_the_same_replies(sent_is_delta):
     flower_arrays, _ = FlowerFedAvg().aggregate_train(1, replies)
     expected = [flower_arrays[n].numpy() for n in names]
     # Ours: the same replies as deltas against the base.
-    ours = FedAvg(RunConfig(), base, num_nodes=3)
+    ours = FedAvg(RunConfig(), base, fleet=range(3))
     tasks = [ours.task_for(node) for node in range(3)]
     assert all(t is not None and t.version == 0 for t in tasks)
     def sent(i):
@@ -72,7 +72,7 @@ def test_fedavg_equals_flowers_fedavg_on_the_same_replies(sent_is_delta):
 
 def test_fedavg_round_waits_for_everyone_and_survives_a_failure():
     base = weights()
-    s = FedAvg(RunConfig(concurrency=3), base, num_nodes=5)
+    s = FedAvg(RunConfig(concurrency=3), base, fleet=range(5))
     assert [s.task_for(n) is not None for n in range(5)] == [True, True, True, False, False]
     zero = [np.zeros_like(w) for w in base]
     assert s.apply(update(0, base, zero, node=0)).status == "buffered"
@@ -86,7 +86,7 @@ def test_fedavg_round_waits_for_everyone_and_survives_a_failure():
 def test_fedasync_mixes_with_staleness_weight():
     base = weights()
     cfg = RunConfig(strategy="fedasync", mixing=0.5, staleness_fn="polynomial", staleness_a=1.0)
-    s = FedAsync(cfg, [w.copy() for w in base], num_nodes=2)
+    s = FedAsync(cfg, [w.copy() for w in base], fleet=range(2))
     s.weights = [w + 1 for w in base]  # the global model moved on since `base` was sent
     current = [w.copy() for w in s.weights]
     delta = weights()
@@ -101,7 +101,7 @@ def test_fedasync_mixes_with_staleness_weight():
 def test_fedbuff_buffers_k_then_applies_the_weighted_mean():
     base = weights()
     cfg = RunConfig(buffer_size=3, server_lr=0.5, staleness_fn="sqrt")
-    s = FedBuff(cfg, [w.copy() for w in base], num_nodes=4)
+    s = FedBuff(cfg, [w.copy() for w in base], fleet=range(4))
     deltas = [weights() for _ in range(3)]
     taus = [0, 3, 8]
     verdicts = [s.apply(update(i, base, deltas[i], staleness=taus[i])) for i in range(3)]
@@ -132,7 +132,7 @@ def test_fedbuff_with_weights_replies_equals_deltas_replies():
     cfg = RunConfig(buffer_size=4, staleness_fn="sqrt")
     results = []
     for as_delta in (True, False):
-        s = FedBuff(cfg, [w.copy() for w in base_b], num_nodes=4)
+        s = FedBuff(cfg, [w.copy() for w in base_b], fleet=range(4))
         for i, (b, t) in enumerate(zip(bases, trained, strict=True)):
             sent = [x - y for x, y in zip(b, t, strict=True)] if as_delta else t
             s.apply(Update(i, i, 0, i, sent, b, 1, sent_is_delta=as_delta))
