@@ -170,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from strategies import IMPLEMENTED
+    from strategies.registry import names as registered_names
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    missing = set(IMPLEMENTED) - {strategy for strategy, *_ in CASES.values()}
+    missing = set(registered_names()) - {strategy for strategy, *_ in CASES.values()}
     if missing:
         raise SystemExit(f"no golden case for: {', '.join(sorted(missing))}")
     for case in args.cases or CASES:
