@@ -2,7 +2,7 @@
 
 A strategy module decorates its classes with ``@register``; the registry imports every module of this package
 the first time a name is looked up, so **a new strategy is one new file** in ``strategies/`` (plus its test):
-the run config's valid names, the README's table (``python -m strategies.registry``), the elastic flag and
+the run config's valid names, the README's table (``python -m strategies``), the elastic flag and
 ``flwr run``/``simulate`` all follow from here. A name registered twice by different classes is refused, so two
 files cannot silently shadow each other. A strategy outside this package is named ``package.module:Class``.
 """
@@ -21,7 +21,7 @@ from strategies.config import ConfigError
 S = TypeVar("S", bound=type[Strategy])
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-_LOADED = False
+_SCANNED: set[str] = set()  # modules of the package already imported
 
 
 class RegistryError(ValueError):
@@ -91,15 +91,13 @@ def _import(path: str) -> type[Strategy]:
 
 
 def _load_builtins() -> None:
-    """Import every module of this package once, so their ``@register`` decorators have run."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
+    """Import every module of this package not imported yet, so that their ``@register`` decorators have run.
+
+    One directory listing per look-up (a run looks up its strategy a few times), so a module added while the
+    process runs (a test's temporary strategy file) is found too.
+    """
     package = sys.modules["strategies"]
     for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"strategies.{info.name}")
-
-
-if __name__ == "__main__":
-    print(markdown_table())
+        if info.name not in _SCANNED and not info.name.startswith("_"):
+            _SCANNED.add(info.name)
+            importlib.import_module(f"strategies.{info.name}")
