@@ -12,6 +12,7 @@ from client_app.models import build_model
 from client_app.records import NodeState, from_record
 from client_app.trainer import LocalSGD, pick_device
 from strategies import get_strategy
+from strategies import taskkeys as keys
 from strategies.client import ClientJob, decode_received, downlink_model
 from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
@@ -28,8 +29,9 @@ def train(msg: Message, context: Context) -> Message:
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     shapes = [t.detach().cpu().numpy() for t in model.state_dict().values()]
     names = list(model.state_dict())
-    sgd = LocalSGD(steps=int(task["local-steps"]), batch_size=int(task["batch-size"]), lr=float(task["lr"]),
-                   momentum=float(task["momentum"]), prox_mu=float(task["prox-mu"]), seed=int(task["task-seed"]))
+    sgd = LocalSGD(steps=int(task[keys.LOCAL_STEPS]), batch_size=int(task[keys.BATCH_SIZE]), lr=float(task[keys.LR]),
+                   momentum=float(task[keys.MOMENTUM]), prox_mu=float(task[keys.PROX_MU]),
+                   seed=int(task[keys.TASK_SEED]))
     device = pick_device(cfg.device)
     executor = ExecutorSpec.from_config(cfg)  # local-executor, local-threads, persistence (issue 6)
 
@@ -40,18 +42,18 @@ def train(msg: Message, context: Context) -> Message:
 
     record = msg.content.array_records["arrays"]
     received = decode_received(record, names, shapes) if len(record) else []
-    if "downlink" in task:  # two-way compression of the broadcast model
+    if keys.DOWNLINK in task:  # two-way compression of the broadcast model
         received = downlink_model(NodeState(context.state), task, received)
     job = ClientJob(
         received=received,
-        task=dict(task), train=local_train, state=NodeState(context.state), seed=int(task["task-seed"]),
+        task=dict(task), train=local_train, state=NodeState(context.state), seed=int(task[keys.TASK_SEED]),
         codec=CodecSpec(cfg.codec, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank),
         error_feedback=cfg.error_feedback,
     )
     arrays, metrics = get_strategy(cfg.strategy).client(job)
     # Echo the task's seq and model version: the server rejects a reply meant for another task (server_app/guard.py).
-    echo = {k: int(task[k]) for k in ("task-seq", "model-version") if k in task}
-    metrics = {**metrics, "num-examples": len(y), **echo}
+    echo = {k: int(task[k]) for k in keys.ECHO if k in task}
+    metrics = {**metrics, keys.NUM_EXAMPLES: len(y), **echo}
     delta = ArrayRecord(dict(zip(names, arrays, strict=True)))
     return Message(RecordDict({"delta": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -69,7 +71,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         logits = model(torch.from_numpy(x))
         loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))
         acc = float((logits.argmax(1) == torch.from_numpy(y)).float().mean())
-    metrics = {"loss": loss, "accuracy": acc, "num-examples": len(y)}
+    metrics = {"loss": loss, "accuracy": acc, keys.NUM_EXAMPLES: len(y)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Array
 
 from strategies.codecs import CodecSpec, encode_difference
+from strategies.taskkeys import BASE_VERSION, DOWNLINK, DOWNLINK_DELTA, DOWNLINK_FULL
 
 Weights = list[np.ndarray]
 
@@ -44,11 +45,11 @@ class DownlinkCompressor:
         n = self.nodes.setdefault(node, _Node())
         if n.copy is None:
             n.pending = (version, weights)
-            return {"downlink": "full"}, None
+            return {DOWNLINK: DOWNLINK_FULL}, None
         pairs = [encode_difference(self.spec, w, c, seed=(seed + i) % 2**64, state=n.states.setdefault(i, {}))
                  for i, (w, c) in enumerate(zip(weights, n.copy, strict=True))]
         n.pending = (version, [c for _, c in pairs])
-        return {"downlink": "delta", "base-version": n.version}, [a for a, _ in pairs]
+        return {DOWNLINK: DOWNLINK_DELTA, BASE_VERSION: n.version}, [a for a, _ in pairs]
 
     def confirm(self, node: int) -> None:
         """The node's reply arrived: what it was sent is what it holds now."""

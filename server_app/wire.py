@@ -21,6 +21,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 
 from client_app.records import to_record
 from strategies.codecs import CodecError, decode, parse_npy_header
+from strategies.taskkeys import NUM_EXAMPLES
 
 __all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "read_reply", "to_record", "validate_reply",
            "wire_bytes"]
@@ -195,7 +196,7 @@ MAX_EXAMPLES = 2**53  # beyond, a float count is no longer exact; and FedAvg wei
 
 
 def _num_examples(metrics: dict[str, float]) -> int:
-    n = metrics.get("num-examples", 1)
+    n = metrics.get(NUM_EXAMPLES, 1)
     if isinstance(n, bool) or not 1 <= n <= MAX_EXAMPLES or not float(n).is_integer():  # NaN fails the range
         raise RejectedUpdate(f"num-examples must be a positive integer up to 2**53, got {n!r}")
     return int(n)

@@ -25,7 +25,8 @@ import numpy as np
 from flwr.app import Array
 
 from strategies.client import ClientJob, Weights
-from strategies.config import ConfigValue, RunConfig
+from strategies.config import RunConfig
+from strategies.taskkeys import TaskConfig
 
 
 class Status(StrEnum):
@@ -110,7 +111,7 @@ class Task:
     """
 
     version: int
-    config: dict[str, ConfigValue] = field(default_factory=dict)
+    config: TaskConfig = field(default_factory=dict)
     payload: list[Array] | None = None
     base: Weights | None = None
     exchange: Exchange | None = None

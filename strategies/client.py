@@ -17,6 +17,7 @@ from flwr.app import Array
 
 from strategies.codecs import CodecSpec, CodecState, ErrorFeedback, decode, encode
 from strategies.config import ConfigValue
+from strategies.taskkeys import BASE_VERSION, DOWNLINK, DOWNLINK_DELTA, MODEL_VERSION
 
 Weights = list[np.ndarray]
 LocalTrain = Callable[[Weights], tuple[Weights, dict[str, float]]]
@@ -30,7 +31,7 @@ class ClientJob:
     """One task on one node."""
 
     received: Weights                       # decoded "arrays" of the message: the model, or a strategy payload
-    task: Mapping[str, ConfigValue]         # the task's ConfigRecord
+    task: Mapping[str, ConfigValue]         # the task's ConfigRecord (keys: strategies.taskkeys)
     train: LocalTrain                       # local steps from given weights -> (trained weights, metrics)
     state: MutableMapping[str, Weights]     # persists on the node across the run's tasks
     codec: CodecSpec
@@ -82,9 +83,9 @@ def downlink_model(state: MutableMapping[str, Weights], task: Mapping[str, Confi
     the copy of version ``base-version`` that this node stored earlier. The node keeps that copy and the new one
     (keyed by version) and forgets the rest, so a task the server had to redo still finds its base.
     """
-    version = int(task["model-version"])
-    if task["downlink"] == "delta":
-        base_version = int(task["base-version"])
+    version = int(task[MODEL_VERSION])
+    if task[DOWNLINK] == DOWNLINK_DELTA:
+        base_version = int(task[BASE_VERSION])
         model = [b + d for b, d in zip(state[f"downlink/{base_version}"], received, strict=True)]
     else:
         base_version, model = version, received

@@ -15,6 +15,7 @@ from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict,
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
+from strategies.taskkeys import SERVER_ROUND
 
 
 @register
@@ -42,7 +43,7 @@ class FedAvg(Strategy):
             return None
         self.members.add(node)
         self.outstanding += 1
-        return Task(self.version, {"server-round": self.round + 1})
+        return Task(self.version, {SERVER_ROUND: self.round + 1})
 
     def apply(self, update: Update) -> Verdict:
         """Hold the result until the round is complete."""

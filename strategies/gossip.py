@@ -35,8 +35,9 @@ from strategies import topology
 from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, CodecState, encode, encode_difference
-from strategies.config import ConfigValue, RunConfig
+from strategies.config import RunConfig
 from strategies.registry import register
+from strategies.taskkeys import PEER, ROUND, TaskConfig
 
 
 def encoded_bytes(spec: CodecSpec, like: Sequence[np.ndarray]) -> int:
@@ -110,7 +111,7 @@ class Decentralized(Strategy):
         """A node id's position in the fleet (its place on the topology)."""
         return self._index[node]
 
-    def snapshot(self, i: int, exchange: Exchange, config: dict[str, ConfigValue] | None = None) -> Task:
+    def snapshot(self, i: int, exchange: Exchange, config: TaskConfig | None = None) -> Task:
         """A task training on node i's own model as it is now."""
         model = self.models[i]
         payload = [Array(np.ascontiguousarray(w)) for w in model]
@@ -156,7 +157,7 @@ class ADPSGD(Decentralized):
         self.partner[node] = j
         b, peer = self.model_bytes, self.nodes[j]
         exchange = Exchange(((node, peer, b), (peer, node, b)), bytes_up=2 * b, bytes_down=2 * b, peer=peer)
-        return self.snapshot(i, exchange, {"peer": j})
+        return self.snapshot(i, exchange, {PEER: j})
 
     def apply(self, update: Update) -> Verdict:
         """Average atomically with the partner (active nodes), then apply the stale gradient."""
@@ -253,7 +254,7 @@ class DPSGD(SyncRounds):
         """Every node sends its model to each neighbour and receives theirs; the round's links are shared."""
         i = self.index(node)
         sent = len(self.graph.neighbours[i]) * self.model_bytes
-        return self.snapshot(i, Exchange(self.transfers, bytes_up=sent, bytes_down=sent), {"round": self.round})
+        return self.snapshot(i, Exchange(self.transfers, bytes_up=sent, bytes_down=sent), {ROUND: self.round})
 
     def close(self, updates: list[Update]) -> None:
         """x_i <- W_ii x_i + sum_j W_ij x_j (as i received it) - delta_i, from the round's start models."""
@@ -296,7 +297,7 @@ class AllReduceSGD(SyncRounds):
 
     def round_task(self, node: int) -> Task:
         """The shared model (all node models are equal), and the ring's traffic."""
-        return Task(self.version, {"round": self.round}, exchange=self.ring)
+        return Task(self.version, {ROUND: self.round}, exchange=self.ring)
 
     @staticmethod
     def client(job: ClientJob) -> tuple[list[Array], dict[str, float]]:

@@ -51,9 +51,10 @@ from flwr.app import Array
 from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, ErrorFeedback
-from strategies.config import ConfigValue, RunConfig
+from strategies.config import RunConfig
 from strategies.fedavg import FedAvg
 from strategies.registry import register
+from strategies.taskkeys import DELAY, MIXING, PAYLOAD, ROUND, TaskConfig
 
 
 class DelayedAveraging(Strategy):
@@ -85,7 +86,7 @@ class DelayedAveraging(Strategy):
             return None
         self.running[node] = r
         kind, payload = self.payload_for(r)
-        config: dict[str, ConfigValue] = {"round": r, "delay": self.delay, "payload": kind, "mixing": self.cfg.mixing}
+        config: TaskConfig = {ROUND: r, DELAY: self.delay, PAYLOAD: kind, MIXING: self.cfg.mixing}
         return Task(self.version, config, payload)
 
     def payload_for(self, r: int) -> tuple[str, list[Array]]:
@@ -138,13 +139,13 @@ class DelayedAveraging(Strategy):
     @classmethod
     def client(cls, job: ClientJob) -> tuple[list[Array], dict[str, float]]:
         """One period on the node: apply the new average, start with the policy's compensations, train, send C."""
-        r, d = int(job.task["round"]), int(job.task["delay"])
+        r, d = int(job.task[ROUND]), int(job.task[DELAY])
         queue: dict[int, Weights]
-        if job.task["payload"] == "model":
+        if job.task[PAYLOAD] == "model":
             xbar, queue = job.received, {}
         else:
             xbar, queue = _load(job, r - 1, d)
-            if job.task["payload"] == "average":
+            if job.task[PAYLOAD] == "average":
                 xbar = [x - c for x, c in zip(xbar, job.received, strict=True)]
                 queue.pop(r - 1 - d, None)
         start = cls.start_point(xbar, list(queue.values()), _residual(job, r - 1))
@@ -225,7 +226,7 @@ class CoCoDSGD(DelayedAveraging):
     @classmethod
     def client(cls, job: ClientJob) -> tuple[list[Array], dict[str, float]]:
         """Start from the stale average minus own last progress; upload this period's progress."""
-        r = int(job.task["round"])
+        r = int(job.task[ROUND])
         start = job.received
         if r > 0:
             last = job.state[_key(r - 1, "delta")]
@@ -278,7 +279,7 @@ class OverlapLocalSGD(DelayedAveraging):
     @classmethod
     def client(cls, job: ClientJob) -> tuple[list[Array], dict[str, float]]:
         """Train from the start this node computed last period, pull toward the anchor, upload anchor - pulled."""
-        r, alpha = int(job.task["round"]), float(job.task["mixing"])
+        r, alpha = int(job.task[ROUND]), float(job.task[MIXING])
         anchor = job.received
         start = anchor if r == 0 else job.state[_key(r, "start")]
         trained, metrics = job.train(start)
