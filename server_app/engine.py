@@ -38,7 +38,8 @@ from server_app.profiles import assign_profiles
 from server_app.state import EngineState, Flight, RunSummary, Version
 from server_app.store import MetricsStore
 from server_app.wire import message_sizes
-from strategies.base import Status, Strategy, Task, Weights
+from strategies.base import Status, Strategy, Task
+from strategies.client import Weights
 from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
 
@@ -111,11 +112,11 @@ class Engine:
             if head is None:
                 reason = "stalled: no task in flight and the strategy gives none"
                 break
-            t, flight = head
-            if self.cfg.max_time and t > self.cfg.max_time:
+            at, flight = head
+            if self.cfg.max_time and at > self.cfg.max_time:
                 s.now, reason = self.cfg.max_time, "max-time"
                 break
-            s.now = max(s.now, t)
+            s.now = max(s.now, at)
             self._complete(flight)
             if s.failing >= self.failure_limit:
                 raise RuntimeError(f"stopped after {s.failing} consecutive failed tasks and no success; "
@@ -209,7 +210,9 @@ class Engine:
         s.idle.append(f.node)
         base = f.base if f.base is not None else s.versions[f.version].weights
         staleness = strategy.version - f.version
-        status, reason, applied, restart = Status.FAILED, f.failure, (), ()
+        status, reason = Status.FAILED, f.failure
+        applied: tuple[int, ...] = ()  # seqs that went into the model
+        restart: tuple[int, ...] = ()  # nodes whose task the strategy abandons
         metrics = reply_metrics(f.reply)
         try:
             update = self.intake.read(f, s.guard, base, staleness, s.now)

@@ -42,7 +42,8 @@ from flwr.app import Message
 
 from server_app.state import Flight
 from server_app.wire import RejectedUpdate, read_reply
-from strategies.base import Update, Weights
+from strategies.base import Update
+from strategies.client import Weights
 from strategies.config import RunConfig
 
 __all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "delta_norm", "join_reasons", "reply_metrics"]

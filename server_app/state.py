@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
 from server_app.profiles import NodeProfile, TaskTiming
 from server_app.wire import to_record
-from strategies.base import Exchange, Status, Strategy, Weights
+from strategies.base import Exchange, Status, Strategy
+from strategies.client import Weights
 
 if TYPE_CHECKING:
     from server_app.downlink import DownlinkCompressor
@@ -141,9 +143,9 @@ class RunSummary:
     statuses: dict[str, int]
     weights: Weights
 
-    def as_config(self) -> dict[str, int | float | str]:
+    def as_config(self) -> dict[str, ConfigRecordValues]:
         """Flat form for a ConfigRecord (the ServerApp leaves it in ``context.state``)."""
-        out: dict[str, int | float | str] = {
+        out: dict[str, ConfigRecordValues] = {
             k: getattr(self, k) for k in ("run_id", "stop_reason", "time", "version", "applied", "bytes_up",
                                           "bytes_down", "loss", "accuracy")
         }
@@ -151,8 +153,15 @@ class RunSummary:
         return out
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, int | float | str], weights: Weights) -> RunSummary:
+    def from_config(cls, cfg: Mapping[str, ConfigRecordValues], weights: Weights) -> RunSummary:
         """Inverse of ``as_config``."""
-        statuses = {k[len("status-"):]: int(v) for k, v in cfg.items() if k.startswith("status-")}
-        plain = {k: v for k, v in cfg.items() if not k.startswith("status-")}
-        return cls(**plain, statuses=statuses, weights=weights)  # type: ignore[arg-type]
+        def scalar(key: str) -> int | float | str:
+            value = cfg[key]
+            assert not isinstance(value, bytes | list), f"as_config writes numbers and strings, not {value!r}"
+            return value
+
+        statuses = {k[len("status-"):]: int(scalar(k)) for k in cfg if k.startswith("status-")}
+        return cls(run_id=str(scalar("run_id")), stop_reason=str(scalar("stop_reason")), time=float(scalar("time")),
+                   version=int(scalar("version")), applied=int(scalar("applied")), bytes_up=int(scalar("bytes_up")),
+                   bytes_down=int(scalar("bytes_down")), loss=float(scalar("loss")),
+                   accuracy=float(scalar("accuracy")), statuses=statuses, weights=weights)
