@@ -12,9 +12,9 @@ from flwr.serverapp import Grid, ServerApp
 from client_app.data import DataError, DatasetMissingError
 from client_app.models import ModelError
 from server_app.engine import Engine
-from server_app.evaluation import Evaluator, ModelSpec, model_spec
+from server_app.evaluation import Evaluator, model_spec
 from server_app.profiles import ProfileError, parse_mix
-from server_app.state import RunSummary
+from server_app.state import ModelSpec, RunSummary
 from server_app.store import MetricsStore, stored_run
 from strategies import check_implemented, get_strategy
 from strategies.config import ConfigError, RunConfig

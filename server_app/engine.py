@@ -28,14 +28,13 @@ from flwr.serverapp import Grid
 from server_app import checkpoint
 from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
-from server_app.evaluation import ModelSpec
 from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, join_reasons, reply_metrics
 from server_app.ledger import Ledger
 from server_app.mailbox import Mailbox
 from server_app.membership import FleetChange, Membership, node_profile
 from server_app.outbox import Outbox
 from server_app.profiles import assign_profiles
-from server_app.state import EngineState, Flight, RunSummary, Version
+from server_app.state import EngineState, Flight, ModelSpec, RunSummary, Version
 from server_app.store import MetricsStore
 from server_app.wire import message_sizes
 from strategies.base import Status, Strategy, Task

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from client_app.data import load_dataset
 from client_app.models import build_model, flops_per_sample
+from server_app.state import ModelSpec
 from strategies.config import RunConfig
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Names, initial weights and training cost of the run's model (the same on server and clients)."""
-
-    names: list[str]
-    initial: list[np.ndarray]
-    flops_per_step: float
-
-    @property
-    def num_params(self) -> int:
-        """Number of scalars in the model."""
-        return int(sum(w.size for w in self.initial))
 
 
 def model_spec(cfg: RunConfig) -> ModelSpec:

@@ -1,0 +1,92 @@
+"""The engine on the scripted clock with a pure-numpy stand-in client: exact schedules, no torch, no training.
+
+The stand-in client does one step of least squares on a fixed problem per task, so every update's delta is
+known in closed form; the scripted clock gives each task a compute time chosen by the test and instant links.
+A subprocess checks that none of this imports torch.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from server_app.clocks import ScriptedClock
+from server_app.engine import Engine
+from server_app.local_grid import LocalGrid
+from server_app.state import ModelSpec
+from server_app.store import MetricsStore
+from strategies import get_strategy
+from strategies.config import RunConfig
+
+TARGET = np.arange(4, dtype=np.float32)  # every node's least-squares optimum
+SPEC = ModelSpec(names=["w"], initial=[np.zeros(4, np.float32)], flops_per_step=0.0)
+
+
+def numpy_client(msg: Message, context: Context) -> Message:
+    """One gradient step of 0.5 * ||w - TARGET||^2 with the task's lr; replies with the delta, as our ClientApp."""
+    w = msg.content.array_records["arrays"]["w"].numpy()
+    cfg = msg.content.config_records["config"]
+    delta = np.float32(cfg["lr"]) * (w - TARGET)
+    metrics = MetricRecord({"num-examples": 10, "task-seq": cfg["task-seq"], "model-version": cfg["model-version"]})
+    return Message(RecordDict({"delta": ArrayRecord({"w": Array(delta.astype(np.float32))}), "metrics": metrics}),
+                   reply_to=msg)
+
+
+def evaluate(weights):
+    loss = float(0.5 * np.sum((weights[0] - TARGET) ** 2))
+    return loss, float(loss < 1e-2)
+
+
+def run(tmp_path, strategy, script, nodes=3, **settings):
+    cfg = RunConfig(strategy=strategy, clock="virtual", lr=0.5, eval_every=0, **settings)
+    grid = LocalGrid(numpy_client, nodes, cfg.to_mapping(), workers=2)
+    store = MetricsStore(tmp_path / "m.db")
+    store.start_run("r", strategy, cfg.to_mapping())
+    try:
+        engine = Engine(grid, cfg, get_strategy(strategy), SPEC, evaluate, store, "r", sorted(grid.contexts),
+                        clock=ScriptedClock(script))
+        summary = engine.run()
+    finally:
+        grid.close()
+    keys = ("seq", "node", "base", "applied", "staleness", "status", "t")
+    rows = [dict(zip(keys, r, strict=True)) for r in store.db.execute(
+        "SELECT seq, node_id - 1000, base_version, applied_version, staleness, status, completed_at FROM updates "
+        "ORDER BY seq")]
+    store.close()
+    return summary, rows
+
+
+def test_async_sgd_applies_in_scripted_order_with_the_staleness_of_the_schedule(tmp_path):
+    # Node 0 takes 1 s per task, node 1 takes 3 s, node 2 takes 10 s.
+    summary, rows = run(tmp_path, "async-sgd", lambda node, task: (1.0, 3.0, 10.0)[node], max_updates=6)
+    applied = sorted((r for r in rows if r["status"] == "applied"), key=lambda r: r["applied"])
+    # Node 0 completes at t = 1, 2, 3, 4, 5; node 1 at t = 3 on version 0, two versions late. At t = 3 the tie
+    # goes to the earlier dispatch (node 1, seq 1), so node 0's third task, sent at t = 2, is one version late.
+    assert [(r["node"], r["t"]) for r in applied] == [(0, 1.0), (0, 2.0), (1, 3.0), (0, 3.0), (0, 4.0), (0, 5.0)]
+    assert [r["staleness"] for r in applied] == [0, 0, 2, 1, 0, 0]
+    assert summary.applied == 6 and summary.time == 5.0
+
+
+def test_fedavg_waits_for_the_slowest_node_every_round(tmp_path):
+    summary, rows = run(tmp_path, "fedavg", lambda node, task: (1.0, 2.0, 7.0)[node], max_updates=9)
+    assert summary.version == 3 and summary.time == pytest.approx(21.0)
+    assert {r["staleness"] for r in rows} == {0}
+    # Every round moves w halfway to TARGET (lr 0.5, equal weights): after 3 rounds, w = TARGET * (1 - 0.5**3).
+    np.testing.assert_allclose(summary.weights[0], TARGET * (1 - 0.5**3), rtol=1e-6)
+
+
+def test_k_sync_restarts_the_slowest_task_and_charges_its_wasted_compute(tmp_path):
+    summary, rows = run(tmp_path, "k-sync", lambda node, task: (1.0, 2.0, 7.0)[node], k=2, max_updates=4)
+    restarted = [r for r in rows if r["status"] == "restarted"]
+    assert restarted and all(r["node"] == 2 for r in restarted)
+    assert all(r["staleness"] == 0 for r in rows if r["status"] == "applied")
+
+
+def test_the_engine_and_its_tests_need_no_torch():
+    code = ("import sys; import server_app.engine, server_app.local_grid, server_app.clocks, strategies.registry;"
+            "import strategies; strategies.registry.names(); assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
