@@ -30,6 +30,24 @@ if TYPE_CHECKING:
     from server_app.intake import UpdateGuard
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Names, initial weights and training cost of the run's model (the same on server and clients).
+
+    Plain numpy, so the engine and its tests need no torch: ``server_app.evaluation.model_spec`` builds one from
+    the run's torch model.
+    """
+
+    names: list[str]
+    initial: list[np.ndarray]
+    flops_per_step: float
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars in the model."""
+        return int(sum(w.size for w in self.initial))
+
+
 @dataclass
 class Flight:
     """A task dispatched and not yet applied: what was sent, and what is known of its outcome so far."""
