@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
@@ -72,7 +73,7 @@ def unsigned_node_id(stored: int) -> int:
     return stored & (2**64 - 1)
 
 
-def stored_run(db: sqlite3.Connection, run_id: str) -> tuple[dict, int] | None:
+def stored_run(db: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], int] | None:  # Any: the config's JSON
     """A recorded run's config and fleet size (None: no such run); what a resume starts from."""
     row = db.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
     if row is None:
@@ -80,6 +81,9 @@ def stored_run(db: sqlite3.Connection, run_id: str) -> tuple[dict, int] | None:
     (nodes,) = db.execute("SELECT COUNT(*) FROM nodes WHERE run_id=?", (run_id,)).fetchone()
     return json.loads(row[0]), nodes
 
+
+#: A ``nodes`` row as ``record_nodes`` takes it: partition id and torch device are what the node said of itself.
+NodeRow = tuple[int, int, object, str, str, float, float, object]
 
 UPDATE_STATUSES = ("applied", "buffered", "dropped", "rejected", "failed", "restarted")
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
@@ -136,7 +140,7 @@ class MetricsStore:
                 (run_id, time.time(), None, "running", strategy, json.dumps(dict(config), sort_keys=True)),
             )
 
-    def record_nodes(self, rows: Iterable[tuple]) -> None:
+    def record_nodes(self, rows: Iterable[NodeRow]) -> None:
         """The fleet: ``(node_id, idx, partition_id, device, network, slowdown, dropout, torch_device)``."""
         with self.db:
             self.db.executemany("INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?)",
@@ -206,6 +210,7 @@ class MetricsStore:
             known = self.db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
             why = "no such run" if known is None else f"the run ({known[0]}) has no checkpoint: set checkpoint-every"
             raise LookupError(f"cannot resume run {run_id} from {self.path}: {why}")
+        state: bytes  # the BLOB save_checkpoint wrote
         u_rowid, e_rowid, buffered, state = row
         with self.db:
             self.db.execute("DELETE FROM updates WHERE run_id=? AND rowid>?", (run_id, u_rowid))
