@@ -28,6 +28,7 @@ import pickle
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
 from server_app.state import EngineState
 
@@ -47,10 +48,11 @@ def capture(state: EngineState) -> bytes:
     """
     saved = [(f, f.reply, f.arrived_at, f.content) for f in state.flights.values()]
     records = [(v, v._record) for v in state.versions.values()]
-    memo: dict[int, Frozen] = {}
+    memo: dict[int, FrozenArrays] = {}
     try:
         for f, *_ in saved:
             f.reply, f.arrived_at = None, None
+            # The field holds its frozen form while pickled (restore thaws it): Flight's type names the live form.
             f.content = _freeze(f.content, memo)  # type: ignore[assignment]
         for v, _ in records:
             v._record = None
@@ -71,28 +73,29 @@ def restore(blob: bytes, nodes: list[int], virtual: bool) -> EngineState:
     if virtual and sorted(state.nodes) != sorted(nodes):
         raise CheckpointError(f"the run had {len(state.nodes)} nodes; {len(nodes)} are connected now: "
                               "resume with the same fleet")
-    memo: dict[int, RecordDict] = {}
+    memo: dict[int, ArrayRecord] = {}
     for flight in sorted(state.flights.values(), key=lambda f: f.seq):
-        flight.content = _thaw(flight.content, memo)  # type: ignore[arg-type]
+        flight.content = _thaw(flight.content, memo)  # type: ignore[arg-type]  # pickled frozen (see capture)
     return state
 
 
 # A message's content as plain values: Flower's records cache memoryviews of their serialized form, which do not
 # pickle. (config items, ((name, dtype, shape, stype, data), ...)); tasks sharing one record share one tuple.
-Frozen = tuple[tuple, tuple]
+FrozenArrays = tuple[tuple[str, str, tuple[int, ...], str, bytes], ...]
+Frozen = tuple[tuple[tuple[str, ConfigRecordValues], ...], FrozenArrays]
 
 
-def _freeze(content: RecordDict | None, memo: dict[int, Frozen]) -> Frozen | None:
+def _freeze(content: RecordDict | None, memo: dict[int, FrozenArrays]) -> Frozen | None:
     if content is None:
         return None
     arrays = content.array_records["arrays"]
     if id(arrays) not in memo:
         memo[id(arrays)] = tuple((n, a.dtype, tuple(a.shape), a.stype, bytes(a.data)) for n, a in arrays.items())
     config = tuple(content.config_records["config"].items())
-    return config, memo[id(arrays)]  # type: ignore[return-value]
+    return config, memo[id(arrays)]
 
 
-def _thaw(frozen: Frozen | None, memo: dict[int, RecordDict]) -> RecordDict | None:
+def _thaw(frozen: Frozen | None, memo: dict[int, ArrayRecord]) -> RecordDict | None:
     if frozen is None:
         return None
     config, arrays = frozen
