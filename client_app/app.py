@@ -9,12 +9,12 @@ from flwr.clientapp import ClientApp
 from client_app.data import Dataset, load_dataset, load_partition
 from client_app.executors import ExecutorSpec, train_local
 from client_app.models import build_model
-from client_app.records import NodeState, from_record
+from client_app.records import NodeState
 from client_app.trainer import LocalSGD, pick_device
 from strategies import get_strategy
 from strategies import taskkeys as keys
 from strategies.client import ClientJob, decode_received, downlink_model
-from strategies.codecs import CodecSpec
+from strategies.codecs import CodecSpec, from_record
 from strategies.config import RunConfig
 
 app = ClientApp()

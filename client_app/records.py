@@ -1,23 +1,11 @@
-"""Model weights <-> Flower records, shared by both apps."""
+"""Per-node persistent arrays in Flower's ``context.state`` (weights <-> records live in ``strategies.codecs``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
-
-
-def to_record(names: Sequence[str], weights: Sequence[np.ndarray]) -> ArrayRecord:
-    """Weights as an ArrayRecord keyed by ``state_dict`` names, as Flower's own apps expect."""
-    return ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, weights, strict=True)})
-
-
-def from_record(record: ArrayRecord, names: Sequence[str]) -> list[np.ndarray]:
-    """Arrays of a record in ``names`` order; a missing or extra key is an error, not a silent reorder."""
-    if set(record) != set(names):
-        raise ValueError(f"record keys {sorted(record)[:5]}... do not match the model's {list(names)[:5]}...")
-    return [record[n].numpy() for n in names]
 
 
 class NodeState(MutableMapping[str, list[np.ndarray]]):

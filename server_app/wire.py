@@ -19,14 +19,12 @@ from flwr.supercore.inflatable.inflatable_object import (
     no_object_id_recompute,
 )
 
-from client_app.records import to_record
-from strategies.codecs import CodecError, decode, parse_npy_header
+from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
 from strategies.taskkeys import NUM_EXAMPLES
 
 __all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "read_reply", "to_record", "validate_reply",
            "wire_bytes"]
 
-NUMPY_STYPE = "numpy.ndarray"
 log = logging.getLogger("staleflower")
 
 
@@ -138,7 +136,7 @@ def _decode(record: ArrayRecord, names: Sequence[str], base: Sequence[np.ndarray
 
 
 def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
-    if arr.stype != NUMPY_STYPE:  # a codec's payload: strategies.codecs validates every byte of it
+    if arr.stype != STYPE_NONE:  # a codec's payload: strategies.codecs validates every byte of it
         try:
             return decode(arr, shape=ref.shape, dtype=ref.dtype)
         except CodecError as exc:
@@ -147,43 +145,13 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
         raise RejectedUpdate(
             f"{name}: got {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}"
         )
-    value = _npy_view(name, arr.data, ref)
-    if not _all_finite(value):
-        raise RejectedUpdate(f"{name}: contains NaN or Inf")
-    return value
-
-
-def _all_finite(value: np.ndarray) -> bool:
-    """Whether no entry is NaN or Inf.
-
-    A finite sum proves it (NaN and Inf propagate through a sum), in one pass without the boolean temporary of
-    ``np.isfinite(value).all()``; only a non-finite sum, which large finite values can also produce by
-    overflow, needs the exact element-wise check.
-    """
-    if value.dtype.kind not in "fc":
-        return True
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(value.sum()):
-            return True
-    return bool(np.isfinite(value).all())
-
-
-def _npy_view(name: str, data: bytes, ref: np.ndarray) -> np.ndarray:
-    """Parse ``.npy`` bytes (what ``Array.numpy()`` would ``np.load``) into a read-only view, without a copy.
-
-    The header's dtype and shape must be the model's before any size is computed from them: a header may claim
-    any shape (``(2**32, 2**32)`` overflows an int64 product to 0 entries).
-    """
     try:
-        dtype, shape, fortran, offset = parse_npy_header(data)
+        value = npy_view(arr.data, ref.shape, ref.dtype)  # a read-only view of the message's bytes: no copy
     except CodecError as exc:
         raise RejectedUpdate(f"{name}: undecodable array bytes ({exc})") from exc
-    if dtype != ref.dtype or shape != ref.shape:
-        raise RejectedUpdate(f"{name}: bytes decode to {dtype}{list(shape)}, not the declared type")
-    count = ref.size
-    if len(data) - offset != count * dtype.itemsize:
-        raise RejectedUpdate(f"{name}: undecodable array bytes ({len(data) - offset} data bytes for {count} x {dtype})")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+    if not all_finite(value):
+        raise RejectedUpdate(f"{name}: contains NaN or Inf")
+    return value
 
 
 def _metrics(record: object) -> dict[str, float]:

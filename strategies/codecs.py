@@ -39,14 +39,15 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 
-__all__ = ["CODECS", "CodecError", "CodecSpec", "ErrorFeedback", "decode", "encode", "roundtrip"]
+__all__ = ["CODECS", "CodecError", "CodecSpec", "ErrorFeedback", "all_finite", "decode", "encode", "from_record",
+           "npy_view", "parse_npy_header", "roundtrip", "to_record"]
 
 CODECS = ("none", "fp16", "topk", "randk", "qsgd", "sign", "powersgd")
 STYPE_NONE = "numpy.ndarray"  # what Flower's Array(ndarray) writes
@@ -159,6 +160,18 @@ class ErrorFeedback:
         return arr, sent
 
 
+def to_record(names: Sequence[str], weights: Sequence[np.ndarray]) -> ArrayRecord:
+    """Weights as an ArrayRecord keyed by ``state_dict`` names, as Flower's own apps expect (codec ``none``)."""
+    return ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, weights, strict=True)})
+
+
+def from_record(record: ArrayRecord, names: Sequence[str]) -> list[np.ndarray]:
+    """Arrays of a record in ``names`` order; a missing or extra key is an error, not a silent reorder."""
+    if set(record) != set(names):
+        raise ValueError(f"record keys {sorted(record)[:5]}... do not match the model's {list(names)[:5]}...")
+    return [record[n].numpy() for n in names]
+
+
 # ---------------------------------------------------------------------------------------------- encoders
 
 
@@ -171,13 +184,13 @@ def _encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: CodecState | No
 
 
 def _enc_none(x: np.ndarray) -> Array:
-    _require(_all_finite(x), "none: input has NaN/Inf")
+    _require(all_finite(x), "none: input has NaN/Inf")
     return Array(x)
 
 
 def _enc_fp16(x: np.ndarray) -> Array:
     """Half precision; finite values beyond +-65504 are clipped to it, since inf would be refused on decode."""
-    _require(_all_finite(x), "fp16: input has NaN/Inf")
+    _require(all_finite(x), "fp16: input has NaN/Inf")
     big = x.size and max(-float(x.min()), float(x.max())) > _FP16_MAX
     return _array(x, "fp16", (np.clip(x, -_FP16_MAX, _FP16_MAX) if big else x).astype("<f2").tobytes())
 
@@ -212,7 +225,7 @@ def _topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
     candidates = _topk_candidates(flat, k) if flat.size >= 1 << 16 and k <= flat.size // 8 else None
     if candidates is None:
         mag = np.abs(flat)
-        _require(_all_finite(mag), "topk: input has NaN/Inf")
+        _require(all_finite(mag), "topk: input has NaN/Inf")
         return _largest(mag, k)
     kept: np.ndarray = candidates[_largest(np.abs(flat[candidates]), k)]
     return kept
@@ -249,7 +262,7 @@ def _topk_candidates(flat: np.ndarray, k: int) -> np.ndarray | None:
 
 def _enc_randk(x: np.ndarray, spec: CodecSpec, seed: int, unbiased: bool) -> Array:
     flat = x.reshape(-1)
-    _require(_all_finite(flat), "randk: input has NaN/Inf")  # even unsent entries would poison the EF residual
+    _require(all_finite(flat), "randk: input has NaN/Inf")  # even unsent entries would poison the EF residual
     k = _kept(spec.ratio, flat.size)
     values = _to_f4(flat[_randk_indices(seed, flat.size, k)], "randk")
     return _array(x, "randk", _RANDK_HEAD.pack(seed, k, int(unbiased)) + values.tobytes())
@@ -299,7 +312,7 @@ def _enc_sign(x: np.ndarray) -> Array:
             np.less(chunk, 0, out=neg[: chunk.size]), bitorder="little"
         )
     if not math.isfinite(total):  # a chunk sum overflowed, or the input has NaN/Inf
-        _require(_all_finite(flat), "sign: input has NaN/Inf")
+        _require(all_finite(flat), "sign: input has NaN/Inf")
         total = float(np.abs(flat).sum(dtype=np.float64))
     scale = np.float32(total / flat.size if flat.size else 0.0)
     _require(bool(np.isfinite(scale)), "sign: the scale exceeds the float32 range")
@@ -313,9 +326,9 @@ def _enc_powersgd(x: np.ndarray, spec: CodecSpec, seed: int, state: CodecState) 
     if x.ndim < 2 or r * (n + m) >= n * m:
         return _enc_none(x)
     matrix = _work(x).reshape(n, m)
-    _require(_all_finite(matrix), "powersgd: input has NaN/Inf")
+    _require(all_finite(matrix), "powersgd: input has NaN/Inf")
     p = matrix @ _warm_q(state, m, r, seed, matrix.dtype)
-    _require(_all_finite(p), "powersgd: M Q overflowed")
+    _require(all_finite(p), "powersgd: M Q overflowed")
     p_hat = np.linalg.qr(p)[0]
     q = matrix.T @ p_hat
     data = _PSGD_HEAD.pack(n, m, r) + _to_f4(p_hat, "powersgd").tobytes() + _to_f4(q, "powersgd").tobytes()
@@ -326,7 +339,7 @@ def _enc_powersgd(x: np.ndarray, spec: CodecSpec, seed: int, state: CodecState) 
 def _warm_q(state: CodecState, m: int, r: int, seed: int, dtype: np.dtype) -> np.ndarray:
     """Last call's Q (the warm start), or a seeded Gaussian one when absent, misshapen or degenerate."""
     q = state.get("q")
-    usable = isinstance(q, np.ndarray) and q.shape == (m, r) and _all_finite(q)
+    usable = isinstance(q, np.ndarray) and q.shape == (m, r) and all_finite(q)
     if not (usable and bool(np.all(np.any(q != 0, axis=0)))):  # a zero column would stay zero forever
         q = np.random.default_rng(seed).standard_normal((m, r))
     return np.asarray(q, dtype)
@@ -367,14 +380,29 @@ def parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...
     return dtype, shape, fortran == "True", start + header_len
 
 
-def _dec_none(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) -> np.ndarray:
+def npy_view(data: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The array that ``.npy`` bytes (what ``Array.numpy()`` would ``np.load``) hold, as a read-only view of ``data``.
+
+    No copy, and no check of the values (``all_finite``). The header's dtype and shape must be the expected ones
+    before any size is computed from them: a header may claim any shape (``(2**32, 2**32)`` overflows an int64
+    product to 0 entries). Raises ``CodecError``.
+    """
     h_dtype, h_shape, fortran, offset = parse_npy_header(data)
-    _require(h_dtype == dtype, f"none: .npy dtype {h_dtype} does not match {dtype.name} (little-endian)")
-    _require(tuple(h_shape) == shape, f"none: .npy shape {tuple(h_shape)} does not match {shape}")
-    _expect_len(data, offset + numel * dtype.itemsize, "none")
-    values = np.frombuffer(data, dtype, numel, offset)
-    _require(_all_finite(values), "none: values contain NaN/Inf")
-    return np.array(values.reshape(shape, order="F" if fortran else "C"), order="C")
+    if h_dtype != dtype or h_shape != shape:
+        what = (f"dtype {h_dtype} does not match {dtype.name} (little-endian)" if h_dtype != dtype
+                else f"shape {h_shape} does not match {shape}")
+        raise CodecError(f"none: .npy {what}: the bytes decode to {h_dtype}{list(h_shape)}")
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        what = "truncated" if len(data) - offset < count * dtype.itemsize else "extra bytes"
+        raise CodecError(f"none: {what}: {len(data) - offset} data bytes for {count} x {dtype}")
+    return np.frombuffer(data, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
+
+
+def _dec_none(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) -> np.ndarray:
+    values = npy_view(data, shape, dtype)
+    _require(all_finite(values), "none: values contain NaN/Inf")
+    return np.array(values, order="C")
 
 
 def _dec_fp16(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dtype) -> np.ndarray:
@@ -436,7 +464,7 @@ def _dec_powersgd(data: bytes, shape: tuple[int, ...], numel: int, dtype: np.dty
     _expect_len(data, _PSGD_HEAD.size + 4 * r * (n + m), "powersgd")
     p_hat = np.frombuffer(data, "<f4", n * r, _PSGD_HEAD.size).reshape(n, r)
     q = np.frombuffer(data, "<f4", m * r, _PSGD_HEAD.size + 4 * n * r).reshape(m, r)
-    _require(_all_finite(p_hat) and _all_finite(q), "powersgd: factors contain NaN/Inf")
+    _require(all_finite(p_hat) and all_finite(q), "powersgd: factors contain NaN/Inf")
     work: type[np.floating[Any]] = np.float64 if dtype == np.float64 else np.float32
     out = _finite((p_hat.astype(work) @ q.astype(work).T).astype(dtype, copy=False), "powersgd product")
     return out.reshape(shape)
@@ -502,27 +530,34 @@ def _level_width(levels: int) -> int:
 
 def _to_f4(values: np.ndarray, codec: str) -> np.ndarray:
     out = values.astype("<f4")
-    _require(_all_finite(out), f"{codec}: input has NaN/Inf or values beyond the float32 range")
+    _require(all_finite(out), f"{codec}: input has NaN/Inf or values beyond the float32 range")
     return out
 
 
 def _l2_norm(flat: np.ndarray) -> float:
     norm = float(np.linalg.norm(flat))
     if not math.isfinite(norm):  # overflow of the float32 dot product, or a NaN/Inf input
-        _require(_all_finite(flat), "qsgd: input has NaN/Inf")
+        _require(all_finite(flat), "qsgd: input has NaN/Inf")
         norm = float(np.linalg.norm(flat.astype(np.float64)))
     return norm
 
 
-def _all_finite(values: np.ndarray) -> bool:
-    """Two reductions instead of ``isfinite(x).all()``'s d-sized bool temp: NaN propagates through max, Inf shows."""
+def all_finite(values: np.ndarray) -> bool:
+    """Whether no entry is NaN or Inf (always true of integer arrays).
+
+    Two reductions instead of ``isfinite(x).all()``'s d-sized bool temp: NaN propagates through max, Inf shows.
+    Measured on 1M float32 (timeit, 2 shared cores) against a finite-sum test with an element-wise fallback:
+    about 110 vs 165-230 us when finite, 50 vs 230-340 us with a NaN or an Inf.
+    """
+    if values.dtype.kind not in "fc":
+        return True
     if values.dtype == np.float16:  # float16 reductions are slower than the bool temp
         return bool(np.isfinite(values).all())
     return values.size == 0 or bool(np.isfinite(values.max()) and np.isfinite(values.min()))
 
 
 def _finite(values: np.ndarray, what: str) -> np.ndarray:
-    _require(_all_finite(values), f"{what} contain NaN/Inf (or overflow the target dtype)")
+    _require(all_finite(values), f"{what} contain NaN/Inf (or overflow the target dtype)")
     return values
 
 

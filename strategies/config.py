@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from strategies.codecs import CODECS
+
 ConfigValue = int | float | bool | str
 
 
@@ -34,7 +36,6 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open)}
 
 
-CODECS = ("none", "fp16", "topk", "randk", "qsgd", "sign", "powersgd")
 STALENESS_FNS = ("constant", "polynomial", "hinge", "sqrt")
 
 

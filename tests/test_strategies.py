@@ -6,8 +6,8 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.records import to_record
 from strategies.base import Update
+from strategies.codecs import to_record
 from strategies.config import RunConfig
 from strategies.fedasync import FedAsync
 from strategies.fedavg import FedAvg

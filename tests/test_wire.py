@@ -11,9 +11,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_app.records import to_record
 from server_app.wire import RejectedUpdate, read_reply, reference_wire_bytes, wire_bytes
 from strategies.base import Update
+from strategies.codecs import to_record
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 NAMES = ["w", "b"]
