@@ -27,8 +27,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from flwr.app.typing import ConfigRecordValues
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, RecordDict
 
 from server_app.state import EngineState
 

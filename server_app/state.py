@@ -17,8 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
-from flwr.app.typing import ConfigRecordValues
+from flwr.app import ArrayRecord, ConfigRecordValues, Message, RecordDict
 
 from server_app.profiles import NodeProfile, TaskTiming
 from server_app.wire import to_record
