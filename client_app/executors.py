@@ -65,6 +65,7 @@ import torch
 from torch.func import functional_call
 
 from client_app.trainer import LocalSGD
+from strategies import taskkeys as keys
 
 if TYPE_CHECKING:
     from strategies.config import RunConfig
@@ -656,5 +657,5 @@ def train_local(sgd: LocalSGD, model: torch.nn.Module, x: np.ndarray, y: np.ndar
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     losses = [loss for _, loss in report.trace]
-    return {"train-loss": sum(losses) / max(len(losses), 1), "compute-s": time.perf_counter() - start,
+    return {keys.TRAIN_LOSS: sum(losses) / max(len(losses), 1), keys.COMPUTE_S: time.perf_counter() - start,
             "examples-seen": float(report.gradients * min(sgd.batch_size, len(y))), **report.metrics()}

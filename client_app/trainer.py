@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from strategies import taskkeys as keys
+
 
 def pick_device(setting: str) -> torch.device:
     """``auto`` uses CUDA when present; ``cuda`` without a GPU is an error, not a silent CPU run."""
@@ -62,5 +64,5 @@ class LocalSGD:
             total += float(loss.detach())
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return {"train-loss": total / self.steps, "compute-s": time.perf_counter() - start,
+        return {keys.TRAIN_LOSS: total / self.steps, keys.COMPUTE_S: time.perf_counter() - start,
                 "examples-seen": float(self.steps * min(self.batch_size, len(y)))}

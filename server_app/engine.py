@@ -37,6 +37,7 @@ from server_app.profiles import assign_profiles
 from server_app.state import EngineState, Flight, ModelSpec, RunSummary, Version
 from server_app.store import MetricsStore
 from server_app.wire import message_sizes
+from strategies import taskkeys as keys
 from strategies.base import Status, Strategy, Task
 from strategies.client import Weights
 from strategies.codecs import CodecSpec
@@ -75,7 +76,7 @@ class Engine:
         self.failure_limit = max(100, 10 * len(s.nodes))
         self.checkpointed = s.totals.applied  # applied updates at the last checkpoint
         self.membership = None if self.clock.virtual else Membership(
-            grid, cfg, s.nodes, elastic=s.policy.elastic, failed=lambda: s.totals.statuses.get("failed", 0))
+            grid, cfg, s.nodes, elastic=s.policy.elastic, failed=lambda: s.totals.statuses.get(Status.FAILED, 0))
 
     def _new_state(self, strategy_cls: type[Strategy], nodes: list[int]) -> EngineState:
         c = self.cfg
@@ -237,7 +238,7 @@ class Engine:
             s.failing, s.last_failure = s.failing + 1, f"{status}: {reason}"
         else:
             s.failing = 0
-        compute = metrics.get("compute-s", 0.0)
+        compute = metrics.get(keys.COMPUTE_S, 0.0)
         durations = self.clock.durations(f, s.now, compute if math.isfinite(compute) and compute >= 0 else 0.0)
         self.ledger.record(s.totals, f, status, reason, now=s.now, staleness=staleness, durations=durations,
                            applied_version=strategy.version if f.seq in applied else None)

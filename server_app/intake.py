@@ -42,13 +42,14 @@ from flwr.app import Message
 
 from server_app.state import Flight
 from server_app.wire import RejectedUpdate, read_reply
+from strategies import taskkeys as keys
 from strategies.base import Update
 from strategies.client import Weights
 from strategies.config import RunConfig
 
 __all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "delta_norm", "join_reasons", "reply_metrics"]
 
-ECHO_KEYS = ("task-seq", "model-version")  # what our ClientApp echoes from its task's config in its metrics
+ECHO_KEYS = keys.ECHO  # what our ClientApp echoes from its task's config in its metrics
 SIZE_FACTOR = 2
 SIZE_SLACK = 64 * 1024  # metrics, record and array headers: a few hundred bytes in practice
 PER_TENSOR = 256  # .npy header and Array/record framing of one tensor, rounded up

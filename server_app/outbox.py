@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from server_app.state import EngineState, Version
+from strategies import taskkeys as keys
 from strategies.base import Task
 from strategies.config import RunConfig
 
@@ -32,7 +33,7 @@ class Outbox:
         arrays = version.record if task.payload is None else self._payload_record(task.payload)
         broadcast = task.payload is None and task.exchange is None  # gossip and all-reduce broadcast nothing
         if broadcast and state.downlink is not None:  # two-way compression of the broadcast model
-            extra, compressed = state.downlink.payload(node, task.version, version.weights, config["task-seed"])
+            extra, compressed = state.downlink.payload(node, task.version, version.weights, config[keys.TASK_SEED])
             config.update(extra)
             if compressed is not None:
                 arrays = ArrayRecord(dict(zip(self.names, compressed, strict=True)))
@@ -42,9 +43,9 @@ class Outbox:
         """The run's training settings, the task's identity and seed, then the strategy's own settings."""
         c = self.cfg
         return {
-            "lr": c.lr, "local-steps": c.local_steps, "batch-size": c.batch_size, "momentum": c.momentum,
-            "prox-mu": c.prox_mu, "task-seq": seq, "model-version": task.version,
-            "task-seed": self._task_seed(state, node),
+            keys.LR: c.lr, keys.LOCAL_STEPS: c.local_steps, keys.BATCH_SIZE: c.batch_size, keys.MOMENTUM: c.momentum,
+            keys.PROX_MU: c.prox_mu, keys.TASK_SEQ: seq, keys.MODEL_VERSION: task.version,
+            keys.TASK_SEED: self._task_seed(state, node),
             **task.config,
         }
 

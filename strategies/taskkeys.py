@@ -39,4 +39,6 @@ PEER = "peer"                    # AD-PSGD: the neighbour (topology index) an ac
 
 # A training reply's metrics.
 NUM_EXAMPLES = "num-examples"    # examples the node trained on (FedAvg weights by it)
+COMPUTE_S = "compute-s"          # seconds the node computed (the wall clock's compute time of the task)
+TRAIN_LOSS = "train-loss"        # mean training loss of the task's local steps
 ECHO = (TASK_SEQ, MODEL_VERSION)  # what our ClientApp echoes from its task's config, so a stray reply is caught
