@@ -14,10 +14,10 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -27,12 +27,15 @@ from server_app.wire import message_sizes
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
 
+#: What a node runs: a ``ClientApp``, or a plain function of (message, context) as tests and ``--clientapp`` give.
+ClientAppLike = ClientApp | Callable[[Message, Context], Message]
+
 
 class LocalGrid(Grid):
     """A Grid over ``num_nodes`` in-process nodes running ``client_app``."""
 
-    def __init__(self, client_app: ClientApp | Callable[[Message, Context], Message], num_nodes: int,
-                 run_config: dict, *, run_id: int = 1, workers: int = 2, reorder_seed: int | None = None) -> None:
+    def __init__(self, client_app: ClientAppLike, num_nodes: int, run_config: Mapping[str, UserConfigValue], *,
+                 run_id: int = 1, workers: int = 2, reorder_seed: int | None = None) -> None:
         if num_nodes < 1:
             raise ValueError("num_nodes must be >= 1")
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
@@ -74,7 +77,7 @@ class LocalGrid(Grid):
         ids: list[str] = []
         for msg in messages:
             if msg.metadata.dst_node_id not in self.contexts:
-                ids.append(None)  # type: ignore[arg-type]
+                ids.append(None)  # type: ignore[arg-type]  # Flower's Grid types say str; its grids return None too
                 continue
             mid = str(uuid.uuid4())
             msg.metadata.__dict__["_message_id"] = mid

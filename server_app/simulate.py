@@ -22,12 +22,13 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 from flwr.app import Context, RecordDict
 
 from server_app.app import RESUMABLE_CHANGES, validate
 from server_app.app import app as server_app
-from server_app.local_grid import LocalGrid
+from server_app.local_grid import ClientAppLike, LocalGrid
 from server_app.state import RunSummary
 from server_app.store import stored_run
 from strategies import get_strategy
@@ -63,12 +64,14 @@ def merge_config(file: str | None = None, sets: list[str] | None = None,
     return values
 
 
-def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: object = None, workers: int = 2,
-              reorder_seed: int | None = None, run_id: int | None = None) -> RunSummary:
+def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: ClientAppLike | None = None,
+              workers: int = 2, reorder_seed: int | None = None, run_id: int | None = None) -> RunSummary:
     """Run one experiment in-process on a ``LocalGrid`` and return its summary."""
     cfg = RunConfig.from_mapping(values)
     if clientapp is None:
-        from client_app.app import app as clientapp
+        from client_app.app import app as default_app
+
+        clientapp = default_app
     run_id = run_id if run_id is not None else secrets.randbits(63)
     grid = LocalGrid(clientapp, nodes, cfg.to_mapping(), run_id=run_id, workers=workers,
                      reorder_seed=reorder_seed)
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             values, args.nodes = resume_config(values, args.resume)
         cfg = RunConfig.from_mapping(values)
         validate(cfg)
-        clientapp = load_object(args.clientapp) if args.clientapp else None
+        # Not checked here: whatever calling it raises becomes an error reply (LocalGrid), as in Flower's runtime.
+        clientapp = cast(ClientAppLike, load_object(args.clientapp)) if args.clientapp else None
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -173,13 +177,14 @@ def _parse_set(item: str) -> tuple[str, ConfigValue]:
     return key.strip(), value
 
 
-def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, ConfigValue]:
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, ConfigValue]:
+    """A TOML document (tomllib's ``dict[str, Any]``) as dotted keys; RunConfig.from_mapping checks the values."""
     out: dict[str, ConfigValue] = {}
     for key, value in table.items():
         if isinstance(value, Mapping):
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value  # type: ignore[assignment]
+            out[f"{prefix}{key}"] = value
     return out
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from server_app.local_grid import ClientAppLike
 from server_app.simulate import merge_config, run_local
 from server_app.state import RunSummary
 from strategies.base import Strategy
@@ -68,7 +69,7 @@ class SimRun:
 
 
 def simulate(strategy: str | type[Strategy] = "fedbuff", *, nodes: int = 4, db: str | Path | None = None,
-             clientapp: object = None, reorder_seed: int | None = None, workers: int = 2,
+             clientapp: ClientAppLike | None = None, reorder_seed: int | None = None, workers: int = 2,
              run_id: int | None = None, **settings: Any) -> SimRun:
     """Run ``strategy`` (a name, ``module:Class``, or a ``Strategy`` subclass) in-process and return the run."""
     if isinstance(strategy, type):
