@@ -99,7 +99,7 @@ def validate(cfg: RunConfig) -> ModelSpec:
         raise ConfigError(str(exc)) from exc
 
 
-def discover(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[list[int], dict[int, dict]]:
+def discover(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[list[int], dict[int, dict[str, object]]]:
     """Wait for ``min-nodes`` nodes, ask each to describe itself, and order them by partition id.
 
     Ordering by partition id (not by Flower's random node ids) makes profile assignment and dispatch order,
@@ -116,11 +116,11 @@ def discover(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[list[in
     return order, info
 
 
-def _describe(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
+def _describe(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[str, object]]:
     msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.describe",
                     ttl=timeout) for n in nodes]
     pending = {mid: n for mid, n in zip(grid.push_messages(msgs), nodes, strict=True) if mid}
-    info: dict[int, dict] = {}
+    info: dict[int, dict[str, object]] = {}  # node -> its describe reply
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
