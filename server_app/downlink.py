@@ -9,28 +9,22 @@ back: a lost or failed task leaves the confirmed copy as it was, so the next mes
 the node still has (it keeps its last two, keyed by version: ``strategies.client.downlink_model``). The node
 trains from its copy; the first task of every node carries the full model.
 
-Strategies that send their own payload (the OLCO3 family) compress it themselves with the same key.
+The per-node copies and codec states are a ``strategies.links.LinkCompressor`` in model mode (one link per node,
+no copy before the first, full, message); this class adds what only the broadcast needs: the version of each
+node's copy and the copy awaiting confirmation. Strategies that send their own payload (the OLCO3 family)
+compress it themselves with the same run-config key (``codec-downlink``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 from flwr.app import Array
 
-from strategies.codecs import CodecSpec, encode_difference
-from strategies.taskkeys import BASE_VERSION, DOWNLINK, DOWNLINK_DELTA, DOWNLINK_FULL
+from strategies.codecs import CodecSpec
+from strategies.links import LinkCompressor
+from strategies.taskkeys import BASE_VERSION, DOWNLINK, DOWNLINK_DELTA, DOWNLINK_FULL, TaskConfig
 
 Weights = list[np.ndarray]
-
-
-@dataclass
-class _Node:
-    version: int = -1                               # version of the confirmed copy; -1: the node holds nothing
-    copy: Weights | None = None
-    states: dict[int, dict] = field(default_factory=dict)   # per-tensor codec state (PowerSGD's warm start)
-    pending: tuple[int, Weights] | None = None               # version and copy, once confirmed
 
 
 class DownlinkCompressor:
@@ -38,27 +32,26 @@ class DownlinkCompressor:
 
     def __init__(self, spec: CodecSpec) -> None:
         self.spec = spec
-        self.nodes: dict[int, _Node] = {}
+        self.links: LinkCompressor[int] = LinkCompressor(spec)  # node -> its confirmed copy, codec states
+        self.versions: dict[int, int] = {}                       # node -> version of its confirmed copy
+        self.pending: dict[int, tuple[int, Weights]] = {}        # node -> version and copy, once confirmed
 
-    def payload(self, node: int, version: int, weights: Weights, seed: int) -> tuple[dict, list[Array] | None]:
+    def payload(self, node: int, version: int, weights: Weights, seed: int) -> tuple[TaskConfig, list[Array] | None]:
         """Task config additions and the arrays to send (None: send the full model as usual)."""
-        n = self.nodes.setdefault(node, _Node())
-        if n.copy is None:
-            n.pending = (version, weights)
+        if self.links.copy(node) is None:
+            self.pending[node] = (version, weights)
             return {DOWNLINK: DOWNLINK_FULL}, None
-        pairs = [encode_difference(self.spec, w, c, seed=(seed + i) % 2**64, state=n.states.setdefault(i, {}))
-                 for i, (w, c) in enumerate(zip(weights, n.copy, strict=True))]
-        n.pending = (version, [c for _, c in pairs])
-        return {DOWNLINK: DOWNLINK_DELTA, BASE_VERSION: n.version}, [a for a, _ in pairs]
+        arrays, copy = self.links.encode_model(node, weights, seed)
+        self.pending[node] = (version, copy)
+        return {DOWNLINK: DOWNLINK_DELTA, BASE_VERSION: self.versions[node]}, arrays
 
     def confirm(self, node: int) -> None:
         """The node's reply arrived: what it was sent is what it holds now."""
-        n = self.nodes.get(node)  # absent: the strategy sent its own payload (OLCO3 family)
-        if n is not None and n.pending is not None:
-            n.version, n.copy = n.pending
-            n.pending = None
+        pending = self.pending.pop(node, None)  # none: the strategy sent its own payload (OLCO3 family)
+        if pending is not None:
+            self.versions[node], copy = pending
+            self.links.commit(node, copy)
 
     def discard(self, node: int) -> None:
         """The task failed: the node may or may not have applied it, but it still keeps the confirmed copy."""
-        if node in self.nodes:
-            self.nodes[node].pending = None
+        self.pending.pop(node, None)

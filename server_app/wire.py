@@ -11,7 +11,8 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app.message.arraychunk import ArrayChunk
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import (
     InflatableObject,
@@ -19,17 +20,29 @@ from flwr.supercore.inflatable.inflatable_object import (
     no_object_id_recompute,
 )
 
+from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
 from strategies.taskkeys import NUM_EXAMPLES
 
-__all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "read_reply", "to_record", "validate_reply",
-           "wire_bytes"]
+__all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "payload_record", "read_reply", "to_record",
+           "validate_reply", "wire_bytes"]
 
 log = logging.getLogger("staleflower")
 
 
 class RejectedUpdate(ValueError):
     """A reply that must not touch the model; the message is the reason recorded in the store."""
+
+
+def payload_record(names: Sequence[str], payload: Payload) -> ArrayRecord:
+    """A strategy's ``Task.payload`` as the "arrays" record of its train message, keyed by the model's names.
+
+    Numpy arrays travel as Flower's own ``Array(ndarray)`` (codec ``none``, what ``to_record`` writes); arrays a
+    codec has ``Encoded`` travel as they are; an empty payload is an empty record (the task sends no model).
+    """
+    if isinstance(payload, Encoded):
+        return ArrayRecord(dict(zip(names, payload.arrays, strict=True)))
+    return to_record(names, payload) if payload else ArrayRecord({})
 
 
 def wire_bytes(msg: Message) -> int:
@@ -59,6 +72,7 @@ def message_sizes(msg: Message) -> tuple[int, int]:
     def visit(obj: InflatableObject) -> None:
         if isinstance(obj, Array):
             for chunk_id, chunk in obj.slice_array():
+                assert isinstance(chunk, ArrayChunk)  # what slice_array makes (typed as any InflatableObject)
                 seen.setdefault(chunk_id, _chunk_bytes(len(chunk.data)))
         else:
             for child in (obj.children or {}).values():
@@ -85,7 +99,7 @@ def _chunk_bytes(n: int) -> int:
 
 def read_reply(
     msg: Message, names: Sequence[str], base: Sequence[np.ndarray]
-) -> tuple[list[np.ndarray], bool, int, dict]:
+) -> tuple[list[np.ndarray], bool, int, dict[str, float]]:
     """Validate a training reply and return ``(arrays, is_delta, num_examples, metrics)``.
 
     Our ClientApp sends ``delta`` (``base - trained``); a ClientApp written for Flower's FedAvg sends ``arrays``
@@ -109,7 +123,7 @@ def read_reply(
 
 def validate_reply(
     msg: Message, names: Sequence[str], base: Sequence[np.ndarray]
-) -> tuple[list[np.ndarray], bool, int, dict]:
+) -> tuple[list[np.ndarray], bool, int, dict[str, float]]:
     """``read_reply`` without its last line of defence: only ``RejectedUpdate`` is expected out of it."""
     content = msg.content
     records = content.array_records
@@ -154,7 +168,7 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
     return value
 
 
-def _metrics(record: object) -> dict[str, float]:
+def _metrics(record: MetricRecord | None) -> dict[str, float]:
     if record is None:
         return {}
     return {k: v for k, v in dict(record).items() if isinstance(v, int | float)}

@@ -99,20 +99,35 @@ class Exchange:
     peer: int | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """A payload a codec has already encoded (``strategies.codecs``): one encoded array per tensor, in model order.
+
+    The engine sends the arrays as they are; the node decodes them (any codec) like any received model.
+    """
+
+    arrays: tuple[Array, ...]
+
+
+Payload = Weights | Encoded
+
+
 @dataclass(frozen=True)
 class Task:
     """What a free node is asked to do: train on model ``version`` with these extra settings.
 
     ``payload``, when given, is sent in place of the model (e.g. OLCO3's delayed average of compressed
-    contributions), as Flower ``Array``s in model order; the empty list sends nothing. ``base`` is the model
-    that payload stands for when it is the node's own model (gossip: each node has its own): the reply's delta
-    is taken against it instead of against ``version``. ``exchange`` replaces the star's link times and bytes
+    contributions): numpy arrays in model order (sent uncompressed), or arrays a codec has already ``Encoded``;
+    the empty list sends nothing. A strategy hands the same object to every task that sends the same payload (the
+    engine serializes it once for consecutive tasks, recognising it by identity) and never mutates it. ``base`` is
+    the model that payload stands for when it is the node's own model (gossip: each node has its own): the reply's
+    delta is taken against it instead of against ``version``. ``exchange`` replaces the star's link times and bytes
     with node-to-node traffic (see ``Exchange``).
     """
 
     version: int
     config: TaskConfig = field(default_factory=dict)
-    payload: list[Array] | None = None
+    payload: Payload | None = None
     base: Weights | None = None
     exchange: Exchange | None = None
 

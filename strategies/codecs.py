@@ -39,15 +39,15 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["CODECS", "CodecError", "CodecSpec", "ErrorFeedback", "all_finite", "decode", "encode", "from_record",
-           "npy_view", "parse_npy_header", "roundtrip", "to_record"]
+__all__ = ["CODECS", "CodecError", "CodecSpec", "ErrorFeedback", "all_finite", "decode", "encode", "encoded_bytes",
+           "from_record", "npy_view", "parse_npy_header", "roundtrip", "to_record"]
 
 CODECS = ("none", "fp16", "topk", "randk", "qsgd", "sign", "powersgd")
 STYPE_NONE = "numpy.ndarray"  # what Flower's Array(ndarray) writes
@@ -170,6 +170,37 @@ def from_record(record: ArrayRecord, names: Sequence[str]) -> list[np.ndarray]:
     if set(record) != set(names):
         raise ValueError(f"record keys {sorted(record)[:5]}... do not match the model's {list(names)[:5]}...")
     return [record[n].numpy() for n in names]
+
+
+class _Serialized(Protocol):
+    """What Flower's record objects (``ArrayRecord``, ``Array``, its chunks) offer to be shipped as a tree."""
+
+    @property
+    def object_id(self) -> str: ...
+
+    @property
+    def children(self) -> Mapping[str, _Serialized] | None: ...
+
+    def deflate(self) -> bytes: ...
+
+
+def encoded_bytes(spec: CodecSpec, like: Sequence[np.ndarray]) -> int:
+    """Serialized bytes of a model-shaped list encoded with ``spec``, as Flower ships an ArrayRecord of it.
+
+    That is every distinct object of the record's tree (the record, its arrays, their chunks) once, as its
+    ``deflate()`` bytes, found through the public members of ``flwr.app``'s objects. Every codec's size depends
+    only on the shapes (tested), so one measurement on zeros holds for a run. Keys are "0", "1", ...
+    """
+    arrays = {str(i): encode(spec, np.zeros(a.shape, a.dtype), seed=0, state={}) for i, a in enumerate(like)}
+    seen: dict[str, int] = {}
+
+    def visit(obj: _Serialized) -> None:
+        for child in (obj.children or {}).values():
+            visit(child)
+        seen.setdefault(obj.object_id, len(obj.deflate()))
+
+    visit(ArrayRecord(arrays))
+    return sum(seen.values())
 
 
 # ---------------------------------------------------------------------------------------------- encoders

@@ -17,9 +17,10 @@ send (``Exchange``), not the emulation's messages, whose real sizes go to the ``
   a ring all-gather of the compressed deltas when a codec is set.
 
 With a ``codec``, the models exchanged between nodes travel compressed: node j keeps a copy of what it last
-learnt of node i's model and i sends ``C(x_i - copy + e)`` with error feedback per directed edge
-(``GossipChannel``), so a sparse codec still converges to the node's model; ``codec = "none"`` sends exact models
-and makes every averaging sum-preserving. The "delta" of a local task is the sum of ``local-steps`` SGD steps
+learnt of node i's model and i sends ``C(x_i - copy)``, difference coding per directed edge (a
+``strategies.links.LinkCompressor`` in model mode, every copy starting from the initial model), so a sparse codec
+still converges to the node's model; ``codec = "none"`` sends exact models and makes every averaging
+sum-preserving. The "delta" of a local task is the sum of ``local-steps`` SGD steps
 (one step: ``lr * gradient``, as in the paper).
 """
 
@@ -28,25 +29,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import Array
 
 from strategies import topology
 from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
-from strategies.codecs import CodecSpec, CodecState, encode, encode_difference
+from strategies.codecs import CodecSpec, encoded_bytes
 from strategies.config import RunConfig
+from strategies.links import LinkCompressor
 from strategies.registry import register
 from strategies.taskkeys import PEER, ROUND, TaskConfig
-
-
-def encoded_bytes(spec: CodecSpec, like: Sequence[np.ndarray]) -> int:
-    """Serialized bytes of a model-shaped list encoded with ``spec``, as Flower serializes an ArrayRecord.
-
-    Every codec's size depends only on the shapes (tested), so one measurement on zeros holds for the run.
-    """
-    arrays = {str(i): encode(spec, np.zeros(a.shape, a.dtype), seed=0, state={}) for i, a in enumerate(like)}
-    return sum(len(o.deflate()) for o in get_all_nested_objects(ArrayRecord(arrays)).values())
 
 
 def consensus_distance(models: Sequence[Weights], mean: Weights) -> float:
@@ -55,33 +47,6 @@ def consensus_distance(models: Sequence[Weights], mean: Weights) -> float:
     for m in models:
         total += sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(m, mean, strict=True))
     return total / len(models)
-
-
-class GossipChannel:
-    """What each node knows of its neighbours' models when models travel compressed.
-
-    Per directed edge (src, dst): a copy of src's model as dst last reconstructed it (all nodes start from the
-    same initial model, so that is every copy's start). Sending is ``q = C(x_src - copy)``; both ends then hold
-    ``copy + decode(q)``, and what q left out goes with the next exchange on that edge
-    (``strategies.codecs.encode_difference``). Without a codec the view is the model itself.
-    """
-
-    def __init__(self, spec: CodecSpec, initial: Weights) -> None:
-        self.spec = spec
-        self.initial = initial
-        self.copies: dict[tuple[int, int], Weights] = {}
-        self.states: dict[tuple[int, int, int], CodecState] = {}  # (src, dst, tensor) -> codec state (PowerSGD)
-
-    def send(self, src: int, dst: int, model: Weights, seed: int) -> Weights:
-        """The view the receiver ``dst`` holds of ``src``'s ``model`` after this exchange."""
-        if self.spec.name == "none":
-            return model
-        copy = self.copies.get((src, dst), self.initial)
-        view = [encode_difference(self.spec, x, c, seed=(seed + t) % 2**64,
-                                  state=self.states.setdefault((src, dst, t), {}))[1]
-                for t, (x, c) in enumerate(zip(model, copy, strict=True))]
-        self.copies[(src, dst)] = view
-        return view
 
 
 class Decentralized(Strategy):
@@ -103,7 +68,7 @@ class Decentralized(Strategy):
             raise topology.TopologyError(f"topology {self.cfg.topology!r} on {self.num_nodes} nodes is not connected")
         self.models: list[Weights] = [self.weights] * self.num_nodes  # replaced, never mutated in place
         self.codec = CodecSpec(self.cfg.codec, self.cfg.codec_ratio, self.cfg.codec_levels, self.cfg.codec_rank)
-        self.channel = GossipChannel(self.codec, self.weights)
+        self.links: LinkCompressor[tuple[int, int]] = LinkCompressor(self.codec, initial=self.weights)
         self.model_bytes = encoded_bytes(self.codec, self.weights)
         self._index = {n: i for i, n in enumerate(self.nodes)}
 
@@ -114,8 +79,13 @@ class Decentralized(Strategy):
     def snapshot(self, i: int, exchange: Exchange, config: TaskConfig | None = None) -> Task:
         """A task training on node i's own model as it is now."""
         model = self.models[i]
-        payload = [Array(np.ascontiguousarray(w)) for w in model]
-        return Task(self.version, config or {}, payload, base=model, exchange=exchange)
+        return Task(self.version, config or {}, model, base=model, exchange=exchange)
+
+    def received(self, src: int, dst: int, model: Weights, seed: int) -> Weights:
+        """The view node ``dst`` holds of node ``src``'s ``model`` after src sent it (compressed with a codec)."""
+        if self.codec.name == "none":
+            return model
+        return self.links.send_model((src, dst), model, seed)[1]
 
     def publish_average(self) -> None:
         """Publish the average of the node models as the next version."""
@@ -172,8 +142,8 @@ class ADPSGD(Decentralized):
     def gossip(self, i: int, j: int, seed: int) -> None:
         """x_i, x_j <- (x_i + x_j) / 2, each end averaging with what it received of the other."""
         xi, xj = self.models[i], self.models[j]
-        xj_at_i = self.channel.send(j, i, xj, seed * 2)
-        xi_at_j = self.channel.send(i, j, xi, seed * 2 + 1)
+        xj_at_i = self.received(j, i, xj, seed * 2)
+        xi_at_j = self.received(i, j, xi, seed * 2 + 1)
         self.models[i] = [(a + b) * 0.5 for a, b in zip(xi, xj_at_i, strict=True)]
         self.models[j] = [(a + b) * 0.5 for a, b in zip(xj, xi_at_j, strict=True)]
 
@@ -264,7 +234,7 @@ class DPSGD(SyncRounds):
             w_self = 1.0 - sum(self.mixing[i].values())
             parts = [(w_self, old[i])]
             for j, w in self.mixing[i].items():
-                parts.append((w, self.channel.send(j, i, old[j], seed=(self.round * self.num_nodes + j) * 64 + i)))
+                parts.append((w, self.received(j, i, old[j], seed=(self.round * self.num_nodes + j) * 64 + i)))
             new.append(step(weighted_sum(parts), u.delta, 1.0))
         self.models = new
         self.publish_average()

@@ -35,9 +35,10 @@ With D = 0 and no codec OLCO3 is local SGD; with D = 1 and no codec it is CoCoD-
 takes part in every period (the classic data-centre setting of these papers): a node may run at most D periods
 ahead of the last complete average, and a failed or rejected task is redone for the same period. The server
 sends each node the averages it has not seen (one per period, compressed with ``codec-downlink`` and a
-server-side error memory when set: two-way compression); the node keeps its copy of xbar, its in-flight queue
-and its error memory in Flower's ``context.state``, one snapshot per period so that a redone period starts from
-the same state. The global model the server evaluates is xbar with every complete average applied.
+server-side error memory when set: two-way compression, a ``strategies.links.LinkCompressor`` in update mode);
+the node keeps its copy of xbar, its in-flight queue and its error memory in Flower's ``context.state``, one
+snapshot per period so that a redone period starts from the same state. The global model the server evaluates
+is xbar with every complete average applied.
 """
 
 from __future__ import annotations
@@ -45,16 +46,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-import numpy as np
 from flwr.app import Array
 
-from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import Encoded, EngineView, Payload, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
-from strategies.codecs import CodecSpec, ErrorFeedback
+from strategies.codecs import CodecSpec
 from strategies.config import RunConfig
 from strategies.fedavg import FedAvg
+from strategies.links import LinkCompressor
 from strategies.registry import register
 from strategies.taskkeys import DELAY, MIXING, PAYLOAD, ROUND, TaskConfig
+
+EVERY_NODE = "every node"  # the one link of the averages' broadcast: every node gets the same messages
 
 
 class DelayedAveraging(Strategy):
@@ -70,10 +73,10 @@ class DelayedAveraging(Strategy):
         self.running: dict[int, int] = {}               # node -> period of its task in flight
         self.contrib: dict[int, dict[int, Update]] = {}  # period -> node -> update
         self.completed = 0                              # periods whose average is known
-        self.sent: dict[int, list[Array]] = {}          # period -> its average as sent to nodes
-        self.start = [Array(np.ascontiguousarray(w)) for w in self.weights]
+        self.sent: dict[int, Payload] = {}              # period -> its average as sent to nodes
+        self.start: Weights = self.weights              # period 0's payload: the initial model
         down = CodecSpec(self.cfg.codec_downlink, self.cfg.codec_ratio, self.cfg.codec_levels, self.cfg.codec_rank)
-        self.down = ErrorFeedback(down) if down.name != "none" else None
+        self.down: LinkCompressor[str] | None = LinkCompressor(down) if down.name != "none" else None
 
     def period_delay(self) -> int:
         """D: the run's ``delay``."""
@@ -89,7 +92,7 @@ class DelayedAveraging(Strategy):
         config: TaskConfig = {ROUND: r, DELAY: self.delay, PAYLOAD: kind, MIXING: self.cfg.mixing}
         return Task(self.version, config, payload)
 
-    def payload_for(self, r: int) -> tuple[str, list[Array]]:
+    def payload_for(self, r: int) -> tuple[str, Payload]:
         """Period 0: the initial model; later: the average of period r - 1 - D (none yet while r <= D)."""
         if r == 0:
             return "model", self.start
@@ -118,11 +121,10 @@ class DelayedAveraging(Strategy):
         updates = self.contrib.pop(r)
         mean = weighted_sum([(1.0 / len(updates), u.sent) for u in updates.values()])
         if self.down is None:
-            self.sent[r] = [Array(np.ascontiguousarray(m)) for m in mean]
-            applied_mean = mean
+            self.sent[r] = applied_mean = mean
         else:  # two-way compression: the server compresses the average too, with its own error memory
-            pairs = [self.down.compress(i, m, seed=r * 1000 + i) for i, m in enumerate(mean)]
-            self.sent[r], applied_mean = [a for a, _ in pairs], [d for _, d in pairs]
+            arrays, applied_mean = self.down.send_update(EVERY_NODE, mean, seed=r * 1000)
+            self.sent[r] = Encoded(tuple(arrays))
         self._publish(step(self.weights, applied_mean, 1.0))
         self.completed = r + 1
         oldest_needed = min(self.next_round.get(n, 0) for n in self.next_round) - 1 - self.delay
@@ -206,19 +208,19 @@ class CoCoDSGD(DelayedAveraging):
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)
-        self.models: dict[int, list[Array]] = {0: self.start}  # version -> the model as sent
+        self.models: dict[int, Weights] = {0: self.start}  # period -> the model it starts from
 
     def period_delay(self) -> int:
         """CoCoD-SGD overlaps exactly one period."""
         return 1
 
-    def payload_for(self, r: int) -> tuple[str, list[Array]]:
+    def payload_for(self, r: int) -> tuple[str, Payload]:
         """Period r >= 1 starts from avg_j x_j^{r-1,0}: the model after r - 1 complete averages."""
         return ("model", self.start) if r == 0 else ("stale-model", self.models[r - 1])
 
     def _close(self, r: int) -> list[int]:
         seqs = super()._close(r)
-        self.models[r + 1] = [Array(np.ascontiguousarray(w)) for w in self.weights]
+        self.models[r + 1] = self.weights
         for old in [k for k in self.models if k < min(self.next_round.values(), default=0) - 1]:
             del self.models[old]
         return seqs
@@ -254,26 +256,25 @@ class OverlapLocalSGD(DelayedAveraging):
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)
-        self.anchors: dict[int, list[Array]] = {0: self.start, 1: self.start}
-        self.anchor_weights: dict[int, Weights] = {0: self.weights, 1: self.weights}
+        self.anchors: dict[int, Weights] = {0: self.start, 1: self.start}  # period -> its anchor
 
     def period_delay(self) -> int:
         """The anchor is one period stale."""
         return 1
 
-    def payload_for(self, r: int) -> tuple[str, list[Array]]:
+    def payload_for(self, r: int) -> tuple[str, Payload]:
         """Period r's anchor: the average of the models that started period r - 1."""
         return ("model" if r == 0 else "anchor"), self.anchors[r]
 
     def _close(self, r: int) -> list[int]:
         updates = self.contrib.pop(r)
         mean = weighted_sum([(1.0 / len(updates), u.sent) for u in updates.values()])
-        anchor = step(self.anchor_weights[r], mean, 1.0)
-        self.anchor_weights[r + 2], self.anchors[r + 2] = anchor, [Array(np.ascontiguousarray(a)) for a in anchor]
+        anchor = step(self.anchors[r], mean, 1.0)
+        self.anchors[r + 2] = anchor
         self._publish(anchor)
         self.completed = r + 1
         for old in [k for k in self.anchors if k < min(self.next_round.values(), default=0)]:
-            del self.anchors[old], self.anchor_weights[old]
+            del self.anchors[old]
         return [u.seq for u in updates.values()]
 
     @classmethod

@@ -25,7 +25,7 @@ def test_server_and_node_copies_agree_across_a_lost_task():
             server.discard(7)  # the reply was lost after the node had applied the message
             continue
         server.confirm(7)
-        np.testing.assert_array_equal(node_model[0], server.nodes[7].copy[0])
+        np.testing.assert_array_equal(node_model[0], server.links.copy(7)[0])
     # error feedback keeps the copy close to the real model
     assert np.abs(node_model[0] - w[0]).max() < np.abs(w[0]).max()
     assert sum(1 for k in state if k.startswith("downlink/")) <= 2

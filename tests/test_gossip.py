@@ -12,9 +12,10 @@ from server_app.links import exchange_seconds
 from server_app.profiles import DEVICES, NETWORKS, NodeProfile
 from server_app.store import MetricsStore
 from strategies.base import Exchange, Update
-from strategies.codecs import CODECS, CodecSpec, encode
+from strategies.codecs import CODECS, CodecSpec, encode, encoded_bytes
 from strategies.config import RunConfig
-from strategies.gossip import ADPSGD, DPSGD, AllReduceSGD, GossipChannel, encoded_bytes
+from strategies.gossip import ADPSGD, DPSGD, AllReduceSGD
+from strategies.links import LinkCompressor
 from strategies.topology import TopologyError
 
 SHAPES = [(6, 5), (5,)]
@@ -75,7 +76,7 @@ def test_passive_node_only_applies_its_gradient_and_task_carries_its_own_snapsho
     s.models = random_models(8)
     task = s.task_for(1001)  # odd: passive
     assert task.exchange == Exchange() and task.base is s.models[1]
-    np.testing.assert_array_equal(np.asarray(task.payload[0].numpy()), s.models[1][0])
+    assert task.payload is s.models[1]  # the node's own model, as numpy arrays (the engine makes the record)
     others = [m for k, m in enumerate(s.models) if k != 1]
     s.apply(update(s, 1001, [np.ones(sh, np.float32) for sh in SHAPES]))
     assert all(a is b for a, b in zip(others, [m for k, m in enumerate(s.models) if k != 1], strict=True))
@@ -150,11 +151,11 @@ def test_encoded_size_is_the_real_size_whatever_the_content(codec):
 
 def test_compressed_gossip_views_converge_to_the_sender_model_with_error_feedback():
     init = [np.zeros((50, 40), np.float32)]
-    channel = GossipChannel(CodecSpec("topk", 0.1, 16, 2), init)
+    links = LinkCompressor(CodecSpec("topk", 0.1, 16, 2), initial=init)
     model = [np.random.default_rng(2).standard_normal((50, 40)).astype(np.float32)]
     errors = []
     for seq in range(30):
-        view = channel.send(0, 1, model, seed=seq)
+        _, view = links.send_model((0, 1), model, seed=seq)
         errors.append(float(np.linalg.norm(view[0] - model[0]) / np.linalg.norm(model[0])))
     assert errors[0] > 0.5 and errors[-1] < 0.05  # each exchange sends 10 % of the entries, the copy catches up
 

@@ -5,6 +5,7 @@ import pytest
 from flwr.app import RecordDict
 
 from client_app.records import NodeState
+from server_app.wire import payload_record
 from strategies.base import Update
 from strategies.client import ClientJob, decode_received
 from strategies.codecs import CodecSpec
@@ -12,6 +13,13 @@ from strategies.config import RunConfig
 from strategies.olco3 import OLCO3, NaiveOverlap
 
 SHAPES = [(6, 5), (5,)]
+NAMES = ["w", "b"]
+
+
+def receive(task, like):
+    """What a node decodes from the task's payload, through the record the engine sends (server_app.wire)."""
+    record = payload_record(NAMES, task.payload)
+    return decode_received(record, NAMES, like) if len(record) else []
 
 
 def quadratic_train(target, lr=0.1, steps=3):
@@ -47,11 +55,10 @@ def drive(cls, *, k=4, delay=2, rounds=12, codec="topk", ef=True, check=None):
                 captured["start"] = [s.copy() for s in start]
                 return quadratic_train(targets[i])(start)
 
-            received = decode_received(dict(enumerate(task.payload)), list(range(len(SHAPES))), x0) \
-                if task.payload else []
+            received = receive(task, x0)
             job = ClientJob(received, task.config, train, NodeState(states[i]), spec, ef, seed=seq)
             arrays, _ = cls.client(job)
-            sent = decode_received(dict(enumerate(arrays)), list(range(len(SHAPES))), x0)
+            sent = decode_received(dict(zip(NAMES, arrays, strict=True)), NAMES, x0)
             server.apply(Update(seq, i, task.version, 0, sent, x0, 1))
             seq += 1
             starts.append(captured["start"])
@@ -102,7 +109,7 @@ def test_redoing_a_period_gives_the_same_upload():
     _, _, server, states = history[-1]
     task = server.task_for(0)
     x0 = [np.zeros(s, np.float32) for s in SHAPES]
-    received = decode_received(dict(enumerate(task.payload)), [0, 1], x0) if task.payload else []
+    received = receive(task, x0)
     uploads = []
     for _ in range(2):
         job = ClientJob(received, task.config, quadratic_train([np.ones(s, np.float32) for s in SHAPES]),
