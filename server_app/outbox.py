@@ -14,8 +14,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from server_app.state import EngineState, Version
+from server_app.wire import payload_record
 from strategies import taskkeys as keys
-from strategies.base import Task
+from strategies.base import Payload, Task
 from strategies.config import RunConfig
 
 
@@ -53,10 +54,9 @@ class Outbox:
         n = state.node_tasks[node] = state.node_tasks.get(node, -1) + 1
         return int(np.random.SeedSequence([self.cfg.seed, state.nodes.index(node), n]).generate_state(1)[0])
 
-    def _payload_record(self, payload: list[Any]) -> ArrayRecord:
-        """A strategy's payload as a record; the same list object is serialized (and hashed) once."""
+    def _payload_record(self, payload: Payload) -> ArrayRecord:
+        """A payload as its record (``wire.payload_record``); the same object is serialized (and hashed) once."""
         if self._payload[0] is not payload:
-            names = self.names if payload else []
-            self._payload = (payload, ArrayRecord(dict(zip(names, payload, strict=True))))
+            self._payload = (payload, payload_record(self.names, payload))
         assert self._payload[1] is not None
         return self._payload[1]
