@@ -45,6 +45,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy strategies server_app
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
