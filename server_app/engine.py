@@ -65,15 +65,13 @@ class Engine:
         self.resumed = resume_from is not None
         if resume_from is None:
             self.state = self._new_state(strategy_cls, nodes)
-            self._record_nodes([(n, node_info.get(n, {}) if node_info else {}) for n in nodes])
+            self.ledger.nodes(self.state, [(n, (node_info or {}).get(n, {})) for n in nodes])
         else:
             self.state = checkpoint.restore(resume_from, nodes, self.clock.virtual)
             for flight in sorted(self.state.flights.values(), key=lambda f: f.seq):
                 if not flight.failure and flight.content is not None:
                     self.mailbox.resend(flight)
         s = self.state
-        # A ClientApp that fails every task must not spin forever on the virtual clock.
-        self.failure_limit = max(100, 10 * len(s.nodes))
         self.checkpointed = s.totals.applied  # applied updates at the last checkpoint
         self.membership = None if self.clock.virtual else Membership(
             grid, cfg, s.nodes, elastic=s.policy.elastic, failed=lambda: s.totals.statuses.get(Status.FAILED, 0))
@@ -118,17 +116,16 @@ class Engine:
                 break
             s.now = max(s.now, at)
             self._complete(flight)
-            if s.failing >= self.failure_limit:
+            if s.failing >= max(100, 10 * len(s.nodes)):  # a ClientApp that fails every task must not spin
                 raise RuntimeError(f"stopped after {s.failing} consecutive failed tasks and no success; "
                                    f"last: {s.last_failure}")
             self._maybe_evaluate()
             reason = self._stop_reason()
             if not reason:
                 self._fill()
-                self._maybe_checkpoint()
+                self._checkpoint()
         loss, acc = self._evaluate()
-        if self.cfg.checkpoint_every:
-            self._checkpoint()  # the final state: a resumed finished run ends at once, tests compare weights
+        self._checkpoint(final=True)  # a resumed finished run ends at once; tests compare its weights
         t = s.totals
         return RunSummary(self.run_id, reason, s.now, s.policy.version, t.applied, t.bytes_up, t.bytes_down, loss,
                           acc, dict(t.statuses), s.policy.weights)
@@ -271,17 +268,9 @@ class Engine:
             s.profiles[node] = node_profile(self.cfg, len(s.nodes))
             s.nodes.append(node)
             s.idle.append(node)
-        self._record_nodes(change.joined)
+        self.ledger.nodes(s, change.joined)
         s.cap = self._cap(len(s.nodes))
-        self.failure_limit = max(self.failure_limit, 10 * len(s.nodes))
         s.fleet_online = change.online or s.fleet_online
-
-    def _record_nodes(self, nodes: list[tuple[int, dict[str, object]]]) -> None:
-        s = self.state
-        self.ledger.store.record_nodes(
-            (n, s.nodes.index(n), info.get("partition-id"), s.profiles[n].device.name, s.profiles[n].network.name,
-             s.profiles[n].slowdown, s.profiles[n].dropout, info.get("torch-device"))
-            for n, info in nodes)
 
     # ----------------------------------------------------------------------------- evaluation and checkpoints
     def _maybe_evaluate(self) -> None:
@@ -299,11 +288,9 @@ class Engine:
                  loss, acc)
         return loss, acc
 
-    def _maybe_checkpoint(self) -> None:
-        every = self.cfg.checkpoint_every
-        if every and self.state.totals.applied // every > self.checkpointed // every:
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        self.ledger.store.save_checkpoint(self.state.totals.applied, checkpoint.capture(self.state))
-        self.checkpointed = self.state.totals.applied
+    def _checkpoint(self, final: bool = False) -> None:
+        """Every ``checkpoint-every`` applied updates, and at the end of the run."""
+        applied, every = self.state.totals.applied, self.cfg.checkpoint_every
+        if every and (final or applied // every > self.checkpointed // every):
+            self.ledger.store.save_checkpoint(applied, checkpoint.capture(self.state))
+            self.checkpointed = applied

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from server_app.state import Flight, Totals
+from server_app.state import EngineState, Flight, Totals
 from server_app.store import MetricsStore, UpdateRow
 from strategies.base import Status
 
@@ -42,6 +42,14 @@ class Ledger:
             status=str(status), reason=reason, peer_id=ex.peer if ex is not None else None,
             transport_bytes_up=f.bytes_up, transport_bytes_down=f.bytes_down,
         ))
+
+    def nodes(self, state: EngineState, nodes: Sequence[tuple[int, Mapping[str, object]]]) -> None:
+        """``nodes`` rows: where each node is in the fleet, its profile, and what it said of itself."""
+        self.store.record_nodes(
+            (n, state.nodes.index(n), info.get("partition-id"), state.profiles[n].device.name,
+             state.profiles[n].network.name, state.profiles[n].slowdown, state.profiles[n].dropout,
+             info.get("torch-device"))
+            for n, info in nodes)
 
     def applied_later(self, totals: Totals, seqs: Sequence[int], version: int) -> None:
         """Buffered updates went into the model with a later one: their rows and the totals say so."""
