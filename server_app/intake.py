@@ -36,11 +36,11 @@ import dataclasses
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Message
 
-from server_app.state import Flight
 from server_app.wire import RejectedUpdate, read_reply
 from strategies import taskkeys as keys
 from strategies.base import Update
@@ -141,13 +141,24 @@ def _equals(value: object, expected: int) -> bool:
     return value == expected
 
 
+class Delivery(Protocol):
+    """What intake reads of a task in flight (``server_app.state.Flight`` is one)."""
+
+    seq: int
+    node: int
+    version: int
+    failure: str
+    reply: Message | None
+    payload_up: int
+
+
 class Intake:
     """Turns a flight's reply into an ``Update`` for the strategy, or raises ``RejectedUpdate`` with the reason."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
 
-    def read(self, f: Flight, guard: UpdateGuard, base: Weights, staleness: int, now: float) -> Update:
+    def read(self, f: Delivery, guard: UpdateGuard, base: Weights, staleness: int, now: float) -> Update:
         """The reply of ``f`` as an update computed on ``base``, ``staleness`` versions old, applied at ``now``."""
         reply = f.reply
         if f.failure or reply is None:
