@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from strategies.base import Status
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
     run_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, status TEXT, strategy TEXT, config_json TEXT,
@@ -85,7 +87,7 @@ def stored_run(db: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], int
 #: A ``nodes`` row as ``record_nodes`` takes it: partition id and torch device are what the node said of itself.
 NodeRow = tuple[int, int, object, str, str, float, float, object]
 
-UPDATE_STATUSES = ("applied", "buffered", "dropped", "rejected", "failed", "restarted")
+UPDATE_STATUSES = tuple(str(s) for s in Status)
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
 
 
