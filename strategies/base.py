@@ -27,6 +27,7 @@ from flwr.app import Array
 from strategies.client import ClientJob, Weights
 from strategies.config import RunConfig
 from strategies.taskkeys import TaskConfig
+from strategies.tuning import DEFAULT_SPACE, Param
 
 
 class Status(StrEnum):
@@ -201,6 +202,8 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     keeps_node_state: ClassVar[bool] = False  # its client half keeps state on the node across tasks
     elastic: ClassVar[bool] = False  # works on a fleet that changes during a run (server_app/membership.py)
+    # What the comparison harness may tune, and over which ranges (strategies/tuning.py): the learning rate here.
+    search_space: ClassVar[Mapping[str, Param]] = DEFAULT_SPACE
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         self.cfg = cfg

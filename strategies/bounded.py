@@ -40,6 +40,11 @@ from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict,
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
+from strategies.tuning import LR, IntRange, LogUniform
+
+K_RANGE = IntRange(1, 16)                  # min(k, nodes) is used: a small fleet caps it
+DOUBLE_EVERY_RANGE = LogUniform(0.05, 20.0)  # clock seconds; the presets use 0.2
+BOUND_RANGE = IntRange(1, 16)
 
 
 class KAggregation(Strategy):
@@ -50,6 +55,7 @@ class KAggregation(Strategy):
     cancel_rest: ClassVar[bool] = False   # after an update, every task still in flight restarts
     adaptive: ClassVar[bool] = False      # K(t) and tau(t) follow the schedules
     bounded: ClassVar[bool] = False       # restart nodes staler than tau(t)
+    search_space = {"lr": LR}  # async-sgd; the K-families add k, the adaptive ones k-double-every, ABS its bound
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)
@@ -129,6 +135,7 @@ class KBatchAsync(KAggregation):
     """K-batch-async SGD: update after any K arrivals; a finished node fetches the newest model at once."""
 
     name = "k-batch-async"
+    search_space = {"lr": LR, "k": K_RANGE}
 
 
 @register
@@ -136,6 +143,7 @@ class KAsync(KAggregation):
     """K-async SGD: update after K arrivals from distinct nodes; the others keep computing, stale or not."""
 
     name = "k-async"
+    search_space = {"lr": LR, "k": K_RANGE}
     distinct = True
 
 
@@ -144,6 +152,7 @@ class KSync(KAggregation):
     """K-sync SGD: every node computes on the current model; the first K are applied, the rest cancelled."""
 
     name = "k-sync"
+    search_space = {"lr": LR, "k": K_RANGE}
     distinct = True
     cancel_rest = True
 
@@ -153,6 +162,7 @@ class AdaSync(KSync):
     """AdaSync: K-sync with K growing over time (the schedule of the module docstring)."""
 
     name = "adasync"
+    search_space = {"lr": LR, "k": K_RANGE, "k-double-every": DOUBLE_EVERY_RANGE}
     adaptive = True
 
 
@@ -161,6 +171,7 @@ class ABS(KAggregation):
     """ABS: K(t) first arrivals per update, no cancellation, restart of nodes staler than tau(t)."""
 
     name = "abs"
+    search_space = {"lr": LR, "k": K_RANGE, "k-double-every": DOUBLE_EVERY_RANGE, "staleness-bound": BOUND_RANGE}
     distinct = True
     adaptive = True
     bounded = True
@@ -171,6 +182,7 @@ class SSP(KAggregation):
     """Stale synchronous parallel (Ho et al. 2013): a node more than ``staleness-bound`` tasks ahead waits."""
 
     name = "ssp"
+    search_space = {"lr": LR, "staleness-bound": IntRange(0, 16)}
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)

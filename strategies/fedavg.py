@@ -16,6 +16,7 @@ from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
 from strategies.taskkeys import SERVER_ROUND
+from strategies.tuning import LR
 
 
 @register
@@ -24,6 +25,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     elastic = True
+    search_space = {"lr": LR}
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)

@@ -14,6 +14,7 @@ from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
 from strategies.staleness import staleness_fn
+from strategies.tuning import LR, IntRange, LogUniform, Uniform
 
 
 @register
@@ -22,6 +23,8 @@ class FedBuff(Strategy):
 
     name = "fedbuff"
     elastic = True
+    search_space = {"lr": LR, "buffer-size": IntRange(1, 16), "staleness-a": Uniform(0.0, 2.0),
+                    "server-lr": LogUniform(0.25, 4.0)}
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)

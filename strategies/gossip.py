@@ -39,6 +39,7 @@ from strategies.config import RunConfig
 from strategies.links import LinkCompressor
 from strategies.registry import register
 from strategies.taskkeys import PEER, ROUND, TaskConfig
+from strategies.tuning import LR
 
 
 def consensus_distance(models: Sequence[Weights], mean: Weights) -> float:
@@ -58,6 +59,7 @@ class Decentralized(Strategy):
     """
 
     requires_bipartite = False
+    search_space = {"lr": LR}  # the mixing is the topology's; local SGD's rate is the knob
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)

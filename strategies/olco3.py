@@ -56,6 +56,7 @@ from strategies.fedavg import FedAvg
 from strategies.links import LinkCompressor
 from strategies.registry import register
 from strategies.taskkeys import DELAY, MIXING, PAYLOAD, ROUND, TaskConfig
+from strategies.tuning import LR, Uniform
 
 EVERY_NODE = "every node"  # the one link of the averages' broadcast: every node gets the same messages
 
@@ -65,6 +66,7 @@ class DelayedAveraging(Strategy):
 
     compensation: ClassVar[str] = "both"  # both | staleness | none
     keeps_node_state = True
+    search_space = {"lr": LR}
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)
@@ -253,6 +255,7 @@ class OverlapLocalSGD(DelayedAveraging):
     """
 
     name = "overlap-local-sgd"
+    search_space = {"lr": LR, "mixing": Uniform(0.05, 1.0)}  # mixing: the pull toward the anchor
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)
