@@ -46,11 +46,19 @@ CREATE TABLE IF NOT EXISTS checkpoints(
     run_id TEXT PRIMARY KEY, taken_at REAL, applied INTEGER, updates_rowid INTEGER, evals_rowid INTEGER,
     buffered_json TEXT, state BLOB
 );
+CREATE TABLE IF NOT EXISTS comparisons(
+    comparison_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, status TEXT, spec_json TEXT, report_json TEXT
+);
+CREATE TABLE IF NOT EXISTS comparison_runs(
+    run_id TEXT PRIMARY KEY, comparison_id TEXT, method TEXT, role TEXT, seed INTEGER, trial INTEGER
+);
+CREATE INDEX IF NOT EXISTS comparison_runs_by ON comparison_runs(comparison_id, role, method);
 CREATE INDEX IF NOT EXISTS evals_run ON evals(run_id, t);
 CREATE INDEX IF NOT EXISTS updates_run_time ON updates(run_id, completed_at);
 """
 
 # Columns added after a table's first release: a store written by an older version gains them on open.
+# Tables added later need nothing here: ``CREATE TABLE IF NOT EXISTS`` adds them to an older store on open.
 ADDED_COLUMNS = {
     "updates": (("peer_id", "INTEGER"), ("transport_bytes_up", "INTEGER"), ("transport_bytes_down", "INTEGER")),
     "evals": (("consensus_distance", "REAL"),),
@@ -89,6 +97,7 @@ NodeRow = tuple[int, int, object, str, str, float, float, object]
 
 UPDATE_STATUSES = tuple(str(s) for s in Status)
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
+COMPARISON_ROLES = ("tune", "eval")  # a comparison's run tunes a method, or evaluates its chosen setting
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,34 @@ class MetricsStore:
                 "UPDATE runs SET finished_at=?, status=?, error=? WHERE run_id=?",
                 (time.time(), status, error or None, self.run_id),
             )
+
+    # ---------------------------------------------------------------- comparisons (python -m server_app.compare)
+    # Written by the comparison harness, not the ServerApp: its runs are ordinary runs, and these rows say which
+    # comparison each belongs to, for which method, in which role (tune or eval), on which seed and trial.
+    def start_comparison(self, comparison_id: str, spec: Mapping[str, object]) -> None:
+        """Register a comparison as ``running``, with its command line's meaning (``spec``) as JSON."""
+        with self.db:
+            self.db.execute("INSERT INTO comparisons(comparison_id, started_at, finished_at, status, spec_json) "
+                            "VALUES (?,?,?,?,?)",
+                            (comparison_id, time.time(), None, "running", json.dumps(dict(spec), sort_keys=True)))
+
+    def tag_run(self, run_id: str, comparison_id: str, method: str, role: str, seed: int,
+                trial: int | None = None) -> None:
+        """Say, before it starts, which comparison run ``run_id`` belongs to (``trial``: tuning runs only)."""
+        if role not in COMPARISON_ROLES:
+            raise ValueError(f"unknown comparison role {role!r}")
+        with self.db:
+            self.db.execute("INSERT INTO comparison_runs VALUES (?,?,?,?,?,?)",
+                            (run_id, comparison_id, method, role, seed, trial))
+
+    def finish_comparison(self, comparison_id: str, status: str, report: Mapping[str, object] | None = None) -> None:
+        """Close a comparison with a run status and, when it got that far, its JSON report."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown comparison status {status!r}")
+        with self.db:
+            self.db.execute("UPDATE comparisons SET finished_at=?, status=?, report_json=? WHERE comparison_id=?",
+                            (time.time(), status, None if report is None else json.dumps(dict(report)),
+                             comparison_id))
 
     def close(self) -> None:
         """Close the connection."""
