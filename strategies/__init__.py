@@ -22,7 +22,7 @@ def get_strategy(name: str) -> type[Strategy]:
 
 def check_implemented(cfg: RunConfig) -> None:
     """Fail early for a strategy or codec setting that cannot run."""
-    lookup(cfg.strategy)
+    lookup(cfg.strategy).check_config(cfg)
     try:
         CodecSpec(cfg.codec, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank)
     except CodecError as exc:

@@ -212,6 +212,15 @@ class Strategy(ABC):
         self.nodes: tuple[int, ...] = tuple(fleet)
         self.view: EngineView = view if view is not None else DetachedView(fleet_size=len(self.nodes))
 
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Refuse, with a ``ConfigError`` naming the key, run-config values this strategy cannot run with.
+
+        Called before anything runs (``strategies.check_implemented``, which the ServerApp and ``simulate`` call).
+        Default: every value the run config accepts is fine.
+        """
+        return None
+
     @property
     def num_nodes(self) -> int:
         """Nodes the policy counts: those online for an elastic strategy, else the fleet it started with."""
