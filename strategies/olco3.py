@@ -7,23 +7,63 @@ Per node i and period t, with p local steps, compressor C, error memory e and de
 
     delta_i^t = x_i^{t,0} - x_i^{t,p}                        local progress of the period
     c_i^t = C(delta_i^t + e_i^t),  e_i^{t+1} = delta_i^t + e_i^t - c_i^t          (error feedback)
-    xbar^{t+1} = xbar^t - mean_j c_j^{t-D}                    the average arrives D periods late
+    xbar^{t+1} = xbar^t - mean_j c_j^{t-D}                    the average arrives D periods late (c^s = 0, s < 0)
     x_i^{t+1,0} = xbar^{t+1} - sum_{s=t-D+1..t} c_i^s - e_i^{t+1}
 
 The last line is the node's new starting point. ``- sum c_i^s`` is *staleness compensation* (the node adds back
 its own contributions still in flight, so progress made during the delay is not lost) and ``- e_i^{t+1}`` is
-*compression compensation* (it adds back what the compressor has not sent yet). Then the mean of the local
-models follows synchronous local SGD exactly: ``mean_i x_i^{t,0} = xbar^t - mean_i(in-flight c_i + e_i)``
-(``tests/test_olco3.py`` checks this every period).
+*compression compensation* (it adds back what the compressor has not sent yet). Without error feedback (or
+without a codec) e = 0. From x_i^{0,0} = xbar^0, empty queues and e = 0, the *virtual-sequence identity*
+
+    mean_i x_i^{t,0} = xbar^t - mean_i(sum_{s=t-D..t-1} c_i^s + e_i^t)          (in-flight c_i + e_i)
+
+makes the mean of the local models follow synchronous local SGD exactly, ``mean_i x_i^{t+1,0} = mean_i x_i^{t,0} -
+mean_i delta_i^t`` (``tests/test_olco3.py`` checks both forms every period).
+
+**Two-way compression and the server's residual.** With ``codec-downlink`` the server compresses each period's
+average with its own error memory e_s (a ``strategies.links.LinkCompressor`` in update mode, one link to every
+node): it sends chat^s = C(cbar^s + e_s) and keeps e_s <- cbar^s + e_s - chat^s, where cbar^s = mean_j c_j^s.
+Since sum_s chat^s = sum_s cbar^s - e_s, the nodes hold xhat^t = xbar^t + e_s^(t-D) (the model the server
+publishes and evaluates is xhat too), where e_s^(k) is the server's memory after sending the averages of periods
+0..k-1 (0 for k <= 0), so that
+
+    mean_i x_i^{t,0} = xbar^t - mean_i(in-flight c_i + e_i^t) + e_s^(t-D)
+
+**The nodes do not compensate for e_s, by design.** e_s is the difference between the exact mean of everyone's
+contributions and what was broadcast; a node knows what it received and its own contributions, never the others',
+so it cannot compute e_s, and being sent it would cost one dense model per period: the bytes two-way compression
+is there to save. The identity therefore holds for the *server's* virtual sequence, ``mean_i x_i^{t,0} -
+e_s^(t-D)``, which follows synchronous local SGD exactly; the nodes' own mean is off from it by the server's
+residual, bounded like any error-feedback memory and delivered with later averages. ``tests/test_olco3.py`` checks
+that the identity, with codec-downlink, fails by exactly e_s^(t-D).
+
+**Pipe-SGD** (Li et al., NeurIPS 2018; ``pipe-sgd``) communicates every gradient step: a period is one SGD step,
+so ``local-steps`` must be 1 (any other value is refused with a ``ConfigError``: the virtual clock charges
+``local-steps`` steps per task, so quietly running one step would misreport time; a period of several local steps
+restarted from the stale average is ``naive-overlap``). ``momentum`` > 0 is refused too: a node's optimizer lives
+for one task, whose single step is plain SGD whatever the momentum. Every node computes on the same model w^t:
+
+    delta_i^t = lr * g_i(w^t)                                one SGD step on node i's batch, from w^t
+    c_i^t = C(delta_i^t + e_i^t),  e_i^{t+1} = delta_i^t + e_i^t - c_i^t          (error feedback, optional)
+    w^{t+1} = w^t - mean_i c_i^{t-D}                          (c^s = 0 for s < 0)
+
+Without a codec, ``w^{t+1} = w^t - lr * mean_i g_i(w^{t-D})``: the gradients of step t are averaged while steps
+t+1..t+D compute, and applied D steps later. D = 0 is synchronous SGD (EF-SGD with a codec and error feedback),
+D = 1 the paper's pipeline of width 2. There is no compensation: every node starts each step from w^t, which is the
+xbar of the family's server half. The paper's own compression (truncation, scalar quantization) has no error
+feedback (``codec = "fp16"`` or ``"qsgd"``, ``error-feedback = false``); a biased codec with ``error-feedback =
+true`` is the constructed Pipe-EF-SGD baseline of the notes ([design]).
 
 The family, one server half and one client half with a policy each:
 
 | strategy        | delay | start of a period                          | what it is                                |
 |-----------------|-------|--------------------------------------------|-------------------------------------------|
 | olco3           | D     | xbar - in-flight own c - e                 | both compensations                        |
+| olco3-          | D     | xbar - in-flight own c                     | ablation: staleness compensation only,    |
+| staleness-only  |       |                                            | the error memory e is not added back      |
 | naive-overlap   | D     | xbar (the stale average)                   | no compensation: D periods of work lost   |
-| pipe-sgd        | D     | xbar                                       | Pipe-SGD (Li et al. 2018): D-stale        |
-|                 |       |                                            | averaging; run it with local-steps = 1    |
+| pipe-sgd        | D     | xbar (= w^t; a period is one SGD step)     | Pipe-SGD (Li et al. 2018): D-stale        |
+|                 |       |                                            | gradient averaging, optional EF codec     |
 | cocod-sgd       | 1     | avg of last period's start models - own    | CoCoD-SGD (Shen et al. 2019), its own     |
 |                 |       | last progress                              | rule: the server sends the stale model    |
 | overlap-local-  | 1     | own last model pulled toward a stale       | Overlap-Local-SGD (Wang et al. 2020),     |
@@ -35,10 +75,10 @@ With D = 0 and no codec OLCO3 is local SGD; with D = 1 and no codec it is CoCoD-
 takes part in every period (the classic data-centre setting of these papers): a node may run at most D periods
 ahead of the last complete average, and a failed or rejected task is redone for the same period. The server
 sends each node the averages it has not seen (one per period, compressed with ``codec-downlink`` and a
-server-side error memory when set: two-way compression, a ``strategies.links.LinkCompressor`` in update mode);
-the node keeps its copy of xbar, its in-flight queue and its error memory in Flower's ``context.state``, one
-snapshot per period so that a redone period starts from the same state. The global model the server evaluates
-is xbar with every complete average applied.
+server-side error memory when set: two-way compression, see above); the node keeps its copy of xbar, its in-flight
+queue and its error memory in Flower's ``context.state``, one snapshot per period so that a redone period starts
+from the same state. The global model the server evaluates is xbar (xhat with ``codec-downlink``) with every
+complete average applied.
 """
 
 from __future__ import annotations
@@ -51,7 +91,7 @@ from flwr.app import Array
 from strategies.base import Encoded, EngineView, Payload, Status, Strategy, Task, Update, Verdict, step, weighted_sum
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec
-from strategies.config import RunConfig
+from strategies.config import ConfigError, RunConfig
 from strategies.fedavg import FedAvg
 from strategies.links import LinkCompressor
 from strategies.registry import register
@@ -69,6 +109,7 @@ class DelayedAveraging(Strategy):
     search_space = {"lr": LR}
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
+        self.check_config(cfg)
         super().__init__(cfg, weights, fleet, view)
         self.delay = self.period_delay()
         self.next_round: dict[int, int] = {}
@@ -183,6 +224,22 @@ class OLCO3(DelayedAveraging):
 
 
 @register
+class OLCO3StalenessOnly(DelayedAveraging):
+    """OLCO3 ablation: staleness compensation only (in-flight own c added back, the error memory e not).
+
+    What it ablates: OLCO3's *compression compensation*. A period starts from ``xbar^{t+1} - sum_{s=t-D+1..t}
+    c_i^s`` where OLCO3 also subtracts ``e_i^{t+1}``; everything else (server half, queues, error feedback, what
+    is uploaded) is OLCO3's, so the two differ exactly by ``e_i`` in every start point. Method (d) of the notes'
+    OLCO3 experiment (section 7.2): compression with error feedback and staleness compensation, no compression
+    compensation. The mean of the local models is then off the synchronous sequence by ``mean_i e_i``. With no
+    codec, or without ``error-feedback``, e = 0 and it is olco3.
+    """
+
+    name = "olco3-staleness-only"
+    compensation = "staleness"
+
+
+@register
 class NaiveOverlap(DelayedAveraging):
     """Overlap without compensation: every period restarts from the stale average."""
 
@@ -192,10 +249,26 @@ class NaiveOverlap(DelayedAveraging):
 
 @register
 class PipeSGD(DelayedAveraging):
-    """Pipe-SGD (Li et al., NeurIPS 2018): D-stale averaging, optional error feedback (paper: local-steps = 1)."""
+    """Pipe-SGD (Li et al., NeurIPS 2018): one SGD step per period, its average applied D steps later; optional EF.
+
+    ``w^{t+1} = w^t - mean_i c_i^{t-D}`` with ``c_i^t = C(lr g_i(w^t) + e_i^t)`` (module docstring): every node
+    computes step t's gradient on the same w^t while the averages of steps t-D..t-1 are in flight. A period is one
+    SGD step: ``local-steps`` other than 1 and ``momentum`` > 0 are refused (``check_config``).
+    """
 
     name = "pipe-sgd"
     compensation = "none"
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Pipe-SGD communicates every step: one SGD step per period, no momentum (one step of a fresh optimizer)."""
+        if cfg.local_steps != 1:
+            raise ConfigError(f"strategy = 'pipe-sgd' communicates every SGD step: a period is one step, so set "
+                              f"local-steps = 1 (got {cfg.local_steps}); several local steps restarted from the "
+                              f"stale average is strategy = 'naive-overlap'")
+        if cfg.momentum != 0:
+            raise ConfigError(f"strategy = 'pipe-sgd' runs one SGD step per task with a fresh optimizer, where "
+                              f"momentum has no effect: set momentum = 0 (got {cfg.momentum})")
 
 
 @register

@@ -66,6 +66,8 @@ CASES: dict[str, tuple[str, int, int, dict[str, Any]]] = {
     "local-sgd": ("local-sgd", 4, 7, {"max_updates": 24}),
     "olco3": ("olco3", 4, 8, {"max_updates": 24, "delay": 2, "codec": "topk", "codec_ratio": 0.1,
                               "error_feedback": True}),
+    "olco3-staleness-only": ("olco3-staleness-only", 4, 23, {"max_updates": 24, "delay": 2, "codec": "topk",
+                                                             "codec_ratio": 0.1, "error_feedback": True}),
     "naive-overlap": ("naive-overlap", 4, 9, {"max_updates": 24, "delay": 1}),
     "pipe-sgd": ("pipe-sgd", 4, 10, {"max_updates": 24, "delay": 1, "local_steps": 1}),
     "cocod-sgd": ("cocod-sgd", 4, 11, {"max_updates": 24}),
