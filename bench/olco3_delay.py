@@ -3,11 +3,17 @@
     python -m bench.olco3_delay [--dataset fashion-mnist|digits] [--nodes 8] [--periods 60] [--seeds 0 1]
                                 [--delays 0 1 2 4] [--out results/olco3_delay]
 
-Every method runs the same number of periods (local-steps SGD steps per node per period) on the `4g` network
-profile, so they do the same computation; the table compares final test accuracy, uplink bytes (measured: the
-serialized messages) and virtual time. Methods: local-sgd (blocking, uncompressed: the reference), naive-overlap
-(restart from the stale average, uncompressed), cocod-sgd (D = 1, uncompressed), pipe-sgd (D-stale averaging,
-top-k 1% with error feedback) and olco3 (both compensations, top-k 1% with error feedback).
+Every method runs the same number of SGD steps per node on the `4g` network profile, so they do the same
+computation; the table compares final test accuracy, uplink bytes (measured: the serialized messages) and virtual
+time. Methods: local-sgd (blocking, uncompressed: the reference), cocod-sgd (D = 1, uncompressed),
+overlap-local-sgd (pull toward a one-period-stale anchor, mixing 0.5, uncompressed), naive-overlap (restart from the
+stale average, uncompressed), pipe-sgd (D-stale gradient averaging, top-k 1% with error feedback),
+olco3-staleness-only (the ablation without compression compensation, top-k 1% with error feedback) and olco3 (both
+compensations, top-k 1% with error feedback).
+
+A period is `local-steps` (10) SGD steps, except for Pipe-SGD, which communicates every step: its period is one
+step, so it runs 10 times as many periods (and sends 10 times as many messages) for the same computation, and its
+D counts steps, not 10-step periods (D = 1 is the paper's pipeline of width 2).
 """
 
 from __future__ import annotations
@@ -19,13 +25,23 @@ from pathlib import Path
 from bench.common import prepare, pyplot, run_with_curve, write_outputs
 
 TOPK_EF = {"codec": "topk", "codec-ratio": 0.01, "error-feedback": True}
-METHODS = {  # name -> (run-config, uses D)
+LOCAL_STEPS = 10  # SGD steps per period, for every method but Pipe-SGD (one step per period)
+METHODS = {  # name -> (run-config, uses D); a "local-steps" here overrides LOCAL_STEPS (same steps in total)
     "local-sgd": ({"strategy": "local-sgd"}, False),
     "cocod-sgd": ({"strategy": "cocod-sgd"}, False),
+    "overlap-local-sgd": ({"strategy": "overlap-local-sgd", "mixing": 0.5}, False),
     "naive-overlap": ({"strategy": "naive-overlap"}, True),
-    "pipe-sgd + top-k 1% EF": ({"strategy": "pipe-sgd", **TOPK_EF}, True),
+    "pipe-sgd + top-k 1% EF": ({"strategy": "pipe-sgd", "local-steps": 1, **TOPK_EF}, True),
+    "olco3-staleness-only + top-k 1% EF": ({"strategy": "olco3-staleness-only", **TOPK_EF}, True),
     "olco3 + top-k 1% EF": ({"strategy": "olco3", **TOPK_EF}, True),
 }
+
+
+def budget(cfg: dict, periods: int, nodes: int) -> dict:
+    """Local steps, stop condition and evaluation period of a row: ``periods`` periods of LOCAL_STEPS steps."""
+    steps = int(cfg.get("local-steps", LOCAL_STEPS))
+    scale = LOCAL_STEPS // steps  # periods of this method per LOCAL_STEPS-step period
+    return {"local-steps": steps, "max-updates": periods * nodes * scale, "eval-every": 4 * nodes * scale}
 
 
 def grid(delays: list[int]) -> list[tuple[str, int | None, dict]]:
@@ -76,8 +92,8 @@ def plot(rows: list[dict], path: Path) -> None:
             left.plot([r["delay"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
         elif rs:
             left.axhline(rs[0]["accuracy"], ls="--", lw=1, label=name, color="grey" if name == "local-sgd" else "C7")
-    left.set(xlabel="delay D (periods)", ylabel="final test accuracy", title=f"accuracy vs delay (seed {seed})",
-             xticks=delays)
+    left.set(xlabel="delay D (periods; Pipe-SGD: steps)", ylabel="final test accuracy",
+             title=f"accuracy vs delay (seed {seed})", xticks=delays)
     left.legend(fontsize=8)
     big = max(delays)
     for r in rows:
@@ -102,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/olco3_delay")
     args = p.parse_args(argv)
     out, db = prepare(args.out)
-    base = {"dataset": args.dataset, "model": "mlp", "profiles": "laptop/4g=1", "local-steps": 10, "lr": 0.05,
-            "batch-size": 32, "max-updates": args.periods * args.nodes, "eval-every": 4 * args.nodes}
+    base = {"dataset": args.dataset, "model": "mlp", "profiles": "laptop/4g=1", "lr": 0.05, "batch-size": 32}
     rows = []
     for seed in args.seeds:
         for name, d, cfg in grid(args.delays):
-            r = run_with_curve({**base, **cfg, "seed": seed}, nodes=args.nodes, db=db)
+            run = {**base, **cfg, **budget(cfg, args.periods, args.nodes), "seed": seed}
+            r = run_with_curve(run, nodes=args.nodes, db=db)
             rows.append(r | {"method": name, "delay": d, "seed": seed})
             print(f"{name:24} D={d} seed {seed}: acc={r['accuracy']:.4f} up={r['bytes_up'] / 1e6:.2f}MB "
                   f"t={r['time']:.1f}s", flush=True)
-    md = f"{args.dataset}, {args.nodes} nodes, {args.periods} periods\n\n" + table(rows)
+    md = (f"{args.dataset}, {args.nodes} nodes, {args.periods} periods of {LOCAL_STEPS} SGD steps (Pipe-SGD: "
+          f"{args.periods * LOCAL_STEPS} periods of one step)\n\n" + table(rows))
     write_outputs(out, rows, md, plot)
     return 0
 
