@@ -1,0 +1,216 @@
+"""The comparison harness (``python -m server_app.compare``): equal budgets, disjoint seeds, determinism, clear errors.
+
+The end-to-end comparison is small on purpose (digits, logreg, 4 nodes, 24 updates): two built-in methods and a
+user strategy given as ``module:Class``, 2 trials on 2 tuning seeds and 2 evaluation seeds, run twice into one
+store: the JSON must be the same but for its ``run`` section (and the same again on 2 worker processes: slow).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server_app import compare
+from server_app.compare_report import Outcome, markdown, mean_ci, summarise
+from strategies.config import ConfigError
+from strategies.registry import registered
+from strategies.tuning import DEFAULT_SPACE, LR, IntRange, LogUniform, Uniform, check_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ["--set", "model=logreg", "--set", "local-steps=2", "--set", "max-updates=24", "--set", "eval-every=4",
+            "--set", "max-time=2.0", "--nodes", "4"]
+METHODS = "fedavg,fedbuff,tests.compare_helpers:HalfStep"
+TARGETS = "0.2,0.3,0.5"
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = compare.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict, dict, Path]:
+    """The same quick comparison twice, in this process: (store, json 1, json 2, out dir)."""
+    out = tmp_path_factory.mktemp("compare")
+    db = out / "metrics.db"
+    reports = [_quick(db, out / f"r{i}.json", *(["--markdown", str(out / "r.md"), "--plot", str(out / "r.png")]
+                                              if i == 0 else [])) for i in range(2)]
+    return db, reports[0], reports[1], out
+
+
+def _quick(db: Path, json_out: Path, *extra: str) -> dict:
+    code = compare.main([*SCENARIO, "--methods", METHODS, "--quick", "--targets", TARGETS, "--metrics-db", str(db),
+                         "--json", str(json_out), "--quiet", *extra])
+    assert code == 0
+    return json.loads(json_out.read_text())
+
+
+def test_quick_comparison_has_equal_budgets_and_disjoint_seeds(quick) -> None:
+    _, report, _, out = quick
+    assert set(report) >= {"tune_seeds", "eval_seeds", "targets", "methods", "objective"}
+    assert report["tune_seeds"] == [0, 1] and report["eval_seeds"] == [10, 11]  # --quick: the first 2
+    assert not set(report["tune_seeds"]) & set(report["eval_seeds"])
+    assert report["targets"] == [0.2, 0.3, 0.5] and report["objective"]["target"] == 0.3
+    methods = report["methods"]
+    assert list(methods) == METHODS.split(",")
+    assert {m["trials"] for m in methods.values()} == {2}
+    assert methods["tests.compare_helpers:HalfStep"]["space"] == {"lr": {"type": "log-uniform", "lo": 0.005,
+                                                                         "hi": 0.5}}
+    assert set(methods["fedbuff"]["chosen"]) == set(methods["fedbuff"]["space"])
+    for m in methods.values():
+        assert [e["seed"] for e in m["eval"]] == [10, 11]
+        for e in m["eval"]:
+            assert set(e) >= {"seed", "time_to", "final_accuracy", "bytes_up", "bytes_down", "wasted_compute"}
+            assert set(e["time_to"]) == {"0.2", "0.3", "0.5"}
+            assert e["status"] == "completed" and e["bytes_up"] > 0 and e["bytes_down"] > 0
+            reached = [e["time_to"][k] for k in ("0.2", "0.3", "0.5")]
+            assert all(b is None or (a is not None and a <= b) for a, b in itertools.pairwise(reached))  # monotone
+        assert m["chosen_trial"] in (0, 1)
+        # trial 0 is the scenario's own values (the defaults here), where they lie in the space
+        assert m["tuning"][0]["params"]["lr"] == 0.05
+    assert "## Accuracy 0.3" in (out / "r.md").read_text()
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _deterministic_part(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "run"}
+
+
+def test_the_same_comparison_twice_gives_the_same_json(quick) -> None:
+    _, first, second, _ = quick
+    assert first["run"]["comparison_id"] != second["run"]["comparison_id"]
+    assert _deterministic_part(first) == _deterministic_part(second)
+
+
+@pytest.mark.slow  # two spawned worker processes import torch and Flower: ~15 s more on 2 cores
+def test_worker_processes_give_the_same_json(quick) -> None:
+    db, first, _, out = quick
+    pooled = _quick(db, out / "pooled.json", "--jobs", "2")
+    assert pooled["run"]["jobs"] == 2 and first["run"]["jobs"] == 1
+    assert _deterministic_part(pooled) == _deterministic_part(first)
+
+
+def test_every_run_is_an_ordinary_tagged_run_of_the_store(quick) -> None:
+    db, report, _, _ = quick
+    cid = report["run"]["comparison_id"]
+    with sqlite3.connect(db) as con:
+        tags = con.execute("SELECT t.run_id, t.method, t.role, t.seed, t.trial, r.status, r.strategy "
+                           "FROM comparison_runs t JOIN runs r USING (run_id) WHERE comparison_id=?",
+                           (cid,)).fetchall()
+        status, stored = con.execute("SELECT status, report_json FROM comparisons WHERE comparison_id=?",
+                                     (cid,)).fetchone()
+    assert status == "completed" and json.loads(stored)["methods"].keys() == report["methods"].keys()
+    assert sorted(map(str, (r["run_id"] for r in report["run"]["runs"]))) == sorted(t[0] for t in tags)
+    assert {t[5] for t in tags} == {"completed"}
+    assert sum(t[2] == "tune" for t in tags) == 3 * 2 * 2 and sum(t[2] == "eval" for t in tags) == 3 * 2
+    assert {t[3] for t in tags if t[2] == "tune"} == {0, 1} and {t[3] for t in tags if t[2] == "eval"} == {10, 11}
+    assert {t[4] for t in tags if t[2] == "tune"} == {0, 1} and {t[4] for t in tags if t[2] == "eval"} == {None}
+    assert {(t[1], t[6]) for t in tags} == {(m, m) for m in METHODS.split(",")}
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_overlapping_seed_sets_are_refused_with_exit_2_and_no_traceback(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "server_app.compare", *SCENARIO, "--methods", "fedavg",
+                           "--tune-seeds", "0,1", "--eval-seeds", "1,2", "--metrics-db", str(tmp_path / "m.db")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "overlap on 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.db").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--methods", "fedavg,fedbuf"], "did you mean 'fedbuff'"),
+    (["--methods", "nosuch.module:Thing"], "cannot be imported"),
+    (["--methods", "tests.compare_helpers:TypoSpace"], "buffersize"),
+    (["--methods", "fedavg,fedavg"], "twice"),
+    (["--targets", "0.8,1.5"], "(0, 1]"),
+    (["--targets", "high"], "comma-separated accuracies"),
+    (["--set", "batchsize=8"], "did you mean 'batch-size'"),
+    (["--set", "lr=-1"], "lr"),
+    (["--budget", "0"], "--budget"),
+    (["--jobs", "0"], "--jobs"),
+    (["--tune-seeds", "a,b"], "integers"),
+    (["--eval-seeds", ""], "empty"),
+    (["--set", "max-updates=0", "--set", "max-time=0"], "stop condition"),
+])
+def test_bad_command_lines_exit_2_with_a_message(capsys, tmp_path, args, message) -> None:
+    code, out, err = _main(capsys, *SCENARIO, "--methods", "fedavg", "--metrics-db", str(tmp_path / "m.db"), *args)
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "m.db").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+def test_every_registered_strategy_declares_a_valid_space() -> None:
+    for name, cls in registered().items():
+        check_space(cls.search_space, name)
+    from tests.compare_helpers import HalfStep, ScaledStep
+
+    assert HalfStep.search_space is DEFAULT_SPACE and "lr" in DEFAULT_SPACE
+    check_space(ScaledStep.search_space, "ScaledStep")
+    assert set(registered()["fedbuff"].search_space) == {"lr", "buffer-size", "staleness-a", "server-lr"}
+    assert set(registered()["abs"].search_space) == {"lr", "k", "k-double-every", "staleness-bound"}
+    assert set(registered()["overlap-local-sgd"].search_space) == {"lr", "mixing"}
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"lr": LR, "buffersize": IntRange(1, 4)}, "did you mean 'buffer-size'"),
+    ({"seed": IntRange(0, 4)}, "fixed by the comparison"),
+    ({"mixing": Uniform(0.5, 2.0)}, "mixing"),        # the run config caps mixing at 1
+    ({"lr": LogUniform(0.0, 0.5)}, "0 < lo < hi"),
+    ({"k": IntRange(4, 4)}, "lo < hi"),
+    ({}, "empty"),
+])
+def test_check_space_refuses_what_the_run_config_would(space, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        check_space(space, "mine")
+    assert message in str(err.value) and str(err.value).startswith("mine: ")
+
+
+def _outcome(time_to: float | None, final: float, end: float) -> Outcome:
+    return Outcome("r", "completed", "", {0.9: time_to}, final, end, 1, 1, 0.0)
+
+
+def test_a_run_that_misses_the_target_scores_worse_than_any_that_reaches_it() -> None:
+    max_time = 10.0
+    hits = [compare.run_score(_outcome(t, 0.95, t + 1), 0.9, max_time) for t in (0.1, 5.0, 9.99)]
+    misses = [compare.run_score(_outcome(None, a, end), 0.9, max_time) for a, end in ((0.89, 10.0), (0.1, 3.0))]
+    assert max(hits) < min(misses) and misses[0] < misses[1]  # the more accurate miss scores better
+
+
+def test_mean_and_student_t_interval() -> None:
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)
+    assert mean_ci([5.0]) == (5.0, None) and mean_ci([]) == (None, None)
+
+
+def test_summary_and_tables_count_runs_that_missed_a_target() -> None:
+    def entry(seed, t, acc, status="completed"):
+        return {"seed": seed, "time_to": {"0.9": t}, "final_accuracy": acc, "bytes_up": 2e6, "bytes_down": 4e6,
+                "wasted_compute": 1.0, "status": status}
+
+    evals = [entry(1, 2.0, 0.95), entry(2, 4.0, 0.93), entry(3, None, 0.85), entry(4, None, None, "failed")]
+    s = summarise(evals, [0.9])
+    assert s["runs"] == 4 and s["completed"] == 3
+    assert s["targets"]["0.9"]["reached"] == 2 and s["targets"]["0.9"]["time_mean"] == 3.0
+    assert s["final_accuracy"]["mean"] == pytest.approx(0.91) and s["mb_up"]["mean"] == 2.0
+    report = {"methods": {"m": {"trials": 3, "chosen": {"lr": 0.1}, "chosen_score": 2.5, "summary": s}},
+              "objective": {"description": "d"}, "budget": 3, "tune_seeds": [0], "eval_seeds": [1, 2, 3, 4],
+              "targets": [0.9], "nodes": 4, "scenario": {}}
+    table = markdown(report)
+    assert "| `m` | 2/4 | 3.000 ± " in table and "`lr=0.1`" in table
+
+
+def test_the_objective_target_is_the_middle_one(tmp_path) -> None:
+    parse = compare._parser().parse_args
+    for targets, middle in (("0.8,0.9,0.95", 0.9), ("0.95,0.8", 0.8), ("0.7", 0.7)):
+        spec = compare.build_spec(parse([*SCENARIO, "--methods", "fedavg", "--targets", targets,
+                                         "--metrics-db", str(tmp_path / "m.db")]))
+        assert spec.objective_target == middle
