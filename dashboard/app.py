@@ -4,7 +4,8 @@ Layout only: the data comes from ``dashboard.queries`` (read-only SQL over the m
 transaction per refresh) and the charts from ``dashboard.charts``. Without ``--db`` it opens the store runs write
 by default (``$STALEFLOWER_METRICS_DB``, else ``~/.staleflower/metrics.db``). While "Live" is on, the body is a
 fragment that reruns every ``REFRESH_S`` seconds; a refresh costs nothing when the store has not changed (results
-are cached by the store's and its WAL's size and modification time).
+are cached by the store's and its WAL's size and modification time). A store that ``python -m server_app.compare``
+wrote also gets, above the run picker, a view of one comparison's evaluation runs overlaid.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def cached_page(path: str, selected: tuple[str, ...], focus: str | None, target:
                 token: tuple) -> queries.PageData:
     """Everything the page draws, re-read only when the store changed."""
     return queries.load_page(path, list(selected), focus, target, limit)
+
+
+@st.cache_data(ttl=600, max_entries=16, show_spinner=False)
+def cached_comparisons(path: str, token: tuple) -> pd.DataFrame:
+    """The comparison list, re-read only when the store changed."""
+    return queries.load_comparisons(path)
+
+
+@st.cache_data(ttl=600, max_entries=32, show_spinner=False)
+def cached_comparison(path: str, comparison_id: str, target: float, token: tuple) -> queries.ComparisonData:
+    """One comparison's view, re-read only when the store changed."""
+    return queries.load_comparison(path, comparison_id, target)
 
 
 def show_store_error(exc: StoreError) -> None:
@@ -113,6 +126,7 @@ def body(limit: int) -> None:
     if runs.empty:
         st.info(f"The metrics store {path} has no run yet. Start one and it appears here.")
         return
+    comparison_view(path)
     selected = pick_runs(runs)
     if not selected:
         st.info("Pick one or more runs above.")
@@ -183,6 +197,36 @@ def draw(page: queries.PageData, x_axis: str, target: float) -> None:
 
     per_node(page, labels)
     configs(page, labels)
+
+
+def comparison_view(path: str) -> None:
+    """One comparison's evaluation runs overlaid, and its table per method (only in stores with comparisons)."""
+    comps = cached_comparisons(path, store_token(path))
+    if comps.empty:
+        return
+    with st.expander("Comparison (`python -m server_app.compare`): its evaluation runs overlaid", expanded=True):
+        labels = dict(zip(comps["comparison_id"], comps["label"], strict=True))
+        a, b = st.columns([4, 1])
+        cid = a.selectbox("Comparison", list(comps["comparison_id"]), format_func=labels.__getitem__,
+                          key="comparison")
+        targets = list(comps.set_index("comparison_id").at[cid, "targets"]) or [0.8]
+        target = b.number_input("Target accuracy", 0.0, 1.0, float(targets[(len(targets) - 1) // 2]), 0.05,
+                                key="comparison_target", format="%.2f")
+        data = cached_comparison(path, cid, float(target), store_token(path))
+        if data.evals.empty:
+            st.info("No evaluation run of this comparison has evaluated yet: the harness evaluates each method's "
+                    "chosen setting after its tuning trials.")
+            return
+        methods = data.methods or list(dict.fromkeys(data.evals["method"]))
+        st.altair_chart(charts.comparison(data.evals, methods, float(target)), width="stretch")
+        cols = {"method": "method", "reached": "reached", "runs": "runs",
+                "mean_time_to_target": f"mean time to {target:.2f} (s)", "final_accuracy": "final accuracy",
+                "mb_up": "MB up", "mb_down": "MB down", "wasted_compute": "wasted compute (s)"}
+        st.dataframe(data.summary[list(cols)].rename(columns=cols), hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in list(cols.values())[3:]})
+        st.caption("One line per evaluation run (one per evaluation seed) of each method's chosen setting; the mean "
+                   "time to the target is over the runs that reached it. Tuning runs are in the store too, tagged "
+                   "`tune`.")
 
 
 def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None:

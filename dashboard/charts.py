@@ -152,3 +152,23 @@ def task_time_per_node(nodes: pd.DataFrame) -> alt.Chart:
                         legend=alt.Legend(orient="right", title=None)),
         tooltip=["node:N", "part:N", alt.Tooltip("s:Q", format=".3f")],
     ).properties(height=_rows_height(len(order), 26))
+
+
+def comparison(evals: pd.DataFrame, methods: Sequence[str], target: float) -> alt.Chart:
+    """A comparison's evaluation runs overlaid: accuracy against the run clock, coloured by method.
+
+    One line per run (one per evaluation seed), the target as a dotted rule.
+    """
+    colors = (RUN_COLORS * (len(methods) // len(RUN_COLORS) + 1))[:max(len(methods), 1)]
+    lines = alt.Chart(evals).mark_line(interpolate="step-after", opacity=0.75).encode(
+        x=alt.X("t:Q", title="run clock (s)"),
+        y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(zero=False)),
+        color=alt.Color("method:N", scale=alt.Scale(domain=list(methods), range=colors),
+                        legend=alt.Legend(orient="bottom", labelLimit=400)),
+        detail="run_id:N",
+        tooltip=["method:N", "seed:Q", alt.Tooltip("t:Q", format=".3f", title="clock (s)"), "updates_applied:Q",
+                 alt.Tooltip("accuracy:Q", format=".4f")],
+    )
+    rule = alt.Chart(pd.DataFrame({"target": [target]})).mark_rule(strokeDash=[2, 3], color="#7f7f7f").encode(
+        y="target:Q")
+    return (lines + rule).properties(height=320)

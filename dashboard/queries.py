@@ -15,7 +15,8 @@ mode. This module only reads it:
   buckets, not by the length of the run (BENCHMARKS.md: 1k, 10k, 100k updates).
 
 Columns beyond the contract are used only when present: ``runs.error``, ``evals.metrics_json``,
-``evals.consensus_distance`` (gossip strategies) and the ``nodes`` table (device and network of each node).
+``evals.consensus_distance`` (gossip strategies) and the ``nodes`` table (device and network of each node); the
+``comparisons`` and ``comparison_runs`` tables (``python -m server_app.compare``) give the comparison view.
 
 Times are seconds on the run's clock (virtual or wall); bytes are what was really serialized. Bandwidth puts a
 task's ``bytes_down`` at its dispatch and its ``bytes_up`` at its completion, the two ends of the task the store
@@ -419,6 +420,124 @@ def parse_config(raw: str | None) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {"unparsed": raw}
     return value if isinstance(value, dict) else {"unparsed": raw}
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+WASTED = "'restarted', 'failed', 'rejected', 'dropped'"  # statuses whose compute never reached the model
+
+
+def has_comparisons(schema: Schema) -> bool:
+    """Whether the store has the comparison harness's tables."""
+    return schema.has("comparisons", "spec_json") and schema.has("comparison_runs", "role")
+
+
+def list_comparisons(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
+    """Every comparison, newest first: status, methods, targets, runs per role, and a label."""
+    if not has_comparisons(schema):
+        return pd.DataFrame(columns=["comparison_id", "label", "methods", "targets", "status"])
+    df = _frame(db, """
+        SELECT m.comparison_id, m.started_at, m.finished_at, m.status, m.spec_json,
+               (SELECT COUNT(*) FROM comparison_runs c WHERE c.comparison_id = m.comparison_id
+                                                        AND c.role = 'tune') AS tune_runs,
+               (SELECT COUNT(*) FROM comparison_runs c WHERE c.comparison_id = m.comparison_id
+                                                        AND c.role = 'eval') AS eval_runs
+        FROM comparisons m ORDER BY m.started_at DESC, m.comparison_id
+    """)
+    specs = [parse_config(raw) for raw in df["spec_json"]]
+    df["methods"] = [list(s.get("methods", [])) for s in specs]
+    df["targets"] = [list(s.get("targets", [])) for s in specs]
+    local = datetime.now().astimezone().tzinfo
+    started = (pd.to_datetime(df["started_at"], unit="s", utc=True, errors="coerce").dt.tz_convert(local)
+               .dt.strftime("%m-%d %H:%M:%S"))
+    df["label"] = [f"{cid} · {', '.join(m)} · {when} ({status})" for cid, m, when, status
+                   in zip(df["comparison_id"], df["methods"], started.fillna("?"), df["status"].fillna("?"),
+                          strict=True)]
+    return df.drop(columns=["spec_json"])
+
+
+def comparison_evals(db: sqlite3.Connection, comparison_id: str) -> pd.DataFrame:
+    """Every evaluation of the comparison's evaluation runs, with the run's method and seed."""
+    return _frame(db, """
+        SELECT c.method, c.seed, e.run_id, e.t, e.accuracy, e.loss, e.updates_applied,
+               e.bytes_up_total + e.bytes_down_total AS bytes_total
+        FROM comparison_runs c JOIN evals e ON e.run_id = c.run_id
+        WHERE c.comparison_id = :cid AND c.role = 'eval'
+        ORDER BY c.method, c.seed, e.t, e.rowid
+    """, {"cid": comparison_id})
+
+
+# One row per evaluation run of comparison :cid: the same definitions as the harness's report
+# (server_app.compare_report): the first evaluation reaching :target, the last evaluation's accuracy, the bytes of
+# every task row, the compute of the tasks that never reached the model.
+_EVAL_RUNS = f"""
+    SELECT c.method, c.seed, c.run_id, r.status,
+           (SELECT MIN(t) FROM evals e WHERE e.run_id = c.run_id AND e.accuracy >= :target) AS time_to_target,
+           (SELECT accuracy FROM evals e WHERE e.run_id = c.run_id ORDER BY t DESC, rowid DESC LIMIT 1)
+               AS final_accuracy,
+           u.bytes_up, u.bytes_down, COALESCE(u.wasted_compute, 0) AS wasted_compute
+    FROM comparison_runs c
+    LEFT JOIN runs r ON r.run_id = c.run_id
+    LEFT JOIN (SELECT run_id, SUM(bytes_up) AS bytes_up, SUM(bytes_down) AS bytes_down,
+                      SUM(CASE WHEN status IN ({WASTED}) THEN compute_s ELSE 0 END) AS wasted_compute
+               FROM updates WHERE run_id IN (SELECT run_id FROM comparison_runs
+                                             WHERE comparison_id = :cid AND role = 'eval')
+               GROUP BY run_id) u ON u.run_id = c.run_id
+    WHERE c.comparison_id = :cid AND c.role = 'eval'
+"""
+
+
+def comparison_runs(db: sqlite3.Connection, comparison_id: str, target: float) -> pd.DataFrame:
+    """One row per evaluation run: time to ``target`` (NULL if never), final accuracy, bytes, wasted compute."""
+    return _frame(db, f"{_EVAL_RUNS} ORDER BY c.method, c.seed", {"cid": comparison_id, "target": target})
+
+
+def comparison_summary(db: sqlite3.Connection, comparison_id: str, target: float,
+                       methods: Sequence[str] = ()) -> pd.DataFrame:
+    """Per method (in ``methods`` order): evaluation runs, and how many reached ``target``.
+
+    The mean time to the target is over the runs that reached it; final accuracy, MB up and down and wasted compute
+    are averaged over every run.
+    """
+    df = _frame(db, f"""
+        SELECT method, COUNT(*) AS runs, COUNT(time_to_target) AS reached,
+               AVG(time_to_target) AS mean_time_to_target, AVG(final_accuracy) AS final_accuracy,
+               AVG(bytes_up) / 1e6 AS mb_up, AVG(bytes_down) / 1e6 AS mb_down, AVG(wasted_compute) AS wasted_compute
+        FROM ({_EVAL_RUNS}) GROUP BY method
+    """, {"cid": comparison_id, "target": target})
+    rank = {m: i for i, m in enumerate(methods)}
+    return df.sort_values("method", key=lambda col: col.map(lambda m: (rank.get(m, len(rank)), m)),
+                          ignore_index=True)
+
+
+@dataclass
+class ComparisonData:
+    """The comparison view of one refresh: the evaluation runs' curves, one row per run, one per method."""
+
+    comparison_id: str
+    methods: list[str]
+    target: float
+    evals: pd.DataFrame
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def load_comparisons(path: str | Path) -> pd.DataFrame:
+    """The comparison list alone (empty when the store has none), in its own short transaction."""
+    with snapshot(path) as (db, schema):
+        return list_comparisons(db, schema)
+
+
+def load_comparison(path: str | Path, comparison_id: str, target: float) -> ComparisonData:
+    """Everything the comparison view draws, in one read transaction."""
+    with snapshot(path) as (db, schema):
+        listed = list_comparisons(db, schema)
+        row = listed[listed["comparison_id"] == comparison_id]
+        methods = list(row["methods"].iloc[0]) if len(row) else []
+        if not has_comparisons(schema):
+            return ComparisonData(comparison_id, methods, target, pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+        return ComparisonData(comparison_id, methods, target, comparison_evals(db, comparison_id),
+                              comparison_runs(db, comparison_id, target),
+                              comparison_summary(db, comparison_id, target, methods))
 
 
 # ------------------------------------------------------------------------------------------------ one page load

@@ -214,3 +214,82 @@ def test_the_objective_target_is_the_middle_one(tmp_path) -> None:
         spec = compare.build_spec(parse([*SCENARIO, "--methods", "fedavg", "--targets", targets,
                                          "--metrics-db", str(tmp_path / "m.db")]))
         assert spec.objective_target == middle
+
+
+# ------------------------------------------------------------------------------------------------ the dashboard
+def test_dashboard_queries_agree_with_the_report(quick) -> None:
+    from dashboard import queries
+
+    db, report, second, _ = quick
+    listed = queries.load_comparisons(db)
+    cid = report["run"]["comparison_id"]
+    assert {cid, second["run"]["comparison_id"]} <= set(listed["comparison_id"])
+    assert list(listed["started_at"]) == sorted(listed["started_at"], reverse=True)  # newest first
+    row = listed.set_index("comparison_id").loc[cid]
+    assert row.methods == METHODS.split(",") and row.targets == [0.2, 0.3, 0.5] and row.eval_runs == 6
+    data = queries.load_comparison(db, cid, 0.3)
+    assert list(data.summary["method"]) == METHODS.split(",")
+    assert set(data.evals["method"]) == set(METHODS.split(",")) and data.evals["run_id"].nunique() == 6
+    runs = data.runs.set_index(["method", "seed"])
+    for name, m in report["methods"].items():
+        for e in m["eval"]:
+            r = runs.loc[(name, e["seed"])]
+            assert r.status == "completed" and r.final_accuracy == e["final_accuracy"]
+            assert (r.bytes_up, r.bytes_down) == (e["bytes_up"], e["bytes_down"])
+            assert r.wasted_compute == pytest.approx(e["wasted_compute"])
+            hit = r.time_to_target
+            assert (None if hit != hit else hit) == e["time_to"]["0.3"]  # NaN when not reached
+        s = data.summary.set_index("method").loc[name]
+        assert s.reached == m["summary"]["targets"]["0.3"]["reached"] and s.runs == 2
+
+
+def test_dashboard_overlays_a_comparisons_evaluation_runs(quick) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    db, report, _, _ = quick
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60)
+    at.session_state["db"] = str(db)
+    at.run()
+    assert not at.exception and not at.error
+    from dashboard import queries
+
+    assert at.selectbox(key="comparison").value == queries.load_comparisons(db)["comparison_id"][0]  # the newest
+    at.selectbox(key="comparison").set_value(report["run"]["comparison_id"]).run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert list(table["method"]) == METHODS.split(",") and list(table["runs"]) == [2, 2, 2]
+    assert at.number_input(key="comparison_target").value == pytest.approx(0.3)
+    charts = len(at.get("vega_lite_chart"))
+    at.number_input(key="comparison_target").set_value(0.99).run()
+    assert not at.exception and list(at.dataframe[0].value["reached"]) == [0, 0, 0]
+    assert len(at.get("vega_lite_chart")) == charts
+
+
+def test_dashboard_without_comparisons_shows_no_comparison_view(tmp_path) -> None:
+    from dashboard import queries
+    from server_app.testing import simulate
+
+    run = simulate("fedavg", nodes=2, max_updates=4, eval_every=2, db=tmp_path / "m.db")
+    assert queries.load_comparisons(run.db).empty
+    with sqlite3.connect(run.db) as con:  # a store written before the comparison tables existed
+        con.executescript("DROP TABLE comparisons; DROP TABLE comparison_runs;")
+    assert queries.load_comparisons(run.db).empty
+
+
+def test_an_older_store_gains_the_comparison_tables_on_open(tmp_path) -> None:
+    from server_app.store import MetricsStore
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as con:  # the contract's runs table only, as an old version wrote it
+        con.execute("CREATE TABLE runs(run_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, status TEXT, "
+                    "strategy TEXT, config_json TEXT, error TEXT)")
+    store = MetricsStore(db)
+    store.start_comparison("cmp-1", {"methods": ["fedavg"]})
+    store.tag_run("42", "cmp-1", "fedavg", "eval", 10)
+    with pytest.raises(ValueError, match="role"):
+        store.tag_run("43", "cmp-1", "fedavg", "warmup", 10)
+    store.finish_comparison("cmp-1", "completed", {"ok": True})
+    store.close()
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT * FROM comparison_runs").fetchall() == [("42", "cmp-1", "fedavg", "eval", 10, None)]
+        assert con.execute("SELECT status, report_json FROM comparisons").fetchone() == ("completed", '{"ok": true}')
