@@ -40,7 +40,7 @@ def test_a_preset_runs_in_process(tmp_path, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "buffer-size=0"], "buffer-size = 0 is out of range"),
     (["--set", "batchsize=8"], "did you mean 'batch-size'"),
-    (["--set", "strategy='fedsgd'"], "fedavg, fedasync, fedbuff"),
+    (["--set", "strategy='fedsgd'"], "strategy = 'fedsgd' is unknown (did you mean 'fedavg'?); valid: abs, ad-psgd"),
     (["--run-config", "configs/nope.toml"], "run-config file not found"),
     (["--set", "oops"], "--set expects KEY=VALUE"),
     (["--clientapp", "no.such:app"], "cannot load 'no.such:app'"),
