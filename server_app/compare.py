@@ -405,6 +405,19 @@ def build_spec(args: argparse.Namespace) -> Spec:
                 eval_seeds=evals, targets=targets, search_seed=args.search_seed, db=db, jobs=args.jobs)
 
 
+def notes(spec: Spec) -> list[str]:
+    """What the user should know about the scenario before the runs start (nothing is refused here)."""
+    out = []
+    if float(spec.scenario["max-time"]) <= 0:
+        out.append("max-time is 0, so a tuning run that misses the objective's target is scored on its own end "
+                   "time; set max-time to make a miss always score worse than a hit")
+    stop = float(spec.scenario["target-accuracy"])
+    if 0 < stop < max(spec.targets):
+        out.append(f"target-accuracy = {stop:g} stops every run there: targets above it are never reached and "
+                   "final accuracies stop near it (--set target-accuracy=0 runs to the budget)")
+    return out
+
+
 def _seeds(flag: str, text: str) -> tuple[int, ...]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     try:
@@ -447,9 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if float(spec.scenario["max-time"]) <= 0:
-        print("note: max-time is 0, so a tuning run that misses the objective's target is scored on its own end "
-              "time; set max-time to make a miss always score worse than a hit", file=sys.stderr)
+    for note in notes(spec):
+        print(f"note: {note}", file=sys.stderr)
     import torch
 
     torch.set_num_threads(1)

@@ -293,3 +293,12 @@ def test_an_older_store_gains_the_comparison_tables_on_open(tmp_path) -> None:
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT * FROM comparison_runs").fetchall() == [("42", "cmp-1", "fedavg", "eval", 10, None)]
         assert con.execute("SELECT status, report_json FROM comparisons").fetchone() == ("completed", '{"ok": true}')
+
+
+def test_notes_warn_of_a_scenario_that_caps_the_targets(tmp_path) -> None:
+    parse = compare._parser().parse_args
+    capped = compare.build_spec(parse([*SCENARIO, "--set", "target-accuracy=0.9", "--methods", "fedavg",
+                                       "--metrics-db", str(tmp_path / "m.db")]))
+    assert any("target-accuracy = 0.9" in n for n in compare.notes(capped))
+    plain = compare.build_spec(parse([*SCENARIO, "--methods", "fedavg", "--metrics-db", str(tmp_path / "m.db")]))
+    assert compare.notes(plain) == []  # max-time is set, no accuracy stop
