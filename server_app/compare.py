@@ -366,6 +366,8 @@ def build_spec(args: argparse.Namespace) -> Spec:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
+    if not 0 <= args.search_seed < 2**32:
+        raise ConfigError(f"--search-seed must be in [0, 2**32), got {args.search_seed}")
     tune = _seeds("--tune-seeds", args.tune_seeds)
     evals = _seeds("--eval-seeds", args.eval_seeds)
     both = sorted(set(tune) & set(evals))
@@ -377,7 +379,10 @@ def build_spec(args: argparse.Namespace) -> Spec:
         evals = evals[:QUICK_EVAL_SEEDS]
     targets = _targets(args.targets)
     scenario = merge_config(args.run_config, args.set)
-    RunConfig.from_mapping(scenario)  # types and ranges of the scenario itself
+    scenario_cfg = RunConfig.from_mapping(scenario)  # types and ranges of the scenario itself
+    if args.nodes < scenario_cfg.min_nodes:
+        raise ConfigError(f"--nodes {args.nodes} is fewer than min-nodes = {scenario_cfg.min_nodes}: every run would "
+                          "wait for nodes that never come")
     db = Path(args.metrics_db or str(scenario.get("metrics-db") or "") or DEFAULT_DB).expanduser().resolve()
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if not names:

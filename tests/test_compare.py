@@ -137,6 +137,8 @@ def test_overlapping_seed_sets_are_refused_with_exit_2_and_no_traceback(tmp_path
     (["--set", "lr=-1"], "lr"),
     (["--budget", "0"], "--budget"),
     (["--jobs", "0"], "--jobs"),
+    (["--search-seed", "-1"], "--search-seed"),
+    (["--nodes", "1"], "min-nodes"),
     (["--tune-seeds", "a,b"], "integers"),
     (["--eval-seeds", ""], "empty"),
     (["--set", "max-updates=0", "--set", "max-time=0"], "stop condition"),
