@@ -14,6 +14,8 @@
 - bench.fuzz_report: malformed inputs per target, rejected / accepted / crashes; the norm filter (RELIABILITY.md)
 - bench/local_executors.py: Leashed-SGD, HOGWILD!, lock-based and sequential local executors (BENCHMARKS.md)
 - bench.scale: 1,000 in-process nodes, memory over the run and updates/s (BENCHMARKS.md, RELIABILITY.md)
+- server_app.compare --quick: FedAvg, FedAsync and FedBuff tuned with 2 trials each and evaluated on 2 seeds, on the
+  straggler scenario (results/compare_quick.*; README "Comparing strategies"); always the quick form here
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The comparison harness's smoke form on the straggler preset, run to 5 s of clock time (not to its 90% stop).
+COMPARE_QUICK = ["--run-config", "configs/stragglers-fedbuff.toml", "--set", "target-accuracy=0", "--set",
+                 "max-time=5", "--nodes", "10", "--methods", "fedavg,fedasync,fedbuff", "--quick", "--quiet",
+                 "--metrics-db", "results/compare_quick.db", "--json", "results/compare_quick.json",
+                 "--markdown", "results/compare_quick.md", "--plot", "results/compare_quick.png"]
 
 
 def main() -> int:
@@ -47,7 +54,9 @@ def main() -> int:
         ["bench/local_executors.py", *(["--quick"] if quick else []), "--json", "results/local_executors.json"],
         ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
          "--markdown", "results/scale.md"],
+        ["-m", "server_app.compare", *COMPARE_QUICK],
     ]
+    (ROOT / "results" / "compare_quick.db").unlink(missing_ok=True)  # a fresh store, as the other benchmarks
     for args in runs:
         print("$ python", " ".join(args), flush=True)
         if subprocess.run([sys.executable, *args], cwd=ROOT).returncode != 0:
