@@ -38,6 +38,7 @@ def final_weights(db, run_id):
 
 
 def assert_same_weights(a, b):
+    """Bitwise: a resumed run repeats, in this process, the arithmetic of the uninterrupted one."""
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)

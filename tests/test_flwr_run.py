@@ -38,6 +38,8 @@ FLWR = BIN / "flwr"
 CONN = "pytest-sim"
 FEDERATION_CONFIG = "num-supernodes=4 client-resources-num-cpus=1"
 RUN_TIMEOUT_S = 240.0
+# One digit of the ~360-digit test split (test-fraction 0.2 of 1797) changing its prediction: 1/359 < 1/350 < 2/365.
+ACCURACY_ONE_DIGIT = 1 / 350
 
 
 @dataclass
@@ -191,7 +193,11 @@ def test_flwr_run_completes_and_fills_metrics_store(superlink: SuperLink, tmp_pa
     local = simulate("fedbuff", nodes=4, db=tmp_path / "local.db", max_updates=20, model="logreg", local_steps=2,
                      eval_every=10, min_nodes=2)
     local_curve = [(e["model_version"], e["updates_applied"], e["accuracy"], e["loss"]) for e in local.evals()]
-    assert [c[:3] for c in local_curve] == [c[:3] for c in flwr_curve]
+    assert [c[:2] for c in local_curve] == [c[:2] for c in flwr_curve]
+    # Same decisions, not the same bits: the Ray workers and this process run torch with other intra-op thread
+    # counts, so the weights may differ in the last float32 bits; accuracy is then equal up to a test digit on a
+    # decision boundary flipping (ACCURACY_ONE_DIGIT), the loss to rel 1e-6.
+    assert [c[2] for c in local_curve] == pytest.approx([c[2] for c in flwr_curve], abs=ACCURACY_ONE_DIGIT)
     assert [c[3] for c in local_curve] == pytest.approx([c[3] for c in flwr_curve], rel=1e-6)
 
 
@@ -217,5 +223,6 @@ def test_flwr_run_gossip_matches_the_in_process_runner(superlink: SuperLink, tmp
     assert peers > 0 and all(c[2] is not None for c in curve) and curve[-1][2] > 0
     local = simulate("ad-psgd", nodes=4, db=tmp_path / "local.db", max_updates=24, model="logreg", local_steps=2,
                      eval_every=8, min_nodes=2)
-    assert [(e["updates_applied"], e["accuracy"]) for e in local.evals()] == [c[:2] for c in curve]
+    assert [e["updates_applied"] for e in local.evals()] == [c[0] for c in curve]
+    assert [e["accuracy"] for e in local.evals()] == pytest.approx([c[1] for c in curve], abs=ACCURACY_ONE_DIGIT)
     assert [e["consensus_distance"] for e in local.evals()] == pytest.approx([c[2] for c in curve], rel=1e-5)
