@@ -81,10 +81,14 @@ def test_dashboard_in_chromium_while_a_run_writes(tmp_path: Path) -> None:
                  "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
                  "--browser.gatherUsageStats", "false", "--", "--db", str(db)],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))
-        assert finished.wait(timeout=60) == 0, logs[0].read_text(errors="replace")[-3000:]
+        # The live run starts as soon as the finished one has registered (so it is the second run of the store),
+        # not after it ended: the two interpreters' start-ups overlap.
+        _wait(lambda: len(_runs(db)) == 1, 60, "the first run to register", *procs, logs=logs)
         live = _simulate(db, logs[1], "strategy='fedbuff'", "codec='topk'", "max-updates=100000", "eval-every=10")
         procs.append(live)
+        assert finished.wait(timeout=60) == 0, logs[0].read_text(errors="replace")[-3000:]
         runs = _wait(lambda: len(_runs(db)) == 2 and _runs(db), 30, "the live run to register", *procs, logs=logs)
+        assert runs[0][1] == "completed"
         wait_http(f"http://127.0.0.1:{port}/_stcore/health", 30, procs[1])
 
         browser = Chromium(chromium, tmp_path / "chromium")

@@ -25,6 +25,8 @@ def test_server_and_node_copies_agree_across_a_lost_task():
             server.discard(7)  # the reply was lost after the node had applied the message
             continue
         server.confirm(7)
+        # Bitwise on purpose: both ends compute copy + decode(the same bytes), one IEEE float32 add per element,
+        # which is exactly rounded on every machine; the protocol needs the two copies to be identical.
         np.testing.assert_array_equal(node_model[0], server.links.copy(7)[0])
     # error feedback keeps the copy close to the real model
     assert np.abs(node_model[0] - w[0]).max() < np.abs(w[0]).max()

@@ -85,6 +85,8 @@ class RivalLeashed(Leashed):
 @pytest.mark.parametrize("name", EXECUTORS)
 @pytest.mark.parametrize(("momentum", "prox_mu"), [(0.0, 0.0), (0.9, 0.0), (0.5, 0.1)])
 def test_one_thread_is_bit_identical_to_local_sgd(digits, name, momentum, prox_mu):
+    # Bitwise on purpose (client_app/executors.py promises it): one thread issues the very kernels of
+    # LocalSGD.run in the same order (forward, cross-entropy, autograd, SGD's mul_/add_), in this process.
     x, y = digits
     sgd = LocalSGD(steps=25, batch_size=32, lr=0.05, momentum=momentum, prox_mu=prox_mu, seed=7)
     reference = build_model("mlp", (1, 8, 8), 10, seed=1)

@@ -1,7 +1,8 @@
 """Scale on Flower's own runtime (issue 9): a ``flwr run`` simulation with 100 SuperNodes runs to completion.
 
-Slow (about 50 s on 2 cores): one ``flower-superlink --simulation`` of its own (``tests/test_flwr_run.py``'s
-fixture: loopback port, private FLWR_HOME, stopped by pid with whatever it spawned), then ``flwr run . --stream``
+Slow (about 50 s on 2 cores): the session's ``flower-superlink --simulation`` (tests/flwr_superlink.py, shared
+with tests/test_flwr_run.py: loopback port, private FLWR_HOME, stopped by pid with whatever it spawned), then
+``flwr run . --stream``
 with ``num-supernodes=100`` on Ray, FedBuff with logreg on digits, every node busy, 150 applied updates. The run
 must end ``finished:completed`` (from ``flwr ls``: ``flwr run`` exits 0 even when the ServerApp fails), every one
 of the 100 nodes must have described itself (partition ids 0..99 in the store's ``nodes`` table), and the updates
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_flwr_run import CONN, RUN_TIMEOUT_S, SuperLink, superlink  # noqa: F401 - the fixture
+from tests.flwr_superlink import CONN, RUN_TIMEOUT_S, SuperLink
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ NODES = 100
 UPDATES = 150
 
 
-def test_flwr_run_with_100_supernodes_completes(superlink: SuperLink, tmp_path: Path) -> None:  # noqa: F811
+def test_flwr_run_with_100_supernodes_completes(superlink: SuperLink, tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     config = (f"strategy='fedbuff' model='logreg' local-steps=2 max-updates={UPDATES} eval-every=50 "
               f"min-nodes={NODES} concurrency=0 metrics-db='{db}'")

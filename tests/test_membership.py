@@ -39,13 +39,15 @@ class FlakyGrid(LocalGrid):
         self.offline: set[int] = set()   # Flower knows: error replies, not listed
         self.silent: set[int] = set()    # dead, but Flower does not know yet: no replies, still listed
         self.script = sorted(script)      # (after this many train replies, "join" | "die" | "vanish", node);
-        # a node dies only while it has a task in flight, so that a task is lost
+        # a node dies only while it has a training task in flight, so that a task is lost (not while it answers
+        # the describe query: discovery would then wait its whole timeout, min(task-ttl, 60 s), for nothing)
         self.sent: dict[str, Message] = {}
         self.train_replies = 0
         self.guard = threading.Lock()
 
     def _play_script(self) -> None:
-        busy = {self.sent[m].metadata.dst_node_id for m in self.pending if m in self.sent}
+        busy = {self.sent[m].metadata.dst_node_id for m in self.pending
+                if m in self.sent and self.sent[m].metadata.message_type == "train"}
         while self.script and self.script[0][0] <= self.train_replies:
             _, action, node = self.script[0]
             if action == "join":
@@ -169,3 +171,5 @@ def test_abs_applies_arrivals_in_hand_when_a_silent_node_is_declared_gone(tmp_pa
     summary, updates, _ = _run(tmp_path, {"script": [(0, "vanish", 1001), (3, "die", 1001)]}, strategy="abs",
                                max_updates=12, k=4, k_double_every=0.0, task_ttl=5.0)
     assert summary.stop_reason == "max-updates"
+    lost = [u for u in updates if u["node_id"] == 1001]  # its one task, lost when Flower declared it gone
+    assert [u["status"] for u in lost] == ["failed"] and f"client error {NODE_UNAVAILABLE}" in lost[0]["reason"]

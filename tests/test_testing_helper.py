@@ -31,7 +31,7 @@ def test_user_strategy_runs_in_simulation(simulate):
 
 
 def test_strategy_that_never_applies_stops_on_max_time(simulate):
-    run = simulate(DropEverything, nodes=2, max_updates=5, max_time=3.0)
+    run = simulate(DropEverything, nodes=2, max_updates=5, max_time=0.5)  # ~40 dropped tasks (3.0: ~250, 3 s)
     assert run.summary.applied == 0
     assert run.summary.stop_reason == "max-time"
     assert {r["status"] for r in run.updates()} == {"dropped"}
