@@ -37,11 +37,12 @@ run: $(STAMP)
 		STALEFLOWER_METRICS_DB=$(CURDIR)/results/metrics.db \
 		bash scripts/flwr_run.sh $(RUN_CONFIG) $(RUN_ARGS)
 
+# Two workers: the slow tests mostly wait on real processes, which overlaps well even on 2 cores (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not deployment"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not deployment"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

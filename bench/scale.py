@@ -60,9 +60,9 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         t = time.perf_counter()
         result = original(self)
         gc.collect()
-        samples.append({"applied": self.totals.applied, "wall_s": t, "rss_mb": rss_mb(),
-                        "gc_objects": len(gc.get_objects()), "flights": len(self.flights),
-                        "versions": len(self.versions), "accuracy": result[1],
+        samples.append({"applied": self.state.totals.applied, "wall_s": t, "rss_mb": rss_mb(),
+                        "gc_objects": len(gc.get_objects()), "flights": len(self.state.flights),
+                        "versions": len(self.state.versions), "accuracy": result[1],
                         "sampling_s": time.perf_counter() - t})  # evaluation + sampling: not counted as run time
         return result
 

@@ -7,6 +7,8 @@ from collections.abc import Iterator, MutableMapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from strategies.codecs import array_of
+
 
 class NodeState(MutableMapping[str, list[np.ndarray]]):
     """Per-node persistent arrays (error-feedback residuals, in-flight queues) kept in Flower's ``context.state``.
@@ -22,7 +24,7 @@ class NodeState(MutableMapping[str, list[np.ndarray]]):
 
     def __getitem__(self, key: str) -> list[np.ndarray]:
         record = self.state.array_records[self.PREFIX + key]
-        return [record[str(i)].numpy() for i in range(len(record))]
+        return [array_of(record[str(i)]) for i in range(len(record))]
 
     def __setitem__(self, key: str, value: list[np.ndarray]) -> None:
         arrays = {str(i): Array(np.ascontiguousarray(v)) for i, v in enumerate(value)}

@@ -10,12 +10,14 @@ must produce the same run whatever the arrival order (``tests/test_determinism.p
 
 from __future__ import annotations
 
+import ast
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
@@ -26,6 +28,27 @@ from flwr.supercore.task_identity import TaskIdentity
 from server_app.wire import message_sizes
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
+
+
+def _serialise_ast_parse() -> None:
+    """Make ``ast.parse`` safe to call from several threads at once (CPython 3.11 needs it).
+
+    CPython 3.11 keeps the AST converter's recursion depth in interpreter-wide state: two threads parsing at
+    once fail with ``SystemError: AST constructor recursion depth mismatch``. Clients here run on threads, and
+    ``Array.numpy()`` (``np.load``, hence ``ast.literal_eval``) is how a stock Flower ClientApp reads its model,
+    so without this a task fails now and then and a virtual-clock run stops being a function of its seed. Our
+    own code reads arrays without ``ast`` (``strategies.codecs.array_of``); a user's ClientApp may not.
+    """
+    if getattr(ast.parse, "_staleflower_serialised", False):
+        return
+    parse, lock = ast.parse, threading.Lock()
+
+    def serialised(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return parse(*args, **kwargs)
+
+    serialised._staleflower_serialised = True  # type: ignore[attr-defined]
+    ast.parse = serialised
 
 #: What a node runs: a ``ClientApp``, or a plain function of (message, context) as tests and ``--clientapp`` give.
 ClientAppLike = ClientApp | Callable[[Message, Context], Message]
@@ -38,6 +61,7 @@ class LocalGrid(Grid):
                  run_id: int = 1, workers: int = 2, reorder_seed: int | None = None) -> None:
         if num_nodes < 1:
             raise ValueError("num_nodes must be >= 1")
+        _serialise_ast_parse()
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self.client_app = client_app
         self._run = Run.create_empty(run_id)

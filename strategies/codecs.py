@@ -169,7 +169,17 @@ def from_record(record: ArrayRecord, names: Sequence[str]) -> list[np.ndarray]:
     """Arrays of a record in ``names`` order; a missing or extra key is an error, not a silent reorder."""
     if set(record) != set(names):
         raise ValueError(f"record keys {sorted(record)[:5]}... do not match the model's {list(names)[:5]}...")
-    return [record[n].numpy() for n in names]
+    return [array_of(record[n]) for n in names]
+
+
+def array_of(arr: Array) -> np.ndarray:
+    """A plain numpy ``Array``'s values as a new writable array: ``Array.numpy()`` without ``np.load``.
+
+    ``np.load`` reads the ``.npy`` header with ``ast.literal_eval``, which CPython 3.11 cannot run on two threads
+    at once (in-process clients run on threads): see ``parse_npy_header``. Raises ``CodecError``.
+    """
+    dtype, shape, _, _ = parse_npy_header(arr.data)
+    return npy_view(arr.data, shape, dtype).copy()
 
 
 class _Serialized(Protocol):

@@ -42,3 +42,26 @@ def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from tests.flwr_superlink import start_superlink
 
     yield from start_superlink(tmp_path_factory)
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of the slow tests wait on
+# real processes (SuperLinks, SuperNodes, Chromium), so two workers overlap that waiting even on 2 cores. Each
+# file is one group, so its module fixtures are built once; the real-runtime files share one group (and so one
+# SuperLink per session). The longest groups go first, so that they overlap the rest of the suite.
+SHARED_GROUPS = {"test_flwr_run.py": "flower-runtime", "test_flwr_scale.py": "flower-runtime"}
+LONGEST_FIRST = ("test_deployment.py", "test_flwr_run.py", "test_flwr_scale.py", "test_dashboard_browser.py",
+                 "test_checkpoint.py", "test_bench_smoke.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group the tests by file for xdist, and put the longest files first."""
+    for item in items:
+        name = item.path.name
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(name, name)))
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept

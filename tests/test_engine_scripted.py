@@ -19,6 +19,7 @@ from server_app.local_grid import LocalGrid
 from server_app.state import ModelSpec
 from server_app.store import MetricsStore
 from strategies import get_strategy
+from strategies.codecs import array_of
 from strategies.config import RunConfig
 
 TARGET = np.arange(4, dtype=np.float32)  # every node's least-squares optimum
@@ -27,7 +28,7 @@ SPEC = ModelSpec(names=["w"], initial=[np.zeros(4, np.float32)], flops_per_step=
 
 def numpy_client(msg: Message, context: Context) -> Message:
     """One gradient step of 0.5 * ||w - TARGET||^2 with the task's lr; replies with the delta, as our ClientApp."""
-    w = msg.content.array_records["arrays"]["w"].numpy()
+    w = array_of(msg.content.array_records["arrays"]["w"])
     cfg = msg.content.config_records["config"]
     delta = np.float32(cfg["lr"]) * (w - TARGET)
     metrics = MetricRecord({"num-examples": 10, "task-seq": cfg["task-seq"], "model-version": cfg["model-version"]})
@@ -51,10 +52,10 @@ def run(tmp_path, strategy, script, nodes=3, **settings):
         summary = engine.run()
     finally:
         grid.close()
-    keys = ("seq", "node", "base", "applied", "staleness", "status", "t")
+    keys = ("seq", "node", "base", "applied", "staleness", "status", "t", "reason")
     rows = [dict(zip(keys, r, strict=True)) for r in store.db.execute(
-        "SELECT seq, node_id - 1000, base_version, applied_version, staleness, status, completed_at FROM updates "
-        "ORDER BY seq")]
+        "SELECT seq, node_id - 1000, base_version, applied_version, staleness, status, completed_at, reason "
+        "FROM updates ORDER BY seq")]
     store.close()
     return summary, rows
 
@@ -65,7 +66,8 @@ def test_async_sgd_applies_in_scripted_order_with_the_staleness_of_the_schedule(
     applied = sorted((r for r in rows if r["status"] == "applied"), key=lambda r: r["applied"])
     # Node 0 completes at t = 1, 2, 3, 4, 5; node 1 at t = 3 on version 0, two versions late. At t = 3 the tie
     # goes to the earlier dispatch (node 1, seq 1), so node 0's third task, sent at t = 2, is one version late.
-    assert [(r["node"], r["t"]) for r in applied] == [(0, 1.0), (0, 2.0), (1, 3.0), (0, 3.0), (0, 4.0), (0, 5.0)]
+    expected = [(0, 1.0), (0, 2.0), (1, 3.0), (0, 3.0), (0, 4.0), (0, 5.0)]
+    assert [(r["node"], r["t"]) for r in applied] == expected, "\n".join(map(str, rows))
     assert [r["staleness"] for r in applied] == [0, 0, 2, 1, 0, 0]
     assert summary.applied == 6 and summary.time == 5.0
 
