@@ -1,7 +1,7 @@
 """Equal-budget tuning and evaluation of strategies: ``python -m server_app.compare``.
 
     python -m server_app.compare [--run-config FILE] [--set key=value ...] [--nodes N]
-        [--methods fedavg,fedbuff,mypkg.mod:MyStrategy] [--budget N] [--tune-seeds 0,1]
+        [--methods "fedavg,fedbuff[buffer-size=4],mypkg.mod:MyStrategy"] [--budget N] [--tune-seeds 0,1]
         [--eval-seeds 10,11,12,13,14] [--targets 0.8,0.9,0.95] [--jobs J] [--search-seed S]
         [--metrics-db PATH] [--json OUT] [--markdown OUT] [--plot OUT.png] [--quick]
 
@@ -13,6 +13,19 @@ its own). Each setting runs once per tuning seed and is scored; the best-scored 
 evaluation seed, and only those evaluation runs are reported. Tuning and evaluation seeds must be disjoint: a
 setting is never graded on the runs it was picked on. The first trial of every search is the scenario's own values
 (where they lie in the space), so tuning never ends on a setting worse, on the tuning seeds, than the untuned one.
+
+**Methods with fixed settings.** An entry of ``--methods`` is ``NAME`` or ``NAME[KEY=VALUE;KEY=VALUE;...]``:
+run-config values for that method only, e.g. ``"local-sgd,olco3[codec='topk';codec-ratio=0.01;error-feedback=true],
+pipe-sgd[local-steps=1]"``. Brackets and ``;`` cannot occur in a ``module:Class`` name; values are TOML as for
+``--set`` (bare text is a string), and commas, semicolons and brackets inside a quoted value do not split. The
+method's label, its key in the JSON and its tag in the store, is the entry as written, or ``label='...'`` inside
+the brackets; labels must differ, so one strategy may appear several times with different fixed settings. Fixed
+keys are checked like ``--set`` (an unknown key gets a did-you-mean; exit 2), the run config with them is validated
+as the method's own (``pipe-sgd`` needs ``local-steps = 1``), and they leave the method's search space. They may
+not be ``strategy``, ``seed``, ``metrics-db``, ``resume``, ``clock``, ``max-time`` or ``target-accuracy``: the clock
+and its budget are every method's. ``max-updates`` and ``eval-every`` may be fixed (a method whose update is one
+SGD step needs more of them for the same computation); a note says so before the runs. A method whose fixed keys
+cover its whole search space runs one tuning trial (more would repeat the same deterministic runs).
 
 **Objective** (lower is better). The objective's target is the middle one of ``--targets`` (sorted; the lower
 middle for an even count). A tuning run that reaches it scores its time to it: the clock time (the run's clock, in
@@ -39,8 +52,9 @@ store, wall time) is a function of the command line.
 ``metrics-db``, else ``results/compare.db``), tagged in ``comparison_runs`` with its comparison, method, role
 (``tune`` or ``eval``), seed and trial; ``comparisons`` holds the comparison itself and its final report.
 
-**JSON** (``--json``): ``tune_seeds``, ``eval_seeds``, ``targets``, ``methods`` -> per method ``trials`` (count),
-``space``, ``chosen`` (the chosen run-config values), ``eval`` (per evaluation seed: ``seed``, ``time_to`` per
+**JSON** (``--json``): ``tune_seeds``, ``eval_seeds``, ``targets``, ``methods`` -> per method label ``trials``
+(count), ``space`` (less the fixed keys), ``chosen`` (the chosen run-config values), ``strategy``, ``fixed`` (its
+fixed settings, ``{}`` for none), ``eval`` (per evaluation seed: ``seed``, ``time_to`` per
 target or null, ``final_accuracy``, ``bytes_up``, ``bytes_down``, ``wasted_compute``; see
 ``server_app.compare_report``), plus ``tuning`` (every trial), ``summary``, ``objective``, ``scenario``,
 ``search`` and ``run``.
@@ -62,6 +76,7 @@ import multiprocessing
 import secrets
 import sys
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -84,14 +99,31 @@ DEFAULT_DB = Path("results") / "compare.db"
 QUICK_TRIALS = 2
 QUICK_EVAL_SEEDS = 2
 PER_RUN_KEYS = ("strategy", "seed", "metrics-db")  # set per run by the harness, not part of the scenario
+# Keys a method's fixed settings may not change: those the harness sets per run, and the scenario's clock and
+# clock budget (max-time, target-accuracy: the objective's horizon and stop are the same for every method).
+HARNESS_KEYS = frozenset({*PER_RUN_KEYS, "resume", "clock", "max-time", "target-accuracy"})
+# Fixed keys that change what a method's budget counts (allowed: e.g. pipe-sgd's one-step periods need 10x the
+# updates for the same computation); notes() says so before the runs.
+BUDGET_KEYS = ("max-updates", "eval-every")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method as named on the command line (a registered name or ``module:Class``) and its search space."""
+    """One entry of ``--methods``: its label, its strategy, its fixed settings and what is left to search.
+
+    ``name`` is the strategy (a registered name or ``module:Class``); ``label`` names the method in the report and
+    the store (the entry as written, or its ``label=``); ``fixed`` are run-config values set for this method only;
+    ``space`` is the strategy's search space less the fixed keys.
+    """
 
     name: str
     space: Mapping[str, Param]
+    label: str = ""
+    fixed: Mapping[str, ConfigValue] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
 
 @dataclass(frozen=True)
@@ -116,7 +148,8 @@ class Spec:
 
     def values(self, method: Method, seed: int, params: Mapping[str, ConfigValue]) -> dict[str, ConfigValue]:
         """The run config of one run."""
-        return {**self.scenario, **params, "strategy": method.name, "seed": seed, "metrics-db": str(self.db)}
+        return {**self.scenario, **method.fixed, **params, "strategy": method.name, "seed": seed,
+                "metrics-db": str(self.db)}
 
     def changed(self) -> dict[str, ConfigValue]:
         """The scenario's keys that differ from the defaults (the per-run keys left out)."""
@@ -125,7 +158,9 @@ class Spec:
 
     def as_json(self) -> dict[str, object]:
         """What the command line means, for the store's ``comparisons`` row."""
-        return {"methods": [m.name for m in self.methods], "budget": self.budget, "tune_seeds": list(self.tune_seeds),
+        return {"methods": [m.label for m in self.methods],
+                "fixed": {m.label: dict(m.fixed) for m in self.methods if m.fixed}, "budget": self.budget,
+                "tune_seeds": list(self.tune_seeds),
                 "eval_seeds": list(self.eval_seeds), "targets": list(self.targets), "nodes": self.nodes,
                 "search_seed": self.search_seed, "scenario": self.changed(), "jobs": self.jobs}
 
@@ -222,44 +257,49 @@ class Comparison:
     def job(self, method: Method, role: str, seed: int, trial: int | None,
             params: Mapping[str, ConfigValue]) -> Job:
         """A new run of ``method`` with ``params`` on ``seed``."""
-        return Job(method.name, role, seed, trial, self.spec.values(method, seed, params), self.spec.nodes,
+        return Job(method.label, role, seed, trial, self.spec.values(method, seed, params), self.spec.nodes,
                    secrets.randbits(63))
 
     # -------------------------------------------------------------------------------------------- tuning
     def tune(self) -> dict[str, dict[str, Any]]:
-        """``budget`` steps; in each, one trial per method on every tuning seed. Returns each method's log."""
+        """``budget`` steps; in each, one trial per method on every tuning seed. Returns each method's log.
+
+        A method whose fixed settings leave nothing to search runs one trial only (its fixed setting): further
+        trials would repeat the same deterministic runs.
+        """
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = self.spec
-        studies = {m.name: self._study(m) for m in spec.methods}
-        logs: dict[str, dict[str, Any]] = {m.name: {"trials": []} for m in spec.methods}
+        studies = {m.label: self._study(m) for m in spec.methods}
+        logs: dict[str, dict[str, Any]] = {m.label: {"trials": []} for m in spec.methods}
         for step in range(spec.budget):
             asked = {}
             jobs: list[Job] = []
-            for m in spec.methods:
-                trial = studies[m.name].ask()
+            active = [m for m in spec.methods if m.space or step == 0]
+            for m in active:
+                trial = studies[m.label].ask()
                 params = suggest(trial, m.space)
-                asked[m.name] = (trial, params)
+                asked[m.label] = (trial, params)
                 jobs += [self.job(m, "tune", seed, trial.number, params) for seed in spec.tune_seeds]
             outcomes = iter(self.execute(jobs))
-            for m in spec.methods:
-                trial, params = asked[m.name]
+            for m in active:
+                trial, params = asked[m.label]
                 runs = [next(outcomes) for _ in spec.tune_seeds]
                 entry = self._score(trial.number, params, runs)
                 if entry["score"] is None:
-                    studies[m.name].tell(trial, state=optuna.trial.TrialState.FAIL)
+                    studies[m.label].tell(trial, state=optuna.trial.TrialState.FAIL)
                 else:
-                    studies[m.name].tell(trial, entry["score"])
-                logs[m.name]["trials"].append(entry)
+                    studies[m.label].tell(trial, entry["score"])
+                logs[m.label]["trials"].append(entry)
                 reached = sum(r["time_to_objective"] is not None for r in entry["runs"])
                 score = "failed" if entry["score"] is None else f"{entry['score']:.4g}"
-                self.say(f"[{step + 1}/{spec.budget}] {m.name}: {_params(params)} -> score {score} "
-                         f"(reached {spec.objective_target:g} in {reached}/{len(runs)} tuning runs)")
+                self.say(f"[{step + 1}/{spec.budget}] {m.label}: {_params(params) or '(nothing to tune)'} -> "
+                         f"score {score} (reached {spec.objective_target:g} in {reached}/{len(runs)} tuning runs)")
         for m in spec.methods:
-            scored = [t for t in logs[m.name]["trials"] if t["score"] is not None]
+            scored = [t for t in logs[m.label]["trials"] if t["score"] is not None]
             best = min(scored, key=lambda t: (t["score"], t["trial"])) if scored else None
-            logs[m.name]["chosen"] = best
+            logs[m.label]["chosen"] = best
         return logs
 
     def _study(self, method: Method) -> optuna.Study:
@@ -286,10 +326,10 @@ class Comparison:
     # -------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, chosen: Mapping[str, Mapping[str, ConfigValue] | None]) -> dict[str, list[dict[str, Any]]]:
         """Every method with a chosen setting, once per evaluation seed."""
-        jobs = [self.job(m, "eval", seed, None, chosen[m.name] or {}) for m in self.spec.methods
-                if chosen[m.name] is not None for seed in self.spec.eval_seeds]
+        jobs = [self.job(m, "eval", seed, None, chosen[m.label] or {}) for m in self.spec.methods
+                if chosen[m.label] is not None for seed in self.spec.eval_seeds]
         self.say(f"evaluating {len(jobs)} runs ({len(self.spec.eval_seeds)} seeds per method)")
-        entries: dict[str, list[dict[str, Any]]] = {m.name: [] for m in self.spec.methods}
+        entries: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.spec.methods}
         for j, out in zip(jobs, self.execute(jobs), strict=True):
             entries[j.method].append(out.entry(j.seed))
         return entries
@@ -304,15 +344,15 @@ class Comparison:
         evals = self.evaluate(chosen)
         methods = {}
         for m in spec.methods:
-            best = logs[m.name]["chosen"]
-            methods[m.name] = {
-                "strategy": m.name, "trials": len(logs[m.name]["trials"]), "space": space_as_json(m.space),
-                "chosen": chosen[m.name], "eval": evals[m.name],
+            best = logs[m.label]["chosen"]
+            methods[m.label] = {
+                "strategy": m.name, "fixed": dict(m.fixed), "trials": len(logs[m.label]["trials"]),
+                "space": space_as_json(m.space), "chosen": chosen[m.label], "eval": evals[m.label],
                 "chosen_trial": best["trial"] if best else None, "chosen_score": best["score"] if best else None,
-                "summary": summarise(evals[m.name], spec.targets), "tuning": logs[m.name]["trials"],
+                "summary": summarise(evals[m.label], spec.targets), "tuning": logs[m.label]["trials"],
             }
             if best is None:
-                methods[m.name]["error"] = "every tuning trial failed: nothing was evaluated"
+                methods[m.label]["error"] = "every tuning trial failed: nothing was evaluated"
         return {
             "tune_seeds": list(spec.tune_seeds), "eval_seeds": list(spec.eval_seeds), "targets": list(spec.targets),
             "methods": methods, "budget": spec.budget, "nodes": spec.nodes, "scenario": spec.changed(),
@@ -384,18 +424,25 @@ def build_spec(args: argparse.Namespace) -> Spec:
         raise ConfigError(f"--nodes {args.nodes} is fewer than min-nodes = {scenario_cfg.min_nodes}: every run would "
                           "wait for nodes that never come")
     db = Path(args.metrics_db or str(scenario.get("metrics-db") or "") or DEFAULT_DB).expanduser().resolve()
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    if not names:
-        raise ConfigError("--methods is empty: name one or more strategies (registered names or module:Class)")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--methods names a method twice: {args.methods}")
+    entries = parse_methods(args.methods)
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--methods names a method twice: {args.methods} (give the variants different fixed "
+                          "settings or a label=...)")
     methods = []
-    for name in names:
-        cls = get_strategy(name)  # unknown name: ConfigError with the valid ones
-        check_space(cls.search_space, name)
-        cfg = RunConfig.from_mapping({**scenario, "strategy": name, "seed": tune[0], "metrics-db": str(db)})
-        validate(cfg)  # stop condition, profiles, data, model: as simulate checks them
-        methods.append(Method(name, dict(cls.search_space)))
+    for e in entries:
+        cls = get_strategy(e.name)  # unknown name: ConfigError with the valid ones
+        check_space(cls.search_space, e.name)
+        fixed = check_fixed(e)
+        cfg = RunConfig.from_mapping({**scenario, **fixed, "strategy": e.name, "seed": tune[0], "metrics-db": str(db)})
+        try:
+            validate(cfg)  # stop condition, profiles, data, model: as simulate checks them
+        except ConfigError as exc:
+            raise ConfigError(f"{e.label}: {exc}") from exc
+        if args.nodes < cfg.min_nodes:
+            raise ConfigError(f"{e.label}: --nodes {args.nodes} is fewer than min-nodes = {cfg.min_nodes}")
+        space = {k: p for k, p in cls.search_space.items() if k not in fixed}
+        methods.append(Method(e.name, space, e.label, fixed))
     for out in (args.json, args.markdown, args.plot):
         if out:
             try:
@@ -410,12 +457,128 @@ def build_spec(args: argparse.Namespace) -> Spec:
                 eval_seeds=evals, targets=targets, search_seed=args.search_seed, db=db, jobs=args.jobs)
 
 
+@dataclass(frozen=True)
+class MethodArg:
+    """One entry of ``--methods`` as written: its label, its strategy and its fixed ``key=value`` texts."""
+
+    label: str
+    name: str
+    fixed: tuple[tuple[str, ConfigValue], ...]
+
+
+def parse_methods(text: str) -> list[MethodArg]:
+    """``--methods``: comma-separated ``NAME`` or ``NAME[KEY=VALUE;KEY=VALUE;...]`` (see the module docstring).
+
+    Commas and semicolons inside brackets or quotes do not split, so a TOML value may hold them. The label is the
+    entry as written (spaces around it stripped), or its ``label=...``.
+    """
+    items = [i.strip() for i in _split_top(text, ",", "--methods") if i.strip()]
+    if not items:
+        raise ConfigError("--methods is empty: name one or more strategies (registered names or module:Class)")
+    return [_parse_method(item) for item in items]
+
+
+def _parse_method(item: str) -> MethodArg:
+    if "[" not in item:
+        if "]" in item or "=" in item:
+            raise ConfigError(f"--methods: {item!r} is not NAME or NAME[KEY=VALUE;...]")
+        return MethodArg(item, item, ())
+    name, _, rest = item.partition("[")
+    name = name.strip()
+    if not name or not rest.endswith("]"):
+        raise ConfigError(f"--methods: {item!r} is not NAME[KEY=VALUE;...] (the fixed settings close the entry)")
+    body = rest[:-1]
+    parts = [p.strip() for p in _split_top(body, ";", f"--methods entry {item!r}")]
+    if not any(parts):
+        raise ConfigError(f"--methods: {item!r} has empty brackets: give KEY=VALUE pairs or drop the brackets")
+    label, fixed = item, []
+    seen: set[str] = set()
+    for part in filter(None, parts):
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise ConfigError(f"--methods {name}: expected KEY=VALUE, got {part!r}")
+        if key in seen:
+            raise ConfigError(f"--methods {name}: {key} is given twice")
+        seen.add(key)
+        value = _toml_value(raw.strip())
+        if key == "label":
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"--methods {name}: label must be a non-empty string, got {raw.strip()!r}")
+            label = value.strip()
+        else:
+            fixed.append((key, value))
+    return MethodArg(label, name, tuple(fixed))
+
+
+def _split_top(text: str, sep: str, where: str) -> list[str]:
+    """Split ``text`` on ``sep`` outside brackets and TOML strings ('...' literal, "..." with backslash escapes)."""
+    parts, start, depth, quote, escaped = [], 0, 0, "", False
+    for i, ch in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"{where}: unmatched ']' in {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if quote:
+        raise ConfigError(f"{where}: unterminated string in {text!r}")
+    if depth:
+        raise ConfigError(f"{where}: unmatched '[' in {text!r}")
+    return [*parts, text[start:]]
+
+
+def _toml_value(raw: str) -> ConfigValue:
+    """A value as ``--set`` reads it: TOML, else the text itself (``codec=topk`` is the string "topk")."""
+    try:
+        value: ConfigValue = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return value
+
+
+def check_fixed(entry: MethodArg) -> dict[str, ConfigValue]:
+    """A method's fixed settings, held to the run config like ``--set`` (unknown key: did-you-mean)."""
+    fixed = dict(entry.fixed)
+    for key, value in fixed.items():
+        if key in HARNESS_KEYS:
+            raise ConfigError(f"--methods {entry.label}: {key} cannot be fixed per method (the harness sets "
+                              f"{', '.join(sorted(HARNESS_KEYS))}; the scenario's clock and time budget are every "
+                              "method's)")
+        try:
+            RunConfig.from_mapping({key: value})
+        except ConfigError as exc:
+            raise ConfigError(f"--methods {entry.label}: {exc}") from exc
+    return fixed
+
+
 def notes(spec: Spec) -> list[str]:
     """What the user should know about the scenario before the runs start (nothing is refused here)."""
     out = []
     if float(spec.scenario["max-time"]) <= 0:
         out.append("max-time is 0, so a tuning run that misses the objective's target is scored on its own end "
                    "time; set max-time to make a miss always score worse than a hit")
+    for m in spec.methods:
+        changed = {k: m.fixed[k] for k in BUDGET_KEYS if k in m.fixed and m.fixed[k] != spec.scenario[k]}
+        if changed:
+            out.append(f"{m.label} fixes {', '.join(f'{k} = {v}' for k, v in changed.items())} (the scenario has "
+                       f"{', '.join(f'{k} = {spec.scenario[k]}' for k in changed)}): its budget counts differently "
+                       "from the other methods'")
+        if not m.space:
+            out.append(f"{m.label} fixes every key of its search space: it runs one tuning trial (its fixed "
+                       "setting), not the budget's trials, which would repeat the same runs")
     stop = float(spec.scenario["target-accuracy"])
     if 0 < stop < max(spec.targets):
         out.append(f"target-accuracy = {stop:g} stops every run there: targets above it are never reached and "
@@ -519,7 +682,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
     p.add_argument("--nodes", type=int, default=8, help="simulated nodes (default 8)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated registered names or module:Class (default {DEFAULT_METHODS})")
+                   help="comma-separated registered names or module:Class, each optionally with fixed settings "
+                        "NAME[KEY=VALUE;...] (TOML values; label='...' names it) "
+                        f"(default {DEFAULT_METHODS})")
     p.add_argument("--budget", type=int, default=20, help="tuning trials per method, the same for all (default 20)")
     p.add_argument("--tune-seeds", default="0,1", help="seeds of the tuning runs (default 0,1)")
     p.add_argument("--eval-seeds", default="10,11,12,13,14", help="seeds of the evaluation runs, disjoint from "

@@ -141,11 +141,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         + (", ".join(f"`{k} = {v!r}`" for k, v in report["scenario"].items()) or "the defaults") + ".",
         "",
         f"Tuning objective (lower is better): {obj['description']}", "",
-        "| method | trials | chosen setting | tuning score |", "|---|---|---|---|",
+        "| method | trials | fixed setting | chosen setting | tuning score |", "|---|---|---|---|---|",
     ]
     for name, m in methods.items():
+        fixed = ", ".join(f"`{k}={_fmt(v)}`" for k, v in (m.get("fixed") or {}).items()) or "–"
         chosen = ", ".join(f"`{k}={_fmt(v)}`" for k, v in (m["chosen"] or {}).items()) or "–"
-        lines.append(f"| `{name}` | {m['trials']} | {chosen} | {_num(m.get('chosen_score'), 4)} |")
+        lines.append(f"| `{_cell_text(name)}` | {m['trials']} | {fixed} | {chosen} | "
+                     f"{_num(m.get('chosen_score'), 4)} |")
     for target in report["targets"]:
         key = target_key(target)
         lines += ["", f"## Accuracy {key}", "",
@@ -154,7 +156,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         for name, m in methods.items():
             s = m["summary"]
             t = s["targets"][key]
-            lines.append(f"| `{name}` | {t['reached']}/{s['runs']} | {_pm(t['time_mean'], t['time_ci95'], 3)} | "
+            lines.append(f"| `{_cell_text(name)}` | {t['reached']}/{s['runs']} | "
+                         f"{_pm(t['time_mean'], t['time_ci95'], 3)} | "
                          f"{_pm(s['final_accuracy']['mean'], s['final_accuracy']['ci95'], 4)} | "
                          f"{_num(s['mb_up']['mean'], 3)} | {_num(s['mb_down']['mean'], 3)} | "
                          f"{_num(s['wasted_compute']['mean'], 3)} |")
@@ -167,7 +170,15 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def _fmt(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _cell_text(repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool)
+                      else str(value))
+
+
+def _cell_text(text: str) -> str:
+    """Text safe in a Markdown table cell: a label such as ``olco3[codec='topk';label='a|b']`` keeps its pipes."""
+    return text.replace("|", "\\|")
 
 
 # ---------------------------------------------------------------------------------------------- the figure

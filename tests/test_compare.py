@@ -142,11 +142,85 @@ def test_overlapping_seed_sets_are_refused_with_exit_2_and_no_traceback(tmp_path
     (["--tune-seeds", "a,b"], "integers"),
     (["--eval-seeds", ""], "empty"),
     (["--set", "max-updates=0", "--set", "max-time=0"], "stop condition"),
+    # per-method fixed settings are held to the run config like --set
+    (["--methods", "fedavg,fedbuff[buffersize=2]"], "did you mean 'buffer-size'"),
+    (["--methods", "fedbuff[buffer-size=0]"], "buffer-size"),
+    (["--methods", "fedavg[seed=3]"], "cannot be fixed per method"),
+    (["--methods", "fedavg[max-time=5]"], "cannot be fixed per method"),
+    (["--methods", "fedavg[lr=0.1],fedavg[lr=0.1]"], "twice"),
+    (["--methods", "fedavg,fedbuff[label='fedavg']"], "twice"),
+    (["--methods", "fedavg[lr=0.1"], "unmatched '['"),
+    (["--methods", "fedavg[]"], "empty brackets"),
+    (["--methods", "fedavg[lr]"], "KEY=VALUE"),
+    (["--methods", "fedavg[lr=0.1]x"], "close the entry"),
+    (["--methods", "fedavg[lr=0.1;lr=0.2]"], "given twice"),
+    (["--methods", "pipe-sgd"], "local-steps"),  # the fixed settings are validated with the method
+    (["--methods", "fedavg[min-nodes=9]"], "min-nodes"),
 ])
 def test_bad_command_lines_exit_2_with_a_message(capsys, tmp_path, args, message) -> None:
     code, out, err = _main(capsys, *SCENARIO, "--methods", "fedavg", "--metrics-db", str(tmp_path / "m.db"), *args)
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "m.db").exists()
+
+
+# ------------------------------------------------------------------------------------------------ fixed settings
+def test_methods_take_fixed_settings_in_brackets_labelled_by_the_entry() -> None:
+    entries = compare.parse_methods("local-sgd, olco3[codec='topk';codec-ratio=0.01;error-feedback=true],"
+                                    "pipe-sgd[local-steps=1],tests.compare_helpers:HalfStep[lr=0.1;label='half'],"
+                                    "fedavg[profiles=\"laptop/4g=1,laptop/3g=1\";label=\"a,b;c]\"]")
+    assert [(e.label, e.name, dict(e.fixed)) for e in entries] == [
+        ("local-sgd", "local-sgd", {}),
+        ("olco3[codec='topk';codec-ratio=0.01;error-feedback=true]", "olco3",
+         {"codec": "topk", "codec-ratio": 0.01, "error-feedback": True}),
+        ("pipe-sgd[local-steps=1]", "pipe-sgd", {"local-steps": 1}),
+        ("half", "tests.compare_helpers:HalfStep", {"lr": 0.1}),
+        ("a,b;c]", "fedavg", {"profiles": "laptop/4g=1,laptop/3g=1"}),  # separators inside quotes do not split
+    ]
+    assert dict(compare.parse_methods("fedbuff[codec=topk]")[0].fixed) == {"codec": "topk"}  # bare text, as --set
+
+
+def test_fixed_keys_leave_the_search_space_and_budget_keys_are_noted(tmp_path) -> None:
+    parse = compare._parser().parse_args
+    spec = compare.build_spec(parse([*SCENARIO, "--methods", "fedbuff,fedbuff[buffer-size=2;max-updates=48],"
+                                     "fedavg[lr=0.1]", "--metrics-db", str(tmp_path / "m.db")]))
+    plain, fixed, untuned = spec.methods
+    assert (plain.label, fixed.label) == ("fedbuff", "fedbuff[buffer-size=2;max-updates=48]")
+    assert "buffer-size" in plain.space and set(fixed.space) == set(plain.space) - {"buffer-size"}
+    assert dict(fixed.fixed) == {"buffer-size": 2, "max-updates": 48} and untuned.space == {}
+    values = spec.values(fixed, 0, {"lr": 0.2, "staleness-a": 0.5, "server-lr": 1.0})
+    assert values["buffer-size"] == 2 and values["max-updates"] == 48 and values["strategy"] == "fedbuff"
+    notes = compare.notes(spec)
+    assert any("max-updates = 48" in n and "max-updates = 24" in n for n in notes)
+    assert any(n.startswith("fedavg[lr=0.1] fixes every key") for n in notes)
+    assert spec.as_json()["methods"] == ["fedbuff", "fedbuff[buffer-size=2;max-updates=48]", "fedavg[lr=0.1]"]
+
+
+def test_a_comparison_of_variants_reports_each_under_its_label(capsys, tmp_path) -> None:
+    db, out = tmp_path / "m.db", tmp_path / "r.json"
+    methods = "fedavg,fedavg[lr=0.1],fedbuff[buffer-size=2;label='fedbuff b|2']"
+    code, table, _ = _main(capsys, *SCENARIO, "--methods", methods, "--budget", "2", "--tune-seeds", "0",
+                           "--eval-seeds", "10", "--targets", TARGETS, "--metrics-db", str(db), "--json", str(out),
+                           "--quiet")
+    assert code == 0
+    report = json.loads(out.read_text())
+    m = report["methods"]
+    assert list(m) == ["fedavg", "fedavg[lr=0.1]", "fedbuff b|2"]
+    assert [v["strategy"] for v in m.values()] == ["fedavg", "fedavg", "fedbuff"]
+    assert [v["fixed"] for v in m.values()] == [{}, {"lr": 0.1}, {"buffer-size": 2}]
+    assert [v["trials"] for v in m.values()] == [2, 1, 2]  # nothing left to tune: one trial, not two equal ones
+    assert m["fedavg[lr=0.1]"]["space"] == {} and m["fedavg[lr=0.1]"]["chosen"] == {}
+    assert "buffer-size" not in m["fedbuff b|2"]["space"] and "buffer-size" not in m["fedbuff b|2"]["chosen"]
+    assert all(len(v["eval"]) == 1 and v["eval"][0]["status"] == "completed" for v in m.values())
+    assert "| `fedavg[lr=0.1]` | 1 | `lr=0.1` | – |" in table and "| `fedbuff b\\|2` | 2 | `buffer-size=2` |" in table
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT t.method, r.strategy, r.config_json FROM comparison_runs t JOIN runs r "
+                           "USING (run_id) WHERE t.comparison_id=?", (report["run"]["comparison_id"],)).fetchall()
+    assert {(label, strategy) for label, strategy, _ in rows} == {("fedavg", "fedavg"), ("fedavg[lr=0.1]", "fedavg"),
+                                                                 ("fedbuff b|2", "fedbuff")}
+    for label, _, config in rows:
+        cfg = json.loads(config)
+        assert label != "fedavg[lr=0.1]" or cfg["lr"] == 0.1
+        assert label != "fedbuff b|2" or cfg["buffer-size"] == 2
 
 
 # ------------------------------------------------------------------------------------------------ the parts
