@@ -37,9 +37,12 @@ run: $(STAMP)
 		STALEFLOWER_METRICS_DB=$(CURDIR)/results/metrics.db \
 		bash scripts/flwr_run.sh $(RUN_CONFIG) $(RUN_ARGS)
 
-# Two workers: the slow tests mostly wait on real processes, which overlaps well even on 2 cores (tests/conftest.py).
+# Two workers for everything but the deployment tests: the slow tests mostly wait on real processes, which overlaps
+# well even on 2 cores (tests/conftest.py). The deployment tests run alone afterwards: their SuperNodes start one
+# ClientApp process per task, and on a busy machine those start-ups outlast the tasks' TTL.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not deployment"
+	$(BIN)/python -m pytest -q -m deployment
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not deployment"
