@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Any
 
 from server_app.app import validate
 from server_app.compare_report import Outcome, markdown, plot, read_outcome, summarise
-from server_app.simulate import default_config, merge_config, run_local
+from server_app.simulate import default_config, merge_config, random_run_id, run_local
 from server_app.store import MetricsStore
 from strategies import get_strategy
 from strategies.config import ConfigError, ConfigValue, RunConfig
@@ -258,7 +258,7 @@ class Comparison:
             params: Mapping[str, ConfigValue]) -> Job:
         """A new run of ``method`` with ``params`` on ``seed``."""
         return Job(method.label, role, seed, trial, self.spec.values(method, seed, params), self.spec.nodes,
-                   secrets.randbits(63))
+                   random_run_id())
 
     # -------------------------------------------------------------------------------------------- tuning
     def tune(self) -> dict[str, dict[str, Any]]:

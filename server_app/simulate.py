@@ -64,6 +64,15 @@ def merge_config(file: str | None = None, sets: list[str] | None = None,
     return values
 
 
+def random_run_id() -> int:
+    """A fresh run id in [2**62, 2**63): always a 9-byte varint on the wire.
+
+    Every message's metadata carries the run id, so with ids of any size the stored wire sizes (``bytes_up``,
+    ``bytes_down``) of two runs of the same seed would differ by a byte per message, one run in 128.
+    """
+    return 2**62 + secrets.randbits(62)
+
+
 def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: ClientAppLike | None = None,
               workers: int = 2, reorder_seed: int | None = None, run_id: int | None = None) -> RunSummary:
     """Run one experiment in-process on a ``LocalGrid`` and return its summary."""
@@ -72,7 +81,7 @@ def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: C
         from client_app.app import app as default_app
 
         clientapp = default_app
-    run_id = run_id if run_id is not None else secrets.randbits(63)
+    run_id = run_id if run_id is not None else random_run_id()
     grid = LocalGrid(clientapp, nodes, cfg.to_mapping(), run_id=run_id, workers=workers,
                      reorder_seed=reorder_seed)
     context = server_context(run_id, cfg.to_mapping())
