@@ -17,7 +17,6 @@ The loop is all this module holds; each concern it drives has its own module:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from flwr.serverapp import Grid
 from server_app import checkpoint
 from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
-from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, join_reasons, reply_metrics
+from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, client_compute_s, join_reasons
 from server_app.ledger import Ledger
 from server_app.mailbox import Mailbox
 from server_app.membership import FleetChange, Membership, node_profile
@@ -37,7 +36,6 @@ from server_app.profiles import assign_profiles
 from server_app.state import EngineState, Flight, ModelSpec, RunSummary, Version
 from server_app.store import MetricsStore
 from server_app.wire import message_sizes
-from strategies import taskkeys as keys
 from strategies.base import Status, Strategy, Task
 from strategies.client import Weights
 from strategies.codecs import CodecSpec
@@ -210,7 +208,6 @@ class Engine:
         status, reason = Status.FAILED, f.failure
         applied: tuple[int, ...] = ()  # seqs that went into the model
         restart: tuple[int, ...] = ()  # nodes whose task the strategy abandons
-        metrics = reply_metrics(f.reply)
         try:
             update = self.intake.read(f, s.guard, base, staleness, s.now)
             self.ledger.task_metrics(f, update.metrics)
@@ -235,8 +232,8 @@ class Engine:
             s.failing, s.last_failure = s.failing + 1, f"{status}: {reason}"
         else:
             s.failing = 0
-        compute = metrics.get(keys.COMPUTE_S, 0.0)
-        durations = self.clock.durations(f, s.now, compute if math.isfinite(compute) and compute >= 0 else 0.0)
+        compute = 0.0 if self.clock.virtual else client_compute_s(f.reply)  # the virtual clock draws its own
+        durations = self.clock.durations(f, s.now, compute)
         self.ledger.record(s.totals, f, status, reason, now=s.now, staleness=staleness, durations=durations,
                            applied_version=strategy.version if f.seq in applied else None)
         self.ledger.applied_later(s.totals, [q for q in applied if q != f.seq], strategy.version)

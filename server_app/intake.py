@@ -41,13 +41,13 @@ from typing import Protocol
 import numpy as np
 from flwr.app import Message
 
-from server_app.wire import RejectedUpdate, read_reply
+from server_app.wire import RejectedUpdate, numeric_metrics, read_reply
 from strategies import taskkeys as keys
 from strategies.base import Update
 from strategies.client import Weights
 from strategies.config import RunConfig
 
-__all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "delta_norm", "join_reasons", "reply_metrics"]
+__all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "delta_norm", "join_reasons", "client_compute_s"]
 
 ECHO_KEYS = keys.ECHO  # what our ClientApp echoes from its task's config in its metrics
 SIZE_FACTOR = 2
@@ -174,11 +174,14 @@ class TaskFailed(Exception):
     """A task that produced no reply to read (dropout, lost node, time-out, client error): the reason."""
 
 
-def reply_metrics(reply: Message | None) -> dict[str, float]:
-    """The numbers of a reply's ``metrics`` record (anything else in it is ignored): what wall-clock timing reads."""
+def client_compute_s(reply: Message | None) -> float:
+    """The compute seconds a reply claims (``compute-s``), what the wall clock charges; 0 unless a finite number >= 0.
+
+    Read for replies of every fate, rejected ones included: a hostile value costs nothing but its own row's timing.
+    """
     if reply is None or reply.has_error() or not reply.has_content():
-        return {}
-    record = reply.content.metric_records.get("metrics")
-    if record is None:
-        return {}
-    return {k: float(v) for k, v in dict(record).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return 0.0
+    value = numeric_metrics(reply.content.metric_records.get("metrics")).get(keys.COMPUTE_S, 0.0)
+    if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return float(value)

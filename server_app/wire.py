@@ -134,7 +134,7 @@ def validate_reply(
     else:
         raise RejectedUpdate(f"reply has no 'delta' or 'arrays' ArrayRecord (has: {sorted(records) or 'none'})")
     values = _decode(arrays, names, base)
-    metrics = _metrics(content.metric_records.get("metrics"))
+    metrics = numeric_metrics(content.metric_records.get("metrics"))
     return values, is_delta, _num_examples(metrics), metrics
 
 
@@ -168,7 +168,8 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
     return value
 
 
-def _metrics(record: MetricRecord | None) -> dict[str, float]:
+def numeric_metrics(record: MetricRecord | None) -> dict[str, float]:
+    """The numbers of a reply's ``metrics`` record; anything else in it is ignored."""
     if record is None:
         return {}
     return {k: v for k, v in dict(record).items() if isinstance(v, int | float)}
