@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeAlias, TypeGuard
+from typing import ClassVar, TypeAlias, TypeGuard
 
 from strategies.config import ConfigError, ConfigValue, RunConfig
 
@@ -29,53 +29,48 @@ FIXED_KEYS = frozenset({"strategy", "seed", "metrics-db", "resume", "max-updates
 
 
 @dataclass(frozen=True)
-class LogUniform:
-    """A float drawn uniformly in log space over ``[lo, hi]`` (``0 < lo < hi``): learning rates and scales."""
+class _FloatRange:
+    """A float range ``[lo, hi]``; the subclasses say how it is drawn and which ranges are valid."""
 
+    kind: ClassVar[str]
     lo: float
     hi: float
+
+    def ends(self) -> tuple[ConfigValue, ...]:
+        """The values the run config must accept."""
+        return (float(self.lo), float(self.hi))
+
+    def contains(self, value: object) -> bool:
+        """Whether ``value`` lies in the range."""
+        return _number(value) and self.lo <= float(value) <= self.hi
+
+    def as_json(self) -> dict[str, object]:
+        """Serialised form (the comparison's JSON)."""
+        return {"type": self.kind, "lo": self.lo, "hi": self.hi}
+
+
+@dataclass(frozen=True)
+class LogUniform(_FloatRange):
+    """A float drawn uniformly in log space over ``[lo, hi]`` (``0 < lo < hi``): learning rates and scales."""
+
+    kind: ClassVar[str] = "log-uniform"
 
     def check(self, key: str) -> None:
         """Raise ``ConfigError`` for an empty or non-positive range."""
         if not (0 < self.lo < self.hi and math.isfinite(self.hi)):
             raise ConfigError(f"search space {key}: log-uniform needs 0 < lo < hi, got [{self.lo}, {self.hi}]")
 
-    def ends(self) -> tuple[ConfigValue, ...]:
-        """The values the run config must accept."""
-        return (float(self.lo), float(self.hi))
-
-    def contains(self, value: object) -> bool:
-        """Whether ``value`` lies in the range."""
-        return _number(value) and self.lo <= float(value) <= self.hi
-
-    def as_json(self) -> dict[str, object]:
-        """Serialised form (the comparison's JSON)."""
-        return {"type": "log-uniform", "lo": self.lo, "hi": self.hi}
-
 
 @dataclass(frozen=True)
-class Uniform:
+class Uniform(_FloatRange):
     """A float drawn uniformly over ``[lo, hi]``: mixing rates, exponents."""
 
-    lo: float
-    hi: float
+    kind: ClassVar[str] = "uniform"
 
     def check(self, key: str) -> None:
         """Raise ``ConfigError`` for an empty range."""
         if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
             raise ConfigError(f"search space {key}: uniform needs lo < hi, got [{self.lo}, {self.hi}]")
-
-    def ends(self) -> tuple[ConfigValue, ...]:
-        """The values the run config must accept."""
-        return (float(self.lo), float(self.hi))
-
-    def contains(self, value: object) -> bool:
-        """Whether ``value`` lies in the range."""
-        return _number(value) and self.lo <= float(value) <= self.hi
-
-    def as_json(self) -> dict[str, object]:
-        """Serialised form (the comparison's JSON)."""
-        return {"type": "uniform", "lo": self.lo, "hi": self.hi}
 
 
 @dataclass(frozen=True)
