@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,13 +245,26 @@ def _make_dataset(name: str, x: np.ndarray, y: np.ndarray, split: tuple[np.ndarr
     )
 
 
+def _digits_table() -> np.ndarray:
+    """Scikit-learn's ``digits.csv.gz`` (64 pixel columns, then the label), read without importing scikit-learn.
+
+    Importing scikit-learn costs about a second of CPU, and on Flower's deployment runtime every task is a fresh
+    ClientApp process that loads its partition anew: on a phone-class device that second is paid per task. The
+    file is what ``sklearn.datasets.load_digits`` parses (``tests/test_data.py`` checks the two agree).
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the digits dataset ships with scikit-learn, which is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",", dtype=np.float64)
+
+
 def _load_digits(seed: int, test_fraction: float) -> Dataset:
     """Scikit-learn's 8x8 digits: small, bundled, no download, so it is the default for tests and demos."""
-    from sklearn.datasets import load_digits  # lazy: scikit-learn is slow to import and only needed here
-
-    bunch = load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]  # pixel values are 0..16
-    y = bunch.target.astype(np.int64)
+    raw = _digits_table()
+    x = (raw[:, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32)[:, None, :, :]  # pixel values are 0..16
+    y = raw[:, -1].astype(np.int64)
     return _make_dataset("digits", x, y, _stratified_split(y, test_fraction, seed))
 
 

@@ -73,6 +73,23 @@ def test_split_disjoint_and_complete():
     assert set(seen) <= rows and len(seen) == 1797
 
 
+def test_digits_read_without_scikit_learn_are_scikit_learns_digits():
+    """The loader parses scikit-learn's file itself (no sklearn import per task): the same images and labels."""
+    from sklearn.datasets import load_digits
+
+    from client_app.data import _digits_table
+
+    table, bunch = _digits_table(), load_digits()
+    np.testing.assert_array_equal(table[:, :-1].reshape(-1, 8, 8), bunch.images)
+    np.testing.assert_array_equal(table[:, -1].astype(np.int64), bunch.target)
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    code = ("import sys; from client_app.data import load_dataset; load_dataset('digits'); "
+            "assert not [m for m in sys.modules if m.startswith('sklearn')], 'sklearn imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
 @pytest.mark.parametrize("name", ["digits", "synthetic"])
 def test_deterministic_per_seed(name):
     a = load_dataset(name, seed=1)
