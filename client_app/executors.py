@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from client_app.trainer import LocalSGD
+from client_app.trainer import LocalSGD, Momentum
 from strategies import taskkeys as keys
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class Worker:
         self.names = names
         self.sgd = sgd
         self.anchor = anchor
-        self.buffers: Tensors | None = None
+        self.momentum = Momentum(sgd.momentum)
         self.stats = ThreadStats()
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.t0 = t0
@@ -252,15 +252,8 @@ class Worker:
         return grads
 
     def direction(self, grads: Tensors) -> Tensors:
-        """Thread-local momentum with ``torch.optim.SGD``'s arithmetic (no dampening, no Nesterov)."""
-        if not self.sgd.momentum:
-            return grads
-        if self.buffers is None:
-            self.buffers = [g.clone().detach() for g in grads]
-        else:
-            for b, g in zip(self.buffers, grads, strict=True):
-                b.mul_(self.sgd.momentum).add_(g)
-        return self.buffers
+        """The momentum direction of this thread (``trainer.Momentum``: ``torch.optim.SGD``'s arithmetic)."""
+        return self.momentum.direction(grads)
 
     def sync(self) -> None:
         """Wait for this thread's queued kernels (GPU only)."""
