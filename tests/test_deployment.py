@@ -45,9 +45,10 @@ pytestmark = pytest.mark.deployment
 RUN_TIMEOUT_S = 400.0
 # The kill test's run: FedBuff on the wall clock for MAX_TIME seconds. The task lost with the killed node fails
 # when Flower reports the node unavailable (its heartbeats stop: within 2 x 30 s) or at TASK_TTL after its
-# dispatch, whichever comes first; MAX_TIME leaves room for that after a first result that may take 40 s here.
-TASK_TTL_S = 45
-MAX_TIME_S = 95
+# dispatch, whichever comes first; MAX_TIME leaves room for that after a first result that may take 30 s on a busy
+# machine (the ServerApp's start, a describe query, then a task: each a fresh process).
+TASK_TTL_S = 30
+MAX_TIME_S = 70
 KILL_RUN = (f"strategy='fedbuff' model='logreg' local-steps=5 buffer-size=2 max-updates=0 max-time={MAX_TIME_S} "
             f"eval-every=4 task-ttl={TASK_TTL_S} min-nodes=3")
 
@@ -82,7 +83,9 @@ def _debug(dep: LocalDeployment, run_id: str = "") -> str:
 def loopback(tmp_path_factory: pytest.TempPathFactory, shaped: ShapedRun) -> Iterator[LocalDeployment]:
     """A SuperLink (TLS, SuperNode auth) and 3 registered SuperNodes on 127.0.0.1 (the shaped scenario runs
     meanwhile)."""
-    dep = LocalDeployment(tmp_path_factory.mktemp("deploy"), num_nodes=3, log=lambda msg: None)
+    base = tmp_path_factory.mktemp("deploy")
+    # The slim app (what the wheel ships): every task's fresh ClientApp process installs the FAB anew.
+    dep = LocalDeployment(base / "deploy", num_nodes=3, app=stage_app(base / "app"), log=lambda msg: None)
     try:
         dep.start()
         yield dep
