@@ -3,7 +3,6 @@
     python bench/run_all.py [--quick]
 
 - bench.engine_overhead: our engine vs Flower's FedAvg.start on the same in-process Grid (BENCHMARKS.md)
-- bench.stragglers: FedAvg / FedAsync / FedBuff on digits with and without stragglers (RESULTS.md)
 - bench.codec_throughput: encode + decode throughput of every codec (BENCHMARKS.md)
 - bench.olco3_delay: OLCO3 against its baselines as the delay grows, Fashion-MNIST (RESULTS.md)
 - bench.abs_stragglers: ABS and the bounded-staleness family against stragglers (RESULTS.md)
@@ -15,7 +14,9 @@
 - bench/local_executors.py: Leashed-SGD, HOGWILD!, lock-based and sequential local executors (BENCHMARKS.md)
 - bench.scale: 1,000 in-process nodes, memory over the run and updates/s (BENCHMARKS.md, RELIABILITY.md)
 - server_app.compare --quick: FedAvg, FedAsync and FedBuff tuned with 2 trials each and evaluated on 2 seeds, on the
-  straggler scenario (results/compare_quick.*; README "Comparing strategies"); always the quick form here
+  straggler scenario (results/compare_quick.*; README "Comparing strategies")
+- bench.comparisons (full mode only): the tuned comparisons behind RESULTS.md, stragglers and the OLCO3 family, IID
+  and Dirichlet(0.3) (results/compare/*; about 1 h 20 min of the full run on 2 cores)
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def main() -> int:
         ["-m", "bench.engine_overhead", "--nodes", "100", "--rounds", "2" if quick else "5",
          "--repeats", "1" if quick else "3", "--json", "results/engine_overhead.json",
          "--markdown", "results/engine_overhead.md"],
-        ["-m", "bench.stragglers", "--seeds", *(["0"] if quick else ["0", "1", "2"]), "--out", "results/stragglers"],
         ["-m", "bench.codec_throughput", "--json", "results/codec_throughput.json"],
         ["-m", "bench.olco3_delay", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/olco3_delay"],
         ["-m", "bench.abs_stragglers", "--seeds", *(["0"] if quick else ["0", "1"]), "--out", "results/abs_stragglers"],
@@ -55,6 +55,7 @@ def main() -> int:
         ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
          "--markdown", "results/scale.md"],
         ["-m", "server_app.compare", *COMPARE_QUICK],
+        *([] if quick else [["-m", "bench.comparisons"]]),
     ]
     (ROOT / "results" / "compare_quick.db").unlink(missing_ok=True)  # a fresh store, as the other benchmarks
     for args in runs:

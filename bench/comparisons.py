@@ -1,0 +1,130 @@
+"""The tuned comparisons behind RESULTS.md, each one ``python -m server_app.compare`` command.
+
+    python -m bench.comparisons                 # run every comparison (what ``make bench`` does)
+    python -m bench.comparisons olco3-iid       # run some of them
+    python -m bench.comparisons --list          # their names
+    python -m bench.comparisons --print NAME    # the command, as RESULTS.md prints it above its tables
+
+One list, so that the command printed in RESULTS.md, the one ``make bench`` runs and the one a reader re-runs are
+the same (``tests/test_bench_comparisons.py`` checks RESULTS.md against this list, and that every command passes
+the harness's own checks: methods, settings and disjoint seeds). Every comparison is deterministic for its seeds,
+whatever ``--jobs`` is, so ``--jobs 2`` only changes the wall time.
+
+Budgets: 6 trials per method on tuning seeds 0-1, then evaluation seeds 10-14, targets 0.85 / 0.9 / 0.93. On 2
+cores the four take about 1 h 20 min together (the wall time of each is in its JSON under ``run.wall_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = "results/compare"
+
+SEEDS = ["--budget", "6", "--tune-seeds", "0,1", "--eval-seeds", "10,11,12,13,14", "--targets", "0.85,0.9,0.93",
+         "--jobs", "2"]
+
+# FedAvg, FedAsync and FedBuff against stragglers: the straggler preset, stopped at 93% or 30 s of virtual time.
+STRAGGLERS = ["--run-config", "configs/stragglers-fedbuff.toml", "--nodes", "10", "--set", "dirichlet-alpha=0.3",
+              "--set", "max-time=30.0", "--set", "target-accuracy=0.93", "--set", "max-updates=0",
+              "--methods", "fedavg,fedasync,fedbuff"]
+
+# The OLCO3 family at D = 2: digits MLP, 8 laptops on 4G, 10 local steps per period. Compressed methods use top-k
+# 1% with error feedback on the uplink; "olco3-two-way" compresses the downlink too. Pipe-SGD runs one step per
+# period, so it gets 10x the periods (the same number of SGD steps), and the same compression as OLCO3.
+TOPK = "codec='topk';codec-ratio=0.01;error-feedback=true"
+
+
+def _olco3(partition: str, periods: int) -> list[str]:
+    updates = periods * 8
+    methods = ",".join([
+        "local-sgd", "naive-overlap", "cocod-sgd", "overlap-local-sgd", f"olco3[{TOPK}]",
+        f"olco3-staleness-only[{TOPK}]", f"olco3[{TOPK};codec-downlink='topk';label='olco3-two-way']",
+        f"pipe-sgd[local-steps=1;max-updates={updates * 10};eval-every={updates // 10};{TOPK}]",
+    ])
+    alpha = ["--set", "dirichlet-alpha=0.3"] if partition == "dirichlet" else []
+    return ["--set", "dataset=digits", "--set", "model=mlp", "--set", "profiles='laptop/4g=1'",
+            "--set", "local-steps=10", "--set", "delay=2", "--set", f"max-updates={updates}",
+            "--set", f"eval-every={updates // 100}", "--set", "target-accuracy=0.93",
+            "--set", f"max-time={periods // 2}", "--set", f"partition='{partition}'", *alpha, "--nodes", "8",
+            "--methods", methods]
+
+
+def _outputs(name: str) -> list[str]:
+    return ["--metrics-db", f"{OUT}/{name}.db", "--json", f"{OUT}/{name}.json", "--markdown", f"{OUT}/{name}.md",
+            "--plot", f"{OUT}/{name}.png"]
+
+
+COMPARISONS: dict[str, list[str]] = {
+    "stragglers-iid": [*STRAGGLERS, "--set", "partition='iid'", *SEEDS, *_outputs("stragglers-iid")],
+    "stragglers-dirichlet": [*STRAGGLERS, "--set", "partition='dirichlet'", *SEEDS,
+                             *_outputs("stragglers-dirichlet")],
+    "olco3-iid": [*_olco3("iid", 100), *SEEDS, *_outputs("olco3-iid")],
+    "olco3-dirichlet": [*_olco3("dirichlet", 200), *SEEDS, *_outputs("olco3-dirichlet")],
+}
+
+
+def _quote(word: str) -> str:
+    """Double quotes where a word needs quoting and has no double quote, dollar, backtick or backslash."""
+    if shlex.quote(word) == word or any(c in word for c in '"$`\\'):
+        return shlex.quote(word)
+    return f'"{word}"'
+
+
+def command(name: str) -> str:
+    """The shell command of one comparison, wrapped between options like the blocks in RESULTS.md."""
+    argv = COMPARISONS[name]
+    units = ["python -m server_app.compare"]
+    i = 0
+    while i < len(argv):  # an option and its value stay on one line
+        take = 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
+        units.append(" ".join(_quote(w) for w in argv[i:i + take]))
+        i += take
+    lines, line = [], ""
+    for unit in units:
+        if line.strip() and len(line) + len(unit) > 110:
+            lines.append(line + " \\")
+            line = "   "
+        line += f" {unit}" if line else unit
+    return "\n".join([*lines, line])
+
+
+def run(name: str) -> int:
+    """Run one comparison from a fresh metrics store (the harness appends to an existing one)."""
+    for suffix in ("", "-wal", "-shm"):
+        (ROOT / OUT / f"{name}.db{suffix}").unlink(missing_ok=True)
+    print(f"$ {command(name)}", flush=True)
+    return subprocess.run([sys.executable, "-m", "server_app.compare", "--quiet", *COMPARISONS[name]],
+                          cwd=ROOT).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; an unknown name is exit 2."""
+    p = argparse.ArgumentParser(prog="python -m bench.comparisons", description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help=f"comparisons to run (default: all of {', '.join(COMPARISONS)})")
+    p.add_argument("--list", action="store_true", help="print the names and exit")
+    p.add_argument("--print", dest="show", metavar="NAME", help="print one comparison's command and exit")
+    args = p.parse_args(argv)
+    unknown = [n for n in [*args.names, *([args.show] if args.show else [])] if n not in COMPARISONS]
+    if unknown:
+        print(f"error: unknown comparison {', '.join(unknown)}; known: {', '.join(COMPARISONS)}", file=sys.stderr)
+        return 2
+    if args.list:
+        print("\n".join(COMPARISONS))
+        return 0
+    if args.show:
+        print(command(args.show))
+        return 0
+    for name in args.names or list(COMPARISONS):
+        rc = run(name)
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
