@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def pick_runs(runs: pd.DataFrame) -> list[str]:
         chosen = [newest] if chosen == [previous_newest] else [newest, *chosen]
     st.session_state["newest"] = newest
     st.session_state["runs"] = chosen
-    labels = dict(zip(runs["run_id"], runs["label"] + " (" + runs["status"].fillna("?") + ")", strict=True))
+    shown = queries.with_activity(runs, time.time())["shown_status"]
+    labels = dict(zip(runs["run_id"], runs["label"] + " (" + shown + ")", strict=True))
     return st.multiselect("Runs (several are overlaid)", ids, format_func=labels.__getitem__, key="runs")
 
 
@@ -152,11 +154,14 @@ def draw(page: queries.PageData, x_axis: str, target: float) -> None:
     """The views of the selected runs."""
     labels = page.labels()
     domain = list(labels.values())
-    overview = page.overview()
-    running = overview[overview["status"] == "running"]
+    overview = queries.with_activity(page.overview(), time.time())  # now, not when the store was last read
+    live = overview[overview["activity"] == "live"]
     tasks = int(page.summary["tasks"].sum()) if len(page.summary) else 0
-    st.caption(f"refreshed {datetime.now():%H:%M:%S} · {len(running)} of {len(overview)} selected runs running · "
+    st.caption(f"refreshed {datetime.now():%H:%M:%S} · {len(live)} of {len(overview)} selected runs live · "
                f"{tasks:,} tasks stored · time bucket {page.width:g} s")
+    for row in overview[(overview["status"] == "running") & (overview["activity"] != "live")].itertuples():
+        st.warning(f"Run {row.label} is marked running but its process wrote nothing (no row, no heartbeat) "
+                   f"for over {queries.STALE_AFTER_S:g} s ({row.activity}): it was probably killed, or is hung.")
     for row in overview[overview["status"] == "failed"].itertuples():
         err = page.runs.set_index("run_id").at[row.run_id, "error"]
         st.error(f"Run {row.label} failed: {err or 'no reason stored'}")
@@ -237,7 +242,7 @@ def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None
     for row in overview.itertuples():
         box = st.container(border=True)
         name, t_col, b_col, c_col, a_col = box.columns([3, 2, 2, 2, 2], vertical_alignment="center")
-        name.markdown(f"**{row.label}**  \n{row.status}" + (" · live" if row.status == "running" else ""))
+        name.markdown(f"**{row.label}**  \n{row.shown_status}")
         hit = reached.loc[row.run_id] if row.run_id in reached.index else None
         dt = db = None
         if hit is not None and base is not None and row.run_id != first:
@@ -257,7 +262,7 @@ def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None
 
 def overview_table(overview: pd.DataFrame) -> None:
     """The selected runs side by side: outcomes, bytes, staleness."""
-    cols = {"label": "run", "status": "status", "clock_s": "clock (s)", "tasks": "tasks", "applied": "applied",
+    cols = {"label": "run", "shown_status": "status", "clock_s": "clock (s)", "tasks": "tasks", "applied": "applied",
             "buffered": "buffered", "dropped": "dropped", "rejected": "rejected", "restarted": "restarted",
             "failed": "failed", "nodes": "nodes", "mb_up": "MB up", "mb_down": "MB down",
             "compression": "down/up", "mean_staleness": "mean staleness", "max_staleness": "max staleness",

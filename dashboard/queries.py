@@ -52,6 +52,10 @@ BUSY_TIMEOUT_S = 1.0      # a reader waits at most this long for a lock (WAL rea
 MAX_BUCKETS = 120         # time buckets of the bandwidth and staleness-over-time series
 MAX_EVAL_POINTS = 2000    # evaluations per run drawn (every k-th kept beyond that, the last one always)
 TIMELINE_LIMIT = 1500     # tasks drawn in the per-node timeline (the most recent ones)
+# A ``running`` run whose process wrote nothing (no row, no heartbeat) for this long is shown as not live: its
+# process beats every 10 s (server_app/lifecycle.py, HEARTBEAT_S), so this is six beats missed in a row: a killed
+# or hung process, not a busy machine. A store without heartbeats (an older writer) has only its rows to go by.
+STALE_AFTER_S = 60.0
 
 
 class StoreError(Exception):
@@ -173,18 +177,30 @@ def _ids(run_ids: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------ the queries
 def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
-    """Every run, newest first, with its task and evaluation counts and a human label (index-only counts)."""
+    """Every run, newest first, with its task and evaluation counts and a human label (index-only counts).
+
+    ``last_write_at`` (Unix time) is the latest sign of life of the run's process the store holds: its start, its
+    heartbeat, its checkpoint, and on the wall clock its newest row (a virtual-clock row's time says nothing of
+    the wall clock). ``with_activity`` turns it into "live" or "no writes for ..." at the moment the page draws.
+    """
     error = "r.error" if schema.has("runs", "error") else "NULL"
+    heartbeat = "r.heartbeat_at" if schema.has("runs", "heartbeat_at") else "NULL"
+    has_ckpt = schema.has("checkpoints", "taken_at")
+    ckpt = "(SELECT MAX(c.taken_at) FROM checkpoints c WHERE c.run_id = r.run_id)" if has_ckpt else "NULL"
     cfg = "CASE WHEN json_valid(r.config_json) THEN json_extract(r.config_json, '$.{}') END"
     df = _frame(db, f"""
         SELECT r.run_id, r.started_at, r.finished_at, r.status, r.strategy, {error} AS error,
                {cfg.format('codec')} AS codec, {cfg.format('clock')} AS clock,
                {cfg.format('"target-accuracy"')} AS target_accuracy,
-               COALESCE(u.n, 0) AS tasks, u.last_t AS clock_s, COALESCE(e.n, 0) AS evals
+               COALESCE(u.n, 0) AS tasks, u.last_t AS clock_s, COALESCE(e.n, 0) AS evals,
+               MAX(COALESCE(r.started_at, 0), COALESCE({heartbeat}, 0), COALESCE({ckpt}, 0),
+                   CASE WHEN {cfg.format('clock')} = 'wall'
+                        THEN r.started_at + MAX(COALESCE(u.last_t, 0), COALESCE(e.last_t, 0)) ELSE 0 END)
+                   AS last_write_at
         FROM runs r
         LEFT JOIN (SELECT run_id, COUNT(*) AS n, MAX(completed_at) AS last_t FROM updates GROUP BY run_id) u
                USING (run_id)
-        LEFT JOIN (SELECT run_id, COUNT(*) AS n FROM evals GROUP BY run_id) e USING (run_id)
+        LEFT JOIN (SELECT run_id, COUNT(*) AS n, MAX(t) AS last_t FROM evals GROUP BY run_id) e USING (run_id)
         ORDER BY r.started_at DESC, r.run_id
     """)
     df["run_id"] = df["run_id"].astype(str)
@@ -196,6 +212,36 @@ def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
     df["label"] = (df["strategy"].fillna("?").astype(str) + suffix + " · " + df["run_id"].str[-6:] + " · "
                    + started.fillna("?"))
     return df
+
+
+def with_activity(runs: pd.DataFrame, now: float, stale_after_s: float = STALE_AFTER_S) -> pd.DataFrame:
+    """``runs`` with ``activity`` ("live", "no writes for 5 min", "" for a finished run) and ``shown_status``.
+
+    Computed when the page draws, not in the cached query: a dead run's store no longer changes, so a result
+    cached by the store's state would call it live forever. ``now`` is a Unix time (``time.time()``).
+    """
+    age = now - pd.to_numeric(runs["last_write_at"], errors="coerce")
+    running = runs["status"] == "running"
+    stale = running & ~(age <= stale_after_s)  # no time at all is no sign of life either
+    activity = pd.Series("", index=runs.index, dtype=object)
+    activity[running] = "live"
+    activity[stale] = age[stale].map(lambda a: f"no writes for {_duration(a)}")
+    status = runs["status"].fillna("?").astype(str)
+    shown = status.where(activity == "", status + " · " + activity)
+    return runs.assign(activity=activity, shown_status=shown)
+
+
+def _duration(seconds: float) -> str:
+    """A rough age a person reads at a glance: ``75 s``, ``5 min``, ``3 h``, ``2 days``."""
+    if pd.isna(seconds):
+        return "a while"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _per_run(db: sqlite3.Connection, sql: str, run_ids: Sequence[str], **params: Any) -> pd.DataFrame:
@@ -573,7 +619,8 @@ class PageData:
 
     def overview(self) -> pd.DataFrame:
         """One row per selected run: status, clock, tasks by outcome, latest accuracy, bytes, compression."""
-        base = self.runs.set_index("run_id").loc[self.selected, ["label", "status", "strategy", "clock", "clock_s"]]
+        base = self.runs.set_index("run_id").loc[self.selected, ["label", "status", "strategy", "clock", "clock_s",
+                                                                 "last_write_at"]]
         out = base.join(self.summary.set_index("run_id"), how="left") if len(self.summary) else base
         if len(self.last):
             out = out.join(self.last.set_index("run_id"), how="left")

@@ -13,6 +13,7 @@ from client_app.data import DataError, DatasetMissingError
 from client_app.models import ModelError
 from server_app.engine import Engine
 from server_app.evaluation import Evaluator, model_spec
+from server_app.lifecycle import Heartbeat, RunStopped, on_runtime_exit, stop_on_signals
 from server_app.profiles import ProfileError, parse_mix
 from server_app.state import ModelSpec, RunSummary
 from server_app.store import MetricsStore, stored_run
@@ -34,29 +35,39 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
-    """Run one experiment and keep the store's record of it honest, whatever happens."""
+    """Run one experiment and keep the store's record of it honest, whatever happens.
+
+    A stop signal ends the run ``stopped`` with the signal's name (``server_app/lifecycle.py``), and the
+    heartbeat lets a reader see a run whose process died without a word.
+    """
     spec = validate(cfg)
     evaluator = Evaluator(cfg, spec.names)
     store = MetricsStore(cfg.metrics_path())
-    state = None
-    if cfg.resume:
-        run_id, state = cfg.resume, reopen(store, cfg)
-    else:
-        store.start_run(run_id, cfg.strategy, cfg.to_mapping())
-    try:
-        nodes, info = discover(grid, cfg)
-        engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes, info,
-                        resume_from=state)
-        summary = engine.run()
-        if summary.stop_reason.startswith("stalled"):
-            raise RuntimeError(summary.stop_reason)
-    except KeyboardInterrupt:
-        store.finish_run("stopped", "interrupted")
-        raise
-    except BaseException as exc:
-        store.finish_run("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    store.finish_run("completed")
+    with stop_on_signals():
+        state = None
+        if cfg.resume:
+            run_id, state = cfg.resume, reopen(store, cfg)
+        else:
+            store.start_run(run_id, cfg.strategy, cfg.to_mapping())
+        try:
+            on_runtime_exit(store.path, run_id)
+            with Heartbeat(store.path, run_id):
+                nodes, info = discover(grid, cfg)
+                engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes, info,
+                                resume_from=state)
+                summary = engine.run()
+            if summary.stop_reason.startswith("stalled"):
+                raise RuntimeError(summary.stop_reason)
+            store.finish_run("completed")  # inside: a signal after it finds the run closed, and leaves it so
+        except RunStopped as exc:
+            store.finish_run("stopped", exc.reason)
+            raise
+        except KeyboardInterrupt:
+            store.finish_run("stopped", "interrupted (KeyboardInterrupt)")
+            raise
+        except BaseException as exc:
+            store.finish_run("failed", f"{type(exc).__name__}: {exc}")
+            raise
     store.close()
     return summary
 

@@ -2,7 +2,8 @@
 
 Runs the same ServerApp and ClientApp code as ``flwr run`` (or the user's own ClientApp) in one process, with no
 Ray and no SuperLink, writes the metrics store, prints a short summary, and exits 0 on success, 1 when the run
-failed and 2 for a bad command line or run config.
+failed, 2 for a bad command line or run config, and 128 + the signal's number when stopped by SIGINT (130),
+SIGTERM (143) or SIGHUP (129).
 
     python -m server_app.simulate [--run-config FILE] [--set key=value ...] [--nodes N]
                                   [--clientapp MODULE:ATTR] [--resume RUN_ID]
@@ -28,6 +29,7 @@ from flwr.app import Context, RecordDict
 
 from server_app.app import RESUMABLE_CHANGES, validate
 from server_app.app import app as server_app
+from server_app.lifecycle import RunStopped, stop_on_signals
 from server_app.local_grid import ClientAppLike, LocalGrid
 from server_app.state import RunSummary
 from server_app.store import stored_run
@@ -133,8 +135,23 @@ def load_object(path: str) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+    """Command-line entry point.
+
+    SIGINT, SIGTERM and SIGHUP stop the run (recorded ``stopped`` with the signal's name, rows so far kept) and
+    exit with the shell's code for the signal (130, 143, 129) after one line on stderr: a stop asked for is no
+    crash, so no traceback.
+    """
     args = _parser().parse_args(argv)
+    try:
+        with stop_on_signals(handoff=False):
+            return _main(args)
+    except RunStopped as exc:
+        print(f"{exc.reason}: exit {exc.exit_code}; a run already started is recorded as stopped in its metrics "
+              "store", file=sys.stderr)
+        return exc.exit_code
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     import torch
 
@@ -169,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
     p.add_argument("--nodes", type=int, default=8, help="number of simulated nodes (default 8)")
     p.add_argument("--clientapp", metavar="MODULE:ATTR", help="your own ClientApp instead of client_app.app:app")
-    p.add_argument("--resume", metavar="RUN_ID", help="resume a checkpointed run (issue 9)")
+    p.add_argument("--resume", metavar="RUN_ID", help="resume a checkpointed run (RELIABILITY.md)")
     p.add_argument("--workers", type=int, default=2, help="threads running clients in parallel (default 2)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
     return p

@@ -21,7 +21,7 @@ from strategies.base import Status
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
     run_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, status TEXT, strategy TEXT, config_json TEXT,
-    error TEXT
+    error TEXT, heartbeat_at REAL
 );
 CREATE TABLE IF NOT EXISTS updates(
     run_id TEXT, seq INTEGER, node_id INTEGER, dispatched_at REAL, completed_at REAL,
@@ -60,6 +60,7 @@ CREATE INDEX IF NOT EXISTS updates_run_time ON updates(run_id, completed_at);
 # Columns added after a table's first release: a store written by an older version gains them on open.
 # Tables added later need nothing here: ``CREATE TABLE IF NOT EXISTS`` adds them to an older store on open.
 ADDED_COLUMNS = {
+    "runs": (("heartbeat_at", "REAL"),),
     "updates": (("peer_id", "INTEGER"), ("transport_bytes_up", "INTEGER"), ("transport_bytes_down", "INTEGER")),
     "evals": (("consensus_distance", "REAL"),),
 }
@@ -234,14 +235,23 @@ class MetricsStore:
         return state
 
     def finish_run(self, status: str, error: str = "") -> None:
-        """Close the run with its final status."""
+        """Close the run with its final status, once: a run already closed keeps its status and reason.
+
+        Two paths may close one run when a runtime stops it (``server_app/lifecycle.py``); the first says why.
+        """
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
         with self.db:
             self.db.execute(
-                "UPDATE runs SET finished_at=?, status=?, error=? WHERE run_id=?",
+                "UPDATE runs SET finished_at=?, status=?, error=? WHERE run_id=? AND status='running'",
                 (time.time(), status, error or None, self.run_id),
             )
+
+    def heartbeat(self) -> None:
+        """Say the running run's process is alive (``runs.heartbeat_at``, Unix time; ``lifecycle.Heartbeat``)."""
+        with self.db:
+            self.db.execute("UPDATE runs SET heartbeat_at=? WHERE run_id=? AND status='running'",
+                            (time.time(), self.run_id))
 
     # ---------------------------------------------------------------- comparisons (python -m server_app.compare)
     # Written by the comparison harness, not the ServerApp: its runs are ordinary runs, and these rows say which

@@ -369,3 +369,42 @@ def test_default_store_is_the_runners_default(monkeypatch: pytest.MonkeyPatch, t
     assert queries.default_db(["--db", "x.db"]) == queries.default_db(["--db=x.db"]) == "x.db"
     monkeypatch.delenv("STALEFLOWER_METRICS_DB")
     assert queries.default_db([]) == str(Path("~/.staleflower/metrics.db").expanduser().resolve())
+
+
+# ------------------------------------------------------------------------------------------ runs that went quiet
+def _age(db: Path, run_id: str, seconds: float) -> None:
+    """Move a run's start (and heartbeat) ``seconds`` into the past: its process went quiet that long ago."""
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE runs SET started_at = started_at - ?, heartbeat_at = heartbeat_at - ? WHERE run_id=?",
+                    (seconds, seconds, run_id))
+
+
+def test_a_running_run_without_writes_is_not_live(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    w = MetricsStore(db)
+    for run_id, clock in (("ghost", "virtual"), ("quiet", "virtual"), ("wall", "wall"), ("done", "virtual")):
+        w.start_run(run_id, "fedbuff", {"strategy": "fedbuff", "clock": clock})
+        w.heartbeat()
+        w.record_update(UpdateRow(0, 3, 0.0, 0.4, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
+    w.finish_run("completed")  # "done"
+    for run_id in ("ghost", "quiet", "wall", "done"):
+        _age(db, run_id, 300)
+    w.run_id = "quiet"
+    w.heartbeat()  # alive, though it wrote no row for 5 min
+    w.run_id = "wall"  # a wall-clock run's newest row is a sign of life: started 5 min ago, a task done just now
+    w.record_update(UpdateRow(1, 3, 299.0, 299.5, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
+    w.close()
+    with queries.snapshot(db) as (con, schema):
+        runs = queries.list_runs(con, schema)
+    shown = queries.with_activity(runs, time.time()).set_index("run_id")
+    assert shown.at["ghost", "shown_status"] == "running · no writes for 5 min"
+    assert shown.at["quiet", "shown_status"] == shown.at["wall", "shown_status"] == "running · live"
+    assert shown.at["done", "shown_status"] == "completed" and shown.at["done", "activity"] == ""
+    later = queries.with_activity(runs, time.time() + queries.STALE_AFTER_S + 1).set_index("run_id")
+    assert later.at["quiet", "activity"].startswith("no writes for")  # one minute without a beat: stale too
+
+    at = _app(db, runs=["ghost", "quiet"])
+    assert not at.exception and not at.error
+    assert "marked running but its process wrote nothing" in _messages(at) and "no writes for 5 min" in _messages(at)
+    tiles = " ".join(str(m.value) for m in at.markdown)
+    assert "running · no writes for 5 min" in tiles and "running · live" in tiles
