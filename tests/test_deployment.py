@@ -1,5 +1,6 @@
 """End-to-end deployment on Flower's real runtime: a SuperLink with TLS and SuperNode authentication, registered
-SuperNodes, ``flwr run`` on the wall clock (marked ``deployment``; ``make test-deployment``, about 2 minutes on 2 idle cores).
+SuperNodes, ``flwr run`` on the wall clock (marked ``deployment``; ``make test-deployment``, about 2 minutes on 2
+idle cores).
 
 Everything is started by ``scripts/deploy_local.py``'s ``LocalDeployment`` (the library behind ``make
 deploy-local``) in tmp, each process in its own session, and stopped by its process-group id. The run's status
