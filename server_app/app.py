@@ -13,6 +13,7 @@ from client_app.data import DataError, DatasetMissingError
 from client_app.models import ModelError
 from server_app.engine import Engine
 from server_app.evaluation import Evaluator, model_spec
+from server_app.intake import read_describe
 from server_app.lifecycle import Heartbeat, RunStopped, on_runtime_exit, stop_on_signals
 from server_app.profiles import ProfileError, parse_mix
 from server_app.state import ModelSpec, RunSummary
@@ -115,7 +116,9 @@ def discover(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[list[in
 
     Ordering by partition id (not by Flower's random node ids) makes profile assignment and dispatch order,
     hence the whole virtual-clock run, a function of the seed. Nodes whose ClientApp has no ``query`` handler
-    (e.g. one written for Flower's FedAvg) answer with an error and are ordered by node id after the others.
+    (e.g. one written for Flower's FedAvg) answer with an error and are ordered by node id after the others;
+    so are nodes whose describe reply gives no valid partition id (``server_app.intake.read_describe``: a
+    client's answer is its word, checked like any reply, and a bad one costs that node its place, not the run).
     """
     deadline = time.monotonic() + wait_s
     while len(nodes := sorted(grid.get_node_ids())) < cfg.min_nodes:
@@ -136,8 +139,11 @@ def _describe(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[st
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
             node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None and reply.has_content() and "describe" in reply.content.config_records:
-                info[node] = dict(reply.content.config_records["describe"])
+            if node is None:
+                continue
+            info[node], problem = read_describe(reply)
+            if problem:
+                log.warning("node %d described itself wrongly (%s): ordered as undescribed", node, problem)
         time.sleep(0.01)
     return info
 

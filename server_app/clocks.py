@@ -150,8 +150,14 @@ class WallClock:
         return first.arrived_at, first
 
     def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
-        """What the client says it computed; the rest of the task's time is communication."""
-        return client_compute_s, max(now - flight.dispatched_at - client_compute_s, 0.0)
+        """What the client says it computed, at most the task's whole time; the rest is communication.
+
+        The claim is the client's: a client saying it computed for a year on a task that took a second is held
+        to the second, so that no reply can make the store's compute totals say what never happened.
+        """
+        elapsed = max(now - flight.dispatched_at, 0.0)
+        compute = min(max(client_compute_s, 0.0), elapsed)
+        return compute, elapsed - compute
 
     def wasted(self, flight: Flight, now: float) -> tuple[float, float]:
         """All of the elapsed time counts as compute: the wall clock cannot tell the parts apart."""

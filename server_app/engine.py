@@ -28,7 +28,7 @@ from server_app import checkpoint
 from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
 from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, client_compute_s, join_reasons
-from server_app.ledger import Ledger
+from server_app.ledger import Ledger, bounded_reason
 from server_app.mailbox import Mailbox
 from server_app.membership import FleetChange, Membership, node_profile
 from server_app.outbox import Outbox
@@ -221,6 +221,7 @@ class Engine:
             reason = str(exc)
         except RejectedUpdate as exc:
             status, reason = Status.REJECTED, str(exc)
+        reason = bounded_reason(reason)  # it may quote the client: the log and the store get the same bounded text
         if s.downlink is not None:
             (s.downlink.discard if status in (Status.FAILED, Status.REJECTED) else s.downlink.confirm)(f.node)
         if status in (Status.FAILED, Status.REJECTED):

@@ -2,8 +2,12 @@
 
 Everything a client sends is attacker-controlled. ``Intake.read`` is the engine's only way into a reply: error
 replies, the door checks below, the form checks of ``server_app/wire.py`` (keys, stype, dtype, shape, every byte,
-NaN and Inf), the reply's metrics (parsed once, numbers only), then the outlier filter. A bad reply costs its
-task, never the run: whatever it holds ends as ``RejectedUpdate`` with the reason the store records.
+NaN and Inf), the reply's metrics (parsed once: the keys the server reads must each be one finite number, the
+others are kept only when they are), then the outlier filter. A bad reply costs its task, never the run: whatever
+it holds ends as ``RejectedUpdate`` with the reason the store records. Every check is meant to name what is
+wrong; for the input nobody foresaw, ``Intake.read`` is also the one safety net around a whole reply: any other
+exception while reading it is logged with its traceback and rejects that reply, so a bug in a check costs one
+task, not the run. ``read_describe`` does the same for a node's answer to ``query.describe``.
 
 A reply can be perfectly formed and still hostile or broken: far larger than any honest reply, meant for another
 task, or a delta a thousand times larger than anybody else's (a diverged client, a scaling bug, a poisoning
@@ -33,21 +37,25 @@ Raises ``RejectedUpdate``, so the engine records the reason and gives the node n
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 from flwr.app import Message
 
-from server_app.wire import RejectedUpdate, numeric_metrics, read_reply
+from server_app.wire import RejectedUpdate, numeric_metrics, shown, validate_reply
 from strategies import taskkeys as keys
 from strategies.base import Update
 from strategies.client import Weights
 from strategies.config import RunConfig
 
-__all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "delta_norm", "join_reasons", "client_compute_s"]
+__all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "client_compute_s", "delta_norm", "join_reasons",
+           "read_describe"]
+
+log = logging.getLogger("staleflower")
 
 ECHO_KEYS = keys.ECHO  # what our ClientApp echoes from its task's config in its metrics
 SIZE_FACTOR = 2
@@ -81,7 +89,7 @@ class UpdateGuard:
             return
         for key, expected in zip(ECHO_KEYS, (seq, version), strict=True):
             if key in metrics and not _equals(metrics[key], expected):
-                raise RejectedUpdate(f"wrong model version: the reply echoes {key} = {metrics[key]!r}, "
+                raise RejectedUpdate(f"wrong model version: the reply echoes {key} = {shown(metrics[key])}, "
                                      f"its task was sent with {key} = {expected}")
 
     # ------------------------------------------------------------------------------------------- after decoding
@@ -159,15 +167,25 @@ class Intake:
         self.names = names
 
     def read(self, f: Delivery, guard: UpdateGuard, base: Weights, staleness: int, now: float) -> Update:
-        """The reply of ``f`` as an update computed on ``base``, ``staleness`` versions old, applied at ``now``."""
+        """The reply of ``f`` as an update computed on ``base``, ``staleness`` versions old, applied at ``now``.
+
+        Raises ``TaskFailed`` or ``RejectedUpdate`` only: an unforeseen exception while reading the reply (a bug
+        in a check, an object no check expected) rejects the reply with its type and message, and is logged.
+        """
         reply = f.reply
         if f.failure or reply is None:
             raise TaskFailed(f.failure)
-        if reply.has_error():
-            raise TaskFailed(f"client error {reply.error.code}: {reply.error.reason}")
-        guard.admit(reply, f.payload_up, f.seq, f.version)
-        sent, is_delta, n, metrics = read_reply(reply, self.names, base)
-        return Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta, now)
+        try:
+            if reply.has_error():
+                raise TaskFailed(f"client error {reply.error.code}: {reply.error.reason}")
+            guard.admit(reply, f.payload_up, f.seq, f.version)
+            sent, is_delta, n, metrics = validate_reply(reply, self.names, base)
+            return Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta, now)
+        except (TaskFailed, RejectedUpdate):
+            raise
+        except Exception as exc:
+            log.exception("reading the reply of task %d raised %s; rejecting the reply", f.seq, type(exc).__name__)
+            raise RejectedUpdate(f"malformed reply (reading it raised {type(exc).__name__}: {exc})") from exc
 
 
 class TaskFailed(Exception):
@@ -179,9 +197,63 @@ def client_compute_s(reply: Message | None) -> float:
 
     Read for replies of every fate, rejected ones included: a hostile value costs nothing but its own row's timing.
     """
-    if reply is None or reply.has_error() or not reply.has_content():
+    try:
+        if reply is None or reply.has_error() or not reply.has_content():
+            return 0.0
+        value = numeric_metrics(reply.content.metric_records.get("metrics")).get(keys.COMPUTE_S, 0.0)
+    except Exception:  # the reply's own row says what is wrong with it (Intake.read); its timing only loses this
+        log.exception("reading compute-s of a reply raised; charging 0 s of compute")
         return 0.0
-    value = numeric_metrics(reply.content.metric_records.get("metrics")).get(keys.COMPUTE_S, 0.0)
-    if isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        return 0.0
-    return float(value)
+    return float(value) if value >= 0 else 0.0
+
+
+#: What a node may say of itself in its ``query.describe`` reply, and the bounds the server holds it to.
+MAX_PARTITIONS = 2**31        # a partition count beyond this is not a dataset split, it is a lie
+MAX_DEVICE_CHARS = 100        # "cuda:0", "cpu", "mps": a device name is short
+UNKNOWN_PARTITION = -1        # what our ClientApp says when its node config names no partition
+
+
+def read_describe(reply: Message) -> tuple[dict[str, object], str]:
+    """``(what the node said of itself, what was wrong with it)`` from its ``query.describe`` reply.
+
+    The server reads three fields: ``partition-id`` (an int in ``0 .. num-partitions - 1``; it orders the fleet
+    and goes to the ``nodes`` table), ``num-partitions`` (an int in ``1 .. 2**31``) and ``torch-device`` (a
+    short string). A field of the wrong kind or out of range is left out, and the reason says which, so a bad
+    describe reply costs its node its place in the partition order (it is ordered after the described nodes,
+    like a ClientApp that cannot describe itself), never the run. Other fields are not read, hence not kept.
+    """
+    try:
+        if not reply.has_content() or "describe" not in reply.content.config_records:
+            return {}, ""  # a ClientApp with no query handler (Flower's templates): undescribed, nothing wrong
+        said = dict(reply.content.config_records["describe"])
+        info: dict[str, object] = {}
+        problems: list[str] = []
+        parts = _bounded_int(said, "num-partitions", 1, MAX_PARTITIONS, problems)
+        if parts is not None:
+            info["num-partitions"] = parts
+        pid = said.get("partition-id")
+        if not (type(pid) is int and pid == UNKNOWN_PARTITION):  # -1 is our ClientApp's "none": nothing wrong
+            pid = _bounded_int(said, "partition-id", 0, (parts or MAX_PARTITIONS) - 1, problems)
+            if pid is not None:
+                info["partition-id"] = pid
+        device = said.get("torch-device")
+        if isinstance(device, str) and 0 < len(device) <= MAX_DEVICE_CHARS:
+            info["torch-device"] = device
+        elif "torch-device" in said:
+            problems.append(f"torch-device must be a name of up to {MAX_DEVICE_CHARS} characters, "
+                            f"got {shown(device)}")
+        return info, "; ".join(problems)
+    except Exception as exc:  # the net, as in Intake.read: a describe reply costs its node, never the run
+        log.exception("reading a describe reply raised %s; the node is taken as undescribed", type(exc).__name__)
+        return {}, f"malformed describe reply (reading it raised {type(exc).__name__}: {exc})"
+
+
+def _bounded_int(said: Mapping[str, object], key: str, lo: int, hi: int, problems: list[str]) -> int | None:
+    """``said[key]`` when it is an int in ``lo .. hi`` (not a bool, not a float); else None and a problem."""
+    if key not in said:
+        return None
+    value = said[key]
+    if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+        return value
+    problems.append(f"{key} must be an integer in {lo} .. {hi}, got {shown(value)}")
+    return None

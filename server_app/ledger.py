@@ -3,6 +3,10 @@
 One place decides what a row says: which bytes a task is charged (a gossip task's are its node-to-node exchange,
 ``strategies.base.Exchange``; what Flower's messages carried in this emulation goes to the ``transport_bytes_*``
 columns), which version a row was applied at, and how the totals move when buffered updates are applied later.
+
+A row's reason may quote what a client sent (its exception message, a value it echoed); it is cut to
+``MAX_REASON`` characters here, where every row is written, so no client can make the store grow by more than
+that per task.
 """
 
 from __future__ import annotations
@@ -12,6 +16,17 @@ from collections.abc import Mapping, Sequence
 from server_app.state import EngineState, Flight, Totals
 from server_app.store import MetricsStore, UpdateRow
 from strategies.base import Status
+
+#: The longest reason a row keeps: enough for any reason the server writes, and for the start of a client's.
+MAX_REASON = 500
+
+
+def bounded_reason(reason: str, limit: int = MAX_REASON) -> str:
+    """``reason`` if it fits in ``limit`` characters; else its start and a marker saying how long it was."""
+    if len(reason) <= limit:
+        return reason
+    marker = f" [... cut: {len(reason)} characters]"
+    return reason[: max(limit - len(marker), 0)] + marker
 
 
 class Ledger:
@@ -39,7 +54,7 @@ class Ledger:
             base_version=f.version, applied_version=applied_version,
             staleness=None if status == Status.FAILED else staleness,
             bytes_up=bytes_up, bytes_down=bytes_down, compute_s=compute_s, comm_s=comm_s,
-            status=str(status), reason=reason, peer_id=ex.peer if ex is not None else None,
+            status=str(status), reason=bounded_reason(reason), peer_id=ex.peer if ex is not None else None,
             transport_bytes_up=f.bytes_up, transport_bytes_down=f.bytes_down,
         ))
 

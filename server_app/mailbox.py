@@ -60,7 +60,7 @@ class Mailbox:
                 f = self.by_msg.get(reply.metadata.reply_to_message_id)
                 if f is not None and f.reply is None and not f.failure:
                     f.reply = reply
-                    f.bytes_up, f.payload_up = message_sizes(reply)
+                    f.bytes_up, f.payload_up = _sizes(f, reply)
                     f.arrived_at = self.stamp()
         if self.abandoned:
             gone = {r.metadata.reply_to_message_id for r in self.grid.pull_messages(list(self.abandoned))}
@@ -113,3 +113,17 @@ class Mailbox:
         if node in self.held:
             flight, msg = self.held.pop(node)
             self._push(flight, msg)
+
+
+def _sizes(flight: Flight, reply: Message) -> tuple[int, int]:
+    """``message_sizes(reply)``; a reply that cannot be serialized again fails its task instead of the run.
+
+    Flower hands over only replies it deserialized, which serialize again; a reply built in-process (a test's or
+    a local grid's ClientApp) may hold what no record can carry. It is a failed task, as Flower's runtime makes a
+    ClientApp's unsendable reply one (``server_app/local_grid.py``).
+    """
+    try:
+        return message_sizes(reply)
+    except Exception as exc:
+        flight.failure = f"reply cannot be serialized ({type(exc).__name__}: {exc})"
+        return 0, 0

@@ -8,7 +8,9 @@ heartbeats are current) at most every ``every_s`` seconds, without ever blocking
 - **a node not seen before** is sent a ``query.describe`` message; when the answer arrives (or the describe fails,
   or times out after ``describe_s``) the node joins the fleet: a row in the store's ``nodes`` table, a profile
   (informative only on the wall clock, where the links are real), a place in the idle queue, room in the
-  concurrency cap. Its data partition is whatever its ``--node-config`` says.
+  concurrency cap. Its data partition is whatever its ``--node-config`` says. The answer is the node's word:
+  ``server_app.intake.read_describe`` keeps only the fields the server reads, each of the right kind and in
+  range; a field that is not is left out (and logged), and the node joins all the same.
 - **a known node missing from the list is offline**: it gets no new task. Its task in flight, if any, ends as
   Flower's ``NODE_UNAVAILABLE`` error reply (when its heartbeats stop: within 2 x 30 s in Flower 1.41) or when
   ``task-ttl`` expires, whichever comes first, and is recorded as ``failed``; the work goes to the nodes still
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from server_app.intake import read_describe
 from server_app.profiles import NodeProfile, ProfileError, assign_profiles
 from strategies.config import RunConfig
 
@@ -158,8 +161,11 @@ class Membership:
             node, _ = self.describing.pop(reply.metadata.reply_to_message_id, (None, 0.0))
             if node is None:
                 continue
-            ok = reply.has_content() and "describe" in reply.content.config_records
-            self._admit(node, dict(reply.content.config_records["describe"]) if ok else {}, change)
+            info, problem = read_describe(reply)
+            if problem:
+                log.warning("node %d described itself wrongly (%s): taken as undescribed where it lied", node,
+                            problem)
+            self._admit(node, info, change)
         now = time.monotonic()
         for mid, (node, deadline) in list(self.describing.items()):
             if now > deadline:

@@ -8,10 +8,11 @@ content-addressed objects (message, record dict, records, arrays, array chunks),
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import (
@@ -22,10 +23,10 @@ from flwr.supercore.inflatable.inflatable_object import (
 
 from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
-from strategies.taskkeys import NUM_EXAMPLES
+from strategies.taskkeys import COMPUTE_S, MODEL_VERSION, NUM_EXAMPLES, TASK_SEQ, TRAIN_LOSS
 
-__all__ = ["RejectedUpdate", "message_sizes", "payload_bytes", "payload_record", "read_reply", "to_record",
-           "validate_reply", "wire_bytes"]
+__all__ = ["KNOWN_METRICS", "RejectedUpdate", "check_known_metrics", "finite_number", "message_sizes",
+           "payload_bytes", "payload_record", "read_reply", "shown", "to_record", "validate_reply", "wire_bytes"]
 
 log = logging.getLogger("staleflower")
 
@@ -109,8 +110,10 @@ def read_reply(
 
     A reply comes from a device the server does not control, so any other exception the checks of
     ``validate_reply`` might still raise on some input nobody foresaw is turned into a ``RejectedUpdate`` too
-    (and logged with its traceback): a bug in validation must cost one update, not the run. The fuzz tests and
-    ``bench/fuzz_report.py`` call ``validate_reply`` itself and count such exceptions as crashes.
+    (and logged with its traceback): a bug in validation must cost one update, not the run. The engine reads
+    replies through ``server_app.intake.Intake.read``, whose safety net covers the whole reply and not only
+    this part; this one is for callers outside the engine. The fuzz tests and ``bench/fuzz_report.py`` call
+    ``validate_reply`` itself and count such exceptions as crashes.
     """
     try:
         return validate_reply(msg, names, base)
@@ -134,7 +137,9 @@ def validate_reply(
     else:
         raise RejectedUpdate(f"reply has no 'delta' or 'arrays' ArrayRecord (has: {sorted(records) or 'none'})")
     values = _decode(arrays, names, base)
-    metrics = numeric_metrics(content.metric_records.get("metrics"))
+    record = content.metric_records.get("metrics")
+    check_known_metrics(record)
+    metrics = numeric_metrics(record)
     return values, is_delta, _num_examples(metrics), metrics
 
 
@@ -168,11 +173,68 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
     return value
 
 
-def numeric_metrics(record: MetricRecord | None) -> dict[str, float]:
-    """The numbers of a reply's ``metrics`` record; anything else in it is ignored."""
+#: Reply metrics the server reads, and what each must be. The echoes (``task-seq``, ``model-version``) are held
+#: to their task's values by ``server_app.intake.UpdateGuard.admit`` and ``num-examples`` by ``_num_examples``;
+#: here each is only held to be one finite number, so that a list, a NaN or an infinity is a reason, not a crash.
+KNOWN_METRICS: dict[str, str] = {
+    NUM_EXAMPLES: "a finite number",
+    COMPUTE_S: "a finite number >= 0",
+    TRAIN_LOSS: "a finite number",
+    TASK_SEQ: "a finite number",
+    MODEL_VERSION: "a finite number",
+}
+
+
+def finite_number(value: object) -> float | None:
+    """``value`` as a float when it is a finite int or float (not a bool, not beyond float's range), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int past 1.8e308: not one a MetricRecord can carry, but a forged one might
+        return None
+    return number if math.isfinite(number) else None
+
+
+def check_known_metrics(record: Mapping[str, object] | None) -> None:
+    """Reject a reply whose ``metrics`` holds anything but what ``KNOWN_METRICS`` says under one of its keys.
+
+    A MetricRecord may carry lists of numbers, and a forged one anything; the server reads these keys as one
+    number each, so a wrong kind is the reply's fault and costs the reply, never the run.
+    """
+    if record is None:
+        return
+    for key, kind in KNOWN_METRICS.items():
+        if key not in record:
+            continue
+        value = record[key]
+        number = finite_number(value)
+        if number is None or (key == COMPUTE_S and number < 0):
+            raise RejectedUpdate(f"metric {key} must be {kind}, got {shown(value)}")
+
+
+def numeric_metrics(record: Mapping[str, object] | None) -> dict[str, float]:
+    """The finite numbers of a reply's ``metrics`` record, as sent (an int stays an int); anything else is dropped.
+
+    Lists, NaN and infinities under keys the server does not read are a ClientApp's own business (a stock Flower
+    ClientApp may send them): they are left out, so that what strategies and the store see is numbers only.
+    """
     if record is None:
         return {}
-    return {k: v for k, v in dict(record).items() if isinstance(v, int | float)}
+    out: dict[str, float] = {}
+    for key, value in dict(record).items():
+        if finite_number(value) is not None:
+            assert isinstance(value, int | float)  # what finite_number accepts
+            out[key] = value
+    return out
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a reason quotes what a client sent, never all of it."""
+    if isinstance(value, list | tuple | str | bytes) and len(value) > limit:  # no repr of a million items
+        return f"{repr(value[:limit])[:limit]}... ({type(value).__name__} of length {len(value)})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 MAX_EXAMPLES = 2**53  # beyond, a float count is no longer exact; and FedAvg weights by it: a claim, not a fact
@@ -181,5 +243,5 @@ MAX_EXAMPLES = 2**53  # beyond, a float count is no longer exact; and FedAvg wei
 def _num_examples(metrics: dict[str, float]) -> int:
     n = metrics.get(NUM_EXAMPLES, 1)
     if isinstance(n, bool) or not 1 <= n <= MAX_EXAMPLES or not float(n).is_integer():  # NaN fails the range
-        raise RejectedUpdate(f"num-examples must be a positive integer up to 2**53, got {n!r}")
+        raise RejectedUpdate(f"num-examples must be a positive integer up to 2**53, got {shown(n)}")
     return int(n)
