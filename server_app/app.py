@@ -11,12 +11,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from client_app.data import DataError, DatasetMissingError
 from client_app.models import ModelError
+from server_app import checkpoint
+from server_app.checkpoint import CheckpointError
 from server_app.engine import Engine
 from server_app.evaluation import Evaluator, model_spec
 from server_app.intake import read_describe
 from server_app.lifecycle import Heartbeat, RunStopped, on_runtime_exit, stop_on_signals
 from server_app.profiles import ProfileError, parse_mix
-from server_app.state import ModelSpec, RunSummary
+from server_app.state import EngineState, ModelSpec, RunSummary
 from server_app.store import MetricsStore, stored_run
 from strategies import check_implemented, get_strategy
 from strategies.config import ConfigError, RunConfig
@@ -77,8 +79,12 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
 RESUMABLE_CHANGES = frozenset({"resume", "max-updates", "max-time", "target-accuracy", "metrics-db"})
 
 
-def reopen(store: MetricsStore, cfg: RunConfig) -> bytes:
-    """The checkpoint of run ``cfg.resume``, its later rows rolled back; the config must be the run's own."""
+def reopen(store: MetricsStore, cfg: RunConfig) -> EngineState:
+    """The checkpoint of run ``cfg.resume``, verified, then its later rows rolled back; the config must be the run's.
+
+    A checkpoint that fails verification (``checkpoint.load``) is a ``ConfigError`` raised before any row changes:
+    the user gets one line and the store stays as it was, ready for a resume with the right key.
+    """
     run = stored_run(store.db, cfg.resume)
     if run is None:
         raise ConfigError(f"resume = {cfg.resume!r}: no such run in {store.path}")
@@ -88,9 +94,11 @@ def reopen(store: MetricsStore, cfg: RunConfig) -> bytes:
         diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"resume = {cfg.resume!r}: the run config differs from the run's own ({diffs})")
     try:
-        return store.resume_run(cfg.resume)
+        return store.resume_run(cfg.resume, checkpoint.load)
     except LookupError as exc:
         raise ConfigError(str(exc)) from exc
+    except CheckpointError as exc:
+        raise ConfigError(f"cannot resume run {cfg.resume} from {store.path}: {exc}") from exc
 
 
 def validate(cfg: RunConfig) -> ModelSpec:
@@ -102,6 +110,11 @@ def validate(cfg: RunConfig) -> ModelSpec:
     check_implemented(cfg)
     if not cfg.max_updates and not cfg.max_time:
         raise ConfigError("set a stop condition: max-updates > 0 or max-time > 0")
+    try:
+        if cfg.checkpoint_every and not cfg.resume:  # made now, not at the first checkpoint mid-run
+            checkpoint.signing_key()
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from exc
     try:
         parse_mix(cfg.profiles)
         if cfg.profile_file and not Path(cfg.profile_file).is_file():

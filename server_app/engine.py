@@ -54,7 +54,7 @@ class Engine:
     def __init__(self, grid: Grid, cfg: RunConfig, strategy_cls: type[Strategy], spec: ModelSpec,
                  evaluate: Evaluate, store: MetricsStore, run_id: str, nodes: list[int],
                  node_info: dict[int, dict[str, object]] | None = None, *, poll_s: float = 0.005,
-                 resume_from: bytes | None = None, clock: Clock | None = None) -> None:
+                 resume_from: EngineState | None = None, clock: Clock | None = None) -> None:
         self.grid, self.cfg, self.spec, self.evaluate, self.run_id = grid, cfg, spec, evaluate, run_id
         self.clock = clock or make_clock(cfg, spec.flops_per_step)
         self.ledger, self.intake, self.outbox = Ledger(store), Intake(spec.names), Outbox(cfg, spec.names)
@@ -290,5 +290,5 @@ class Engine:
         """Every ``checkpoint-every`` applied updates, and at the end of the run."""
         applied, every = self.state.totals.applied, self.cfg.checkpoint_every
         if every and (final or applied // every > self.checkpointed // every):
-            self.ledger.store.save_checkpoint(applied, checkpoint.capture(self.state))
+            self.ledger.store.save_checkpoint(applied, lambda extent: checkpoint.capture(self.state, extent))
             self.checkpointed = applied

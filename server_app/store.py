@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from strategies.base import Status
 
@@ -93,8 +93,16 @@ def stored_run(db: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], int
     return json.loads(row[0]), nodes
 
 
+def checkpoint_extent(run_id: str, applied: object, updates_rowid: object, evals_rowid: object,
+                      buffered_json: object) -> str:
+    """A checkpoint row's extent as one string, the same when written and when read back (what a seal covers)."""
+    return json.dumps([run_id, applied, updates_rowid, evals_rowid, buffered_json])
+
+
 #: A ``nodes`` row as ``record_nodes`` takes it: partition id and torch device are what the node said of itself.
 NodeRow = tuple[int, int, object, str, str, float, float, object]
+
+T = TypeVar("T")
 
 UPDATE_STATUSES = tuple(str(s) for s in Status)
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
@@ -204,26 +212,33 @@ class MetricsStore:
                  json.dumps(extra, sort_keys=True), consensus),
             )
 
-    def save_checkpoint(self, applied: int, state: bytes) -> None:
-        """Replace the run's checkpoint, with the store's extent at this moment, in one transaction."""
+    def save_checkpoint(self, applied: int, seal: Callable[[str], bytes]) -> None:
+        """Replace the run's checkpoint, with the store's extent at this moment, in one transaction.
+
+        ``seal(extent)`` returns the checkpoint's bytes: ``extent`` (``checkpoint_extent``) describes the row they
+        go into, so the checkpoint can authenticate its row and not only itself (``server_app/checkpoint.py``).
+        """
         with self.db:
             (u_rowid,) = self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM updates").fetchone()
             (e_rowid,) = self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM evals").fetchone()
-            buffered = self.db.execute("SELECT seq, reason FROM updates WHERE run_id=? AND status='buffered'",
-                                       (self.run_id,)).fetchall()
+            buffered = json.dumps(self.db.execute("SELECT seq, reason FROM updates WHERE run_id=? AND "
+                                                  "status='buffered'", (self.run_id,)).fetchall())
+            state = seal(checkpoint_extent(self.run_id, applied, u_rowid, e_rowid, buffered))
             self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?)",
-                            (self.run_id, time.time(), applied, u_rowid, e_rowid, json.dumps(buffered), state))
+                            (self.run_id, time.time(), applied, u_rowid, e_rowid, buffered, state))
 
-    def resume_run(self, run_id: str) -> bytes:
-        """Reopen a run at its checkpoint: roll back later rows, mark it running; return the engine state."""
-        row = self.db.execute("SELECT updates_rowid, evals_rowid, buffered_json, state FROM checkpoints "
-                              "WHERE run_id=?", (run_id,)).fetchone()
-        if row is None:
-            known = self.db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
-            why = "no such run" if known is None else f"the run ({known[0]}) has no checkpoint: set checkpoint-every"
-            raise LookupError(f"cannot resume run {run_id} from {self.path}: {why}")
-        state: bytes  # the BLOB save_checkpoint wrote
-        u_rowid, e_rowid, buffered, state = row
+    def load_checkpoint(self, run_id: str, load: Callable[[bytes, str], T]) -> T:
+        """The run's checkpoint as ``load(blob, extent)`` decodes (and verifies) it; the store is only read."""
+        return load(*self._checkpoint(run_id)[:2])
+
+    def resume_run(self, run_id: str, load: Callable[[bytes, str], T]) -> T:
+        """Reopen a run at its checkpoint: decode it, then roll back later rows and mark the run running.
+
+        ``load`` runs first and may refuse the checkpoint by raising: nothing is written before it returns, so a
+        corrupted or tampered checkpoint leaves the store as it was.
+        """
+        blob, extent, u_rowid, e_rowid, buffered = self._checkpoint(run_id)
+        state = load(blob, extent)
         with self.db:
             self.db.execute("DELETE FROM updates WHERE run_id=? AND rowid>?", (run_id, u_rowid))
             self.db.execute("DELETE FROM evals WHERE run_id=? AND rowid>?", (run_id, e_rowid))
@@ -233,6 +248,19 @@ class MetricsStore:
             self.db.execute("UPDATE runs SET status='running', finished_at=NULL, error=NULL WHERE run_id=?", (run_id,))
         self.run_id = run_id
         return state
+
+    def _checkpoint(self, run_id: str) -> tuple[bytes, str, int, int, str]:
+        """The checkpoint row of ``run_id``: its blob, its extent as sealed, and the rollback it calls for."""
+        row = self.db.execute("SELECT applied, updates_rowid, evals_rowid, buffered_json, state FROM checkpoints "
+                              "WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            known = self.db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            why = "no such run" if known is None else f"the run ({known[0]}) has no checkpoint: set checkpoint-every"
+            raise LookupError(f"cannot resume run {run_id} from {self.path}: {why}")
+        applied, u_rowid, e_rowid, buffered, state = row
+        if not isinstance(state, bytes):  # a BLOB comes back as bytes; anything else was not written by us
+            state = b""
+        return state, checkpoint_extent(run_id, applied, u_rowid, e_rowid, buffered), u_rowid, e_rowid, buffered
 
     def finish_run(self, status: str, error: str = "") -> None:
         """Close the run with its final status, once: a run already closed keeps its status and reason.

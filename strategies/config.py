@@ -101,11 +101,11 @@ class RunConfig:
     local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))
     local_threads: int = field(default=1, metadata=_range(1, 256))
     persistence: int = field(default=200, metadata=_range(0))
-    # Reliability (issue 9): outlier updates, checkpoints, resume.
+    # Reliability: outlier updates, checkpoints, resume.
     update_filter: str = field(default="none", metadata=_choices("none", "reject", "clip"))
     norm_multiplier: float = field(default=10.0, metadata=_range(1))
     norm_window: int = field(default=50, metadata=_range(1))
-    checkpoint_every: int = field(default=0, metadata=_range(0))
+    checkpoint_every: int = field(default=500, metadata=_range(0))  # on, within 2% (RELIABILITY.md)
     resume: str = ""
 
     def __post_init__(self) -> None:

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -8,6 +11,12 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# Checkpoints are on by default and sealed with a per-user key (server_app/checkpoint.py): the suite makes its own
+# in a temporary directory, never the user's ~/.config/staleflower/checkpoint.key; subprocesses inherit it.
+if "STALEFLOWER_CHECKPOINT_KEY" not in os.environ:
+    _key_dir = tempfile.mkdtemp(prefix="staleflower-key-")
+    atexit.register(shutil.rmtree, _key_dir, ignore_errors=True)
+    os.environ["STALEFLOWER_CHECKPOINT_KEY"] = os.path.join(_key_dir, "checkpoint.key")
 
 pytest_plugins = ["server_app.testing"]
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server_app import checkpoint
 from server_app.app import reopen
 from server_app.simulate import main as simulate_cli
 from server_app.store import MetricsStore
@@ -33,9 +33,11 @@ def rows(db, run_id):
 
 
 def final_weights(db, run_id):
-    with sqlite3.connect(db) as con:
-        blob = con.execute("SELECT state FROM checkpoints WHERE run_id=?", (run_id,)).fetchone()[0]
-    return pickle.loads(blob)["state"].policy.weights
+    store = MetricsStore(db)
+    try:
+        return store.load_checkpoint(run_id, checkpoint.load).policy.weights  # verified, then unpickled
+    finally:
+        store.close()
 
 
 def assert_same_weights(a, b):
@@ -115,9 +117,10 @@ def test_sigkill_mid_run_then_resume_gives_the_same_run(tmp_path):
 
 def test_resume_errors_are_clear(simulate, tmp_path):
     db = tmp_path / "m.db"
-    plain = simulate("fedbuff", max_updates=8, db=db, model="logreg", min_nodes=1)
+    plain = simulate("fedbuff", max_updates=8, db=db, model="logreg", min_nodes=1, checkpoint_every=0)
     with pytest.raises(ConfigError, match="has no checkpoint: set checkpoint-every"):
-        simulate("fedbuff", max_updates=8, db=db, model="logreg", min_nodes=1, resume=plain.summary.run_id)
+        simulate("fedbuff", max_updates=8, db=db, model="logreg", min_nodes=1, checkpoint_every=0,
+                 resume=plain.summary.run_id)
     with pytest.raises(ConfigError, match="no such run"):
         simulate("fedbuff", max_updates=8, db=db, model="logreg", min_nodes=1, resume="12345")
     done = simulate("fedbuff", max_updates=8, db=db, model="logreg", min_nodes=1, checkpoint_every=4)
