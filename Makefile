@@ -3,7 +3,7 @@
 #   make run                       the default experiment with the real Flower runtime (flwr run, 10 simulated nodes)
 #   make run CONFIG=configs/X.toml a preset instead (its metrics-db, else results/metrics.db)
 #   make run NODES=4 RUN_ARGS="--run-config 'max-updates=50'"
-#   make test | test-deployment | test-fast | lint | bench | dashboard [DB=path] | clean | distclean
+#   make test | test-deployment | test-fast | lint | bench | dashboard [DB=path] [STORES=dir] | clean | distclean
 
 PYTHON3 ?= python3
 VENV    := .venv
@@ -58,7 +58,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 dashboard: $(STAMP)
-	$(BIN)/streamlit run dashboard/app.py --server.address $(DASHBOARD_ADDRESS) -- $(if $(DB),--db $(DB))
+	$(BIN)/streamlit run dashboard/app.py --server.address $(DASHBOARD_ADDRESS) --browser.gatherUsageStats false \
+		-- $(if $(DB),--db $(DB)) $(if $(STORES),--stores $(STORES))
 
 # A local deployment on Flower's real runtime: throw-away CA, SuperLink with TLS and SuperNode authentication,
 # DEPLOY_NODES (default 3) registered SuperNodes, one `flwr run` on the wall clock, all stopped by pid at the end.

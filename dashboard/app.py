@@ -1,4 +1,6 @@
-"""The live dashboard: ``streamlit run dashboard/app.py [-- --db PATH]`` (or ``make dashboard``).
+"""The live dashboard: ``make dashboard``, or the command of dashboard/README.md.
+
+``streamlit run dashboard/app.py --server.address 127.0.0.1 --browser.gatherUsageStats false [-- --db PATH]``
 
 Layout only: the data comes from ``dashboard.queries`` (read-only SQL over the metrics store, one short read
 transaction per refresh) and the charts from ``dashboard.charts``. Without ``--db`` it opens the store runs write
@@ -6,6 +8,9 @@ by default (``$STALEFLOWER_METRICS_DB``, else ``~/.staleflower/metrics.db``). Wh
 fragment that reruns every ``REFRESH_S`` seconds; a refresh costs nothing when the store has not changed (results
 are cached by the store's and its WAL's size and modification time). A store that ``python -m server_app.compare``
 wrote also gets, above the run picker, a view of one comparison's evaluation runs overlaid.
+
+The page opens stores under one folder only, and every string it did not write (run labels, stored errors, the
+typed path) goes through ``safe.md`` before a Markdown-rendering element: ``dashboard/safe.py`` says why.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts dashboard/, not the repository, on the path
+if str(ROOT) not in sys.path:  # Streamlit puts the script's folder (dashboard/), not the repository, on the path
     sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from dashboard import charts, queries  # noqa: E402
+from dashboard import charts, queries, safe  # noqa: E402
 from dashboard.queries import StoreError  # noqa: E402
+from dashboard.safe import md  # noqa: E402
 
 REFRESH_S = 2.0
 log = logging.getLogger("staleflower.dashboard")
@@ -72,9 +78,9 @@ def cached_comparison(path: str, comparison_id: str, target: float, token: tuple
 def show_store_error(exc: StoreError) -> None:
     """A store that cannot be read is a message in the page, never a stack trace."""
     if exc.kind in ("missing", "empty"):
-        st.info(str(exc))
+        st.info(md(exc))
     else:
-        st.error(str(exc))
+        st.error(md(exc))
 
 
 def mb(x: float | None) -> str:
@@ -87,7 +93,9 @@ def sidebar() -> tuple[bool, int]:
     """Store path, live switch, follow-newest switch, timeline size."""
     sb = st.sidebar
     sb.title("staleflower")
-    sb.text_input("Metrics store (SQLite)", key="db", help="the `metrics-db` of the runs; `--db` sets the default")
+    sb.text_input("Metrics store (SQLite)", key="db",
+                  help=f"the `metrics-db` of the runs, under {md(safe.store_root())} (`--stores` sets the folder); "
+                       "`--db` sets the default")
     live = sb.toggle(f"Live: refresh every {REFRESH_S:g} s", value=True, key="live")
     sb.toggle("Follow the newest run", value=True, key="follow",
               help="a run that starts is added to the picker's selection")
@@ -119,14 +127,14 @@ def pick_runs(runs: pd.DataFrame) -> list[str]:
 
 def body(limit: int) -> None:
     """Everything below the sidebar; a fragment that reruns on the live timer."""
-    path = str(st.session_state["db"])
     try:
+        path = str(safe.allowed_store(str(st.session_state["db"]), safe.store_root()))
         runs = cached_runs(path, store_token(path))
     except StoreError as exc:
         show_store_error(exc)
         return
     if runs.empty:
-        st.info(f"The metrics store {path} has no run yet. Start one and it appears here.")
+        st.info(f"The metrics store {md(path)} has no run yet. Start one and it appears here.")
         return
     comparison_view(path)
     selected = pick_runs(runs)
@@ -160,11 +168,11 @@ def draw(page: queries.PageData, x_axis: str, target: float) -> None:
     st.caption(f"refreshed {datetime.now():%H:%M:%S} · {len(live)} of {len(overview)} selected runs live · "
                f"{tasks:,} tasks stored · time bucket {page.width:g} s")
     for row in overview[(overview["status"] == "running") & (overview["activity"] != "live")].itertuples():
-        st.warning(f"Run {row.label} is marked running but its process wrote nothing (no row, no heartbeat) "
+        st.warning(f"Run {md(row.label)} is marked running but its process wrote nothing (no row, no heartbeat) "
                    f"for over {queries.STALE_AFTER_S:g} s ({row.activity}): it was probably killed, or is hung.")
     for row in overview[overview["status"] == "failed"].itertuples():
         err = page.runs.set_index("run_id").at[row.run_id, "error"]
-        st.error(f"Run {row.label} failed: {err or 'no reason stored'}")
+        st.error(f"Run {md(row.label)} failed: {md(err) if err else 'no reason stored'}")
 
     tiles(page, overview, target)
     overview_table(overview)
@@ -173,8 +181,8 @@ def draw(page: queries.PageData, x_axis: str, target: float) -> None:
     ev = page.labelled(page.evals)
     without = [labels[r] for r in page.selected if r not in set(page.evals["run_id"])]
     if without:
-        st.info("No evaluation yet for " + ", ".join(without) + ": accuracy and loss appear after the first one "
-                "(the engine evaluates at the start and every `eval-every` applied updates).")
+        st.info("No evaluation yet for " + ", ".join(map(md, without)) + ": accuracy and loss appear after the first "
+                "one (the engine evaluates at the start and every `eval-every` applied updates).")
     if len(ev):
         a, b = st.columns(2)
         a.altair_chart(charts.metric(ev, domain, "accuracy", "accuracy", x_axis), width="stretch")
@@ -242,7 +250,7 @@ def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None
     for row in overview.itertuples():
         box = st.container(border=True)
         name, t_col, b_col, c_col, a_col = box.columns([3, 2, 2, 2, 2], vertical_alignment="center")
-        name.markdown(f"**{row.label}**  \n{row.shown_status}")
+        name.markdown(f"**{md(row.label)}**  \n{md(row.shown_status)}")
         hit = reached.loc[row.run_id] if row.run_id in reached.index else None
         dt = db = None
         if hit is not None and base is not None and row.run_id != first:
@@ -280,7 +288,7 @@ def per_node(page: queries.PageData, labels: dict[str, str]) -> None:
     """Bandwidth, timeline and outcomes per node of the focus run."""
     if page.focus is None or page.nodes.empty:
         return
-    st.subheader(f"Per node: {labels[page.focus]}")
+    st.subheader(f"Per node: {md(labels[page.focus])}")
     a, b = st.columns(2)
     direction = a.radio("Bandwidth per node", ["up_bps", "down_bps"], horizontal=True, key="node_direction",
                         format_func={"up_bps": "up", "down_bps": "down"}.__getitem__)
@@ -329,7 +337,7 @@ def guarded(limit: int) -> None:
         show_store_error(exc)
     except Exception as exc:  # never a stack trace in the page
         log.exception("dashboard failed")
-        st.error(f"The dashboard could not draw this store: {type(exc).__name__}: {exc}")
+        st.error(f"The dashboard could not draw this store: {type(exc).__name__}: {md(exc)}")
 
 
 main()

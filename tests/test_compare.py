@@ -319,10 +319,11 @@ def test_dashboard_queries_agree_with_the_report(quick) -> None:
         assert s.reached == m["summary"]["targets"]["0.3"]["reached"] and s.runs == 2
 
 
-def test_dashboard_overlays_a_comparisons_evaluation_runs(quick) -> None:
+def test_dashboard_overlays_a_comparisons_evaluation_runs(quick, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 
     db, report, _, _ = quick
+    monkeypatch.setenv("STALEFLOWER_DASHBOARD_STORES", str(Path(db).parent))  # the page opens stores there only
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60)
     at.session_state["db"] = str(db)
     at.run()

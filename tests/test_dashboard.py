@@ -8,6 +8,8 @@ message in the page, never an exception.
 from __future__ import annotations
 
 import collections
+import html
+import re
 import shutil
 import sqlite3
 import threading
@@ -15,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
-from dashboard import queries
+from dashboard import queries, safe
 from server_app.store import MetricsStore, UpdateRow
 from server_app.testing import simulate
 
@@ -32,6 +35,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     a = simulate("fedbuff", nodes=4, max_updates=24, eval_every=6, db=db)
     b = simulate("fedasync", nodes=4, max_updates=24, eval_every=6, codec="topk", db=db)
     return db, [a.summary.run_id, b.summary.run_id]
+
+
+@pytest.fixture(autouse=True)
+def _stores_in_the_temp_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page opens stores under one folder only (``dashboard/safe.py``): here, every test's temporary folder."""
+    monkeypatch.setenv(safe.STORES_ENV, str(tmp_path_factory.getbasetemp()))
+
+
+def _plain(text: str) -> str:
+    """A Markdown-escaped message (``safe.md``) as it reads in the page."""
+    return re.sub(r"\\(.)", r"\1", text)
 
 
 def _rows(db: Path, sql: str, *params) -> list[tuple]:
@@ -314,7 +328,7 @@ def test_foreign_sqlite_file(tmp_path: Path) -> None:
         con.execute("CREATE TABLE photos(id INTEGER)")
     at = _app(tmp_path / "other.db")
     assert not at.exception
-    msg = at.error[0].value
+    msg = _plain(at.error[0].value)
     assert "not a staleflower metrics store" in msg and "table updates" in msg and "runs.run_id" in msg
 
 
@@ -408,3 +422,85 @@ def test_a_running_run_without_writes_is_not_live(tmp_path: Path) -> None:
     assert "marked running but its process wrote nothing" in _messages(at) and "no writes for 5 min" in _messages(at)
     tiles = " ".join(str(m.value) for m in at.markdown)
     assert "running · no writes for 5 min" in tiles and "running · live" in tiles
+
+
+# ------------------------------------------------------------------------------------------------ hostile input
+EVIL = "![x](http://example.invalid/x.png) **bold**"
+# What renders Markdown in the page: st.markdown, st.caption, alerts and headers (bodies); metrics and widgets
+# (labels and help). Tables, JSON, option lists and chart legends draw plain text.
+BODIES = ("markdown", "caption", "info", "warning", "error", "success", "title", "header", "subheader")
+LABELLED = ("metric", "multiselect", "selectbox", "radio", "toggle", "number_input", "text_input", "expander")
+MD = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+
+
+def _markdown_sources(at: AppTest) -> list[str]:
+    out = [str(e.value) for kind in BODIES for e in at.get(kind)]
+    for kind in LABELLED:
+        for e in at.get(kind):
+            out += [str(getattr(e, attr)) for attr in ("label", "help") if getattr(e, attr, None)]
+    return out
+
+
+def test_markdown_in_stored_strings_is_shown_as_text(tmp_path: Path) -> None:
+    """A strategy name and an error with Markdown in them: shown literally, no image, link or bold made of them."""
+    db = tmp_path / "m.db"
+    w = MetricsStore(db)
+    w.start_run("evil-run", EVIL, {"strategy": EVIL})
+    w.record_update(UpdateRow(0, 3, 0.0, 0.4, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
+    w.finish_run("failed", f"client said {EVIL}")
+    w.close()
+    at = _app(db)
+    assert not at.exception and _charts(at) == VIEW_CHARTS - 2  # no evaluation
+    sources = _markdown_sources(at)
+    for source in sources:
+        rendered = MD.render(source)
+        assert "<img" not in rendered and "<a " not in rendered and "<strong>bold" not in rendered, source
+    # where the label is shown, it reads exactly as stored: the tile, the failure, "No evaluation yet", the
+    # per-node header
+    shown = [html.unescape(re.sub(r"<[^>]+>", "", MD.render(s))) for s in sources if "example" in s]
+    assert len(shown) >= 4 and all(EVIL in text for text in shown), shown
+    assert any(f"failed: client said {EVIL}" in text for text in shown)
+    assert [o for o in at.multiselect(key="runs").options if o.startswith(EVIL)]  # plain text in the picker
+
+
+def test_markdown_escape_round_trips() -> None:
+    for text in (EVIL, "a_b*c `d` <e> [f](g) $h$ :red[i] # j | k ~l~ \\ m & n", "plain · text 0.25"):
+        assert html.unescape(re.sub(r"<[^>]+>", "", MD.render(safe.md(text)))).strip() == text
+        assert "<" not in re.sub(r"</?p>", "", MD.render(safe.md(text)))  # no markup at all
+
+
+def test_only_stores_under_the_allowed_folder_are_opened(store, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real store outside the folder (directly, through .., through a link) is refused; one inside is drawn."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    shutil.copy(store[0], allowed / "metrics.db")
+    shutil.copy(store[0], outside / "metrics.db")
+    (allowed / "link.db").symlink_to(outside / "metrics.db")
+    (allowed / "sub").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv(safe.STORES_ENV, str(allowed))
+    for path in (outside / "metrics.db", f"{allowed}/../outside/metrics.db", allowed / "link.db",
+                 allowed / "sub" / "metrics.db", outside / "missing.db", "/etc/passwd", "~"):
+        at = _app(path)
+        assert not at.exception and _charts(at) == 0 and not at.multiselect and not at.info
+        msg = _plain(at.error[0].value)
+        assert msg.startswith(f"Refused: {path} is not under {allowed.resolve()}") and "--stores" in msg, msg
+    at = _app(allowed / "metrics.db")
+    assert not at.exception and not at.error and _charts(at) == VIEW_CHARTS
+    at = _app(f"{allowed}/./metrics.db")
+    assert not at.exception and not at.error
+
+
+def test_the_allowed_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(safe.STORES_ENV)
+    monkeypatch.setenv("STALEFLOWER_METRICS_DB", str(tmp_path / "runs" / "m.db"))
+    assert safe.store_root([]) == (tmp_path / "runs").resolve()  # the runners' default store's folder
+    assert safe.store_root(["--db", "results/metrics.db"]) == Path("results").resolve()  # make dashboard
+    monkeypatch.setenv(safe.STORES_ENV, str(tmp_path / "env"))
+    assert safe.store_root(["--db", "results/metrics.db"]) == (tmp_path / "env").resolve()
+    assert safe.store_root(["--stores", str(tmp_path / "flag")]) == (tmp_path / "flag").resolve()
+    assert safe.allowed_store(tmp_path / "env" / "a.db", safe.store_root()) == (tmp_path / "env" / "a.db").resolve()
+    with pytest.raises(queries.StoreError) as refused:
+        safe.allowed_store(tmp_path / "envy.db", tmp_path / "env")  # a sibling whose name starts the same
+    assert refused.value.kind == "refused"
