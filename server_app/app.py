@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -17,11 +16,11 @@ from server_app.engine import Engine
 from server_app.evaluation import Evaluator, model_spec
 from server_app.intake import read_describe
 from server_app.lifecycle import Heartbeat, RunStopped, on_runtime_exit, stop_on_signals
-from server_app.profiles import ProfileError, parse_mix
+from server_app.profiles import ProfileError, check_profile_file, parse_mix
 from server_app.state import EngineState, ModelSpec, RunSummary
 from server_app.store import MetricsStore, stored_run
 from strategies import check_implemented, get_strategy
-from strategies.config import ConfigError, RunConfig
+from strategies.config import MAX_NODES, ConfigError, RunConfig
 
 log = logging.getLogger("staleflower")
 app = ServerApp()
@@ -45,7 +44,7 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     """
     spec = validate(cfg)
     evaluator = Evaluator(cfg, spec.names)
-    store = MetricsStore(cfg.metrics_path())
+    store = MetricsStore.open(cfg.metrics_path())
     with stop_on_signals():
         state = None
         if cfg.resume:
@@ -56,8 +55,11 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
             on_runtime_exit(store.path, run_id)
             with Heartbeat(store.path, run_id):
                 nodes, info = discover(grid, cfg)
-                engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes, info,
-                                resume_from=state)
+                try:  # the profile file's node indices are checked against the fleet only now
+                    engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes,
+                                    info, resume_from=state)
+                except ProfileError as exc:
+                    raise ConfigError(str(exc)) from None
                 summary = engine.run()
             if summary.stop_reason.startswith("stalled"):
                 raise RuntimeError(summary.stop_reason)
@@ -117,8 +119,8 @@ def validate(cfg: RunConfig) -> ModelSpec:
         raise ConfigError(str(exc)) from exc
     try:
         parse_mix(cfg.profiles)
-        if cfg.profile_file and not Path(cfg.profile_file).is_file():
-            raise ProfileError(f"profile-file not found: {cfg.profile_file}")
+        if cfg.profile_file:  # every row, for the largest fleet; the node range waits for the real one
+            check_profile_file(cfg.profile_file, MAX_NODES)
         return model_spec(cfg)
     except (ProfileError, DataError, DatasetMissingError, ModelError) as exc:
         raise ConfigError(str(exc)) from exc

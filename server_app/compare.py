@@ -85,10 +85,10 @@ from typing import TYPE_CHECKING, Any
 
 from server_app.app import validate
 from server_app.compare_report import Outcome, markdown, plot, read_outcome, summarise
-from server_app.simulate import default_config, merge_config, random_run_id, run_local
+from server_app.simulate import check_fleet, default_config, merge_config, random_run_id, run_local
 from server_app.store import MetricsStore
 from strategies import get_strategy
-from strategies.config import ConfigError, ConfigValue, RunConfig
+from strategies.config import MAX_INT, ConfigError, ConfigValue, RunConfig
 from strategies.tuning import Choice, IntRange, LogUniform, Param, Uniform, check_space, space_as_json
 
 if TYPE_CHECKING:
@@ -98,6 +98,10 @@ DEFAULT_METHODS = "fedavg,fedasync,fedbuff"
 DEFAULT_DB = Path("results") / "compare.db"
 QUICK_TRIALS = 2
 QUICK_EVAL_SEEDS = 2
+#: Tuning trials per method: TPE's gains flatten long before 10^4 trials, and each trial is several runs.
+MAX_BUDGET = 10_000
+#: Worker processes: each holds a model and a data set; more than a large machine's cores only thrashes.
+MAX_JOBS = 256
 PER_RUN_KEYS = ("strategy", "seed", "metrics-db")  # set per run by the harness, not part of the scenario
 # Keys a method's fixed settings may not change: those the harness sets per run, and the scenario's clock and
 # clock budget (max-time, target-accuracy: the objective's horizon and stop are the same for every method).
@@ -400,12 +404,11 @@ def objective(spec: Spec) -> dict[str, object]:
 # ------------------------------------------------------------------------------------------------ command line
 def build_spec(args: argparse.Namespace) -> Spec:
     """Check everything before anything runs; ``ConfigError`` with a message for the user."""
-    if args.budget < 1:
-        raise ConfigError(f"--budget must be >= 1, got {args.budget}")
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.nodes < 1:
-        raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
+    if not 1 <= args.budget <= MAX_BUDGET:
+        raise ConfigError(f"--budget must be in [1, {MAX_BUDGET}], got {args.budget}")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise ConfigError(f"--jobs must be in [1, {MAX_JOBS}], got {args.jobs}")
+    check_fleet(args.nodes)
     if not 0 <= args.search_seed < 2**32:
         raise ConfigError(f"--search-seed must be in [0, 2**32), got {args.search_seed}")
     tune = _seeds("--tune-seeds", args.tune_seeds)
@@ -594,8 +597,8 @@ def _seeds(flag: str, text: str) -> tuple[int, ...]:
         raise ConfigError(f"{flag} expects comma-separated integers, got {text!r}") from None
     if not seeds:
         raise ConfigError(f"{flag} is empty")
-    if any(s < 0 for s in seeds):
-        raise ConfigError(f"{flag}: seeds are >= 0, got {text!r}")
+    if any(not 0 <= s <= MAX_INT for s in seeds):
+        raise ConfigError(f"{flag}: seeds are in [0, 2**63), got {text[:200]!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{flag} repeats a seed: {text!r}")
     return seeds
@@ -625,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         spec = build_spec(args)
+        store = MetricsStore.open(spec.db)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -633,7 +637,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    store = MetricsStore(spec.db)
     comparison_id = f"cmp-{secrets.token_hex(6)}"
     store.start_comparison(comparison_id, spec.as_json())
     started = time.time()

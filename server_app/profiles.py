@@ -24,6 +24,7 @@ round-trip time that speed tests report as "ping" or "response time").
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -454,15 +455,31 @@ class _TraceError(Exception):
     """A problem in one row of a profile file; re-raised as ProfileError with the file and line."""
 
 
+#: The largest profile file read: a row per node of the largest fleet (strategies.config.MAX_NODES) at ~100 bytes.
+MAX_PROFILE_FILE_BYTES = 1 << 20
+#: The most of one cell an error message quotes: the file may be anything the user pointed at (a secret, say).
+EXCERPT_CHARS = 24
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A short, printable quotation of ``text`` for an error message: cut to ``limit``, control characters as ``?``.
+
+    The file's content reaches the user's terminal and the store's ``failed`` reason through these messages, so
+    no more than this of it ever does.
+    """
+    cut = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return repr(cut + ("..." if len(text) > limit else ""))
+
+
 def _parse_number(column: str, text: str) -> float:
     """Parse and range-check one numeric cell."""
     try:
         value = float(text)
     except ValueError:
-        raise _TraceError(f"column {column!r}: cannot parse {text!r} as a number") from None
+        raise _TraceError(f"column {column!r}: cannot parse {excerpt(text)} as a number") from None
     accepts, rule = _NUMERIC_RULES[column]
     if not (math.isfinite(value) and accepts(value)):
-        raise _TraceError(f"column {column!r}: {text!r} must be {rule}")
+        raise _TraceError(f"column {column!r}: {excerpt(text)} must be {rule}")
     return value
 
 
@@ -471,7 +488,7 @@ def _parse_node_index(text: str, num_nodes: int) -> int:
     try:
         node = int(text)
     except ValueError:
-        raise _TraceError(f"column 'node': cannot parse {text!r} as a node index (an integer)") from None
+        raise _TraceError(f"column 'node': cannot parse {excerpt(text)} as a node index (an integer)") from None
     if not (0 <= node < num_nodes):
         raise _TraceError(f"node index {node} out of range: {num_nodes} nodes, valid 0..{num_nodes - 1}")
     return node
@@ -487,7 +504,7 @@ def _override_device(base: DeviceProfile, cells: Mapping[str, str]) -> DevicePro
     if cells.get("device"):
         name = cells["device"].lower()
         if name not in DEVICES:
-            raise _TraceError(f"unknown device {cells['device']!r}; {_valid_names()}")
+            raise _TraceError(f"unknown device {excerpt(cells['device'])}; {_valid_names()}")
         device = DEVICES[name]
     changes: dict[str, float] = {
         column: _parse_number(column, cells[column])
@@ -508,7 +525,7 @@ def _override_network(base: NetworkProfile, cells: Mapping[str, str]) -> Network
     if cells.get("network"):
         name = cells["network"].lower()
         if name not in NETWORKS:
-            raise _TraceError(f"unknown network {cells['network']!r}; {_valid_names()}")
+            raise _TraceError(f"unknown network {excerpt(cells['network'])}; {_valid_names()}")
         network = NETWORKS[name]
     scale = {"down_mbps": ("down_bps", 1e6), "up_mbps": ("up_bps", 1e6), "latency_ms": ("latency_s", 1e-3)}
     changes = {
@@ -542,7 +559,7 @@ def _read_header(path: str, reader: Iterator[list[str]]) -> list[str]:
     valid = ", ".join(PROFILE_FILE_COLUMNS)
     for name in columns:
         if name not in PROFILE_FILE_COLUMNS:
-            raise ProfileError(f"{path}: line 1: unknown column {name!r}; valid columns: {valid}")
+            raise ProfileError(f"{path}: line 1: unknown column {excerpt(name)}; valid columns: {valid}")
         if columns.count(name) > 1:
             raise ProfileError(f"{path}: line 1: column {name!r} appears twice")
     if "node" not in columns:
@@ -563,34 +580,69 @@ def _apply_profile_file(profiles: list[NodeProfile], path: str) -> list[NodeProf
     ProfileError
         Naming the file, the line number and the problem: missing file, missing ``node`` column, unknown
         column, wrong number of fields, node index out of range or repeated, unparsable or out-of-range
-        number, unknown profile name.
+        number, unknown profile name; a file that is not UTF-8 CSV text or is over ``MAX_PROFILE_FILE_BYTES``.
+        A message quotes at most ``EXCERPT_CHARS`` of any cell (``excerpt``), never a whole line.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise ProfileError(f"{path}: profile file not found")
     result = list(profiles)
     seen: dict[int, int] = {}
-    with file.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
         columns = _read_header(path, reader)
-        for row in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            try:
-                if len(row) != len(columns):
-                    raise _TraceError(
-                        f"expected {len(columns)} fields ({', '.join(columns)}), got {len(row)}"
-                    )
-                cells = {name: cell.strip() for name, cell in zip(columns, row, strict=True)}
-                node = _parse_node_index(cells["node"], len(profiles))
-                if node in seen:
-                    raise _TraceError(f"node {node} already given on line {seen[node]}")
-                result[node] = _override_node(profiles[node], cells)
-            except (_TraceError, ProfileError) as err:
-                raise ProfileError(f"{path}: line {line}: {err}") from None
-            seen[node] = line
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise ProfileError(f"{path}: line {reader.line_num}: not CSV ({err})") from None
+    for line, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            if len(row) != len(columns):
+                raise _TraceError(
+                    f"expected {len(columns)} fields ({', '.join(columns)}), got {len(row)}"
+                )
+            cells = {name: cell.strip() for name, cell in zip(columns, row, strict=True)}
+            node = _parse_node_index(cells["node"], len(profiles))
+            if node in seen:
+                raise _TraceError(f"node {node} already given on line {seen[node]}")
+            result[node] = _override_node(profiles[node], cells)
+        except (_TraceError, ProfileError) as err:
+            raise ProfileError(f"{path}: line {line}: {err}") from None
+        seen[node] = line
     return result
+
+
+def _read_text(path: str) -> str:
+    """The profile file as text: a regular file, at most ``MAX_PROFILE_FILE_BYTES``, UTF-8, no NUL byte.
+
+    Each refusal names the file and the rule, never its content: the path may be anything (``/proc/self/environ``),
+    and what a failed run says goes to the store.
+    """
+    if not Path(path).is_file():  # a FIFO or a device would block or never end
+        raise ProfileError(f"{path}: profile file not found (or not a regular file)")
+    try:
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_PROFILE_FILE_BYTES + 1)
+    except OSError as err:
+        raise ProfileError(f"{path}: cannot read the profile file ({type(err).__name__}: {err.strerror})") from None
+    if len(data) > MAX_PROFILE_FILE_BYTES:
+        raise ProfileError(f"{path}: profile file larger than {MAX_PROFILE_FILE_BYTES} bytes; a CSV row per node "
+                           "is far less")
+    if b"\0" in data:
+        raise ProfileError(f"{path}: not a CSV text file (it holds a NUL byte)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ProfileError(f"{path}: not a CSV text file (not UTF-8 at byte {err.start})") from None
+
+
+def check_profile_file(path: str, max_nodes: int) -> None:
+    """Read and check every row of a profile file before a run, for a fleet of up to ``max_nodes`` nodes.
+
+    The run reads it again with its real fleet size (``assign_profiles``), which only adds the node range check.
+    """
+    if not Path(path).is_file():
+        raise ProfileError(f"profile-file not found: {path}")
+    base = NodeProfile(device=next(iter(DEVICES.values())), network=next(iter(NETWORKS.values())))
+    _apply_profile_file([base] * max_nodes, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,9 +34,18 @@ from server_app.local_grid import ClientAppLike, LocalGrid
 from server_app.state import RunSummary
 from server_app.store import stored_run
 from strategies import get_strategy
+from strategies.base import ModelNotFinite
 from strategies.config import ConfigError, ConfigValue, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+#: The most nodes one process simulates (``--nodes``, here and in ``server_app.compare``): bench.scale runs 1,000
+#: (2 updates in 11 s on 2 cores), while 3,000 had not finished starting after minutes. Deployments have no such
+#: cap: their fleet keys stop at strategies.config.MAX_NODES.
+MAX_SIM_NODES = 1000
+#: Client threads of the in-process runner: more than the nodes or the cores only adds contention.
+MAX_WORKERS = 256
+#: The largest run-config file read: presets are about 1 KB; a bigger file is a wrong path.
+MAX_RUN_CONFIG_BYTES = 1 << 20
 
 
 def default_config() -> dict[str, ConfigValue]:
@@ -51,11 +60,7 @@ def merge_config(file: str | None = None, sets: list[str] | None = None,
     values = default_config()
     layers: list[Mapping[str, ConfigValue]] = []
     if file:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"run-config file not found: {file}")
-        with path.open("rb") as fh:
-            layers.append(_flatten(tomllib.load(fh)))
+        layers.append(_flatten(read_toml(file)))
     layers.append(dict(_parse_set(s) for s in sets or []))
     layers.append(dict(overrides or {}))
     for layer in layers:
@@ -64,6 +69,37 @@ def merge_config(file: str | None = None, sets: list[str] | None = None,
             RunConfig.from_mapping(layer)  # raises with the did-you-mean message
         values.update(layer)
     return values
+
+
+def read_toml(file: str) -> dict[str, Any]:
+    """A run-config file's table; a missing, unreadable, oversized or malformed file is a ``ConfigError``.
+
+    The message quotes tomllib's position and reason (which cites at most one character), not the file's text.
+    """
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"run-config file not found: {file}")
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_RUN_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read run-config file {file}: {exc.strerror}") from None
+    if len(data) > MAX_RUN_CONFIG_BYTES:
+        raise ConfigError(f"run-config file {file} is larger than {MAX_RUN_CONFIG_BYTES} bytes: not a run config")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"run-config file {file} is not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"run-config file {file} is not valid TOML: {str(exc)[:200]}") from None
+
+
+def check_fleet(nodes: int, workers: int = 1) -> None:
+    """``--nodes`` and ``--workers`` of the in-process runner, in range (``MAX_SIM_NODES``, ``MAX_WORKERS``)."""
+    if not 1 <= nodes <= MAX_SIM_NODES:
+        raise ConfigError(f"--nodes must be in [1, {MAX_SIM_NODES}] (the in-process runner's limit), got {nodes}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be in [1, {MAX_WORKERS}], got {workers}")
 
 
 def random_run_id() -> int:
@@ -103,8 +139,11 @@ def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[
     path = RunConfig.from_mapping(values).metrics_path()
     if not path.is_file():
         raise ConfigError(f"--resume {run_id}: no metrics store at {path} (set metrics-db)")
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        run = stored_run(db, run_id)
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            run = stored_run(db, run_id)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"--resume {run_id}: cannot read the metrics store {path}: {exc}") from None
     if run is None:
         raise ConfigError(f"--resume {run_id}: no such run in {path}")
     stored, nodes = run
@@ -160,7 +199,11 @@ def _main(args: argparse.Namespace) -> int:
         values = merge_config(args.run_config, args.set)
         if args.resume:
             values, args.nodes = resume_config(values, args.resume)
+        check_fleet(args.nodes, args.workers)
         cfg = RunConfig.from_mapping(values)
+        if args.nodes < cfg.min_nodes:
+            raise ConfigError(f"--nodes {args.nodes} is fewer than min-nodes = {cfg.min_nodes}: the run would wait "
+                              "for nodes that never come")
         validate(cfg)
         # Not checked here: whatever calling it raises becomes an error reply (LocalGrid), as in Flower's runtime.
         clientapp = cast(ClientAppLike, load_object(args.clientapp)) if args.clientapp else None
@@ -172,6 +215,10 @@ def _main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModelNotFinite as exc:  # a diverged run, told in one line: the traceback would only show _publish
+        print(f"error: run failed: {exc}; recorded as failed in its metrics store, whose checkpoint (if any) "
+              "predates it", file=sys.stderr)
+        return 1
     except Exception as exc:  # the store already says "failed"; tell the user why
         logging.getLogger("staleflower").exception("run failed")
         print(f"error: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)

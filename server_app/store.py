@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from strategies.base import Status
+from strategies.config import ConfigError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
@@ -143,6 +144,18 @@ class MetricsStore:
         self.db.executescript(SCHEMA)
         self._add_columns()
         self.run_id = ""
+
+    @classmethod
+    def open(cls, path: str | Path) -> MetricsStore:
+        """The store at ``path``, or a ``ConfigError`` saying why it cannot be opened there.
+
+        The path comes from the user (``metrics-db``): a folder, a read-only place or a file that is not SQLite is
+        their mistake, told in one line before the run starts, not a traceback from inside sqlite3.
+        """
+        try:
+            return cls(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"metrics-db: cannot open a metrics store at {path}: {exc}") from None
 
     def _add_columns(self) -> None:
         for table, columns in ADDED_COLUMNS.items():

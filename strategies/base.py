@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import Array
 
 from strategies.client import ClientJob, Weights
+from strategies.codecs import all_finite
 from strategies.config import RunConfig
 from strategies.taskkeys import TaskConfig
 from strategies.tuning import DEFAULT_SPACE, Param
@@ -272,9 +273,22 @@ class Strategy(ABC):
         return ""
 
     def _publish(self, weights: Weights) -> None:
-        """Install a new model version."""
+        """Install a new model version, refused with ``ModelNotFinite`` if any entry is NaN or Inf.
+
+        Every strategy's updates reach the global model here, so this one check covers them all: a model that
+        overflowed (``server-lr = 1e300``, a diverging run) would otherwise be sent to every node, evaluated
+        as NaN and the run end ``completed``. The check is one pass of ``all_finite`` over the new arrays; the
+        version before stays published, so the last checkpoint is still the last good model.
+        """
+        if not all(all_finite(w) for w in weights):
+            raise ModelNotFinite(f"global model is not finite after update {self.version + 1} (version "
+                                 f"{self.version} kept): lower lr or server-lr, or screen updates (update-filter)")
         self.weights = weights
         self.version += 1
+
+
+class ModelNotFinite(RuntimeError):
+    """A strategy's new global model has a NaN or Inf entry: the run cannot go on, and ends ``failed``."""
 
 
 def step(weights: Sequence[np.ndarray], direction: Sequence[np.ndarray], scale: float) -> Weights:

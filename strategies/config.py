@@ -38,6 +38,30 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 STALENESS_FNS = ("constant", "polynomial", "hinge", "sqrt")
 
+# Upper bounds. A value past one of them is a typo or an attack, not an experiment: each would otherwise hang a
+# run (a buffer that never fills, a task that never ends), exhaust memory, or overflow the model. Each is far past
+# anything the presets, benchmarks and papers use, so no real run meets it.
+#: Nodes in one run: ``simulate --nodes``, ``compare --nodes``, ``min-nodes``, ``concurrency``, ``k``. bench.scale
+#: runs 1,000; every node costs a thread-safe client slot, a data partition and a profile, so 10^4 is the ceiling.
+MAX_NODES = 10_000
+#: Local steps per task: 10^6 SGD steps of one task already take hours on the virtual clock's reference device.
+MAX_LOCAL_STEPS = 10**6
+#: Examples per batch and FedBuff's K: the bundled data sets hold fewer than 10^5 examples per node.
+MAX_BATCH = 10**5
+#: Client and server learning rates: past 10^3 one step overflows float32 weights of any model we train.
+MAX_RATE = 1e3
+#: Counts of updates, evaluations and checkpoints: 10^9 applied updates is years of any run we can simulate.
+MAX_COUNT = 10**9
+#: Seconds on the run's clock (max-time, task-ttl, ABS's doubling period): 10^9 s is 31 years.
+MAX_SECONDS = 1e9
+#: Dimensionless factors (slowdowns, staleness parameters, norm multiplier, Dirichlet alpha): past 10^6 a factor
+#: means "infinite", and larger ones overflow the clock's or the weighting's arithmetic.
+MAX_FACTOR = 1e6
+#: Seeds and every other integer travel as Flower's sint64 (ConfigRecord) and as numpy/torch seeds.
+MAX_INT = 2**63 - 1
+#: Strings (paths, the profile mix, a module:Class): PATH_MAX; the store and every message quote them.
+MAX_STR = 4096
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -48,19 +72,19 @@ class RunConfig:
     dataset: str = field(default="digits", metadata=_choices("digits", "fashion-mnist", "synthetic"))
     data_dir: str = ""
     partition: str = field(default="iid", metadata=_choices("iid", "dirichlet", "shards"))
-    dirichlet_alpha: float = field(default=0.5, metadata=_range(0, None, lo_open=True))
+    dirichlet_alpha: float = field(default=0.5, metadata=_range(0, MAX_FACTOR, lo_open=True))
     model: str = "mlp"
     # Local training on the client.
-    local_steps: int = field(default=10, metadata=_range(1))
-    batch_size: int = field(default=32, metadata=_range(1))
-    lr: float = field(default=0.05, metadata=_range(0, None, lo_open=True))
+    local_steps: int = field(default=10, metadata=_range(1, MAX_LOCAL_STEPS))
+    batch_size: int = field(default=32, metadata=_range(1, MAX_BATCH))
+    lr: float = field(default=0.05, metadata=_range(0, MAX_RATE, lo_open=True))
     momentum: float = field(default=0.0, metadata=_range(0, 1))
-    prox_mu: float = field(default=0.0, metadata=_range(0))
+    prox_mu: float = field(default=0.0, metadata=_range(0, MAX_RATE))
     # Compression (issue 3).
     codec: str = field(default="none", metadata=_choices(*CODECS))
     codec_ratio: float = field(default=0.01, metadata=_range(0, 1, lo_open=True))
-    codec_levels: int = field(default=16, metadata=_range(1))
-    codec_rank: int = field(default=2, metadata=_range(1))
+    codec_levels: int = field(default=16, metadata=_range(1, 65535))  # QSGD sends levels as uint16
+    codec_rank: int = field(default=2, metadata=_range(1, 4096))  # PowerSGD: r x (n + m) floats per layer
     error_feedback: bool = False
     codec_downlink: str = field(default="none", metadata=_choices(*CODECS))
     # The clock and the simulated fleet.
@@ -68,44 +92,44 @@ class RunConfig:
     profiles: str = "wifi=0.5,4g=0.3,3g=0.2"
     profile_file: str = ""
     compute_dist: str = field(default="lognormal", metadata=_choices("fixed", "lognormal", "shifted-exp"))
-    compute_jitter: float = field(default=0.25, metadata=_range(0))
-    network_jitter: float = field(default=0.2, metadata=_range(0))
+    compute_jitter: float = field(default=0.25, metadata=_range(0, 10))  # a log-normal sigma: e^10 spread
+    network_jitter: float = field(default=0.2, metadata=_range(0, 10))
     straggler_fraction: float = field(default=0.0, metadata=_range(0, 1))
-    straggler_slowdown: float = field(default=1.0, metadata=_range(1))
+    straggler_slowdown: float = field(default=1.0, metadata=_range(1, MAX_FACTOR))
     dropout: float = field(default=0.0, metadata=_range(0, 0.99))
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=_range(0, MAX_INT))
     # The engine.
-    concurrency: int = field(default=0, metadata=_range(0))
-    min_nodes: int = field(default=2, metadata=_range(1))
-    task_ttl: float = field(default=600.0, metadata=_range(0, None, lo_open=True))
-    max_updates: int = field(default=200, metadata=_range(0))
-    max_time: float = field(default=0.0, metadata=_range(0))
+    concurrency: int = field(default=0, metadata=_range(0, MAX_NODES))
+    min_nodes: int = field(default=2, metadata=_range(1, MAX_NODES))
+    task_ttl: float = field(default=600.0, metadata=_range(0, MAX_SECONDS, lo_open=True))
+    max_updates: int = field(default=200, metadata=_range(0, MAX_COUNT))
+    max_time: float = field(default=0.0, metadata=_range(0, MAX_SECONDS))
     target_accuracy: float = field(default=0.0, metadata=_range(0, 1))
-    eval_every: int = field(default=10, metadata=_range(0))
+    eval_every: int = field(default=10, metadata=_range(0, MAX_COUNT))
     test_fraction: float = field(default=0.2, metadata=_range(0, 1, lo_open=True))
     metrics_db: str = ""
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # Strategy parameters.
-    delay: int = field(default=1, metadata=_range(0))
-    buffer_size: int = field(default=5, metadata=_range(1))
+    delay: int = field(default=1, metadata=_range(0, MAX_LOCAL_STEPS))  # periods: each keeps a model in flight
+    buffer_size: int = field(default=5, metadata=_range(1, MAX_BATCH))
     staleness_fn: str = field(default="polynomial", metadata=_choices(*STALENESS_FNS))
-    staleness_a: float = field(default=0.5, metadata=_range(0))
-    staleness_b: float = field(default=4.0, metadata=_range(0))
+    staleness_a: float = field(default=0.5, metadata=_range(0, MAX_FACTOR))
+    staleness_b: float = field(default=4.0, metadata=_range(0, MAX_FACTOR))
     mixing: float = field(default=0.6, metadata=_range(0, 1, lo_open=True))
-    server_lr: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
-    k: int = field(default=4, metadata=_range(1))
-    k_double_every: float = field(default=10.0, metadata=_range(0))
-    staleness_bound: int = field(default=4, metadata=_range(0))
+    server_lr: float = field(default=1.0, metadata=_range(0, MAX_RATE, lo_open=True))
+    k: int = field(default=4, metadata=_range(1, MAX_NODES))
+    k_double_every: float = field(default=10.0, metadata=_range(0, MAX_SECONDS))
+    staleness_bound: int = field(default=4, metadata=_range(0, MAX_COUNT))
     topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
     # Multi-thread local training on the client (issue 6: Leashed-SGD and its baselines).
     local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))
     local_threads: int = field(default=1, metadata=_range(1, 256))
-    persistence: int = field(default=200, metadata=_range(0))
+    persistence: int = field(default=200, metadata=_range(0, MAX_LOCAL_STEPS))
     # Reliability: outlier updates, checkpoints, resume.
     update_filter: str = field(default="none", metadata=_choices("none", "reject", "clip"))
-    norm_multiplier: float = field(default=10.0, metadata=_range(1))
-    norm_window: int = field(default=50, metadata=_range(1))
-    checkpoint_every: int = field(default=500, metadata=_range(0))  # on, within 2% (RELIABILITY.md)
+    norm_multiplier: float = field(default=10.0, metadata=_range(1, MAX_FACTOR))
+    norm_window: int = field(default=50, metadata=_range(1, MAX_BATCH))  # norms kept in memory
+    checkpoint_every: int = field(default=500, metadata=_range(0, MAX_COUNT))  # on, within 2% (RELIABILITY.md)
     resume: str = ""
 
     def __post_init__(self) -> None:
@@ -166,6 +190,8 @@ def _coerce(key: str, value: object, annotation: object) -> ConfigValue:
     """Accept a value of the field's type; ints are accepted for floats (TOML writes ``lr = 1``)."""
     kind = _KINDS[str(annotation)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_INT:  # float(10**400) raises OverflowError; any such value is out of every range
+            raise ConfigError(f"{key} = {value} is out of range: beyond 64-bit integers")
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
@@ -173,6 +199,8 @@ def _coerce(key: str, value: object, annotation: object) -> ConfigValue:
         raise ConfigError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
     if isinstance(value, float) and not math.isfinite(value):  # only a float field gets this far with a float
         raise ConfigError(f"{key} must be finite, got {value!r}")
+    if isinstance(value, str) and len(value) > MAX_STR:
+        raise ConfigError(f"{key} is {len(value)} characters long: at most {MAX_STR}")
     return value
 
 

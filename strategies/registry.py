@@ -80,11 +80,19 @@ def _identity(cls: type) -> str:
 
 
 def _import(path: str) -> type[Strategy]:
+    """``package.module:Class``, imported; any failure is the user's config mistake, so a ``ConfigError``.
+
+    Importing runs the user's module, which may raise anything (a syntax error, an exception at import time):
+    each becomes one line naming the exception, cut short, instead of a traceback.
+    """
     module_name, _, attr = path.partition(":")
+    if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
+        raise ConfigError(f"strategy = {path[:200]!r} is neither a registered name nor 'package.module:Class'")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"strategy = {path!r} cannot be imported: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - user code: whatever it raises is a config mistake
+        why = f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"strategy = {path!r} cannot be imported: {why[:300]}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise ConfigError(f"strategy = {path!r} is not a subclass of strategies.Strategy")
     return cls
