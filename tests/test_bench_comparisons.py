@@ -1,0 +1,47 @@
+"""``bench/comparisons.py``: the commands RESULTS.md prints are the ones ``make bench`` runs, and each passes the
+comparison harness's own checks (methods and their fixed settings, scenario, disjoint seeds) without running."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from bench import comparisons
+from server_app.compare import _parser, build_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _results_commands() -> list[list[str]]:
+    """Every ``python -m server_app.compare`` code block of RESULTS.md, as argv."""
+    text = (ROOT / "RESULTS.md").read_text()
+    blocks = re.findall(r"```\n(python -m server_app\.compare.*?)```", text, flags=re.S)
+    return [shlex.split(block.replace("\\\n", " ")) for block in blocks]
+
+
+def test_every_comparison_in_results_is_one_that_make_bench_runs() -> None:
+    printed = _results_commands()
+    assert printed, "RESULTS.md prints no comparison command"
+    defined = {name: ["python", "-m", "server_app.compare", *argv] for name, argv in comparisons.COMPARISONS.items()}
+    for argv in printed:
+        assert argv in defined.values(), f"RESULTS.md runs a comparison bench/comparisons.py does not:\n{argv}"
+
+
+@pytest.mark.parametrize("name", list(comparisons.COMPARISONS))
+def test_each_command_is_what_it_prints_and_passes_the_harness_checks(name: str, tmp_path: Path) -> None:
+    argv = comparisons.COMPARISONS[name]
+    assert shlex.split(comparisons.command(name).replace("\\\n", " "))[3:] == argv
+    outputs = {"--metrics-db", "--json", "--markdown", "--plot"}
+    local = [str(tmp_path / Path(a).name) if i and argv[i - 1] in outputs else a for i, a in enumerate(argv)]
+    spec = build_spec(_parser().parse_args(local))
+    assert not set(spec.tune_seeds) & set(spec.eval_seeds)
+    assert spec.budget >= 6 and len(spec.eval_seeds) >= 5 and len(spec.targets) >= 3
+    assert len({m.label for m in spec.methods}) == len(spec.methods)
+
+
+def test_unknown_names_are_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert comparisons.main(["no-such-comparison"]) == 2
+    assert "known: stragglers-iid" in capsys.readouterr().err
