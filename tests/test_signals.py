@@ -95,6 +95,8 @@ def test_the_signal_is_handed_on_to_the_handler_the_process_had() -> None:
         raise SystemExit(0)
 
     old = signal.signal(signal.SIGTERM, flower_like)
+    # Python's own SIGINT handler, set here: a pytest-xdist worker may run with SIGINT ignored.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit), stop_on_signals():
             signal.raise_signal(signal.SIGTERM)
@@ -103,6 +105,7 @@ def test_the_signal_is_handed_on_to_the_handler_the_process_had() -> None:
             signal.raise_signal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def test_an_ignored_signal_stays_ignored() -> None:
