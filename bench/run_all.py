@@ -16,7 +16,8 @@
 - server_app.compare --quick: FedAvg, FedAsync and FedBuff tuned with 2 trials each and evaluated on 2 seeds, on the
   straggler scenario (results/compare_quick.*; README "Comparing strategies")
 - bench.comparisons (full mode only): the tuned comparisons behind RESULTS.md, stragglers and the OLCO3 family, IID
-  and Dirichlet(0.3) (results/compare/*; about 1 h 20 min of the full run on 2 cores)
+  and Dirichlet(0.3) (results/compare/*)
+- bench.olco3_plateau (full mode only): OLCO3's final accuracy against local SGD's without the 93% stop (RESULTS.md)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> int:
         ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
          "--markdown", "results/scale.md"],
         ["-m", "server_app.compare", *COMPARE_QUICK],
-        *([] if quick else [["-m", "bench.comparisons"]]),
+        *([] if quick else [["-m", "bench.comparisons"], ["-m", "bench.olco3_plateau"]]),
     ]
     (ROOT / "results" / "compare_quick.db").unlink(missing_ok=True)  # a fresh store, as the other benchmarks
     for args in runs:

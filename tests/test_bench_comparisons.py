@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,15 @@ def test_each_command_is_what_it_prints_and_passes_the_harness_checks(name: str,
 def test_unknown_names_are_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert comparisons.main(["no-such-comparison"]) == 2
     assert "known: stragglers-iid" in capsys.readouterr().err
+
+
+def test_plateau_gain_is_measured_from_the_evaluation_at_80_percent(tmp_path: Path) -> None:
+    from bench.olco3_plateau import final_and_gain
+
+    db = tmp_path / "m.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE evals (t REAL, updates_applied INTEGER, accuracy REAL)")
+        con.executemany("INSERT INTO evals VALUES (?, ?, ?)",
+                        [(i, 10 * i, 0.5 + 0.01 * i) for i in range(1, 11)])  # 10..100 updates
+    final, gain = final_and_gain(db)
+    assert final == pytest.approx(0.60) and gain == pytest.approx(0.60 - 0.58)  # the eval at 80 updates
