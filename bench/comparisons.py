@@ -12,7 +12,8 @@ whatever ``--jobs`` is, so ``--jobs 2`` only changes the wall time.
 
 Budgets: 6 trials per method on tuning seeds 0-1, then evaluation seeds 10-14, targets 0.85 / 0.9 / 0.93. Measured
 wall times (in each JSON under ``run.wall_s``), on 2 cores shared with other work: stragglers 7 min (IID) and 17 min
-(Dirichlet) with ``--jobs 1``; OLCO3 IID 45 min in two parts and Dirichlet 44 min, each beside another comparison.
+(Dirichlet) with ``--jobs 1``; OLCO3 IID 45 min in two parts and Dirichlet 44 min, each beside another comparison;
+OLCO3 IID at D = 4 35 min.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ STRAGGLERS = ["--run-config", "configs/stragglers-fedbuff.toml", "--nodes", "10"
               "--set", "max-time=30.0", "--set", "target-accuracy=0.93", "--set", "max-updates=0",
               "--methods", "fedavg,fedasync,fedbuff"]
 
-# The OLCO3 family at D = 2: digits MLP, 8 laptops on 4G, 10 local steps per period. Compressed methods use top-k
-# 1% with error feedback on the uplink; "olco3-two-way" compresses the downlink too. Pipe-SGD runs one step per
-# period, so it gets 10x the periods (the same number of SGD steps), and the same compression as OLCO3.
+# The OLCO3 family at D = 2 (and D = 4 IID): digits MLP, 8 laptops on 4G, 10 local steps per period. Compressed
+# methods use top-k 1% with error feedback on the uplink; "olco3-two-way" compresses the downlink too. Pipe-SGD runs
+# one step per period, so it gets 10x the periods (the same number of SGD steps), and the same compression as OLCO3.
 TOPK = "codec='topk';codec-ratio=0.01;error-feedback=true"
 
 
-def _olco3(partition: str, periods: int) -> list[str]:
+def _olco3(partition: str, periods: int, delay: int = 2) -> list[str]:
     updates = periods * 8
     methods = ",".join([
         "local-sgd", "naive-overlap", "cocod-sgd", "overlap-local-sgd", f"olco3[{TOPK}]",
@@ -49,7 +50,7 @@ def _olco3(partition: str, periods: int) -> list[str]:
     ])
     alpha = ["--set", "dirichlet-alpha=0.3"] if partition == "dirichlet" else []
     return ["--set", "dataset=digits", "--set", "model=mlp", "--set", "profiles='laptop/4g=1'",
-            "--set", "local-steps=10", "--set", "delay=2", "--set", f"max-updates={updates}",
+            "--set", "local-steps=10", "--set", f"delay={delay}", "--set", f"max-updates={updates}",
             "--set", f"eval-every={updates // 100}", "--set", "target-accuracy=0.93",
             "--set", f"max-time={periods // 2}", "--set", f"partition='{partition}'", *alpha, "--nodes", "8",
             "--methods", methods]
@@ -66,6 +67,7 @@ COMPARISONS: dict[str, list[str]] = {
                              *_outputs("stragglers-dirichlet")],
     "olco3-iid": [*_olco3("iid", 100), *SEEDS, *_outputs("olco3-iid")],
     "olco3-dirichlet": [*_olco3("dirichlet", 200), *SEEDS, *_outputs("olco3-dirichlet")],
+    "olco3-iid-d4": [*_olco3("iid", 100, delay=4), *SEEDS, *_outputs("olco3-iid-d4")],
 }
 
 
