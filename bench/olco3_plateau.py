@@ -19,13 +19,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.comparisons import COMPARISONS
+from bench.comparisons import TOPK as TOPK_SETTINGS
 from server_app.compare_report import mean_ci
 
 ROOT = Path(__file__).resolve().parent.parent
-TOPK = ["codec='topk'", "codec-ratio=0.01", "error-feedback=true"]
+TOPK = TOPK_SETTINGS.split(";")  # the compression the comparisons fix for OLCO3
 METHODS = {"local-sgd": ["strategy='local-sgd'"], "olco3": ["strategy='olco3'", *TOPK],
            "olco3-two-way": ["strategy='olco3'", *TOPK, "codec-downlink='topk'"]}
-PARTITIONS = {"iid": 800, "dirichlet": 1600}
+PARTITIONS = ("iid", "dirichlet")
 LR = 0.1346941509642705  # what each method's tuning chose in results/compare/olco3-{iid,dirichlet}.json
 
 
@@ -38,13 +40,17 @@ def final_and_gain(db: Path) -> tuple[float, float]:
     return float(last[1]), float(last[1] - at80[1])
 
 
+def scenario(partition: str) -> list[str]:
+    """The ``--set`` values of the tuned comparison ``olco3-<partition>``, without its accuracy and time stops."""
+    argv = COMPARISONS[f"olco3-{partition}"]
+    sets = [argv[i + 1] for i, word in enumerate(argv) if word == "--set"]
+    return [*sets, "target-accuracy=0", "max-time=10000"]  # later --set values win
+
+
 def run(method: str, partition: str, seed: int, db: Path) -> tuple[float, float]:
     """One run of the scenario to its update budget."""
-    updates = PARTITIONS[partition]
-    settings = [*METHODS[method], "dataset=digits", "model=mlp", "profiles='laptop/4g=1'", "local-steps=10",
-                "delay=2", f"max-updates={updates}", f"eval-every={updates // 100}", "target-accuracy=0",
-                "max-time=10000", f"partition='{partition}'", "dirichlet-alpha=0.3", f"lr={LR}", f"seed={seed}",
-                f"metrics-db='{db}'", "checkpoint-every=0"]
+    settings = [*METHODS[method], *scenario(partition), f"lr={LR}", f"seed={seed}", f"metrics-db='{db}'",
+                "checkpoint-every=0"]
     args = [sys.executable, "-m", "server_app.simulate", "--quiet", "--nodes", "8", "--workers", "1"]
     for s in settings:
         args += ["--set", s]
