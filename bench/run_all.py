@@ -16,7 +16,7 @@
 - server_app.compare --quick: FedAvg, FedAsync and FedBuff tuned with 2 trials each and evaluated on 2 seeds, on the
   straggler scenario (results/compare_quick.*; README "Comparing strategies")
 - bench.comparisons (full mode only): the tuned comparisons behind RESULTS.md, stragglers and the OLCO3 family, IID
-  and Dirichlet(0.3) (results/compare/*)
+  and Dirichlet(0.3) (results/compare/*); the extra OLCO3 D = 4 comparison is run by name, not here
 - bench.olco3_plateau (full mode only): OLCO3's final accuracy against local SGD's without the 93% stop (RESULTS.md)
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +60,13 @@ def main() -> int:
         *([] if quick else [["-m", "bench.comparisons"], ["-m", "bench.olco3_plateau"]]),
     ]
     (ROOT / "results" / "compare_quick.db").unlink(missing_ok=True)  # a fresh store, as the other benchmarks
+    start = time.monotonic()
     for args in runs:
         print("$ python", " ".join(args), flush=True)
-        if subprocess.run([sys.executable, *args], cwd=ROOT).returncode != 0:
+        t0 = time.monotonic()
+        rc = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
+        print(f"# {time.monotonic() - t0:.0f} s ({(time.monotonic() - start) / 60:.1f} min in all)", flush=True)
+        if rc != 0:
             return 1
     return 0
 
