@@ -83,7 +83,7 @@ class Engine:
         state = EngineState(
             nodes=list(nodes), profiles=dict(zip(nodes, profiles, strict=True)),
             rng=np.random.default_rng([c.seed, 0x5EED]), cap=self._cap(len(nodes)), fleet_online=len(nodes),
-            guard=UpdateGuard(c, self.spec.initial), idle=deque(nodes),
+            guard=UpdateGuard.for_run(c, self.spec.initial, self.evaluate), idle=deque(nodes),
             downlink=DownlinkCompressor(down) if down.name != "none" else None)
         state.strategy = strategy_cls(c, [w.copy() for w in self.spec.initial], tuple(nodes), state)
         return state

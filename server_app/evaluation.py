@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
 from client_app.data import load_dataset
 from client_app.models import build_model, flops_per_sample
+from client_app.trainer import LocalSGD
 from server_app.state import ModelSpec
 from strategies.config import RunConfig
 
@@ -46,3 +49,26 @@ class Evaluator:
             correct += int((logits.argmax(1) == y).sum())
         n = len(self.y)
         return loss / n, correct / n
+
+    def reference_norm(self, weights: list[np.ndarray], cfg: RunConfig) -> float:
+        """The L2 norm of the delta plain local SGD makes from ``weights``: the update filter's prior.
+
+        Trains a copy on this (test) split with the run's ``lr``, ``momentum``, ``batch-size`` and ``local-steps``
+        (at most ``REFERENCE_STEPS``, the norm scaled up linearly past them: an upper estimate, as gradients
+        shrink), so the filter can judge a run's very first updates (``server_app/intake.py``). The test split
+        only measures a norm here; the model it trains is thrown away.
+        """
+        from server_app.intake import delta_norm  # intake imports the engine's types; keep this module light
+
+        steps = min(cfg.local_steps, REFERENCE_STEPS)
+        model = copy.deepcopy(self.model)
+        model.load_state_dict({n: torch.from_numpy(w.copy()) for n, w in zip(self.names, weights, strict=True)})
+        LocalSGD(steps, cfg.batch_size, cfg.lr, cfg.momentum, seed=cfg.seed).run(
+            model, self.x.numpy(), self.y.numpy(), torch.device("cpu"))
+        trained = [t.detach().numpy() for t in model.state_dict().values()]
+        norm = delta_norm([w - t for w, t in zip(weights, trained, strict=True)])
+        return norm * cfg.local_steps / steps
+
+
+#: Local steps the server runs for the reference norm: enough to see the scale, cheap next to one evaluation.
+REFERENCE_STEPS = 20

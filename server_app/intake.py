@@ -18,18 +18,28 @@ the decoding:
   ``2 x`` the dense model's serialized size plus 64 KiB is rejected as oversized, and a reply that echoes a
   ``task-seq`` or ``model-version`` (our ClientApp does, in its ``metrics``) other than its task's is rejected
   as a wrong model version; a reply that echoes neither (a Flower-style ClientApp) is accepted.
-- ``screen(update)``, after decoding: the outlier filter of run-config key ``update-filter``:
+- ``screen(update)``, after decoding: first the absolute cap ``norm-cap`` (when > 0, a delta with a larger L2
+  norm is scaled down to it, whatever the filter), then the outlier filter of run-config key ``update-filter``:
 
-  - ``none`` (default): every update passes; norms are not even computed.
-  - ``reject``: an update whose delta's L2 norm exceeds ``norm-multiplier`` x the median norm of the last
-    ``norm-window`` accepted updates is rejected (status ``rejected``, the reason gives both numbers).
-  - ``clip``: such an update is scaled down to that bound and applied; the row keeps the status the strategy
-    gives it and its reason says ``clipped from X to Y``.
+  - ``clip`` (default): an update whose delta's L2 norm exceeds ``norm-multiplier`` x the median norm of the last
+    ``norm-window`` accepted updates is scaled down to that bound and applied; the row keeps the status the
+    strategy gives it and its reason says ``clipped from X to Y``.
+  - ``reject``: such an update is rejected (status ``rejected``, the reason gives both numbers).
+  - ``none``: every update passes; norms are not even computed.
 
-  The filter starts once ``min(5, norm-window)`` updates are in the window, and only while the median is
-  positive. The window holds the norms of what was accepted (a clipped update counts with its clipped norm, so
-  a run whose honest norms drift up still adapts; a rejected one not at all). The norm is that of the update's
-  delta (``base - trained``: for a gossip node, against its own model), whatever the strategy does with it.
+  **No warm-up hole.** A window of past norms cannot judge a run's first updates, and a node that is hostile
+  from its first task would otherwise be applied unchecked (a x1e6 delta then wrecks the model for good). So
+  until the window holds ``min(5, norm-window)`` norms, the missing entries are filled with a *reference norm*
+  the server measures itself before the run: the norm of the delta plain local SGD makes from the initial model
+  with the run's ``lr``, ``momentum``, ``batch-size`` and ``local-steps``, on the server's own evaluation split
+  (``server_app.evaluation.Evaluator.reference_norm``). Honest first deltas are within a few times of it; a
+  hostile one is not. While the prior is in use an update over the bound is clipped, never rejected, also under
+  ``reject``: the prior is an estimate, and a run whose honest norms are larger than it must still fill its
+  window (clipped norms count at the bound, so the bound grows ``norm-multiplier``-fold per window of clipped
+  updates). Without a reference (a model the server cannot train, a resumed run from before the prior existed)
+  the filter starts once the window is full, as before. The window holds the norms of what was accepted (a
+  clipped update counts with its clipped norm; a rejected one not at all). The norm is that of the update's delta
+  (``base - trained``: for a gossip node, against its own model), whatever the strategy does with it.
 
 Raises ``RejectedUpdate``, so the engine records the reason and gives the node new work.
 """
@@ -67,13 +77,36 @@ MIN_WINDOW = 5
 class UpdateGuard:
     """Size, version and norm checks of one run's replies (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, model: Sequence[np.ndarray]) -> None:
+    # Class defaults: a guard unpickled from a checkpoint written before these existed has no prior and no cap.
+    reference: float | None = None
+    cap: float = 0.0
+
+    def __init__(self, cfg: RunConfig, model: Sequence[np.ndarray], reference: float | None = None) -> None:
         self.mode = cfg.update_filter
         self.multiplier = cfg.norm_multiplier
+        self.cap = cfg.norm_cap
         self.norms: deque[float] = deque(maxlen=cfg.norm_window)
         self.min_entries = min(MIN_WINDOW, cfg.norm_window)
+        self.reference = reference if reference is not None and math.isfinite(reference) and reference > 0 else None
         self.dense_bytes = sum(int(w.nbytes) + PER_TENSOR for w in model)
         self.max_bytes = SIZE_FACTOR * self.dense_bytes + SIZE_SLACK
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, model: list[np.ndarray], evaluator: object) -> UpdateGuard:
+        """A run's guard, with the filter's prior measured by ``evaluator.reference_norm`` when it has one.
+
+        The prior is measured only when the filter is on; a model the server cannot train (an evaluator without
+        the method, or one that raises) leaves the filter without a prior: it starts once its window is full.
+        """
+        measure = getattr(evaluator, "reference_norm", None)
+        reference = None
+        if cfg.update_filter != "none" and callable(measure):
+            try:
+                reference = float(measure(model, cfg))
+            except Exception:
+                log.exception("measuring the update filter's reference norm failed; it starts after %d updates",
+                              min(MIN_WINDOW, cfg.norm_window))
+        return cls(cfg, model, reference)
 
     # ------------------------------------------------------------------------------------------ before decoding
     def admit(self, reply: Message, payload_bytes: int, seq: int, version: int) -> None:
@@ -95,33 +128,51 @@ class UpdateGuard:
     # ------------------------------------------------------------------------------------------- after decoding
     def screen(self, update: Update) -> tuple[Update, str]:
         """The outlier filter: ``(update to apply, note for the row's reason)``; raises ``RejectedUpdate``."""
-        if self.mode == "none":
+        if self.mode == "none" and self.cap <= 0:
             return update, ""
         norm = delta_norm(update.delta)
+        notes = []
+        if 0 < self.cap < norm:
+            update = _scaled(update, self.cap / norm)
+            notes.append(f"capped from {norm:.4g} to norm-cap {self.cap:.4g}")
+            norm = self.cap
+        if self.mode == "none":
+            return update, join_reasons(*notes)
         bound = self.bound()
-        note = ""
         if bound is not None and norm > bound:
-            window = f"{self.multiplier:g} x median {self.median():.4g} of the last {len(self.norms)} accepted"
-            if self.mode == "reject":
+            warm = len(self.norms) < self.min_entries
+            window = (f"{self.multiplier:g} x median {self.median():.4g} of the last {len(self.norms)} accepted"
+                      + (f" and the reference norm {self.reference:.4g}" if warm else ""))
+            if self.mode == "reject" and not warm:
                 raise RejectedUpdate(f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({window})")
-            scale = bound / norm
-            clipped = [np.multiply(d, scale, dtype=d.dtype) for d in update.delta]
-            update = dataclasses.replace(update, sent=clipped, sent_is_delta=True)
-            note = f"clipped from {norm:.4g} to {bound:.4g} ({window})"
+            update = _scaled(update, bound / norm)
+            notes.append(f"clipped from {norm:.4g} to {bound:.4g} ({window})")
             norm = bound
         self.norms.append(norm)
-        return update, note
+        return update, join_reasons(*notes)
+
+    def window(self) -> list[float]:
+        """The norms the bound is taken from: the accepted ones, the reference filling a window not full yet."""
+        missing = self.min_entries - len(self.norms)
+        return [*self.norms, *([self.reference] * missing if missing > 0 and self.reference else [])]
 
     def median(self) -> float:
         """Median norm of the window (0 when empty)."""
-        return float(np.median(self.norms)) if self.norms else 0.0
+        window = self.window()
+        return float(np.median(window)) if window else 0.0
 
     def bound(self) -> float | None:
         """The largest norm accepted as is, or None while the filter is not active yet."""
-        if len(self.norms) < self.min_entries:
+        if len(self.window()) < self.min_entries:
             return None
         median = self.median()
         return self.multiplier * median if median > 0 else None
+
+
+def _scaled(update: Update, factor: float) -> Update:
+    """The update with its delta scaled by ``factor`` (sent as a delta from now on)."""
+    scaled = [np.multiply(d, factor, dtype=d.dtype) for d in update.delta]
+    return dataclasses.replace(update, sent=scaled, sent_is_delta=True)
 
 
 def delta_norm(delta: Sequence[np.ndarray]) -> float:

@@ -36,7 +36,7 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar
 
-from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
@@ -96,7 +96,7 @@ class KAggregation(Strategy):
         return Verdict(Status.DROPPED)
 
     def _flush(self) -> Verdict:
-        mean = weighted_sum([(1.0 / len(self.pending), u.delta) for u in self.pending])
+        mean = self.aggregate([(1.0 / len(self.pending), u.delta) for u in self.pending])
         applied = tuple(u.seq for u in self.pending)
         self.pending = []
         self._publish(step(self.weights, mean, self.cfg.server_lr))

@@ -61,6 +61,8 @@ MAX_FACTOR = 1e6
 MAX_INT = 2**63 - 1
 #: Strings (paths, the profile mix, a module:Class): PATH_MAX; the store and every message quote them.
 MAX_STR = 4096
+#: Run-config ``aggregation``: how a strategy combines a set of updates (strategies/robust.py).
+AGGREGATION_RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,15 @@ class RunConfig:
     local_threads: int = field(default=1, metadata=_range(1, 256))
     persistence: int = field(default=200, metadata=_range(0, MAX_LOCAL_STEPS))
     # Reliability: outlier updates, checkpoints, resume.
-    update_filter: str = field(default="none", metadata=_choices("none", "reject", "clip"))
+    update_filter: str = field(default="clip", metadata=_choices("none", "reject", "clip"))
     norm_multiplier: float = field(default=10.0, metadata=_range(1, MAX_FACTOR))
     norm_window: int = field(default=50, metadata=_range(1, MAX_BATCH))  # norms kept in memory
+    norm_cap: float = field(default=0.0, metadata=_range(0, MAX_FACTOR))  # absolute L2 cap of a delta; 0 = none
+    # Robust aggregation (strategies/robust.py): the rule every strategy combines a set of updates with.
+    aggregation: str = field(default="mean", metadata=_choices(*AGGREGATION_RULES))
+    trim_fraction: float = field(default=0.2, metadata=_range(0, 0.49))
+    byzantine: int = field(default=1, metadata=_range(0, MAX_NODES))  # f of Krum and multi-Krum
+    examples_cap: float = field(default=0.0, metadata=_range(0, MAX_FACTOR))  # x median claim per round; 0 = none
     checkpoint_every: int = field(default=500, metadata=_range(0, MAX_COUNT))  # on, within 2% (RELIABILITY.md)
     resume: str = ""
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step, weighted_sum
+import numpy as np
+
+from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
@@ -63,16 +65,31 @@ class FedAvg(Strategy):
             return None
         applied = tuple(u.seq for u in self.results)
         if self.results:
-            total = sum(u.num_examples for u in self.results)
+            counts = self.example_counts()
+            total = sum(counts)
             if all(u.sent_is_delta for u in self.results):  # our ClientApp: average the deltas
-                mean = weighted_sum([(u.num_examples / total, u.delta) for u in self.results])
+                mean = self.aggregate([(n / total, u.delta) for n, u in zip(counts, self.results, strict=True)])
                 self._publish(step(self.weights, mean, 1.0))
             else:  # Flower-style clients sent weights: average them directly, as Flower's FedAvg does
-                self._publish(weighted_sum([(u.num_examples / total, u.model) for u in self.results]))
+                self._publish(self.aggregate([(n / total, u.model) for n, u in zip(counts, self.results,
+                                                                                    strict=True)]))
         self.round += 1
         self.members.clear()
         self.results = []
         return Verdict(Status.APPLIED, applied=applied) if applied else None
+
+    def example_counts(self) -> list[int]:
+        """Each result's ``num-examples``, capped at ``examples-cap`` x the round's median claim when set.
+
+        A count is the client's own claim: one node claiming 2**53 examples would own the average. The median
+        of the round's claims is an honest count as long as fewer than half the round lies, so the cap bounds a
+        liar's weight to ``examples-cap`` honest nodes'; 1 makes no node weigh more than the median node.
+        """
+        counts = [u.num_examples for u in self.results]
+        if self.cfg.examples_cap > 0:
+            cap = max(1, int(self.cfg.examples_cap * float(np.median(counts))))
+            counts = [min(n, cap) for n in counts]
+        return counts
 
     def state_summary(self) -> dict[str, float]:
         """Round number."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies.base import Accumulator, EngineView, Status, Strategy, Update, Verdict, step
+from strategies.base import EngineView, Status, Strategy, Update, Verdict, step
 from strategies.client import Weights
 from strategies.config import RunConfig
 from strategies.registry import register
@@ -30,7 +30,7 @@ class FedBuff(Strategy):
         super().__init__(cfg, weights, fleet, view)
         c = self.cfg
         self.s = staleness_fn(c.staleness_fn, c.staleness_a, c.staleness_b)
-        self.buffer = Accumulator(self.weights)
+        self.buffer = self.collector()
         self.buffered: list[int] = []
 
     def apply(self, update: Update) -> Verdict:
@@ -42,7 +42,7 @@ class FedBuff(Strategy):
             return Verdict(Status.BUFFERED, f"buffer {len(self.buffered)}/{k}")
         applied = tuple(self.buffered)
         self._publish(step(self.weights, self.buffer.result(), self.cfg.server_lr))
-        self.buffer, self.buffered = Accumulator(self.weights), []
+        self.buffer, self.buffered = self.collector(), []
         return Verdict(Status.APPLIED, applied=applied)
 
     def state_summary(self) -> dict[str, float]:

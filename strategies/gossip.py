@@ -32,12 +32,13 @@ import numpy as np
 from flwr.app import Array
 
 from strategies import topology
-from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update, Verdict, step
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, encoded_bytes
 from strategies.config import RunConfig
 from strategies.links import LinkCompressor
 from strategies.registry import register
+from strategies.sums import weighted_sum
 from strategies.taskkeys import PEER, ROUND, TaskConfig
 from strategies.tuning import LR
 
@@ -237,7 +238,7 @@ class DPSGD(SyncRounds):
             parts = [(w_self, old[i])]
             for j, w in self.mixing[i].items():
                 parts.append((w, self.received(j, i, old[j], seed=(self.round * self.num_nodes + j) * 64 + i)))
-            new.append(step(weighted_sum(parts), u.delta, 1.0))
+            new.append(step(self.aggregate(parts), u.delta, 1.0))
         self.models = new
         self.publish_average()
 
@@ -278,6 +279,6 @@ class AllReduceSGD(SyncRounds):
 
     def close(self, updates: list[Update]) -> None:
         """Set w <- w - mean_i delta_i: what an all-reduce of the deltas computes on every node."""
-        mean = weighted_sum([(1.0 / len(updates), u.delta) for u in updates])
+        mean = self.aggregate([(1.0 / len(updates), u.delta) for u in updates])
         self._publish(step(self.weights, mean, 1.0))
         self.models = [self.weights] * self.num_nodes

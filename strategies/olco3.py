@@ -88,7 +88,7 @@ from typing import ClassVar
 
 from flwr.app import Array
 
-from strategies.base import Encoded, EngineView, Payload, Status, Strategy, Task, Update, Verdict, step, weighted_sum
+from strategies.base import Encoded, EngineView, Payload, Status, Strategy, Task, Update, Verdict, step
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec
 from strategies.config import ConfigError, RunConfig
@@ -162,7 +162,7 @@ class DelayedAveraging(Strategy):
 
     def _close(self, r: int) -> list[int]:
         updates = self.contrib.pop(r)
-        mean = weighted_sum([(1.0 / len(updates), u.sent) for u in updates.values()])
+        mean = self.aggregate([(1.0 / len(updates), u.sent) for u in updates.values()])
         if self.down is None:
             self.sent[r] = applied_mean = mean
         else:  # two-way compression: the server compresses the average too, with its own error memory
@@ -344,7 +344,7 @@ class OverlapLocalSGD(DelayedAveraging):
 
     def _close(self, r: int) -> list[int]:
         updates = self.contrib.pop(r)
-        mean = weighted_sum([(1.0 / len(updates), u.sent) for u in updates.values()])
+        mean = self.aggregate([(1.0 / len(updates), u.sent) for u in updates.values()])
         anchor = step(self.anchors[r], mean, 1.0)
         self.anchors[r + 2] = anchor
         self._publish(anchor)

@@ -213,12 +213,14 @@ def test_overflowing_model_fails_the_run_with_the_reason(simulate: object, tmp_p
     """A client's finite but huge delta times ``server-lr = 1000`` overflows float32: the run ends ``failed``.
 
     Tasks from seq 12 on are scaled, so the checkpoint taken at 5 applied updates is of a finite model, and kept.
+    The update filter is off: the default one clips such a delta (tests/test_robust.py), and this is the check
+    behind every filter.
     """
     scaling = ScalingClient(factor=1e38, every=1, offset=0, start=12)
     db = tmp_path / "m.db"
     with pytest.raises(ModelNotFinite, match="global model is not finite after update"):
         simulate("fedbuff", nodes=4, db=db, clientapp=scaling.app, server_lr=1000.0,  # type: ignore[operator]
-                 buffer_size=5, max_updates=60, checkpoint_every=5)
+                 buffer_size=5, max_updates=60, checkpoint_every=5, update_filter="none")
     with sqlite3.connect(db) as con:
         status, reason = con.execute("SELECT status, error FROM runs").fetchone()
         applied = con.execute("SELECT applied FROM checkpoints").fetchone()

@@ -1,0 +1,173 @@
+"""Robust aggregation (strategies/robust.py) and the update filter's prior and cap (server_app/intake.py).
+
+The rules are checked against Flower's own definitions (``flwr.server.strategy.aggregate``), which its
+FedMedian, FedTrimmedAvg, Krum and MultiKrum strategies use; then end to end, a hostile node sending a x1e6 delta
+from its very first task is survived by a default run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+from server_app.intake import RejectedUpdate, UpdateGuard, delta_norm
+from strategies.base import Status, Update
+from strategies.config import ConfigError, RunConfig
+from strategies.fedavg import FedAvg
+from strategies.fedbuff import FedBuff
+from strategies.robust import Aggregation, Collector, coordinate_median, krum_order, trimmed_mean
+from strategies.sums import weighted_sum
+
+# Float32 sums in another order than Flower's float64 numpy: a few ulps of values around 1.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def models(n: int, seed: int = 0) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)] for _ in range(n)]
+
+
+def close(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_median_and_trimmed_mean_are_flowers(n: int) -> None:
+    xs = models(n)
+    close(coordinate_median(xs), aggregate_median([(x, 1) for x in xs]))
+    close(trimmed_mean(xs, 0.2), aggregate_trimmed_avg([(x, 1) for x in xs], 0.2))
+    close(trimmed_mean(xs, 0.0), weighted_sum([(1 / n, x) for x in xs]))
+
+
+@pytest.mark.parametrize(("n", "f"), [(5, 1), (7, 2), (3, 0), (2, 1)])
+def test_krum_and_multi_krum_are_flowers(n: int, f: int) -> None:
+    xs = models(n, seed=n + f)
+    order = krum_order(xs, f)
+    close(xs[order[0]], aggregate_krum([(x, 1) for x in xs], f, 0))
+    keep = n - f
+    close(weighted_sum([(1 / keep, xs[i]) for i in order[:keep]]), aggregate_krum([(x, 1) for x in xs], f, keep))
+
+
+def rule(name: str, **more: object) -> Aggregation:
+    return Aggregation(RunConfig(aggregation=name, **more))  # type: ignore[arg-type]
+
+
+def test_mean_is_the_strategys_own_weighted_sum() -> None:
+    xs = models(4)
+    parts = [(0.1 * (i + 1), x) for i, x in enumerate(xs)]
+    got, want = rule("mean").combine(parts), weighted_sum(parts)
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b)  # the same computation, run twice on this machine
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum", "multi-krum"])
+def test_a_robust_rule_keeps_the_strategys_total_weight_and_ignores_one_outlier(name: str) -> None:
+    honest = [[np.full(3, 1.0 + 0.01 * i, np.float32)] for i in range(6)]
+    outlier = [np.full(3, -1e6, np.float32)]
+    out = rule(name).combine([(0.5, x) for x in [*honest, outlier]])  # total weight 3.5
+    assert out[0].dtype == np.float32
+    np.testing.assert_allclose(out[0], 3.5 * 1.025, rtol=0.02)  # 3.5 x an honest value, the outlier gone
+    mean = rule("mean").combine([(0.5, x) for x in [*honest, outlier]])
+    assert mean[0][0] < -1e5  # the plain mean is owned by the outlier
+
+
+def test_collector_streams_under_mean_and_keeps_the_set_for_a_robust_rule() -> None:
+    xs = models(5)
+    streaming = Collector(rule("mean"), xs[0])
+    keeping = Collector(rule("median"), xs[0])
+    for x in xs:
+        streaming.add(x, 0.2)
+        keeping.add(x, 0.2)
+    assert streaming.parts == [] and len(keeping.parts) == 5
+    close(streaming.result(), weighted_sum([(0.2, x) for x in xs]))
+    close(keeping.result(), coordinate_median(xs))
+
+
+def update(seq: int, delta: list[np.ndarray], n: int = 10, staleness: int = 0) -> Update:
+    base = [np.zeros_like(d) for d in delta]
+    return Update(seq, node=seq, base_version=0, staleness=staleness, sent=delta, base=base, num_examples=n)
+
+
+def test_fedbuff_under_median_applies_the_median_of_its_buffer() -> None:
+    cfg = RunConfig(aggregation="median", buffer_size=3, staleness_a=0.0)
+    s = FedBuff(cfg, [np.zeros(2, np.float32)], fleet=[1, 2, 3])
+    deltas = [np.array([1.0, 2.0], np.float32), np.array([1e6, -1e6], np.float32), np.array([3.0, 4.0], np.float32)]
+    verdicts = [s.apply(update(i, [d])) for i, d in enumerate(deltas)]
+    assert [v.status for v in verdicts] == [Status.BUFFERED, Status.BUFFERED, Status.APPLIED]
+    np.testing.assert_allclose(s.weights[0], [-3.0, -2.0])  # w - server_lr * (1/3 * 3) * median = -[3, 2]
+
+
+def test_fedavg_examples_cap_bounds_a_liars_weight() -> None:
+    honest = [np.ones(2, np.float32)] * 4
+    liar = np.full(2, -1.0, np.float32)
+    for cap, expect in [(0.0, 1.0), (1.0, -(4 * 10 - 10) / 50)]:
+        s = FedAvg(RunConfig(examples_cap=cap), [np.zeros(2, np.float32)], fleet=[0, 1, 2, 3, 4])
+        for node in range(5):
+            assert s.task_for(node) is not None
+        for i, d in enumerate(honest):
+            s.apply(update(i, [d]))
+        s.apply(update(4, [liar], n=2**53))
+        # claimed: the liar owns the average (w = -liar = +1); capped at the median (10): one vote in five
+        np.testing.assert_allclose(s.weights[0], [expect, expect], rtol=1e-6)
+
+
+def test_config_refuses_bad_rules() -> None:
+    with pytest.raises(ConfigError, match="aggregation"):
+        RunConfig(aggregation="average")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="trim-fraction"):
+        RunConfig(trim_fraction=0.5)
+    with pytest.raises(ConfigError, match="norm-cap"):
+        RunConfig(norm_cap=-1.0)
+
+
+# ------------------------------------------------------------------------------------- the filter's prior and cap
+def guard(reference: float | None, **cfg: object) -> UpdateGuard:
+    return UpdateGuard(RunConfig(**cfg), [np.zeros(3, np.float32)], reference)  # type: ignore[arg-type]
+
+
+def test_no_warm_up_hole_the_first_update_is_judged_against_the_reference() -> None:
+    g = guard(reference=1.0)  # the default filter: clip at 10 x median
+    big = update(0, [np.full(3, 1e6, np.float32)])
+    screened, note = g.screen(big)
+    assert delta_norm(screened.delta) == pytest.approx(10.0, rel=1e-6)
+    assert "clipped from" in note and "reference norm 1" in note
+    without = guard(reference=None)
+    screened, note = without.screen(big)  # no prior: the old behaviour, nothing to judge the first one by
+    assert note == "" and delta_norm(screened.delta) > 1e6
+
+
+def test_the_prior_fades_as_the_window_fills_and_honest_norms_larger_than_it_still_pass() -> None:
+    g = guard(reference=1.0, update_filter="reject")
+    for i in range(5):  # honest norms 40x the reference: clipped (never rejected) while the prior is in use
+        screened, note = g.screen(update(i, [np.array([40.0, 0, 0], np.float32)]))
+        assert "clipped" in note or delta_norm(screened.delta) == pytest.approx(40.0)
+    assert len(g.norms) == 5 and g.window() == list(g.norms)
+    screened, note = g.screen(update(5, [np.array([40.0, 0, 0], np.float32)]))
+    assert note == "" and delta_norm(screened.delta) == pytest.approx(40.0)
+    with pytest.raises(RejectedUpdate, match="exceeds the bound"):  # past the warm-up, reject rejects
+        g.screen(update(6, [np.array([1e6, 0, 0], np.float32)]))
+
+
+def test_norm_cap_clips_whatever_the_filter() -> None:
+    g = guard(reference=None, update_filter="none", norm_cap=2.0)
+    screened, note = g.screen(update(0, [np.array([3.0, 4.0, 0], np.float32)]))
+    assert delta_norm(screened.delta) == pytest.approx(2.0) and "norm-cap" in note
+    small = update(1, [np.array([0.3, 0.4, 0], np.float32)])
+    assert g.screen(small) == (small, "")
+
+
+def test_reference_norm_is_the_scale_of_an_honest_first_delta(tmp_path: object) -> None:
+    from server_app.evaluation import Evaluator, model_spec
+    cfg = RunConfig(dataset="digits", model="mlp", local_steps=10, lr=0.05)
+    spec = model_spec(cfg)
+    ev = Evaluator(cfg, spec.names)
+    ref = ev.reference_norm(spec.initial, cfg)
+    assert ref > 0
+    # Same settings, twice: the same number (same machine, same computation).
+    assert ev.reference_norm(spec.initial, cfg) == ref
+    # Twice the learning rate: about twice the delta (SGD's first steps are nearly linear in lr).
+    assert ev.reference_norm(spec.initial, dataclasses.replace(cfg, lr=0.1)) == pytest.approx(2 * ref, rel=0.3)
