@@ -14,7 +14,8 @@ from server_app import checkpoint
 from server_app.checkpoint import CheckpointError
 from server_app.engine import Engine
 from server_app.evaluation import Evaluator, model_spec
-from server_app.intake import read_describe
+from server_app.inflation import bounded
+from server_app.intake import UpdateGuard, read_describe
 from server_app.lifecycle import Heartbeat, RunStopped, on_runtime_exit, stop_on_signals
 from server_app.profiles import ProfileError, check_profile_file, parse_mix
 from server_app.state import EngineState, ModelSpec, RunSummary
@@ -43,6 +44,8 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     heartbeat lets a reader see a run whose process died without a word.
     """
     spec = validate(cfg)
+    # Deployment's grid inflates each reply from its objects: bounded first, every reply discovery included.
+    grid = bounded(grid, UpdateGuard(cfg, spec.initial).max_bytes)
     evaluator = Evaluator(cfg, spec.names)
     store = MetricsStore.open(cfg.metrics_path())
     with stop_on_signals():

@@ -56,6 +56,7 @@ from typing import Protocol
 import numpy as np
 from flwr.app import Message
 
+from server_app.inflation import is_refused
 from server_app.wire import RejectedUpdate, numeric_metrics, shown, validate_reply
 from strategies import taskkeys as keys
 from strategies.base import Update
@@ -227,6 +228,8 @@ class Intake:
         if f.failure or reply is None:
             raise TaskFailed(f.failure)
         try:
+            if is_refused(reply):  # too large to inflate: refused by the grid, the reason says why (inflation.py)
+                raise RejectedUpdate(reply.error.reason)
             if reply.has_error():
                 raise TaskFailed(f"client error {reply.error.code}: {reply.error.reason}")
             guard.admit(reply, f.payload_up, f.seq, f.version)
