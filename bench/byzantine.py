@@ -12,7 +12,8 @@ from their first task (``ATTACKS``); each defence (``DEFENCES``: run-config keys
 under every attack and seed.
 
 A cell is the mean final accuracy over the seeds, with the half-width of its Student-t 95% interval when there
-is more than one seed. It "holds" when no seed's model became non-finite (the engine stops such a run: "div.")
+is more than one seed. It "holds" when no seed's run collapsed (``COLLAPSED``: the engine stopped it because the
+model became non-finite, or because every client's training of the model failed, 100 tasks in a row)
 and its mean is at most 3 points below both the honest run under the same defence and the honest run under the
 default configuration (no keys set) of the same strategy. The honest column holds when it is within 3 points of
 the honest default (what the defence costs without attack).
@@ -85,6 +86,8 @@ DEFENCES: dict[str, dict[str, ConfigValue]] = {
 }
 #: Rows run for some strategies only (others: every strategy).
 ONLY: dict[str, tuple[str, ...]] = {"examples-cap=1 + best": ("fedavg",)}
+#: What the engine's error says when it stops a run whose every task failed (server_app/engine.py).
+COLLAPSED = "consecutive failed tasks and no success"
 #: Points (of accuracy) an attacked cell may lose and still hold.
 TOLERANCE = 0.03
 
@@ -99,7 +102,7 @@ def run_one(strategy: str, settings: Mapping[str, ConfigValue], attack: Attack, 
               "metrics-db": str(db)}
     client = ByzantineClient(attack)
     run_id = 2**62 + secrets.randbits(62)  # server_app.simulate.random_run_id: known before the run, for a failed one
-    out: dict[str, Any] = {"run_id": str(run_id), "seed": seed, "diverged": False, "error": ""}
+    out: dict[str, Any] = {"run_id": str(run_id), "seed": seed, "collapsed": "", "error": ""}
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the runner's one-line summary, 300 times
@@ -107,10 +110,13 @@ def run_one(strategy: str, settings: Mapping[str, ConfigValue], attack: Attack, 
         out.update(accuracy=s.accuracy, loss=s.loss, applied=s.applied, stop=s.stop_reason, virtual_s=s.time,
                    statuses=s.statuses)
     except ModelNotFinite as exc:  # the engine refuses a non-finite model and stops the run
-        out.update(accuracy=None, diverged=True, error=str(exc)[:300])
+        out.update(accuracy=None, collapsed="non-finite model", error=str(exc)[:300])
     except Exception as exc:  # noqa: BLE001 - one broken run must not cost the other 300; reported and counted
-        log.exception("run %s %s %s seed %d failed", strategy, settings, attack, seed)
-        out.update(accuracy=None, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        if isinstance(exc, RuntimeError) and COLLAPSED in str(exc):  # the engine gave up on an untrainable model
+            out.update(accuracy=None, collapsed="every task failed", error=str(exc)[:300])
+        else:
+            log.exception("run %s %s %s seed %d failed", strategy, settings, attack, seed)
+            out.update(accuracy=None, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     out["corrupted_replies"] = client.corrupted
     out.update(task_stats(db, str(run_id)))
@@ -142,12 +148,12 @@ def task_stats(db: Path, run_id: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------- the table
 def cell(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and 95% half-width of the final accuracies of the finite runs; diverged and failed seeds counted."""
+    """Mean and 95% half-width of the final accuracies of the completed runs; collapsed and failed seeds counted."""
     accs = [r["accuracy"] for r in runs if r["accuracy"] is not None]
     mean, half = mean_ci(accs)
     return {"seeds": [r["seed"] for r in runs], "accuracies": accs, "mean": mean, "ci95": half,
-            "diverged": sum(r["diverged"] for r in runs),
-            "failed": sum(1 for r in runs if r["error"] and not r["diverged"])}
+            "collapsed": sum(bool(r["collapsed"]) for r in runs),
+            "failed": sum(1 for r in runs if r["error"] and not r["collapsed"])}
 
 
 def judge(cells: dict[str, dict[str, Any]], honest_default: float | None) -> None:
@@ -155,7 +161,7 @@ def judge(cells: dict[str, dict[str, Any]], honest_default: float | None) -> Non
     honest = cells.get("honest", {}).get("mean")
     for attack, c in cells.items():
         refs = [honest_default] if attack == "honest" else [honest, honest_default]
-        ok = not c["diverged"] and not c["failed"] and c["mean"] is not None
+        ok = not c["collapsed"] and not c["failed"] and c["mean"] is not None
         ok = ok and all(r is not None and c["mean"] >= r - TOLERANCE - 1e-9 for r in refs)
         c["holds"] = bool(ok)
 
@@ -165,22 +171,22 @@ def best_row(rows: Mapping[str, dict[str, Any]]) -> str:
     def score(name: str) -> tuple[int, float]:
         cells = rows[name]["cells"]
         held = sum(c["holds"] for a, c in cells.items() if a != "honest")
-        worst = min((c["mean"] if c["mean"] is not None and not c["diverged"] else 0.0) for c in cells.values())
+        worst = min((c["mean"] if c["mean"] is not None and not c["collapsed"] else 0.0) for c in cells.values())
         return held, worst
 
     return max(rows, key=score)  # max keeps the first of equals: table order
 
 
 def fmt(c: dict[str, Any]) -> str:
-    """``0.952 ±0.004 ✓`` (no interval for one seed; "div." for non-finite seeds)."""
+    """``0.952 ±0.004 ✓`` (no interval for one seed; "collapsed" when every seed's run did)."""
     mark = "✓" if c["holds"] else "✗"
     if c["mean"] is None:
-        return f"div. {mark}" if c["diverged"] else f"failed {mark}"
+        return f"collapsed {mark}" if c["collapsed"] else f"failed {mark}"
     text = f"{c['mean']:.3f}"
     if c["ci95"] is not None:
         text += f" ±{c['ci95']:.3f}"
-    if c["diverged"]:
-        text += f" ({c['diverged']} div.)"
+    if c["collapsed"]:
+        text += f" ({c['collapsed']} collapsed)"
     if c["failed"]:
         text += f" ({c['failed']} failed)"
     return f"{text} {mark}"
@@ -203,7 +209,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"wall time {report['wall_s'] / 60:.1f} min.",
              f"Final accuracy, mean over the seeds (± half-width of the 95% interval); ✓: at most "
              f"{TOLERANCE * 100:g} points below both the honest run under the same defence and the honest default "
-             f"run; div.: the model became non-finite (the run stopped).", "",
+             f"run; collapsed: the engine stopped the run, its model non-finite or untrainable (every client's "
+             f"training of it failed, 100 tasks in a row).", "",
              "| strategy | defence | " + " | ".join(ATTACKS[a][0] for a in attacks) + " |",
              "|---|---|" + "---:|" * len(attacks)]
     for strategy, rows in report["table"].items():
@@ -288,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     r.update(strategy=strategy, defence=name, attack=attack, settings=settings)
                     runs.append(r)
                     mine_runs.append(r)
-                    acc = "div." if r["diverged"] else "failed" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+                    acc = ("collapsed" if r["collapsed"] else "failed" if r["accuracy"] is None
+                           else f"{r['accuracy']:.4f}")
                     print(f"[{time.perf_counter() - t0:7.1f}s] {strategy:8s} {label:24s} {attack:13s} seed {seed}: "
                           f"{acc} ({r['wall_s']} s)", flush=True)
                 cells[attack] = cell(mine_runs)
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "table": table,
         "holds_everything": {s: [rows[d]["label"] for d in rows if all(c["holds"] for c in rows[d]["cells"].values())]
                              for s, rows in table.items()},
-        "failed_runs": sum(1 for r in runs if r["error"] and not r["diverged"]),
+        "failed_runs": sum(1 for r in runs if r["error"] and not r["collapsed"]),
         "wall_s": round(wall, 1),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "loadavg_before": list(load_before),
                     "loadavg_after": list(os.getloadavg())},
