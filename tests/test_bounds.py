@@ -226,3 +226,9 @@ def test_overflowing_model_fails_the_run_with_the_reason(simulate: object, tmp_p
         applied = con.execute("SELECT applied FROM checkpoints").fetchone()
     assert status == "failed" and "global model is not finite after update" in reason
     assert applied is not None and applied[0] >= 5
+
+
+def test_the_defaults_are_the_safe_ones() -> None:
+    """A user who sets nothing gets checkpoints and the update filter (RELIABILITY.md, "Attacks tried")."""
+    cfg = RunConfig()
+    assert cfg.checkpoint_every > 0 and cfg.update_filter == "clip"
