@@ -229,7 +229,8 @@ def _main(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server_app.simulate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-config", metavar="FILE", help="TOML file of run-config keys (e.g. configs/fedbuff-digits.toml)")
+    p.add_argument("--run-config", metavar="FILE",
+                   help="TOML file of run-config keys (e.g. configs/fedbuff-digits.toml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
     p.add_argument("--nodes", type=int, default=8, help="number of simulated nodes (default 8)")
     p.add_argument("--clientapp", metavar="MODULE:ATTR", help="your own ClientApp instead of client_app.app:app")
