@@ -82,3 +82,22 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 	rm -f results/*.db results/*.db-*
+
+# make help: one line per target (the default goal stays venv, the first target above).
+.PHONY: help
+help:
+	@echo "make venv             create .venv and install requirements.txt (the default; every target does it first)"
+	@echo "make run              the default experiment on Flower's runtime: FedBuff, digits, 10 simulated SuperNodes"
+	@echo "                        [CONFIG=configs/X.toml] [NODES=10] [RUN_ARGS=\"--run-config 'k=v'\"]"
+	@echo "make test             every test but the real deployment, on two pytest workers"
+	@echo "make test-fast        the same without the slow real-runtime tests"
+	@echo "make test-deployment  the real deployment: TLS, authenticated SuperNodes, one killed, shaped links"
+	@echo "make lint             ruff, and mypy (strict) on server_app/ and strategies/"
+	@echo "make bench            the benchmarks and the tuned comparisons of RESULTS.md (under 2 hours on 2 cores)"
+	@echo "make bench-extra      the untuned reproductions of RESULTS.md and the OLCO3 comparison at D = 4"
+	@echo "make dashboard        the live Streamlit dashboard [DB=results/metrics.db] [STORES=dir]"
+	@echo "make deploy-local     a local deployment with TLS and SuperNode authentication (docs/deploy.md)"
+	@echo "                        [DEPLOY_NODES=3] [CONFIG=configs/X.toml] [LINKS=wifi,4g,3g] (LINKS needs sudo)"
+	@echo "make clean            remove caches and Flower's private home; keeps .venv and results/"
+	@echo "make distclean        clean, and also remove .venv and the metrics stores under results/"
+	@echo "make help             this list"
