@@ -213,10 +213,9 @@ class Engine:
             self.ledger.task_metrics(f, update.metrics)
             update, note = s.guard.screen(update)
             verdict = strategy.apply(update)
+            s.contract.check(strategy, verdict, f.seq)  # a verdict at odds with itself stops the run
             status, applied, restart = verdict.status, verdict.applied, verdict.restart
             reason = join_reasons(note, verdict.reason)
-            if f.seq in applied:
-                status = Status.APPLIED
         except TaskFailed as exc:
             reason = str(exc)
         except RejectedUpdate as exc:
@@ -228,6 +227,7 @@ class Engine:
             if self.membership is not None:  # a lost node: the strategy sees the fleet without it
                 self._apply_fleet(self.membership.sync(force=True))
             verdict = strategy.fail(f.node, f.version)
+            s.contract.check(strategy, verdict)
             applied, restart = verdict.applied, verdict.restart
             log.info("task %d on node %d %s: %s", f.seq, f.node, status, reason)
             s.failing, s.last_failure = s.failing + 1, f"{status}: {reason}"

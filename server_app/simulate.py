@@ -29,6 +29,7 @@ from flwr.app import Context, RecordDict
 
 from server_app.app import RESUMABLE_CHANGES, validate
 from server_app.app import app as server_app
+from server_app.contract import StrategyContractError
 from server_app.lifecycle import RunStopped, stop_on_signals
 from server_app.local_grid import ClientAppLike, LocalGrid
 from server_app.state import RunSummary
@@ -218,6 +219,9 @@ def _main(args: argparse.Namespace) -> int:
     except ModelNotFinite as exc:  # a diverged run, told in one line: the traceback would only show _publish
         print(f"error: run failed: {exc}; recorded as failed in its metrics store, whose checkpoint (if any) "
               "predates it", file=sys.stderr)
+        return 1
+    except StrategyContractError as exc:  # the user's strategy broke its contract: the line names it and why
+        print(f"error: run failed: {exc}; recorded as failed in its metrics store", file=sys.stderr)
         return 1
     except Exception as exc:  # the store already says "failed"; tell the user why
         logging.getLogger("staleflower").exception("run failed")

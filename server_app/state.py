@@ -14,11 +14,12 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecordValues, Message, RecordDict
 
+from server_app.contract import Contract
 from server_app.profiles import NodeProfile, TaskTiming
 from server_app.wire import to_record
 from strategies.base import Exchange, Status, Strategy
@@ -125,6 +126,12 @@ class EngineState:
     last_eval: tuple[int, float, float] | None = None  # (applied, loss, accuracy)
     failing: int = 0                                    # consecutive failed tasks
     last_failure: str = ""
+    contract: Contract = field(default_factory=Contract)  # the checks of verdicts (server_app/contract.py)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle (a checkpoint); one written before ``contract`` existed gets one that trusts its earlier seqs."""
+        state.setdefault("contract", Contract(since=state.get("seq", 0)))
+        self.__dict__.update(state)
 
     # -------------------------------------------------------------------------------- the strategy's view
     @property

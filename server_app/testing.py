@@ -18,25 +18,38 @@ fixture: put ``pytest_plugins = ["server_app.testing"]`` in your ``conftest.py``
         assert all(r["status"] == "applied" for r in run.updates())
 
 Settings are run-config keys written as Python names (``max_updates=12`` is ``max-updates``); the defaults favour
-speed (digits, logreg, 2 local steps, 4 nodes).
+speed (digits, logreg, 2 local steps, 4 nodes). The strategy may be a class defined inside the test itself. The
+fixture stops a run after ``timeout_s`` seconds (``DEFAULT_TIMEOUT_S``) and fails the test with a message naming
+the strategy, and the engine stops a strategy whose verdicts break their contract (``server_app/contract.py``)
+with a ``StrategyContractError`` naming it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import re
 import sqlite3
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+try:
+    import pytest
 
-from server_app.local_grid import ClientAppLike
-from server_app.simulate import merge_config, run_local
-from server_app.state import RunSummary
-from strategies.base import Strategy
-from strategies.config import key_of
+    from server_app.contract import strategy_label
+    from server_app.local_grid import ClientAppLike
+    from server_app.simulate import merge_config, run_local
+    from server_app.state import RunSummary
+    from strategies.base import Strategy
+    from strategies.config import ConfigError, key_of
+except ImportError as exc:  # the plugin found, its project not installed here: say how to install it
+    raise ImportError(f"staleflower's pytest plugin (server_app.testing) cannot import {exc.name!r}: install the "
+                      "project into this environment with `pip install -e <path to the staleflower checkout>`") from exc
 
 FAST_DEFAULTS: dict[str, Any] = {"model": "logreg", "local_steps": 2, "max_updates": 20, "eval_every": 10,
                                  "min_nodes": 1}
@@ -68,26 +81,145 @@ class SimRun:
         return self.rows("SELECT * FROM runs WHERE run_id=?", self.summary.run_id)[0]
 
 
+#: The fixture's wall-clock limit on one run, in seconds (``timeout_s=`` changes it; ``None`` removes it).
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class SimulationTimeout(TimeoutError):
+    """A run given to ``simulate`` went past its ``timeout_s``; the message names its strategy."""
+
+
 def simulate(strategy: str | type[Strategy] = "fedbuff", *, nodes: int = 4, db: str | Path | None = None,
              clientapp: ClientAppLike | None = None, reorder_seed: int | None = None, workers: int = 2,
-             run_id: int | None = None, **settings: Any) -> SimRun:
-    """Run ``strategy`` (a name, ``module:Class``, or a ``Strategy`` subclass) in-process and return the run."""
-    if isinstance(strategy, type):
-        strategy = f"{strategy.__module__}:{strategy.__qualname__}"
+             run_id: int | None = None, timeout_s: float | None = None, **settings: Any) -> SimRun:
+    """Run ``strategy`` in-process and return the run.
+
+    ``strategy`` is a registered name, ``module:Class``, or a ``Strategy`` subclass: one defined anywhere, a
+    test function's body included (a class that cannot be imported by name is not checkpointed: set no
+    ``checkpoint_every`` for it). ``timeout_s`` stops the run after that many seconds of wall-clock time with a
+    ``SimulationTimeout`` naming the strategy; the run is recorded ``failed``.
+    """
     if db is None:
         db = Path(tempfile.mkdtemp(prefix="staleflower-")) / "metrics.db"
-    values = {key_of(k): v for k, v in {**FAST_DEFAULTS, **settings}.items()}
-    values.update({"strategy": strategy, "metrics-db": str(db)})
-    summary = run_local(merge_config(overrides=values), nodes=nodes, clientapp=clientapp, workers=workers,
-                        reorder_seed=reorder_seed, run_id=run_id)
+    with _strategy_value(strategy, settings) as value:
+        values = {key_of(k): v for k, v in {**FAST_DEFAULTS, **settings}.items()}
+        values.update({"strategy": value, "metrics-db": str(db)})
+        label = strategy_label(strategy) if isinstance(strategy, type) else strategy
+        why = (f"simulate({label!r}) ran past timeout_s = {timeout_s:g} s: a strategy stuck in its code, or one "
+               f"that never reaches the stop condition (max-updates counts applied updates)") if timeout_s else ""
+        try:
+            with _deadline(timeout_s, why):
+                summary = run_local(merge_config(overrides=values), nodes=nodes, clientapp=clientapp,
+                                    workers=workers, reorder_seed=reorder_seed, run_id=run_id)
+        except _TimeUp:
+            raise SimulationTimeout(why) from None
     return SimRun(summary, Path(db))
 
 
 @pytest.fixture(name="simulate")
 def simulate_fixture(tmp_path: Path) -> Iterator[Callable[..., SimRun]]:
-    """``simulate`` writing to a store under the test's ``tmp_path``."""
+    """``simulate`` writing to a store under the test's ``tmp_path``; a run past its ``timeout_s`` fails the test.
+
+    ``timeout_s`` defaults to ``DEFAULT_TIMEOUT_S`` here (a test must end), and to no limit for ``simulate``.
+    """
     def run(*args: Any, **kwargs: Any) -> SimRun:
         kwargs.setdefault("db", tmp_path / "metrics.db")
-        return simulate(*args, **kwargs)
+        kwargs.setdefault("timeout_s", DEFAULT_TIMEOUT_S)
+        try:
+            return simulate(*args, **kwargs)
+        except SimulationTimeout as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     yield run
+
+
+# ------------------------------------------------------------------------------- strategies given as classes
+_aliases: dict[str, tuple[type[Strategy], int]] = {}  # attribute of this module -> (class, runs using it)
+_aliases_lock = threading.Lock()
+
+
+@contextmanager
+def _strategy_value(strategy: str | type[Strategy], settings: dict[str, Any]) -> Iterator[str]:
+    """The run-config ``strategy`` value that names ``strategy`` for the ServerApp and every client thread.
+
+    A class its module holds by name is ``module:Class``. Any other (defined in a function, nested, made by
+    ``type()``) is lent to this module as an attribute for the run and named ``server_app.testing:ATTR``:
+    the registry imports ``module:Class`` names, and a module already imported is found in ``sys.modules``.
+    Checkpoints pickle the strategy by its own name, so such a class runs without them.
+    """
+    if not isinstance(strategy, type):
+        yield strategy
+        return
+    if not issubclass(strategy, Strategy):
+        raise TypeError(f"simulate() takes a Strategy subclass, a registered name or 'module:Class', not {strategy!r}")
+    name, module = strategy.__qualname__, sys.modules.get(strategy.__module__)
+    if name.isidentifier() and getattr(module, name, None) is strategy:
+        yield f"{strategy.__module__}:{name}"
+        return
+    if settings.get("checkpoint_every"):
+        raise ConfigError(f"checkpoint_every: checkpoints pickle the strategy by name, and {name} cannot be "
+                          "imported by name: define it at module level to checkpoint it")
+    settings["checkpoint_every"] = 0
+    this = sys.modules[__name__]
+    with _aliases_lock:
+        base = "local_" + re.sub(r"\W", "_", name.replace(".<locals>.", "__"))
+        attr, n = base, 1
+        while attr in _aliases and _aliases[attr][0] is not strategy:
+            n += 1
+            attr = f"{base}_{n}"
+        _aliases[attr] = (strategy, _aliases.get(attr, (strategy, 0))[1] + 1)
+        setattr(this, attr, strategy)
+    try:
+        yield f"{__name__}:{attr}"
+    finally:
+        with _aliases_lock:
+            cls, users = _aliases.pop(attr)
+            if users > 1:
+                _aliases[attr] = (cls, users - 1)
+            else:
+                delattr(this, attr)
+
+
+# --------------------------------------------------------------------------------------------- the time limit
+class _TimeUp(BaseException):
+    """Raised in the thread running a simulation when its time is up.
+
+    A ``BaseException``: the ``except Exception`` blocks that turn a client's error into a failed task must not
+    absorb it.
+    """
+
+
+@contextmanager
+def _deadline(timeout_s: float | None, why: str) -> Iterator[None]:
+    """Interrupt the calling thread with ``_TimeUp(why)`` after ``timeout_s`` seconds.
+
+    A timer thread raises the exception in this thread (CPython's ``PyThreadState_SetAsyncExc``), so the run
+    stays in the caller's thread and the limit holds wherever the run is: in the engine's loop, in a strategy's
+    code, or waiting for clients. It lands at the next Python instruction (not inside one long C call). No
+    signal is used, so it works off the main thread and leaves pytest-timeout's SIGALRM alone.
+    """
+    if not timeout_s:
+        yield
+        return
+
+    class TimeUp(_TimeUp):
+        def __init__(self) -> None:
+            super().__init__(why)
+
+    target, lock, armed = threading.get_ident(), threading.Lock(), [True]
+
+    def fire() -> None:
+        with lock:
+            if armed[0]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(TimeUp))
+
+    timer = threading.Timer(timeout_s, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:  # after this, no exception is pending for this thread, nor can one be raised
+            armed[0] = False
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
+        timer.cancel()
