@@ -1,26 +1,22 @@
 # staleflower: every target creates .venv from requirements.txt when needed.
 #
 #   make run                       the default experiment with the real Flower runtime (flwr run, 10 simulated nodes)
-#   make run CONFIG=configs/X.toml a preset instead (its metrics-db, else results/metrics.db)
-#   make run NODES=4 RUN_ARGS="--run-config 'max-updates=50'"
+#   make run CONFIG=configs/X.toml a preset instead
+#   make run CONFIG=configs/X.toml SET="max-updates=50 lr=0.01" NODES=4   a preset with some keys changed
+#   make run DB=path/to.db         results there instead of the default store, ~/.staleflower/metrics.db (or
+#                                  $STALEFLOWER_METRICS_DB), which simulate, bare `flwr run` and `make dashboard` use
 #   make test | test-deployment | test-fast | lint | bench | bench-extra | dashboard [DB=path] [STORES=dir] | clean | distclean
 
 PYTHON3 ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-DB      ?= results/metrics.db
+DB      ?=
 NODES   ?= 10
 CONFIG  ?=
+SET     ?=
 RUN_ARGS ?=
 DASHBOARD_ADDRESS ?= 127.0.0.1  # this machine only; 0.0.0.0 to serve the network
-
-# metrics-db must be absolute: the ServerApp's working directory is not the repository.
-ifeq ($(strip $(CONFIG)),)
-RUN_CONFIG := --run-config "metrics-db='$(CURDIR)/results/metrics.db'"
-else
-RUN_CONFIG := --run-config "$(CONFIG)"
-endif
 
 .PHONY: venv run test test-deployment test-fast lint bench bench-extra dashboard clean distclean deploy-local
 
@@ -31,11 +27,12 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install -r requirements.txt
 	touch $(STAMP)
 
+# scripts/flwr_run.sh checks the preset, SET and DB (merged in that order) before it starts a SuperLink.
 run: $(STAMP)
-	mkdir -p results
 	VENV=$(abspath $(VENV)) FLWR_HOME=$(CURDIR)/.flwr-home NUM_SUPERNODES=$(NODES) \
-		STALEFLOWER_METRICS_DB=$(CURDIR)/results/metrics.db \
-		bash scripts/flwr_run.sh $(RUN_CONFIG) $(RUN_ARGS)
+		bash scripts/flwr_run.sh $(if $(strip $(CONFIG)),--run-config "$(CONFIG)") \
+		$(if $(strip $(SET)),--run-config "$(SET)") $(if $(strip $(DB)),--run-config "metrics-db='$(abspath $(DB))'") \
+		$(RUN_ARGS)
 
 # Two workers: the slow tests mostly wait on real processes (SuperLinks, Chromium), which overlaps well even on 2
 # cores (tests/conftest.py). The real deployment (TLS, authenticated SuperNodes, a SuperNode killed, shaped links)
@@ -88,14 +85,14 @@ distclean: clean
 help:
 	@echo "make venv             create .venv and install requirements.txt (the default; every target does it first)"
 	@echo "make run              the default experiment on Flower's runtime: FedBuff, digits, 10 simulated SuperNodes"
-	@echo "                        [CONFIG=configs/X.toml] [NODES=10] [RUN_ARGS=\"--run-config 'k=v'\"]"
+	@echo "                        [CONFIG=configs/X.toml] [SET=\"k=v ...\"] [NODES=10] [DB=path]"
 	@echo "make test             every test but the real deployment, on two pytest workers"
 	@echo "make test-fast        the same without the slow real-runtime tests"
 	@echo "make test-deployment  the real deployment: TLS, authenticated SuperNodes, one killed, shaped links"
 	@echo "make lint             ruff, and mypy (strict) on server_app/ and strategies/"
 	@echo "make bench            the benchmarks and the tuned comparisons of RESULTS.md (under 2 hours on 2 cores)"
 	@echo "make bench-extra      the untuned reproductions of RESULTS.md and the OLCO3 comparison at D = 4"
-	@echo "make dashboard        the live Streamlit dashboard [DB=results/metrics.db] [STORES=dir]"
+	@echo "make dashboard        the live Streamlit dashboard [DB=path] [STORES=dir]"
 	@echo "make deploy-local     a local deployment with TLS and SuperNode authentication (docs/deploy.md)"
 	@echo "                        [DEPLOY_NODES=3] [CONFIG=configs/X.toml] [LINKS=wifi,4g,3g] (LINKS needs sudo)"
 	@echo "make clean            remove caches and Flower's private home; keeps .venv and results/"

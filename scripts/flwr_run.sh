@@ -2,14 +2,22 @@
 # Run the Flower app with the REAL Flower runtime (`flwr run . --stream`, simulated SuperNodes) and check that the
 # run really succeeded.
 #
-#   scripts/flwr_run.sh [FLWR-RUN-ARGS...]
-#   scripts/flwr_run.sh --run-config "metrics-db='$PWD/results/metrics.db' max-updates=50"
-#   scripts/flwr_run.sh --run-config configs/fedbuff.toml          # a preset (a TOML file cannot be mixed with k=v)
+#   scripts/flwr_run.sh [--run-config PRESET.toml|"k=v ..."]... [OTHER FLWR-RUN-ARGS...]
+#   scripts/flwr_run.sh --run-config "max-updates=50 lr=0.01"
+#   scripts/flwr_run.sh --run-config configs/fedbuff-digits.toml --run-config "max-updates=50"   # a preset, shortened
 #
 # What it does:
+#   0. checks the run config before it starts anything: every --run-config (a TOML preset or "k=v" pairs; several
+#      allowed, later ones win, which flwr itself does not allow) is merged and validated by
+#      `python -m server_app.simulate --check` (keys with did-you-mean, values, min-nodes against the fleet, data,
+#      model); a mistake ends the script with that one-line error and exit code 2. flwr run then gets the merged
+#      config as one --run-config string, with `metrics-db` resolved to an absolute path;
 #   1. starts its own `flower-superlink --simulation --insecure` on a free loopback port, with its state in a private
 #      FLWR_HOME (default: <repo>/.flwr-home, git-ignored), and points $FLWR_HOME/config.toml at it;
-#   2. runs `flwr run <repo> <that connection> --stream --federation-config "num-supernodes=N ..." ARGS...`;
+#   2. runs `flwr run <repo> <that connection> --stream --federation-config "num-supernodes=N ..." ARGS...` and
+#      shows its stream (the ServerApp's progress lines and summary), less Flower's notice that the default
+#      federation shrank from 10 to 2 SuperNodes (this script always sets num-supernodes) and its warning that each
+#      ClientApp actor is terminated as the run ends;
 #   3. checks the run's status with `flwr ls --run-id ID --format json` (`flwr run` exits 0 even when the ServerApp
 #      fails) and requires `finished:completed`;
 #   4. stops the SuperLink it started, by pid, on success, failure or Ctrl-C (a trap), and prints the metrics store.
@@ -20,8 +28,8 @@
 #   NUM_SUPERNODES  simulated SuperNodes (default 10)
 #   CLIENT_CPUS     Ray CPUs per ClientApp actor (default 1: as many actors as cores)
 #   RUN_TIMEOUT     seconds to wait for the run to finish after the stream ends (default 120)
-#   STALEFLOWER_METRICS_DB  metrics store used when the run config leaves `metrics-db` empty
-#                   (default <repo>/results/metrics.db)
+#   STALEFLOWER_METRICS_DB  the metrics store when the run config sets no `metrics-db` (default, as for every
+#                   runner: ~/.staleflower/metrics.db)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,11 +44,34 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="${RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO:-0}"
-export STALEFLOWER_METRICS_DB="${STALEFLOWER_METRICS_DB:-$ROOT/results/metrics.db}"
 NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
 CLIENT_CPUS="${CLIENT_CPUS:-1}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-120}"
 CONN="staleflower-sim"
+
+say() { printf '[flwr_run] %s\n' "$*" >&2; }
+
+# Every --run-config is checked and merged here (step 0); the other arguments go to flwr run as they are.
+RUN_CONFIGS=()
+FLWR_ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --run-config|-c)
+            if [ $# -lt 2 ]; then say "error: $1 needs a value"; exit 2; fi
+            RUN_CONFIGS+=(--run-config "$2")
+            shift 2 ;;
+        --run-config=*) RUN_CONFIGS+=(--run-config "${1#--run-config=}"); shift ;;
+        *) FLWR_ARGS+=("$1"); shift ;;
+    esac
+done
+T0=$(date +%s)
+# PYTHONPATH, not cd: a preset's path is the caller's, relative to where the script was started.
+if ! RUN_CONFIG="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m server_app.simulate --check --print-run-config --nodes "$NUM_SUPERNODES" \
+        ${RUN_CONFIGS[@]+"${RUN_CONFIGS[@]}"})"; then
+    say "the run config is not valid (above); nothing was started"
+    exit 2
+fi
+say "run config checked in $(($(date +%s) - T0)) s: $RUN_CONFIG"
 
 mkdir -p "$FLWR_HOME"
 FLWR_HOME="$(cd "$FLWR_HOME" && pwd)"
@@ -49,8 +80,6 @@ SL_PIDFILE="$SL_DIR/pid"
 SL_LOG="$SL_DIR/superlink.log"
 RUN_LOG="$SL_DIR/run.log"
 mkdir -p "$SL_DIR"
-
-say() { printf '[flwr_run] %s\n' "$*" >&2; }
 
 # The pids of a process's descendants (children first, recursively), from /proc via ps.
 descendants() {
@@ -129,7 +158,6 @@ EOF
 
 # A fresh SuperLink state per invocation: the only run in it is ours.
 rm -f "$SL_DIR/state.db" "$SL_DIR/state.db-shm" "$SL_DIR/state.db-wal"
-T0=$(date +%s)
 say "starting flower-superlink --simulation on 127.0.0.1:$PORT (FLWR_HOME=$FLWR_HOME, log $SL_LOG)"
 # In its own session (setsid, then exec in place: $! is the SuperLink's pid), so that a Ctrl-C in the terminal
 # reaches only this script, whose trap then stops the SuperLink in order.
@@ -170,15 +198,18 @@ EOF
 fi
 say "SuperLink healthy after $(($(date +%s) - T0)) s"
 
-say "flwr run $ROOT $CONN --stream --federation-config 'num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS' $*"
+say "flwr run $ROOT $CONN --stream --federation-config 'num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS' --run-config \"$RUN_CONFIG\" ${FLWR_ARGS[*]:-}"
 # In the background + `wait`, so that Ctrl-C / TERM run the trap at once (bash defers traps until a foreground
 # command returns); `tail --pid` shows the stream live and ends when flwr does.
 : >"$RUN_LOG"
 flwr run "$ROOT" "$CONN" --stream \
     --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS" \
-    "$@" >"$RUN_LOG" 2>&1 </dev/null &
+    --run-config "$RUN_CONFIG" ${FLWR_ARGS[@]+"${FLWR_ARGS[@]}"} >"$RUN_LOG" 2>&1 </dev/null &
 FLWR_PID=$!
-tail -n +1 -f --pid="$FLWR_PID" "$RUN_LOG" &
+# Left out of what is shown (run.log keeps all): Flower's notice of its new default federation size and how to
+# change it (num-supernodes is always set here), and the warning each ClientApp actor gives as the run ends normally.
+tail -n +1 -f --pid="$FLWR_PID" "$RUN_LOG" | grep --line-buffered -v -e "default simulated SuperNodes changed" \
+    -e "To change federation size" -e "flwr federation simulation-config" -e "Manually terminating ClientAppActor" &
 TAIL_PID=$!
 FLWR_RC=0
 wait "$FLWR_PID" || FLWR_RC=$?
@@ -213,9 +244,9 @@ print(status)
 EOF
 )"
 
-# Where the results went: the ServerApp prints it in its summary; otherwise the default store.
+# Where the results went: the ServerApp prints it in its summary; otherwise the metrics-db the check pinned.
 DB="$(sed -n 's/.*metrics store: \(.*\)$/\1/p' "$RUN_LOG" | tail -n 1)"
-DB="${DB:-$STALEFLOWER_METRICS_DB}"
+DB="${DB:-$(printf '%s' "$RUN_CONFIG" | sed -n "s/.*metrics-db='\([^']*\)'.*/\1/p")}"
 
 if [ "$STATUS" != "finished:completed" ]; then
     say "run $RUN_ID ended with status '$STATUS' (flwr run exit code $FLWR_RC)"

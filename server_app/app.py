@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client_app.data import DataError, DatasetMissingError
 from client_app.models import ModelError
-from server_app import checkpoint
+from server_app import checkpoint, progress
 from server_app.checkpoint import CheckpointError
 from server_app.engine import Engine
 from server_app.evaluation import Evaluator, model_spec
@@ -18,6 +18,7 @@ from server_app.inflation import bounded
 from server_app.intake import UpdateGuard, read_describe
 from server_app.lifecycle import Heartbeat, RunStopped, on_runtime_exit, stop_on_signals
 from server_app.profiles import ProfileError, check_profile_file, parse_mix
+from server_app.progress import format_summary
 from server_app.state import EngineState, ModelSpec, RunSummary
 from server_app.store import MetricsStore, stored_run
 from strategies import check_implemented, get_strategy
@@ -31,10 +32,14 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run`` (simulation or deployment)."""
     cfg = RunConfig.from_mapping(context.run_config)
-    summary = run_experiment(grid, cfg, run_id=str(context.run_id))
+    t0 = time.monotonic()
+    with progress.run(cfg, cfg.resume or str(context.run_id)):  # progress lines, or the caller's bar
+        summary = run_experiment(grid, cfg, run_id=str(context.run_id))
     context.state["summary"] = ConfigRecord(summary.as_config())
     context.state["final-weights"] = ArrayRecord(list(summary.weights))
-    print(format_summary(summary, cfg), flush=True)
+    stats = progress.run_stats(cfg.metrics_path(), summary.run_id, cfg.target_accuracy)
+    print(format_summary(summary, cfg, wall_s=time.monotonic() - t0, stats=stats, sep=progress.separator()),
+          flush=True)
 
 
 def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
@@ -164,13 +169,3 @@ def _describe(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[st
                 log.warning("node %d described itself wrongly (%s): ordered as undescribed", node, problem)
         time.sleep(0.01)
     return info
-
-
-def format_summary(s: RunSummary, cfg: RunConfig) -> str:
-    """The few lines a user wants at the end of a run."""
-    return (
-        f"staleflower run {s.run_id} ({cfg.strategy}, {cfg.clock} clock) stopped on {s.stop_reason}: "
-        f"t={s.time:.1f}s version={s.version} applied={s.applied} accuracy={s.accuracy:.4f} loss={s.loss:.4f} "
-        f"bytes up={s.bytes_up} down={s.bytes_down} tasks={s.statuses}\n"
-        f"metrics store: {cfg.metrics_path()}"
-    )

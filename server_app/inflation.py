@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import httpx
 from flwr.app import Array, Error, Message, Metadata, RecordDict
@@ -64,7 +66,9 @@ from flwr.supercore.inflatable.inflatable_object import (
 from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
 from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, inflate_object_from_contents, pull_objects
 from flwr.supercore.run import Run
-from flwr.superlink.grid import HttpGrid
+
+if TYPE_CHECKING:
+    from flwr.superlink.grid import HttpGrid
 
 __all__ = ["REPLY_REFUSED", "BoundedGrid", "Refused", "bounded", "inflated_bytes", "is_refused"]
 
@@ -81,7 +85,10 @@ class Refused(Exception):
 
 def bounded(grid: Grid, limit: int) -> Grid:
     """``grid`` with each reply bounded to ``limit`` bytes before inflation, where the grid inflates replies."""
-    return BoundedGrid(grid, limit) if isinstance(grid, HttpGrid) else grid
+    # A grid whose class was never imported is no HttpGrid: in-process runs skip that package's imports (Flower's
+    # SQL state, about 2 s of start-up).
+    http = sys.modules.get("flwr.superlink.grid.http_grid")
+    return BoundedGrid(grid, limit) if http is not None and isinstance(grid, http.HttpGrid) else grid
 
 
 def is_refused(reply: Message) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from server_app import progress
 from server_app.state import EngineState, Flight, Totals
 from server_app.store import MetricsStore, UpdateRow
 from strategies.base import Status
@@ -57,6 +58,7 @@ class Ledger:
             status=str(status), reason=bounded_reason(reason), peer_id=ex.peer if ex is not None else None,
             transport_bytes_up=f.bytes_up, transport_bytes_down=f.bytes_down,
         ))
+        progress.task(totals.applied, now)  # the run's progress bar or lines (server_app/progress.py)
 
     def nodes(self, state: EngineState, nodes: Sequence[tuple[int, Mapping[str, object]]]) -> None:
         """``nodes`` rows: where each node is in the fleet, its profile, and what it said of itself."""
@@ -83,3 +85,4 @@ class Ledger:
         """One ``evals`` row with the totals so far."""
         self.store.record_eval(now, version, totals.applied, totals.bytes_up, totals.bytes_down, loss, accuracy,
                                dict(summary))
+        progress.evaluation(totals.applied, now, accuracy)

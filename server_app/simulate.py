@@ -5,38 +5,43 @@ Ray and no SuperLink, writes the metrics store, prints a short summary, and exit
 failed, 2 for a bad command line or run config, and 128 + the signal's number when stopped by SIGINT (130),
 SIGTERM (143) or SIGHUP (129).
 
-    python -m server_app.simulate [--run-config FILE] [--set key=value ...] [--nodes N]
-                                  [--clientapp MODULE:ATTR] [--resume RUN_ID]
+    python -m server_app.simulate [--run-config FILE|PAIRS ...] [--set key=value ...] [--nodes N]
+                                  [--clientapp MODULE:ATTR] [--resume RUN_ID] [--quiet] [--check]
 
-``--set`` values use the TOML syntax of ``flwr run --run-config`` (``--set strategy='"fedavg"'``); a value that
-is not valid TOML is taken as a plain string (``--set strategy=fedavg``).
+``--run-config`` takes what ``flwr run --run-config`` takes, a TOML file or ``"key=value key=value"`` pairs, and
+may be repeated (later ones win): a preset and its overrides. ``--set`` values use the same TOML syntax
+(``--set strategy='"fedavg"'``); a value that is not valid TOML is taken as a plain string (``--set
+strategy=fedavg``). ``--check`` validates all of it (keys, values, fleet, data, model) and runs nothing; with
+``--print-run-config`` it also prints the merged overrides as one ``flwr run --run-config`` string
+(``scripts/flwr_run.sh`` checks ``make run`` this way before it starts a SuperLink).
+
+On a terminal a progress bar shows the run (``server_app/progress.py``); otherwise a progress line at each tenth
+of the run; ``--quiet`` shows only the summary. torch and Flower are imported after the command line is read:
+``--help`` and a mistyped key answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import re
 import secrets
 import sqlite3
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from flwr.app import Context, RecordDict
+if TYPE_CHECKING:
+    from flwr.app import Context
 
-from server_app.app import RESUMABLE_CHANGES, validate
-from server_app.app import app as server_app
-from server_app.contract import StrategyContractError
-from server_app.lifecycle import RunStopped, stop_on_signals
-from server_app.local_grid import ClientAppLike, LocalGrid
-from server_app.state import RunSummary
-from server_app.store import stored_run
-from strategies import get_strategy
-from strategies.base import ModelNotFinite
-from strategies.config import ConfigError, ConfigValue, RunConfig
+    from server_app.local_grid import ClientAppLike
+    from server_app.progress import Reporter
+    from server_app.state import RunSummary
+    from strategies.config import ConfigValue, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 #: The most nodes one process simulates (``--nodes``, here and in ``server_app.compare``): bench.scale runs 1,000
@@ -55,21 +60,78 @@ def default_config() -> dict[str, ConfigValue]:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
 
 
-def merge_config(file: str | None = None, sets: list[str] | None = None,
+def merge_config(file: str | Sequence[str] | None = None, sets: list[str] | None = None,
                  overrides: Mapping[str, ConfigValue] | None = None) -> dict[str, ConfigValue]:
-    """Defaults, then a TOML file, then ``key=value`` pairs, then a mapping; unknown keys are an error."""
+    """Defaults, then run configs (``read_run_config``), then ``key=value`` pairs, then a mapping.
+
+    An unknown key is a ``ConfigError`` with a did-you-mean hint (``RunConfig.from_mapping``).
+    """
     values = default_config()
-    layers: list[Mapping[str, ConfigValue]] = []
-    if file:
-        layers.append(_flatten(read_toml(file)))
-    layers.append(dict(_parse_set(s) for s in sets or []))
-    layers.append(dict(overrides or {}))
-    for layer in layers:
-        unknown = sorted(set(layer) - set(values))
-        if unknown:
-            RunConfig.from_mapping(layer)  # raises with the did-you-mean message
+    for layer in [*run_config_layers(file), dict(_parse_set(s) for s in sets or []), dict(overrides or {})]:
+        _check_keys(layer, values)
         values.update(layer)
     return values
+
+
+def run_config_layers(file: str | Sequence[str] | None) -> list[dict[str, ConfigValue]]:
+    """What ``--run-config`` items say, one mapping each: a TOML file, or ``flwr run``'s ``key=value`` pairs.
+
+    As ``flwr run --run-config``: an item ending in ``.toml``, or naming a file, or without ``=``, is a file;
+    otherwise it is space-separated ``key=value`` pairs whose values may be quoted (``strategy='fedavg'
+    lr=0.01``).
+    """
+    items = [file] if isinstance(file, str) else list(file or [])
+    layers: list[dict[str, ConfigValue]] = []
+    for item in items:
+        if not item:
+            continue
+        if item.endswith(".toml") or "=" not in item or Path(item).is_file():
+            layers.append(_flatten(read_toml(item)))
+        else:
+            layers.append(dict(_parse_set(pair) for pair in split_pairs(item)))
+    return layers
+
+
+#: ``flwr run --run-config``'s own pattern for a ``key=value`` pair (flwr.common.config.parse_config_args).
+_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def split_pairs(text: str) -> list[str]:
+    """``"a=1 b='x y'"`` -> ``["a=1", "b='x y'"]``, as ``flwr run`` splits them; anything else is a ``ConfigError``."""
+    from strategies.config import ConfigError
+
+    pairs = [f"{k}={v}" for k, v in _PAIR.findall(text)]
+    rest = _PAIR.sub(" ", text).split()
+    if rest:
+        raise ConfigError(f"run config {text!r}: expected space-separated KEY=VALUE pairs, got {rest[0]!r}")
+    return pairs
+
+
+def flwr_run_config(values: Mapping[str, ConfigValue]) -> str:
+    """``values`` as one ``flwr run --run-config`` string (TOML values Flower's pattern splits back the same)."""
+    from strategies.config import ConfigError
+
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif "'" not in value and "\n" not in value:
+            text = f"'{value}'"
+        elif '"' not in value:
+            text = json.dumps(value)  # a TOML basic string
+        else:
+            raise ConfigError(f"{key}: a value with both kinds of quotes cannot be passed to flwr run")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _check_keys(layer: Mapping[str, ConfigValue], known: Mapping[str, ConfigValue]) -> None:
+    if set(layer) - set(known):
+        from strategies.config import RunConfig
+
+        RunConfig.from_mapping(layer)  # raises with the did-you-mean message
 
 
 def read_toml(file: str) -> dict[str, Any]:
@@ -77,6 +139,8 @@ def read_toml(file: str) -> dict[str, Any]:
 
     The message quotes tomllib's position and reason (which cites at most one character), not the file's text.
     """
+    from strategies.config import ConfigError
+
     path = Path(file)
     if not path.is_file():
         raise ConfigError(f"run-config file not found: {file}")
@@ -97,6 +161,8 @@ def read_toml(file: str) -> dict[str, Any]:
 
 def check_fleet(nodes: int, workers: int = 1) -> None:
     """``--nodes`` and ``--workers`` of the in-process runner, in range (``MAX_SIM_NODES``, ``MAX_WORKERS``)."""
+    from strategies.config import ConfigError
+
     if not 1 <= nodes <= MAX_SIM_NODES:
         raise ConfigError(f"--nodes must be in [1, {MAX_SIM_NODES}] (the in-process runner's limit), got {nodes}")
     if not 1 <= workers <= MAX_WORKERS:
@@ -113,8 +179,19 @@ def random_run_id() -> int:
 
 
 def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: ClientAppLike | None = None,
-              workers: int = 2, reorder_seed: int | None = None, run_id: int | None = None) -> RunSummary:
-    """Run one experiment in-process on a ``LocalGrid`` and return its summary."""
+              workers: int = 2, reorder_seed: int | None = None, run_id: int | None = None,
+              reporter: Reporter | None = None) -> RunSummary:
+    """Run one experiment in-process on a ``LocalGrid`` and return its summary.
+
+    ``reporter`` shows its progress (``server_app/progress.py``); by default the run says nothing until its
+    summary.
+    """
+    from server_app import progress
+    from server_app.app import app as server_app
+    from server_app.local_grid import LocalGrid
+    from server_app.state import RunSummary
+    from strategies.config import RunConfig
+
     cfg = RunConfig.from_mapping(values)
     if clientapp is None:
         from client_app.app import app as default_app
@@ -125,7 +202,8 @@ def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: C
                      reorder_seed=reorder_seed)
     context = server_context(run_id, cfg.to_mapping())
     try:
-        server_app(grid, context)  # the very ServerApp that `flwr run` starts
+        with progress.reporting(reporter or progress.Reporter()):
+            server_app(grid, context)  # the very ServerApp that `flwr run` starts
     finally:
         grid.close()
     weights = context.state.array_records["final-weights"].to_numpy_ndarrays()
@@ -137,6 +215,11 @@ def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[
 
     The store is the one ``values`` names (``metrics-db``, else the default); the nodes are as many as the run had.
     """
+    from server_app.app import RESUMABLE_CHANGES
+    from server_app.store import stored_run
+    from strategies import get_strategy
+    from strategies.config import ConfigError, RunConfig
+
     path = RunConfig.from_mapping(values).metrics_path()
     if not path.is_file():
         raise ConfigError(f"--resume {run_id}: no metrics store at {path} (set metrics-db)")
@@ -160,11 +243,15 @@ def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[
 
 def server_context(run_id: int, values: Mapping[str, ConfigValue]) -> Context:
     """The Context the ServerApp would get from Flower."""
+    from flwr.app import Context, RecordDict
+
     return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(values))
 
 
 def load_object(path: str) -> object:
     """Import ``package.module:attr``."""
+    from strategies.config import ConfigError
+
     module, _, attr = path.partition(":")
     if not module or not attr:
         raise ConfigError(f"expected MODULE:ATTR, got {path!r}")
@@ -181,38 +268,85 @@ def main(argv: list[str] | None = None) -> int:
     exit with the shell's code for the signal (130, 143, 129) after one line on stderr: a stop asked for is no
     crash, so no traceback.
     """
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # before any import of torch or Flower: --help answers at once
+    from server_app.lifecycle import RunStopped, stop_on_signals
+
     try:
         with stop_on_signals(handoff=False):
-            return _main(args)
+            return _check(args) if args.check else _main(args)
     except RunStopped as exc:
         print(f"{exc.reason}: exit {exc.exit_code}; a run already started is recorded as stopped in its metrics "
               "store", file=sys.stderr)
         return exc.exit_code
 
 
-def _main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    import torch
+def _configure(args: argparse.Namespace) -> tuple[dict[str, ConfigValue], RunConfig]:
+    """The run's values and config from the command line, every check that needs no model or data done."""
+    from strategies.config import MAX_NODES, ConfigError, RunConfig
 
-    torch.set_num_threads(1)  # clients run on parallel threads; one intra-op thread each avoids oversubscription
-    try:
-        values = merge_config(args.run_config, args.set)
-        if args.resume:
-            values, args.nodes = resume_config(values, args.resume)
+    values = merge_config(args.run_config, args.set)
+    if args.resume:
+        values, args.nodes = resume_config(values, args.resume)
+    if args.check:  # a fleet of Flower's runtime (make run), not of this process
+        if not 1 <= args.nodes <= MAX_NODES:
+            raise ConfigError(f"--nodes must be in [1, {MAX_NODES}], got {args.nodes}")
+    else:
         check_fleet(args.nodes, args.workers)
-        cfg = RunConfig.from_mapping(values)
-        if args.nodes < cfg.min_nodes:
-            raise ConfigError(f"--nodes {args.nodes} is fewer than min-nodes = {cfg.min_nodes}: the run would wait "
-                              "for nodes that never come")
+    cfg = RunConfig.from_mapping(values)
+    if args.nodes < cfg.min_nodes:
+        raise ConfigError(f"--nodes {args.nodes} is fewer than min-nodes = {cfg.min_nodes}: the run would wait "
+                          "for nodes that never come")
+    return values, cfg
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``--check``: everything a run checks before it starts, and nothing run; 0, or 2 with one line."""
+    from strategies.config import ConfigError
+
+    try:
+        values, cfg = _configure(args)
+        path = cfg.metrics_path()
+        defaults = default_config()
+        pinned = flwr_run_config({**{k: v for k, v in values.items() if v != defaults.get(k)},
+                                  "metrics-db": str(path)})
+        from server_app.app import validate  # torch and Flower: only for a config whose keys and values are right
+        from server_app.store import MetricsStore
+
         validate(cfg)
-        # Not checked here: whatever calling it raises becomes an error reply (LocalGrid), as in Flower's runtime.
-        clientapp = cast(ClientAppLike, load_object(args.clientapp)) if args.clientapp else None
+        MetricsStore.open(path).close()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.print_run_config:
+        print(pinned)
+    else:
+        print(f"ok: {cfg.strategy} on {args.nodes} nodes; results in {path}")
+    return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    from server_app import progress
+    from strategies.config import ConfigError
+
+    reporter = _reporter(args.quiet)
     try:
-        summary = run_local(values, nodes=args.nodes, clientapp=clientapp, workers=args.workers)
+        values, cfg = _configure(args)
+        from server_app.app import validate  # torch and Flower: only for a config whose keys and values are right
+
+        validate(cfg)
+        # Not checked here: whatever calling it raises becomes an error reply (LocalGrid), as in Flower's runtime.
+        clientapp = cast("ClientAppLike", load_object(args.clientapp)) if args.clientapp else None
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from server_app.contract import StrategyContractError
+    from strategies.base import ModelNotFinite
+
+    torch.set_num_threads(1)  # clients run on parallel threads; one intra-op thread each avoids oversubscription
+    try:
+        summary = run_local(values, nodes=args.nodes, clientapp=clientapp, workers=args.workers, reporter=reporter)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -227,24 +361,61 @@ def _main(args: argparse.Namespace) -> int:
         logging.getLogger("staleflower").exception("run failed")
         print(f"error: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    del summary, cfg  # the ServerApp printed the summary
+    finally:
+        reporter.close()  # the bar, if any, is gone before the error line
+    del summary, cfg, progress  # the ServerApp printed the summary
     return 0
+
+
+def _reporter(quiet: bool) -> Reporter:
+    """The run's progress: a bar on a terminal, a line per tenth of the run otherwise, nothing with --quiet.
+
+    The engine's own line per evaluation is left out of the log then (the progress shows it), and so is the
+    repeat of the last one that a run ending on an evaluation gives; warnings and failed tasks stay.
+    """
+    from server_app import progress
+
+    handler: logging.Handler
+    if quiet:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        return progress.Reporter()
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        bar = progress.Bar()
+        reporter: Reporter = bar
+        handler = bar.logging_handler()
+    else:
+        reporter, handler = progress.Lines(), logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_not_evaluations)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    return reporter
+
+
+def _not_evaluations(record: logging.LogRecord) -> bool:
+    """False for the engine's line per evaluation (``Engine._evaluate``)."""
+    return not (record.name == "staleflower" and record.funcName == "_evaluate")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server_app.simulate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-config", metavar="FILE",
-                   help="TOML file of run-config keys (e.g. configs/fedbuff-digits.toml)")
+    p.add_argument("--run-config", action="append", default=[], metavar="FILE|PAIRS",
+                   help="TOML file of run-config keys (e.g. configs/fedbuff-digits.toml), or \"key=value ...\" "
+                        "pairs as flwr run takes them; repeatable, later ones win")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
     p.add_argument("--nodes", type=int, default=8, help="number of simulated nodes (default 8)")
     p.add_argument("--clientapp", metavar="MODULE:ATTR", help="your own ClientApp instead of client_app.app:app")
     p.add_argument("--resume", metavar="RUN_ID", help="resume a checkpointed run (RELIABILITY.md)")
     p.add_argument("--workers", type=int, default=2, help="threads running clients in parallel (default 2)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
+    p.add_argument("--check", action="store_true", help="validate the run config and the fleet, run nothing")
+    p.add_argument("--print-run-config", action="store_true",
+                   help="with --check: print the merged config as one flwr run --run-config string")
     return p
 
 
 def _parse_set(item: str) -> tuple[str, ConfigValue]:
+    from strategies.config import ConfigError
+
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
