@@ -55,7 +55,15 @@ MAX_RUN_CONFIG_BYTES = 1 << 20
 
 
 def default_config() -> dict[str, ConfigValue]:
-    """``[tool.flwr.app.config]`` of pyproject.toml: the defaults ``flwr run`` uses too."""
+    """``[tool.flwr.app.config]`` of pyproject.toml: the defaults ``flwr run`` uses too.
+
+    Installed from a wheel there is no pyproject.toml beside the packages; ``RunConfig``'s own defaults are the
+    same values (``tests/test_config.py`` keeps the two in step).
+    """
+    if not PYPROJECT.is_file():
+        from strategies.config import RunConfig
+
+        return RunConfig().to_mapping()
     with PYPROJECT.open("rb") as fh:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
 
