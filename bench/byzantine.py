@@ -216,6 +216,12 @@ def markdown(report: dict[str, Any]) -> str:
     for strategy, rows in report["table"].items():
         for row in rows.values():
             lines.append(f"| {strategy} | {row['label']} | " + " | ".join(fmt(row["cells"][a]) for a in attacks) + " |")
+    shares = attacker_shares(report["runs"])
+    if shares:
+        lines += ["", "The attackers' share of the tasks (attacked runs under `default`; per seed): an asynchronous "
+                  "strategy gives fast nodes more tasks than their share of the fleet.", ""]
+        lines += [f"- {strategy}: " + ", ".join(f"seed {seed} {share:.0%}" for seed, share in by_seed.items())
+                  for strategy, by_seed in shares.items()]
     lines += ["", "Defences (run-config keys added to the scenario):", ""]
     seen: set[str] = set()
     for strategy, rows in report["table"].items():
@@ -229,6 +235,16 @@ def markdown(report: dict[str, Any]) -> str:
     for strategy, held in report["holds_everything"].items():
         lines.append(f"- {strategy}: {', '.join(held) if held else 'none'}")
     return "\n".join(lines)
+
+
+def attacker_shares(runs: Sequence[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Per strategy and seed, the attackers' share of the recorded tasks, from its first attacked run under default."""
+    out: dict[str, dict[int, float]] = {}
+    for r in runs:
+        tasks = r["attacker_tasks"] + r["honest_tasks"]
+        if r["defence"] == "default" and r["attack"] != "honest" and tasks:
+            out.setdefault(r["strategy"], {}).setdefault(r["seed"], r["attacker_tasks"] / tasks)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- driver
