@@ -10,6 +10,7 @@ from strategies.base import Status, Strategy, Task, Update, Verdict
 from strategies.codecs import CodecError, CodecSpec
 from strategies.config import ConfigError, RunConfig
 from strategies.registry import lookup, names, register
+from strategies.robust import check_rule
 
 __all__ = ["RunConfig", "Status", "Strategy", "Task", "Update", "Verdict", "get_strategy", "check_implemented",
            "register", "names"]
@@ -22,7 +23,9 @@ def get_strategy(name: str) -> type[Strategy]:
 
 def check_implemented(cfg: RunConfig) -> None:
     """Fail early for a strategy or codec setting that cannot run."""
-    lookup(cfg.strategy).check_config(cfg)
+    cls = lookup(cfg.strategy)
+    cls.check_config(cfg)
+    check_rule(cfg, cfg.strategy, cls.aggregation_set(cfg))
     try:
         CodecSpec(cfg.codec, cfg.codec_ratio, cfg.codec_levels, cfg.codec_rank)
     except CodecError as exc:

@@ -236,6 +236,14 @@ class Strategy(ABC):
         """
         return None
 
+    @classmethod
+    def aggregation_set(cls, cfg: RunConfig) -> int | None:
+        """How many updates one aggregation combines (None: as many as the fleet, or it varies).
+
+        ``strategies.check_implemented`` refuses a robust ``aggregation`` that cannot act on sets this small.
+        """
+        return None
+
     @property
     def num_nodes(self) -> int:
         """Nodes the policy counts: those online for an elastic strategy, else the fleet it started with."""

@@ -62,6 +62,11 @@ class KAggregation(Strategy):
         self.pending: list[Update] = []
         self.now = 0.0
 
+    @classmethod
+    def aggregation_set(cls, cfg: RunConfig) -> int | None:
+        """An update combines K arrivals: at least ``k`` (the adaptive K only grows)."""
+        return 1 if cls.k_now is not KAggregation.k_now else cfg.k
+
     def k_now(self) -> int:
         """K at the current clock time."""
         k = min(self.cfg.k, self.num_nodes)

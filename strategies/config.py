@@ -129,7 +129,7 @@ class RunConfig:
     persistence: int = field(default=200, metadata=_range(0, MAX_LOCAL_STEPS))
     # Reliability: outlier updates, checkpoints, resume.
     update_filter: str = field(default="clip", metadata=_choices("none", "reject", "clip"))
-    norm_multiplier: float = field(default=10.0, metadata=_range(1, MAX_FACTOR))
+    norm_multiplier: float = field(default=3.0, metadata=_range(1, MAX_FACTOR))
     norm_window: int = field(default=50, metadata=_range(1, MAX_BATCH))  # norms kept in memory
     norm_cap: float = field(default=0.0, metadata=_range(0, MAX_FACTOR))  # absolute L2 cap of a delta; 0 = none
     # Robust aggregation (strategies/robust.py): the rule every strategy combines a set of updates with.

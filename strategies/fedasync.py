@@ -31,6 +31,11 @@ class FedAsync(Strategy):
         self.s = staleness_fn(c.staleness_fn, c.staleness_a, c.staleness_b)
         self.last_alpha = 0.0
 
+    @classmethod
+    def aggregation_set(cls, cfg: RunConfig) -> int | None:
+        """Each update is mixed in alone."""
+        return 1
+
     def apply(self, update: Update) -> Verdict:
         """Mix the client's model into the global one: ``w - alpha (w - x)``."""
         alpha = self.cfg.mixing * self.s(update.staleness)

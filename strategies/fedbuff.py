@@ -33,6 +33,11 @@ class FedBuff(Strategy):
         self.buffer = self.collector()
         self.buffered: list[int] = []
 
+    @classmethod
+    def aggregation_set(cls, cfg: RunConfig) -> int | None:
+        """A flush combines ``buffer-size`` updates."""
+        return cfg.buffer_size
+
     def apply(self, update: Update) -> Verdict:
         """Add the weighted delta to the buffer; flush when K are in."""
         k = self.cfg.buffer_size

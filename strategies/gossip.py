@@ -116,6 +116,11 @@ class ADPSGD(Decentralized):
     name = "ad-psgd"
     requires_bipartite = True
 
+    @classmethod
+    def aggregation_set(cls, cfg: RunConfig) -> int | None:
+        """A task averages one pair of models, no set of updates."""
+        return 1
+
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)
         self.rng = np.random.default_rng([self.cfg.seed, 0xAD95])

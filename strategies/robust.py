@@ -10,8 +10,9 @@ computing it. Run-config key ``aggregation`` picks the rule:
   smallest (Flower's ``FedTrimmedAvg``), times ``sum_i c_i``.
 - ``krum``: the ``x_i`` whose summed squared distance to its ``n - f - 2`` nearest others is smallest, ``f`` being
   run-config ``byzantine`` (Flower's ``Krum``), times ``sum_i c_i``.
-- ``multi-krum``: the ``n - f`` best-scored ``x_i`` by that score, averaged with their own ``c_i`` and rescaled to
-  ``sum_i c_i`` (Flower's ``MultiKrum`` with ``num_nodes_to_keep = n - f``).
+- ``multi-krum``: the plain mean of the ``n - f`` best-scored ``x_i`` by that score, times ``sum_i c_i`` (Flower's
+  ``MultiKrum`` with ``num_nodes_to_keep = n - f``, except that Flower weights the kept ones by their claimed
+  ``num-examples``: a liar Krum happens to keep would then own the mean, so here they weigh the same).
 
 Why "times ``sum_i c_i``": the coefficients carry the strategy's policy (``1/K``, staleness weights, example
 counts), and the rule replaces only the averaging. A robust rule ignores the individual weights (as Flower's do):
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from strategies.client import Weights
-from strategies.config import AGGREGATION_RULES, RunConfig
+from strategies.config import AGGREGATION_RULES, ConfigError, RunConfig
 from strategies.sums import Accumulator, Update, weighted_sum
 
 RULES = AGGREGATION_RULES
@@ -68,11 +69,8 @@ class Aggregation:
         chosen = krum_order(xs, self.f)
         if self.rule == "krum":
             return _scaled(xs[chosen[0]], total)
-        keep = [parts[i] for i in chosen[:max(1, len(parts) - self.f)]]
-        kept = float(sum(c for c, _ in keep))
-        if kept == 0.0:  # every kept coefficient is 0 (a fully stale buffer): their plain mean, scaled
-            return _scaled(mean([(1.0 / len(keep), x) for _, x in keep]), total)
-        return mean([(c * total / kept, x) for c, x in keep])
+        keep = [xs[i] for i in chosen[:max(1, len(parts) - self.f)]]
+        return mean([(total / len(keep), x) for x in keep])
 
 
 def mean(parts: Parts) -> Weights:
@@ -113,6 +111,26 @@ def krum_order(xs: Sequence[Sequence[np.ndarray]], f: int) -> list[int]:
 
 def _scaled(x: Sequence[np.ndarray], factor: float) -> Weights:
     return [np.multiply(a, factor, dtype=a.dtype) for a in x]
+
+
+def check_rule(cfg: RunConfig, strategy: str, set_size: int | None) -> None:
+    """Refuse a rule that cannot act on the sets this strategy aggregates (``set_size``; None: the fleet's size).
+
+    A robust rule left silently inert is worse than none: the user believes the run is protected.
+    """
+    rule = cfg.aggregation
+    if rule == "mean" or set_size is None:
+        return
+    if set_size <= 1:
+        raise ConfigError(f"strategy {strategy!r} applies each update alone: aggregation = {rule!r} has no set to "
+                          f"act on; what protects it is update-filter and norm-cap (RELIABILITY.md)")
+    if rule in ("krum", "multi-krum") and set_size < 2 * cfg.byzantine + 3:
+        raise ConfigError(f"aggregation = {rule!r} with byzantine = {cfg.byzantine} needs sets of at least "
+                          f"{2 * cfg.byzantine + 3} updates (n >= 2f + 3); strategy {strategy!r} aggregates "
+                          f"{set_size}: raise its set (buffer-size, k) or lower byzantine")
+    if rule == "trimmed-mean" and int(cfg.trim_fraction * set_size) == 0:
+        raise ConfigError(f"aggregation = 'trimmed-mean' with trim-fraction = {cfg.trim_fraction:g} cuts nothing from "
+                          f"sets of {set_size} updates (strategy {strategy!r}): raise trim-fraction or the set")
 
 
 class Collector:

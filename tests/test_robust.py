@@ -130,10 +130,10 @@ def guard(reference: float | None, **cfg: object) -> UpdateGuard:
 
 
 def test_no_warm_up_hole_the_first_update_is_judged_against_the_reference() -> None:
-    g = guard(reference=1.0)  # the default filter: clip at 10 x median
+    g = guard(reference=1.0)  # the default filter: clip at 3 x median
     big = update(0, [np.full(3, 1e6, np.float32)])
     screened, note = g.screen(big)
-    assert delta_norm(screened.delta) == pytest.approx(10.0, rel=1e-6)
+    assert delta_norm(screened.delta) == pytest.approx(3.0, rel=1e-6)
     assert "clipped from" in note and "reference norm 1" in note
     without = guard(reference=None)
     screened, note = without.screen(big)  # no prior: the old behaviour, nothing to judge the first one by
@@ -141,7 +141,7 @@ def test_no_warm_up_hole_the_first_update_is_judged_against_the_reference() -> N
 
 
 def test_the_prior_fades_as_the_window_fills_and_honest_norms_larger_than_it_still_pass() -> None:
-    g = guard(reference=1.0, update_filter="reject")
+    g = guard(reference=1.0, update_filter="reject", norm_multiplier=10.0)
     for i in range(5):  # honest norms 40x the reference: clipped (never rejected) while the prior is in use
         screened, note = g.screen(update(i, [np.array([40.0, 0, 0], np.float32)]))
         assert "clipped" in note or delta_norm(screened.delta) == pytest.approx(40.0)
@@ -171,3 +171,24 @@ def test_reference_norm_is_the_scale_of_an_honest_first_delta(tmp_path: object) 
     assert ev.reference_norm(spec.initial, cfg) == ref
     # Twice the learning rate: about twice the delta (SGD's first steps are nearly linear in lr).
     assert ev.reference_norm(spec.initial, dataclasses.replace(cfg, lr=0.1)) == pytest.approx(2 * ref, rel=0.3)
+
+
+@pytest.mark.parametrize(("strategy", "settings", "message"), [
+    ("fedasync", {"aggregation": "median"}, "applies each update alone"),
+    ("async-sgd", {"aggregation": "krum"}, "applies each update alone"),
+    ("ad-psgd", {"aggregation": "trimmed-mean"}, "applies each update alone"),
+    ("fedbuff", {"aggregation": "multi-krum", "buffer_size": 5, "byzantine": 2}, "at least 7 updates"),
+    ("k-async", {"aggregation": "trimmed-mean", "k": 4}, "cuts nothing"),
+])
+def test_a_rule_that_cannot_act_is_refused_up_front(strategy: str, settings: dict, message: str) -> None:
+    from strategies import check_implemented
+    with pytest.raises(ConfigError, match=message):
+        check_implemented(RunConfig(strategy=strategy, **settings))
+    check_implemented(RunConfig(strategy=strategy))  # the mean always can
+
+
+def test_multi_krum_does_not_let_a_kept_liar_weigh_more() -> None:
+    xs = [[np.full(2, v, np.float32)] for v in (1.0, 1.1, 0.9, 1.05, 50.0)]
+    coefs = [0.1, 0.1, 0.1, 0.1, 1e6]  # the last claims a huge weight (FedAvg's num-examples share)
+    out = rule("multi-krum", byzantine=1).combine(list(zip(coefs, xs, strict=True)))
+    np.testing.assert_allclose(out[0], sum(coefs) * np.mean([1.0, 1.1, 0.9, 1.05]), rtol=1e-5)
