@@ -78,14 +78,26 @@ BEST = "best"
 DEFENCES: dict[str, dict[str, ConfigValue]] = {
     "default": {},
     "update-filter=none": {"update-filter": "none"},
+    "update-filter=reject": {"update-filter": "reject"},
     "median": {"aggregation": "median"},
     "trimmed-mean": {"aggregation": "trimmed-mean"},
     "krum": {"aggregation": "krum"},
-    "multi-krum": {"aggregation": "multi-krum", "byzantine": 2},
+    "multi-krum": {"aggregation": "multi-krum"},
     "examples-cap=1 + best": {"examples-cap": 1.0, "aggregation": BEST},
+    "recommended": {},  # RECOMMENDED[strategy]
 }
-#: Rows run for some strategies only (others: every strategy).
-ONLY: dict[str, tuple[str, ...]] = {"examples-cap=1 + best": ("fedavg",)}
+#: The setting RELIABILITY.md recommends per strategy against hostile devices (the row "recommended"): the median
+#: for a set-based strategy, over a FedBuff buffer large enough that fast attackers stay a minority of it; FedAsync
+#: has no set to take a median of (the rule is refused there), so only the filter's rejection is left to it.
+RECOMMENDED: dict[str, dict[str, ConfigValue]] = {
+    "fedavg": {"aggregation": "median"},
+    "fedbuff": {"aggregation": "median", "buffer-size": 10},
+    "fedasync": {"update-filter": "reject"},
+}
+#: Rows run for some strategies only (others: every strategy). FedAsync refuses every rule but the mean.
+SETS = ("fedavg", "fedbuff")
+ONLY: dict[str, tuple[str, ...]] = {"examples-cap=1 + best": ("fedavg",), "median": SETS, "trimmed-mean": SETS,
+                                    "krum": SETS, "multi-krum": SETS}
 #: What the engine's error says when it stops a run whose every task failed (server_app/engine.py).
 COLLAPSED = "consecutive failed tasks and no success"
 #: Points (of accuracy) an attacked cell may lose and still hold.
@@ -226,7 +238,7 @@ def markdown(report: dict[str, Any]) -> str:
     seen: set[str] = set()
     for strategy, rows in report["table"].items():
         for name, row in rows.items():
-            if DEFENCES[name].get("aggregation") == BEST:
+            if DEFENCES[name].get("aggregation") == BEST or name == "recommended":
                 lines.append(f"- `{row['label']}` ({strategy}): {settings_text(row['settings'])}")
             elif name not in seen:
                 seen.add(name)
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mine = [d for d in defences if strategy in ONLY.get(d, (strategy,))]
         # rows that take the best rule run after the others
         for name in sorted(mine, key=lambda d: DEFENCES[d].get("aggregation") == BEST):
-            settings = dict(DEFENCES[name])
+            settings = dict(RECOMMENDED[strategy] if name == "recommended" else DEFENCES[name])
             label = name
             if settings.get("aggregation") == BEST:
                 best = best_row({k: v for k, v in rows.items() if DEFENCES[k].get("aggregation") != BEST})
