@@ -87,11 +87,12 @@ DEFENCES: dict[str, dict[str, ConfigValue]] = {
     "recommended": {},  # RECOMMENDED[strategy]
 }
 #: The setting RELIABILITY.md recommends per strategy against hostile devices (the row "recommended"): the median
-#: for a set-based strategy, over a FedBuff buffer large enough that fast attackers stay a minority of it; FedAsync
-#: has no set to take a median of (the rule is refused there), so only the filter's rejection is left to it.
+#: of each set (sign flips, lying example counts) with the filter rejecting, not clipping, what exceeds 3 x the median
+#: norm (scaled and amplified deltas); FedAsync has no set to take a median of (the rule is refused there), so only
+#: the filter's rejection is left to it. Chosen from the single-defence rows of the full table.
 RECOMMENDED: dict[str, dict[str, ConfigValue]] = {
-    "fedavg": {"aggregation": "median"},
-    "fedbuff": {"aggregation": "median", "buffer-size": 10},
+    "fedavg": {"aggregation": "median", "update-filter": "reject"},
+    "fedbuff": {"aggregation": "median", "update-filter": "reject"},
     "fedasync": {"update-filter": "reject"},
 }
 #: Rows run for some strategies only (others: every strategy). FedAsync refuses every rule but the mean.

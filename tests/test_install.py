@@ -296,6 +296,7 @@ def test_half_step(simulate):  # the fixture comes from the installed plugin: no
 
 
 @pytest.mark.slow
+@pytest.mark.deployment  # installing the package: make test-deployment (make test keeps its 4-minute budget)
 def test_editable_install_works_from_another_directory(tmp_path):
     """README's route: ``pip install -e .``, then the packages, the command and the fixture from elsewhere."""
     src = copy_sources(tmp_path / "src")
@@ -325,6 +326,7 @@ def test_editable_install_works_from_another_directory(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.deployment  # installing the package: make test-deployment (make test keeps its 4-minute budget)
 def test_wheel_ships_presets_dashboard_and_plugin(tmp_path):
     """``pip wheel .`` then install: the presets and the dashboard's safe config travel inside the package."""
     src = copy_sources(tmp_path / "src")
