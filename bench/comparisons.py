@@ -12,9 +12,9 @@ the harness's own checks: methods, settings and disjoint seeds). Every compariso
 whatever ``--jobs`` is, so ``--jobs 2`` only changes the wall time.
 
 Budgets: 6 trials per method on tuning seeds 0-1, then evaluation seeds 10-14, targets 0.85 / 0.9 / 0.93. Measured
-wall times (in each JSON under ``run.wall_s``), on 2 cores shared with other work: stragglers 7 min (IID) and 17 min
-(Dirichlet) with ``--jobs 1``; OLCO3 IID 45 min in two parts and Dirichlet 44 min, each beside another comparison;
-OLCO3 IID at D = 4 35 min.
+wall times (in each JSON under ``run.wall_s``) in one ``make bench`` on 2 busy cores (BENCHMARKS.md): stragglers 4 min
+(IID) and 6 min (Dirichlet), OLCO3 IID 16 min and Dirichlet 31 min; OLCO3 IID at D = 4 35 min (beside another
+comparison).
 
 ``make bench`` has 2 hours on 2 cores for everything it runs, so the D = 4 comparison is an extra: RESULTS.md prints
 its command and ``python -m bench.comparisons olco3-iid-d4`` (or ``--all``) re-runs it.
