@@ -390,8 +390,13 @@ def run_config_args(overrides: Sequence[str], defaults: dict[str, object]) -> li
     return out
 
 
+#: What the ServerApp and the ClientApp import (pyproject.toml's [tool.flwr.app.components]); the installable
+#: package also ships the dashboard and the presets, which a SuperNode never needs.
+APP_PACKAGES = ("server_app", "client_app", "strategies")
+
+
 def stage_app(dest: Path, src: Path = ROOT) -> Path:
-    """A slim copy of the Flower app: ``pyproject.toml`` and the packages the wheel ships, nothing else.
+    """A slim copy of the Flower app: ``pyproject.toml`` and the packages its two apps import, nothing else.
 
     ``flwr run`` sends the app (FAB) to every SuperNode, once per app version. Built from the repository root it
     also carries benchmarks, results and docs (about 1.3 MB today); this copy is about 0.3 MB, which matters on a
@@ -400,8 +405,7 @@ def stage_app(dest: Path, src: Path = ROOT) -> Path:
     """
     import shutil
 
-    with open(src / "pyproject.toml", "rb") as f:
-        packages = tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    packages = APP_PACKAGES
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
