@@ -1,7 +1,7 @@
 """Multi-thread local training on one shared model: Leashed-SGD and its baselines (issue 6).
 
 Bäckström, Walulya, Papatriantafilou and Tsigas, "Consistent Lock-free Parallel Stochastic Gradient Descent for
-Fast and Stable Convergence", IPDPS 2021 (arXiv 2102.09032); ``../shared/notes/algorithms.md`` section 4.
+Fast and Stable Convergence", IPDPS 2021 (arXiv 2102.09032); ``docs/algorithms.md``
 
 One mechanism and four policies. The mechanism (``run_executor``) starts ``m`` worker threads that take the task's
 ``local-steps`` batches (``LocalSGD.batches``, the same list the sequential trainer walks) from a shared counter,
@@ -369,7 +369,7 @@ class Locked(Policy):
 
 
 class Leashed(Policy):
-    """Leashed-SGD (``../shared/notes/algorithms.md`` §4.2): immutable published vectors, CAS on "latest".
+    """Leashed-SGD (``docs/algorithms.md``): immutable published vectors, CAS on "latest".
 
     Parameters
     ----------

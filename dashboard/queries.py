@@ -150,7 +150,7 @@ def read_schema(db: sqlite3.Connection, path: Path | str = "") -> Schema:
     if missing:
         shown = ", ".join(dict.fromkeys(m if "." in m else f"table {m}" for m in missing))
         raise StoreError("foreign", f"{path} is an SQLite file but not a staleflower metrics store "
-                                    f"(missing {shown}; see DESIGN.md for the schema).")
+                                    f"(missing {shown}; see docs/design.md for the schema).")
     return Schema(columns)
 
 

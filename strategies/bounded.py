@@ -1,7 +1,7 @@
 """ABS and the bounded-staleness family: a parameter server that updates after K arrivals.
 
 One server half, with a policy per algorithm (Dutta, Wang, Joshi, "Slow and Stale Gradients Can Win the Race";
-ABS: Tan, Zhu, Zhang, arXiv 2301.08895; ``../shared/notes/algorithms.md`` section 2). Every node runs
+ABS: Tan, Zhu, Zhang, arXiv 2301.08895; ``docs/algorithms.md``). Every node runs
 ``local-steps`` SGD steps from the model it was given and uploads its delta; after K arrivals the server applies
 ``w <- w - server-lr * mean(delta)`` and publishes a new version.
 

@@ -1,4 +1,4 @@
-"""The run configuration: every key of DESIGN.md's run-config contract, typed and validated.
+"""The run configuration: every key of the run-config contract (docs/design.md), typed and validated.
 
 Flower hands both apps a flat ``dict[str, int | float | bool | str]`` (``context.run_config``). We turn it into a
 frozen dataclass once, at the door, so that a typo or an impossible value fails before any training starts, with
@@ -82,7 +82,7 @@ class RunConfig:
     lr: float = field(default=0.05, metadata=_range(0, MAX_RATE, lo_open=True))
     momentum: float = field(default=0.0, metadata=_range(0, 1))
     prox_mu: float = field(default=0.0, metadata=_range(0, MAX_RATE))
-    # Compression (issue 3).
+    # Compression.
     codec: str = field(default="none", metadata=_choices(*CODECS))
     codec_ratio: float = field(default=0.01, metadata=_range(0, 1, lo_open=True))
     codec_levels: int = field(default=16, metadata=_range(1, 65535))  # QSGD sends levels as uint16
@@ -123,7 +123,7 @@ class RunConfig:
     k_double_every: float = field(default=10.0, metadata=_range(0, MAX_SECONDS))
     staleness_bound: int = field(default=4, metadata=_range(0, MAX_COUNT))
     topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
-    # Multi-thread local training on the client (issue 6: Leashed-SGD and its baselines).
+    # Multi-thread local training on the client (Leashed-SGD and its baselines).
     local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))
     local_threads: int = field(default=1, metadata=_range(1, 256))
     persistence: int = field(default=200, metadata=_range(0, MAX_LOCAL_STEPS))

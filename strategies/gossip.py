@@ -6,7 +6,7 @@ its own model to compute on, and applies the gossip step between two nodes' mode
 What a task costs on the virtual clock and in the store is the node-to-node traffic the real algorithm would
 send (``Exchange``), not the emulation's messages, whose real sizes go to the ``transport_bytes_*`` columns.
 
-- ``ad-psgd`` (``../shared/notes/algorithms.md`` section 3.2): node i computes a gradient on its snapshot
+- ``ad-psgd`` (``docs/algorithms.md``): node i computes a gradient on its snapshot
   x̂_i; when it completes, if i is *active* it picks a random neighbour j (drawn at dispatch) on the bipartite
   ``topology`` and atomically sets x_i, x_j <- (x_i + x_j) / 2, then applies its now stale gradient:
   x_i <- x_i - delta_i. *Passive* nodes only apply their gradients; they are averaged when an active node

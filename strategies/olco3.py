@@ -2,7 +2,7 @@
 
 OLCO3 (Xu, Yan, Gao, Huang; OpenReview E_U8Zvx7zrf) overlaps local computation with compressed communication.
 The paper's algorithm box was not available; the rule here is **our reconstruction** from its abstract
-(``../shared/notes/algorithms.md`` section 1.4, tagged [design]), built to carry the abstract's two corrections.
+(``docs/algorithms.md``, tagged [design]), built to carry the abstract's two corrections.
 Per node i and period t, with p local steps, compressor C, error memory e and delay D:
 
     delta_i^t = x_i^{t,0} - x_i^{t,p}                        local progress of the period

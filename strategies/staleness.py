@@ -1,7 +1,7 @@
 """Staleness weighting functions s(tau): how much an update computed ``tau`` versions ago still counts.
 
 Forms as in FedAsync (Xie, Koyejo, Gupta 2019) and FedBuff (Nguyen et al. 2022), see
-``../shared/notes/algorithms.md`` section 6:
+``docs/algorithms.md``:
 
 - ``constant``:   s = 1
 - ``polynomial``: s = (tau + 1) ** -a

@@ -4,7 +4,7 @@ Nodes are numbered 0..n-1 (the engine's node order, i.e. partition ids). ``topol
 
 - ``ring``: i ~ i +- 1 (mod n). Bipartite only for even n.
 - ``bipartite-exponential``: i ~ i +- 1 and i +- (1 + 2^k) for k >= 1 while 1 + 2^k < n (mod n), the graph of
-  Assran et al.'s ``DynamicBipartiteExponentialGraph`` (``../shared/notes/algorithms.md`` section 3.4). Every
+  Assran et al.'s ``DynamicBipartiteExponentialGraph`` (``docs/algorithms.md``). Every
   offset is odd, so for even n even nodes only meet odd ones: the graph is bipartite by construction.
 - ``complete``: everybody with everybody (the AllReduce view; never bipartite for n > 2).
 
