@@ -9,7 +9,7 @@ ABS: Tan, Zhu, Zhang, arXiv 2301.08895; ``docs/algorithms.md``). Every node runs
 |---------------|-----------|---------------------------------------------------|--------------------------------------|
 | async-sgd     | 1         | any free node, on the newest model                | -                                    |
 | k-batch-async | k         | any free node (a fast node may give several of K) | -                                    |
-| k-async       | k         | a node whose upload is not in the pending K waits | -                                    |
+| k-async       | k         | a node whose upload is in the pending K waits     | -                                    |
 | k-sync        | k         | as k-async                                        | the rest are cancelled and restart   |
 | adasync       | K(t)      | as k-sync                                         | as k-sync                            |
 | ssp           | 1         | a node more than ``staleness-bound`` tasks ahead  | -                                    |
