@@ -10,6 +10,7 @@ import torch
 from client_app.data import load_dataset
 from client_app.models import build_model, flops_per_sample
 from client_app.trainer import LocalSGD
+from server_app.intake import delta_norm
 from server_app.state import ModelSpec
 from strategies.config import RunConfig
 
@@ -58,8 +59,6 @@ class Evaluator:
         shrink), so the filter can judge a run's very first updates (``server_app/intake.py``). The test split
         only measures a norm here; the model it trains is thrown away.
         """
-        from server_app.intake import delta_norm  # intake imports the engine's types; keep this module light
-
         steps = min(cfg.local_steps, REFERENCE_STEPS)
         model = copy.deepcopy(self.model)
         model.load_state_dict({n: torch.from_numpy(w.copy()) for n, w in zip(self.names, weights, strict=True)})

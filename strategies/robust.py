@@ -34,10 +34,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from strategies.client import Weights
-from strategies.config import AGGREGATION_RULES, ConfigError, RunConfig
+from strategies.config import ConfigError, RunConfig
 from strategies.sums import Accumulator, Update, weighted_sum
 
-RULES = AGGREGATION_RULES
 Parts = Sequence[tuple[float, Sequence[np.ndarray]]]
 
 
@@ -59,7 +58,7 @@ class Aggregation:
         if not parts:
             raise ValueError("nothing to aggregate")
         if self.rule == "mean":
-            return mean(parts)
+            return weighted_sum(parts)
         total = float(sum(c for c, _ in parts))
         xs = [x for _, x in parts]
         if self.rule == "median":
@@ -70,12 +69,7 @@ class Aggregation:
         if self.rule == "krum":
             return _scaled(xs[chosen[0]], total)
         keep = [xs[i] for i in chosen[:max(1, len(parts) - self.f)]]
-        return mean([(total / len(keep), x) for x in keep])
-
-
-def mean(parts: Parts) -> Weights:
-    """``sum_i c_i x_i`` in the arrays' own dtype (``strategies.sums``)."""
-    return weighted_sum(parts)
+        return weighted_sum([(total / len(keep), x) for x in keep])
 
 
 def coordinate_median(xs: Sequence[Sequence[np.ndarray]]) -> Weights:
