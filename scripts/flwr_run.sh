@@ -28,6 +28,9 @@
 #   NUM_SUPERNODES  simulated SuperNodes (default 10)
 #   CLIENT_CPUS     Ray CPUs per ClientApp actor (default 1: as many actors as cores)
 #   RUN_TIMEOUT     seconds to wait for the run to finish after the stream ends (default 120)
+#   RAY_ADDRESS     the Ray cluster for the ClientApp actors (head:port), reaching the simulation through the
+#                   SuperLink's environment; unset, Ray's own choice: the cluster `ray start` last started on this
+#                   machine, else a private local one; `local`: always a private local one (docs/scale-out.md)
 #   STALEFLOWER_METRICS_DB  the metrics store when the run config sets no `metrics-db` (default, as for every
 #                   runner: ~/.staleflower/metrics.db)
 set -euo pipefail
@@ -197,6 +200,9 @@ EOF
     exit 1
 fi
 say "SuperLink healthy after $(($(date +%s) - T0)) s"
+if [ -n "${RAY_ADDRESS:-}" ]; then
+    say "ClientApps on the Ray cluster RAY_ADDRESS=$RAY_ADDRESS (docs/scale-out.md)"
+fi
 
 say "flwr run $ROOT $CONN --stream --federation-config 'num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS' --run-config \"$RUN_CONFIG\" ${FLWR_ARGS[*]:-}"
 # In the background + `wait`, so that Ctrl-C / TERM run the trap at once (bash defers traps until a foreground
