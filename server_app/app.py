@@ -13,7 +13,7 @@ from client_app.models import ModelError
 from server_app import checkpoint, progress
 from server_app.checkpoint import CheckpointError
 from server_app.engine import Engine
-from server_app.evaluation import Evaluator, model_spec
+from server_app.evaluation import FederatedEvaluator, model_spec, server_evaluator
 from server_app.inflation import bounded
 from server_app.intake import UpdateGuard, read_describe
 from server_app.lifecycle import Heartbeat, RunStopped, on_runtime_exit, stop_on_signals
@@ -21,8 +21,9 @@ from server_app.profiles import ProfileError, check_profile_file, parse_mix
 from server_app.progress import format_summary
 from server_app.state import EngineState, ModelSpec, RunSummary
 from server_app.store import MetricsStore, stored_run
-from strategies import check_implemented, get_strategy
-from strategies.config import MAX_NODES, ConfigError, RunConfig
+from strategies import check_implemented, get_strategy, parse_config
+from strategies.config import MAX_NODES, ConfigError, RunConfig, near_misses
+from strategies.registry import registered
 
 log = logging.getLogger("staleflower")
 app = ServerApp()
@@ -31,7 +32,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run`` (simulation or deployment)."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = parse_config(context.run_config, lenient=True)  # Flower held every key to the app's pyproject.toml
+    if typos := near_misses({k: v for k, v in cfg.extra.items()
+                             if k not in get_strategy(cfg.strategy).hyperparameters}):
+        log.warning("run-config key(s) %s are not staleflower's: passed to the ClientApp as they are",
+                    ", ".join(typos))
     t0 = time.monotonic()
     with progress.run(cfg, cfg.resume or str(context.run_id)):  # progress lines, or the caller's bar
         summary = run_experiment(grid, cfg, run_id=str(context.run_id))
@@ -51,7 +56,7 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     spec = validate(cfg)
     # Deployment's grid inflates each reply from its objects: bounded first, every reply discovery included.
     grid = bounded(grid, UpdateGuard(cfg, spec.initial).max_bytes)
-    evaluator = Evaluator(cfg, spec.names)
+    evaluator = server_evaluator(cfg, spec.names)
     store = MetricsStore.open(cfg.metrics_path())
     with stop_on_signals():
         state = None
@@ -63,8 +68,10 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
             on_runtime_exit(store.path, run_id)
             with Heartbeat(store.path, run_id):
                 nodes, info = discover(grid, cfg)
+                nodes = fleet_for(cfg, nodes, info)
+                evaluate = evaluator or FederatedEvaluator(grid, cfg, spec.names, nodes)
                 try:  # the profile file's node indices are checked against the fleet only now
-                    engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluator, store, run_id, nodes,
+                    engine = Engine(grid, cfg, get_strategy(cfg.strategy), spec, evaluate, store, run_id, nodes,
                                     info, resume_from=state)
                 except ProfileError as exc:
                     raise ConfigError(str(exc)) from None
@@ -151,6 +158,44 @@ def discover(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[list[in
     info = _describe(grid, nodes, timeout=min(cfg.task_ttl, 60.0))
     order = sorted(nodes, key=lambda n: (info.get(n, {}).get("partition-id", float("inf")), n))
     return order, info
+
+
+#: Run-config keys of staleflower's own client training, which a stock ClientApp does not read (``lr`` it does:
+#: the train message's config carries it, as Flower's templates expect).
+OWN_TRAINING_KEYS = ("local-steps", "batch-size", "momentum", "prox-mu", "error-feedback")
+
+
+def fleet_for(cfg: RunConfig, nodes: list[int], info: dict[int, dict[str, object]]) -> list[int]:
+    """The nodes this run can use, given which run staleflower's ClientApp (they describe themselves).
+
+    A stock Flower ClientApp (``flwr new``'s template, Flower's quickstarts) answers no describe query. It
+    serves any strategy whose client half is the default (``Strategy.client_half_reason``). For one that needs
+    ours, a fleet with none of ours is refused before any training, with the reason; a mixed fleet runs on the
+    nodes that have ours (a node that will not describe itself costs its own place, never the run).
+    """
+    stock = [n for n in nodes if not info.get(n)]
+    if not stock:
+        return nodes
+    reason = get_strategy(cfg.strategy).client_half_reason(cfg)
+    if not reason:
+        defaults = RunConfig()
+        unread = [k for k in OWN_TRAINING_KEYS if cfg[k] != defaults[k]]
+        if unread:
+            log.warning("%d node(s) run their own ClientApp, which trains by its own settings: %s do not reach it",
+                        len(stock), ", ".join(unread))
+        return nodes
+    if len(stock) == len(nodes):
+        plain = cfg.replace(codec="none", codec_downlink="none", local_executor="sequential")
+        usable = [name for name, cls in registered().items() if not cls.client_half_reason(plain)]
+        raise ConfigError(f"{reason}: that needs staleflower's ClientApp (client_app.app:app) on the nodes, and none "
+                          f"of the {len(nodes)} nodes runs it (none describes itself, as a stock Flower ClientApp "
+                          f"does not). With your own ClientApp use codec = 'none' and one of: {', '.join(usable)}")
+    kept = [n for n in nodes if n not in set(stock)]
+    log.warning("%s: %d node(s) without staleflower's ClientApp are left out of the run", reason, len(stock))
+    if len(kept) < cfg.min_nodes:
+        raise ConfigError(f"{reason}: only {len(kept)} node(s) run staleflower's ClientApp; min-nodes = "
+                          f"{cfg.min_nodes}")
+    return kept
 
 
 def _describe(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[str, object]]:

@@ -87,7 +87,7 @@ from server_app.app import validate
 from server_app.compare_report import Outcome, markdown, plot, read_outcome, summarise
 from server_app.simulate import check_fleet, default_config, merge_config, random_run_id, run_local
 from server_app.store import MetricsStore
-from strategies import get_strategy
+from strategies import get_strategy, parse_config
 from strategies.config import MAX_INT, ConfigError, ConfigValue, RunConfig
 from strategies.tuning import Choice, IntRange, LogUniform, Param, Uniform, check_space, space_as_json
 
@@ -422,7 +422,7 @@ def build_spec(args: argparse.Namespace) -> Spec:
         evals = evals[:QUICK_EVAL_SEEDS]
     targets = _targets(args.targets)
     scenario = merge_config(args.run_config, args.set)
-    scenario_cfg = RunConfig.from_mapping(scenario)  # types and ranges of the scenario itself
+    scenario_cfg = parse_config(scenario)  # types and ranges of the scenario itself
     if args.nodes < scenario_cfg.min_nodes:
         raise ConfigError(f"--nodes {args.nodes} is fewer than min-nodes = {scenario_cfg.min_nodes}: every run would "
                           "wait for nodes that never come")
@@ -435,9 +435,9 @@ def build_spec(args: argparse.Namespace) -> Spec:
     methods = []
     for e in entries:
         cls = get_strategy(e.name)  # unknown name: ConfigError with the valid ones
-        check_space(cls.search_space, e.name)
+        check_space(cls.search_space, e.name, cls.hyperparameters)
         fixed = check_fixed(e)
-        cfg = RunConfig.from_mapping({**scenario, **fixed, "strategy": e.name, "seed": tune[0], "metrics-db": str(db)})
+        cfg = parse_config({**scenario, **fixed, "strategy": e.name, "seed": tune[0], "metrics-db": str(db)})
         try:
             validate(cfg)  # stop condition, profiles, data, model: as simulate checks them
         except ConfigError as exc:
@@ -561,7 +561,7 @@ def check_fixed(entry: MethodArg) -> dict[str, ConfigValue]:
                               f"{', '.join(sorted(HARNESS_KEYS))}; the scenario's clock and time budget are every "
                               "method's)")
         try:
-            RunConfig.from_mapping({key: value})
+            RunConfig.from_mapping({key: value}, get_strategy(entry.name).hyperparameters)
         except ConfigError as exc:
             raise ConfigError(f"--methods {entry.label}: {exc}") from exc
     return fixed

@@ -54,31 +54,63 @@ MAX_WORKERS = 256
 MAX_RUN_CONFIG_BYTES = 1 << 20
 
 
-def default_config() -> dict[str, ConfigValue]:
-    """``[tool.flwr.app.config]`` of pyproject.toml: the defaults ``flwr run`` uses too.
+def default_config(app: str | Path | None = None) -> dict[str, ConfigValue]:
+    """``[tool.flwr.app.config]`` of pyproject.toml: the defaults ``flwr run`` uses too; then the app's.
 
     Installed from a wheel there is no pyproject.toml beside the packages; ``RunConfig``'s own defaults are the
-    same values (``tests/test_config.py`` keeps the two in step).
+    same values (``tests/test_config.py`` keeps the two in step). ``app`` is a user's Flower app directory (what
+    ``flwr run DIR`` takes): its ``[tool.flwr.app.config]`` sets defaults of ours and declares its own keys.
     """
-    if not PYPROJECT.is_file():
+    if PYPROJECT.is_file():
+        with PYPROJECT.open("rb") as fh:
+            values: dict[str, ConfigValue] = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    else:
         from strategies.config import RunConfig
 
-        return RunConfig().to_mapping()
-    with PYPROJECT.open("rb") as fh:
-        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+        values = RunConfig().to_mapping()
+    return {**values, **app_config(app)}
+
+
+def app_config(app: str | Path | None) -> dict[str, ConfigValue]:
+    """The ``[tool.flwr.app.config]`` table of ``app``'s pyproject.toml ({} for no app); a bad one is a ConfigError."""
+    if app is None:
+        return {}
+    from strategies.config import ConfigError
+
+    project = Path(app) / "pyproject.toml"
+    table = read_toml(str(project)) if Path(app).is_dir() else None
+    if table is None:
+        raise ConfigError(f"--app {app}: not a directory")
+    config = table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{project}: [tool.flwr.app.config] must be a table")
+    return dict(_flatten(config))
+
+
+def app_component(app: str | Path, name: str) -> str | None:
+    """``[tool.flwr.app.components]``'s ``clientapp`` or ``serverapp`` of ``app``'s pyproject.toml."""
+    table = read_toml(str(Path(app) / "pyproject.toml"))
+    value = table.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get(name)
+    return value if isinstance(value, str) else None
 
 
 def merge_config(file: str | Sequence[str] | None = None, sets: list[str] | None = None,
-                 overrides: Mapping[str, ConfigValue] | None = None) -> dict[str, ConfigValue]:
-    """Defaults, then run configs (``read_run_config``), then ``key=value`` pairs, then a mapping.
+                 overrides: Mapping[str, ConfigValue] | None = None,
+                 app: str | Path | None = None) -> dict[str, ConfigValue]:
+    """Defaults (ours, then the app's), then run configs, then ``key=value`` pairs, then a mapping.
 
-    An unknown key is a ``ConfigError`` with a did-you-mean hint (``RunConfig.from_mapping``).
+    Checked whole, with the strategy's hyperparameters and the app's keys declared, and returned complete (every
+    declared key with its value or default). An unknown key is a ``ConfigError`` with a did-you-mean hint
+    (``RunConfig.from_mapping``).
     """
-    values = default_config()
+    from strategies import parse_config
+    from strategies.config import app_keys
+
+    values = default_config(app)
     for layer in [*run_config_layers(file), dict(_parse_set(s) for s in sets or []), dict(overrides or {})]:
-        _check_keys(layer, values)
         values.update(layer)
-    return values
+    cfg = parse_config(values, app_keys(app_config(app)))
+    return {**values, **cfg.extra}
 
 
 def run_config_layers(file: str | Sequence[str] | None) -> list[dict[str, ConfigValue]]:
@@ -135,13 +167,6 @@ def flwr_run_config(values: Mapping[str, ConfigValue]) -> str:
     return " ".join(parts)
 
 
-def _check_keys(layer: Mapping[str, ConfigValue], known: Mapping[str, ConfigValue]) -> None:
-    if set(layer) - set(known):
-        from strategies.config import RunConfig
-
-        RunConfig.from_mapping(layer)  # raises with the did-you-mean message
-
-
 def read_toml(file: str) -> dict[str, Any]:
     """A run-config file's table; a missing, unreadable, oversized or malformed file is a ``ConfigError``.
 
@@ -188,19 +213,21 @@ def random_run_id() -> int:
 
 def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: ClientAppLike | None = None,
               workers: int = 2, reorder_seed: int | None = None, run_id: int | None = None,
-              reporter: Reporter | None = None) -> RunSummary:
+              reporter: Reporter | None = None, app: str | Path | None = None) -> RunSummary:
     """Run one experiment in-process on a ``LocalGrid`` and return its summary.
 
     ``reporter`` shows its progress (``server_app/progress.py``); by default the run says nothing until its
-    summary.
+    summary. ``app``: the user's Flower app directory whose ``[tool.flwr.app.config]`` declares the keys its
+    ClientApp reads (``merge_config``).
     """
     from server_app import progress
     from server_app.app import app as server_app
     from server_app.local_grid import LocalGrid
     from server_app.state import RunSummary
-    from strategies.config import RunConfig
+    from strategies import parse_config
+    from strategies.config import app_keys
 
-    cfg = RunConfig.from_mapping(values)
+    cfg = parse_config(values, app_keys(app_config(app)))
     if clientapp is None:
         from client_app.app import app as default_app
 
@@ -225,10 +252,10 @@ def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[
     """
     from server_app.app import RESUMABLE_CHANGES
     from server_app.store import stored_run
-    from strategies import get_strategy
-    from strategies.config import ConfigError, RunConfig
+    from strategies import get_strategy, parse_config
+    from strategies.config import ConfigError
 
-    path = RunConfig.from_mapping(values).metrics_path()
+    path = parse_config(values, lenient=True).metrics_path()
     if not path.is_file():
         raise ConfigError(f"--resume {run_id}: no metrics store at {path} (set metrics-db)")
     try:
@@ -242,7 +269,7 @@ def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[
     defaults = default_config()
     stops = {k: v for k, v in values.items() if k in RESUMABLE_CHANGES and v != defaults.get(k)}
     resumed = {**stored, **stops, "metrics-db": str(path), "resume": run_id}
-    cfg = RunConfig.from_mapping(resumed)
+    cfg = parse_config(resumed, lenient=True)
     if why := get_strategy(cfg.strategy).node_state_reason(cfg):
         raise ConfigError(f"--resume {run_id}: {why}, and the in-process runner's nodes died with it; such a run "
                           "resumes exactly only in deployment, where SuperNodes keep their state")
@@ -276,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     exit with the shell's code for the signal (130, 143, 129) after one line on stderr: a stop asked for is no
     crash, so no traceback.
     """
-    args = _parser().parse_args(argv)  # before any import of torch or Flower: --help answers at once
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--app")
+    pre, _ = pre_parser.parse_known_args(argv, _AppOnly())  # --app first, for --help's list of its keys
+    args = _parser(pre.app).parse_args(argv)  # before any import of torch or Flower: --help answers at once
     from server_app.lifecycle import RunStopped, stop_on_signals
 
     try:
@@ -290,9 +320,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _configure(args: argparse.Namespace) -> tuple[dict[str, ConfigValue], RunConfig]:
     """The run's values and config from the command line, every check that needs no model or data done."""
-    from strategies.config import MAX_NODES, ConfigError, RunConfig
+    from strategies import parse_config
+    from strategies.config import MAX_NODES, ConfigError, app_keys
 
-    values = merge_config(args.run_config, args.set)
+    if args.app is not None:
+        if not Path(args.app).is_dir():
+            raise ConfigError(f"--app {args.app}: not a directory")
+        import_from(args.app)
+        args.clientapp = args.clientapp or app_component(args.app, "clientapp")
+    values = merge_config(args.run_config, args.set, app=args.app)
     if args.resume:
         values, args.nodes = resume_config(values, args.resume)
     if args.check:  # a fleet of Flower's runtime (make run), not of this process
@@ -300,7 +336,7 @@ def _configure(args: argparse.Namespace) -> tuple[dict[str, ConfigValue], RunCon
             raise ConfigError(f"--nodes must be in [1, {MAX_NODES}], got {args.nodes}")
     else:
         check_fleet(args.nodes, args.workers)
-    cfg = RunConfig.from_mapping(values)
+    cfg = parse_config(values, app_keys(app_config(args.app)))
     if args.nodes < cfg.min_nodes:
         raise ConfigError(f"--nodes {args.nodes} is fewer than min-nodes = {cfg.min_nodes}: the run would wait "
                           "for nodes that never come")
@@ -354,7 +390,8 @@ def _main(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # clients run on parallel threads; one intra-op thread each avoids oversubscription
     try:
-        summary = run_local(values, nodes=args.nodes, clientapp=clientapp, workers=args.workers, reporter=reporter)
+        summary = run_local(values, nodes=args.nodes, clientapp=clientapp, workers=args.workers, reporter=reporter,
+                            app=args.app)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -404,14 +441,39 @@ def _not_evaluations(record: logging.LogRecord) -> bool:
     return not (record.name == "staleflower" and record.funcName == "_evaluate")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server_app.simulate", description=__doc__.split("\n\n")[0])
+class _AppOnly(argparse.Namespace):
+    app: str | None = None
+
+
+def _declared_help(app: str | None) -> str | None:
+    """``--help``'s list of the keys ``--app DIR`` declares (read as TOML only: --help stays instant)."""
+    if not app:
+        return None
+    try:
+        ours = set(default_config())
+        mine = {k: v for k, v in app_config(app).items() if k not in ours}
+    except Exception as exc:  # noqa: BLE001 - --help never fails: the run itself reports the bad app
+        return f"--app {app}: {exc}"
+    if not mine:
+        return f"--app {app} declares no run-config keys beyond staleflower's"
+    lines = [f"  {k} ({type(v).__name__}, default {v!r})" for k, v in sorted(mine.items())]
+    return f"run-config keys that --app {app} declares (set them like any key):\n" + "\n".join(lines)
+
+
+def _parser(app: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server_app.simulate", description=__doc__.split("\n\n")[0],
+                                epilog=_declared_help(app), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-config", action="append", default=[], metavar="FILE|PAIRS",
                    help="TOML file of run-config keys (e.g. configs/fedbuff-digits.toml), or \"key=value ...\" "
                         "pairs as flwr run takes them; repeatable, later ones win")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
     p.add_argument("--nodes", type=int, default=8, help="number of simulated nodes (default 8)")
-    p.add_argument("--clientapp", metavar="MODULE:ATTR", help="your own ClientApp instead of client_app.app:app")
+    p.add_argument("--app", metavar="DIR",
+                   help="your Flower app's directory (what flwr run DIR takes): its pyproject.toml's "
+                        "[tool.flwr.app.config] declares your ClientApp's keys and sets defaults, its clientapp "
+                        "component is the ClientApp, and DIR is importable")
+    p.add_argument("--clientapp", metavar="MODULE:ATTR",
+                   help="your own ClientApp instead of client_app.app:app (default with --app: its clientapp)")
     p.add_argument("--resume", metavar="RUN_ID", help="resume a checkpointed run (RELIABILITY.md)")
     p.add_argument("--workers", type=int, default=2, help="threads running clients in parallel (default 2)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
@@ -419,6 +481,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--print-run-config", action="store_true",
                    help="with --check: print the merged config as one flwr run --run-config string")
     return p
+
+
+def import_from(app: str | Path) -> None:
+    """Make the app's modules importable, as Flower does for the app it runs."""
+    where = str(Path(app).resolve())
+    if where not in sys.path:
+        sys.path.insert(0, where)
 
 
 def _parse_set(item: str) -> tuple[str, ConfigValue]:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 try:
     import pytest
@@ -91,29 +91,48 @@ class SimulationTimeout(TimeoutError):
 
 def simulate(strategy: str | type[Strategy] = "fedbuff", *, nodes: int = 4, db: str | Path | None = None,
              clientapp: ClientAppLike | None = None, reorder_seed: int | None = None, workers: int = 2,
-             run_id: int | None = None, timeout_s: float | None = None, **settings: Any) -> SimRun:
+             run_id: int | None = None, timeout_s: float | None = None, app: str | Path | None = None,
+             **settings: Any) -> SimRun:
     """Run ``strategy`` in-process and return the run.
 
     ``strategy`` is a registered name, ``module:Class``, or a ``Strategy`` subclass: one defined anywhere, a
     test function's body included (a class that cannot be imported by name is not checkpointed: set no
     ``checkpoint_every`` for it). ``timeout_s`` stops the run after that many seconds of wall-clock time with a
-    ``SimulationTimeout`` naming the strategy; the run is recorded ``failed``.
+    ``SimulationTimeout`` naming the strategy; the run is recorded ``failed``. ``app``: your Flower app's directory
+    (``--app``): its ``[tool.flwr.app.config]`` declares your ClientApp's keys (pass them as settings), and its
+    ``clientapp`` component is the ClientApp unless ``clientapp`` is given.
     """
     if db is None:
         db = Path(tempfile.mkdtemp(prefix="staleflower-")) / "metrics.db"
     with _strategy_value(strategy, settings) as value:
-        values = {key_of(k): v for k, v in {**FAST_DEFAULTS, **settings}.items()}
+        from server_app.simulate import app_config
+
+        own = app_config(app)  # an app's own settings (its model, say) win over the fixture's fast defaults
+        fast = {k: v for k, v in FAST_DEFAULTS.items() if key_of(k) not in own}
+        values = {key_of(k): v for k, v in {**fast, **settings}.items()}
         values.update({"strategy": value, "metrics-db": str(db)})
         label = strategy_label(strategy) if isinstance(strategy, type) else strategy
         why = (f"simulate({label!r}) ran past timeout_s = {timeout_s:g} s: a strategy stuck in its code, or one "
                f"that never reaches the stop condition (max-updates counts applied updates)") if timeout_s else ""
         try:
             with _deadline(timeout_s, why):
-                summary = run_local(merge_config(overrides=values), nodes=nodes, clientapp=clientapp,
-                                    workers=workers, reorder_seed=reorder_seed, run_id=run_id)
+                summary = run_local(merge_config(overrides=values, app=app), nodes=nodes,
+                                    clientapp=clientapp or _app_clientapp(app), workers=workers,
+                                    reorder_seed=reorder_seed, run_id=run_id, app=app)
         except _TimeUp:
             raise SimulationTimeout(why) from None
     return SimRun(summary, Path(db))
+
+
+def _app_clientapp(app: str | Path | None) -> ClientAppLike | None:
+    """The ``clientapp`` component of ``app``'s pyproject.toml, imported with ``app`` on the path (as Flower does)."""
+    if app is None:
+        return None
+    from server_app.simulate import app_component, import_from, load_object
+
+    import_from(app)
+    path = app_component(app, "clientapp")
+    return cast("ClientAppLike", load_object(path)) if path else None
 
 
 @pytest.fixture(name="simulate")

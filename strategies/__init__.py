@@ -6,19 +6,43 @@ A new algorithm is one module here defining a ``Strategy`` subclass with a ``nam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from strategies.base import Status, Strategy, Task, Update, Verdict
 from strategies.codecs import CodecError, CodecSpec
-from strategies.config import ConfigError, RunConfig
+from strategies.config import ConfigError, ConfigValue, Key, RunConfig
 from strategies.registry import lookup, names, register
 from strategies.robust import check_rule
 
-__all__ = ["RunConfig", "Status", "Strategy", "Task", "Update", "Verdict", "get_strategy", "check_implemented",
-           "register", "names"]
+__all__ = ["Key", "RunConfig", "Status", "Strategy", "Task", "Update", "Verdict", "get_strategy",
+           "check_implemented", "parse_config", "register", "names"]
 
 
 def get_strategy(name: str) -> type[Strategy]:
     """The strategy class for a run-config ``strategy`` value (a registered name or ``module:Class``)."""
     return lookup(name)
+
+
+def parse_config(values: Mapping[str, ConfigValue], app: Mapping[str, Key] | None = None, *,
+                 lenient: bool = False) -> RunConfig:
+    """The run config of ``values``, with the run's strategy's hyperparameters and the app's keys declared.
+
+    ``app``: the keys a user's ClientApp reads (``strategies.config.app_keys`` of its ``[tool.flwr.app.config]``).
+    ``lenient``: keep undeclared keys as given (``RunConfig.from_mapping``), for configs Flower has checked.
+    An unknown strategy is not an error here: ``check_implemented`` reports it with the valid names.
+    """
+    declared = dict(app or {})
+    try:
+        cls = lookup(str(values.get("strategy", RunConfig.strategy)))
+    except ConfigError:
+        cls = None
+    if cls is not None:
+        for key, spec in cls.hyperparameters.items():
+            if not isinstance(spec, Key):
+                raise ConfigError(f"strategy {cls.__qualname__}: hyperparameters[{key!r}] must be a "
+                                  f"strategies.Key, got {type(spec).__name__}")
+            declared[key] = spec
+    return RunConfig.from_mapping(values, declared, lenient=lenient)
 
 
 def check_implemented(cfg: RunConfig) -> None:

@@ -26,7 +26,7 @@ from flwr.app import Array
 
 from strategies.client import ClientJob, Weights
 from strategies.codecs import all_finite
-from strategies.config import RunConfig
+from strategies.config import Key, RunConfig
 from strategies.robust import Aggregation, Collector, Parts
 from strategies.taskkeys import TaskConfig
 from strategies.tuning import DEFAULT_SPACE, Param
@@ -206,6 +206,9 @@ class Strategy(ABC):
     elastic: ClassVar[bool] = False  # works on a fleet that changes during a run (server_app/membership.py)
     # What the comparison harness may tune, and over which ranges (strategies/tuning.py): the learning rate here.
     search_space: ClassVar[Mapping[str, Param]] = DEFAULT_SPACE
+    # Run-config keys of its own, declared beside its code (strategies/config.py ``Key``): the run config accepts
+    # and checks them when this strategy runs, and the strategy reads ``self.cfg["key"]``; tunable like any key.
+    hyperparameters: ClassVar[Mapping[str, Key]] = {}
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         self.cfg = cfg
@@ -280,6 +283,26 @@ class Strategy(ABC):
     def state_summary(self) -> dict[str, float]:
         """Numbers worth logging at evaluation time (buffer fill, K, bound...)."""
         return {}
+
+    @classmethod
+    def client_half_reason(cls, cfg: RunConfig) -> str:
+        """Why this run needs staleflower's ClientApp on its nodes ("" when any Flower ClientApp will do).
+
+        A stock Flower ClientApp (``flwr new``'s, Flower's quickstarts) trains the model it is sent and replies
+        with the trained weights; the server derives the delta. That serves every strategy whose client half is
+        ``Strategy.client`` with no codec. A strategy with a client half of its own, or a codec, needs ours: the
+        ServerApp refuses such a run up front on a fleet of stock ClientApps (``server_app.app``).
+        """
+        own = next((c for c in cls.__mro__ if "client" in vars(c)), Strategy)
+        if own is not Strategy:
+            return f"strategy {cls.name or cls.__qualname__!r} runs its own client half ({own.__qualname__}.client)"
+        if cfg.codec != "none":
+            return f"codec = {cfg.codec!r} is applied by staleflower's ClientApp before it uploads"
+        if cfg.codec_downlink != "none":
+            return f"codec-downlink = {cfg.codec_downlink!r} sends models only staleflower's ClientApp decodes"
+        if cfg.local_executor != "sequential":
+            return f"local-executor = {cfg.local_executor!r} is staleflower's ClientApp's multi-thread trainer"
+        return ""
 
     @classmethod
     def node_state_reason(cls, cfg: RunConfig) -> str:

@@ -139,10 +139,19 @@ class RunConfig:
     examples_cap: float = field(default=0.0, metadata=_range(0, MAX_FACTOR))  # x median claim per round; 0 = none
     checkpoint_every: int = field(default=500, metadata=_range(0, MAX_COUNT))  # on, within 2% (RELIABILITY.md)
     resume: str = ""
+    # Evaluation: on the server's test split (default), by the user's own ``evaluate_fn`` on the server, or by the
+    # ClientApps' ``@app.evaluate`` handlers (server_app/evaluation.py). The last two never run the model on our
+    # data, so a user's model need not take its shape.
+    evaluation: str = field(default="server", metadata=_choices("server", "federated"))
+    evaluate_fn: str = ""  # "package.module:function", Flower's evaluate_fn(server_round, arrays) -> MetricRecord
+    evaluate_nodes: int = field(default=0, metadata=_range(0, MAX_NODES))  # federated: nodes asked; 0 = all
+    # Keys beyond these: a strategy's own hyperparameters and the keys a user's ClientApp reads, each declared
+    # once (``Key``); ``cfg["key"]`` reads any key. Not a run-config key itself.
+    extra: Mapping[str, ConfigValue] = field(default_factory=dict, hash=False, metadata={"extra": True})
 
     def __post_init__(self) -> None:
         """Check types, choices and ranges, so bad values fail before training."""
-        for f in dataclasses.fields(self):
+        for f in _fields():
             value = getattr(self, f.name)
             key = key_of(f.name)
             value = _coerce(key, value, f.type)
@@ -153,23 +162,51 @@ class RunConfig:
                 _check_range(key, value, *f.metadata["range"])
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, ConfigValue]) -> RunConfig:
-        """Build from Flower's flat run config (kebab-case keys); unknown keys are an error."""
-        known = {key_of(f.name): f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
+    def from_mapping(cls, values: Mapping[str, ConfigValue], declared: Mapping[str, Key] | None = None, *,
+                     lenient: bool = False) -> RunConfig:
+        """Build from Flower's flat run config (kebab-case keys).
+
+        A key that is not staleflower's must be ``declared`` (a strategy's hyperparameter, a key of the user's
+        ClientApp): it is checked against its declaration, and a declared key left out gets its default. Any
+        other key is an error with a did-you-mean hint, unless ``lenient``: then it is kept as given, because
+        Flower has already held it to the app's ``[tool.flwr.app.config]`` (the ServerApp and ClientApp under
+        ``flwr run``), or because this process wrote it (``to_mapping``).
+        """
+        declared = declared or {}
+        known = {key_of(f.name): f.name for f in _fields()}
+        clash = sorted(set(declared) & set(known))
+        if clash:
+            raise ConfigError(f"declared key(s) {', '.join(clash)} are staleflower's own run-config keys: "
+                              "choose other names")
+        unknown = sorted(set(values) - set(known) - set(declared))
+        if unknown and not lenient:
             hints = []
             for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
+                close = difflib.get_close_matches(key, [*known, *declared], n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
+            valid = ", ".join(sorted(known))
+            mine = f"; declared: {', '.join(sorted(declared))}" if declared else ""
+            raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; valid keys: {valid}{mine} "
+                              "(your app's own keys: declare them in its pyproject.toml, [tool.flwr.app.config])")
+        extra: dict[str, ConfigValue] = {k: spec.check(k, values.get(k, spec.default)) for k, spec in declared.items()}
+        extra.update({k: _coerce(k, values[k], type(values[k]).__name__) for k in unknown})
         # Any: the values are Flower's untyped scalars until __post_init__ checks each against its field (_coerce).
-        fields: dict[str, Any] = {known[k]: v for k, v in values.items()}
-        return cls(**fields)
+        fields: dict[str, Any] = {known[k]: v for k, v in values.items() if k in known}
+        return cls(**fields, extra=dict(sorted(extra.items())))
 
     def to_mapping(self) -> dict[str, ConfigValue]:
-        """The flat kebab-case form Flower uses (and the store records)."""
-        return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The flat kebab-case form Flower uses (and the store records), declared keys last."""
+        return {**{key_of(f.name): getattr(self, f.name) for f in _fields()}, **self.extra}
+
+    def __getitem__(self, key: str) -> ConfigValue:
+        """Any key by its run-config name: ``cfg["local-steps"]``, or a declared one, ``cfg["local-epochs"]``."""
+        if key in self.extra:
+            return self.extra[key]
+        name = key.replace("-", "_")
+        if name in _FIELD_NAMES:
+            value: ConfigValue = getattr(self, name)
+            return value
+        raise KeyError(key)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""
@@ -178,6 +215,77 @@ class RunConfig:
     def metrics_path(self) -> Path:
         """Where the metrics store lives: ``metrics-db``, else $STALEFLOWER_METRICS_DB, else ~/.staleflower."""
         return default_metrics_path(self.metrics_db)
+
+
+@dataclass(frozen=True)
+class Key:
+    """A run-config key beyond staleflower's own, declared once: its default (which gives its type) and limits.
+
+    A strategy declares its hyperparameters beside its code (``Strategy.hyperparameters``)::
+
+        hyperparameters = {"trust": Key(0.5, lo=0.0, hi=1.0, help="weight of the newest update")}
+
+    and a user's ClientApp declares the keys it reads in its ``pyproject.toml`` (``[tool.flwr.app.config]``, as
+    Flower asks), which become ``Key(default)``. Either way the run config accepts the key, checks its type and
+    range, and fills in the default; the strategy reads ``self.cfg["trust"]``.
+    """
+
+    default: ConfigValue
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[ConfigValue, ...] = ()
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        """A declaration whose own default it would refuse is a programming error, caught at import."""
+        self.check("<default>", self.default)
+
+    def check(self, key: str, value: object) -> ConfigValue:
+        """``value`` coerced to the default's type, or a ``ConfigError`` naming ``key``."""
+        checked = _coerce(key, value, type(self.default).__name__)
+        if self.choices and checked not in self.choices:
+            raise ConfigError(f"{key} = {checked!r} is not one of: {', '.join(map(str, self.choices))}")
+        if not isinstance(checked, str | bool):
+            _check_range(key, checked, self.lo, self.hi, False)
+        return checked
+
+    def describe(self) -> str:
+        """One line for ``--help``: type, default, limits and help."""
+        limits = f" in [{self.lo}, {self.hi}]" if self.lo is not None or self.hi is not None else ""
+        if self.choices:
+            limits = f" one of {', '.join(map(str, self.choices))}"
+        text = f"{type(self.default).__name__}, default {self.default!r}{limits}"
+        return f"{text}: {self.help}" if self.help else text
+
+
+def app_keys(app_config: Mapping[str, object]) -> dict[str, Key]:
+    """The keys an app's ``[tool.flwr.app.config]`` declares beyond staleflower's own, each ``Key(default)``."""
+    known = {key_of(n) for n in _FIELD_NAMES}
+    out: dict[str, Key] = {}
+    for key, value in app_config.items():
+        if key in known:
+            continue
+        if not isinstance(value, int | float | bool | str):
+            raise ConfigError(f"[tool.flwr.app.config] {key}: a run-config value must be a number, bool or "
+                              f"string, got {type(value).__name__}")
+        out[key] = Key(value)
+    return out
+
+
+def near_misses(keys: Mapping[str, object]) -> list[str]:
+    """Declared keys that look like typos of staleflower's own (``max-update``): a warning's worth, not an error."""
+    known = [key_of(n) for n in _FIELD_NAMES]
+    out = []
+    for key in sorted(keys):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if close:
+            out.append(f"{key!r} (did you mean {close[0]!r}?)")
+    return out
+
+
+def _fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The fields that are run-config keys (all but ``extra``)."""
+    return _KEY_FIELDS
 
 
 def default_metrics_path(configured: str = "") -> Path:
@@ -192,11 +300,15 @@ def key_of(field_name: str) -> str:
 
 
 _KINDS: dict[str, type[ConfigValue]] = {"int": int, "float": float, "bool": bool, "str": str}
+_KEY_FIELDS = tuple(f for f in dataclasses.fields(RunConfig) if not f.metadata.get("extra"))
+_FIELD_NAMES = frozenset(f.name for f in _KEY_FIELDS)
 
 
 def _coerce(key: str, value: object, annotation: object) -> ConfigValue:
     """Accept a value of the field's type; ints are accepted for floats (TOML writes ``lr = 1``)."""
-    kind = _KINDS[str(annotation)]
+    kind = _KINDS.get(str(annotation))
+    if kind is None:  # a declared or passed-through key whose value is not one of Flower's scalars
+        raise ConfigError(f"{key} must be a number, bool or string, got {type(value).__name__}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > MAX_INT:  # float(10**400) raises OverflowError; any such value is out of every range
             raise ConfigError(f"{key} = {value} is out of range: beyond 64-bit integers")

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias, TypeGuard
 
-from strategies.config import ConfigError, ConfigValue, RunConfig
+from strategies.config import ConfigError, ConfigValue, Key, RunConfig
 
 # Keys a search may not change: what is compared (strategy), the equal budget (stop conditions, evaluation
 # period), the seeds the harness sets itself, and where the rows go.
@@ -133,10 +133,14 @@ LR = LogUniform(0.005, 0.5)
 DEFAULT_SPACE: Mapping[str, Param] = {"lr": LR}
 
 
-def check_space(space: Mapping[str, Param], owner: str = "") -> None:
-    """Hold a search space to the run config; ``ConfigError`` naming ``owner`` (a strategy) on the first problem."""
+def check_space(space: Mapping[str, Param], owner: str = "", declared: Mapping[str, Key] | None = None) -> None:
+    """Hold a search space to the run config; ``ConfigError`` naming ``owner`` (a strategy) on the first problem.
+
+    ``declared``: the owner's own hyperparameters (``Strategy.hyperparameters``), tunable like any key.
+    """
     where = f"{owner}: " if owner else ""
-    known = set(RunConfig().to_mapping())
+    declared = declared or {}
+    known = set(RunConfig().to_mapping()) | set(declared)
     if not space:
         raise ConfigError(f"{where}the search space is empty (tune at least the learning rate)")
     for key, param in space.items():
@@ -144,7 +148,7 @@ def check_space(space: Mapping[str, Param], owner: str = "") -> None:
             raise ConfigError(f"{where}search space {key}: {param!r} is not a LogUniform, Uniform, IntRange or Choice")
         if key not in known:
             try:
-                RunConfig.from_mapping({key: 0})
+                RunConfig.from_mapping({key: 0}, declared)
             except ConfigError as exc:
                 raise ConfigError(f"{where}search space: {exc}") from exc
         if key in FIXED_KEYS:
@@ -153,7 +157,7 @@ def check_space(space: Mapping[str, Param], owner: str = "") -> None:
         try:
             param.check(key)
             for value in param.ends():
-                RunConfig.from_mapping({key: value})
+                RunConfig.from_mapping({key: value}, declared)
         except ConfigError as exc:
             raise ConfigError(f"{where}search space {key}: {exc}") from exc
 

@@ -39,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from client_app.app import describe as real_describe
 from client_app.app import train as real_train
 from strategies.codecs import CODECS, STYPES, CodecSpec, decode, encode, parse_npy_header
 
@@ -510,6 +511,7 @@ class HostileClient:
     def __post_init__(self) -> None:
         self.app = ClientApp()
         self.app.train()(self.train)
+        self.app.query("describe")(real_describe)  # staleflower's ClientApp, so every strategy serves it
 
     def plan(self, seq: int) -> tuple[str, str] | None:
         """``(kind, codec)`` for task ``seq``, or None if it is left alone."""
@@ -557,6 +559,7 @@ class ScalingClient:
     def __post_init__(self) -> None:
         self.app = ClientApp()
         self.app.train()(self.train)
+        self.app.query("describe")(real_describe)  # staleflower's ClientApp, so every strategy serves it
 
     def scaled(self, seq: int) -> bool:
         """Whether task ``seq``'s delta is scaled."""

@@ -1,0 +1,1 @@
+"""templateapp: a Flower / PyTorch app in the shape of `flwr new`'s template."""
