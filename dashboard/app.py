@@ -21,6 +21,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # Streamlit puts the script's folder (dashboard/), not the repository, on the path
@@ -29,7 +30,7 @@ if str(ROOT) not in sys.path:  # Streamlit puts the script's folder (dashboard/)
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from dashboard import charts, queries, safe  # noqa: E402
+from dashboard import charts, queries, safe, stops  # noqa: E402
 from dashboard.queries import StoreError  # noqa: E402
 from dashboard.safe import md  # noqa: E402
 
@@ -51,16 +52,28 @@ def store_token(path: str) -> tuple[tuple[int, int] | None, ...]:
 
 
 @st.cache_data(ttl=600, max_entries=16, show_spinner=False)
-def cached_runs(path: str, token: tuple) -> pd.DataFrame:
-    """The run list, re-read only when the store changed."""
-    return queries.load_runs(path)
+def cached_head(path: str, token: tuple) -> tuple[int, str | None]:
+    """How many runs, and the newest one's id, re-read only when the store changed."""
+    return queries.load_head(path)
+
+
+@st.cache_data(ttl=600, max_entries=32, show_spinner=False)
+def cached_runs(path: str, limit: int | None, search: str, include: tuple[str, ...], token: tuple) -> pd.DataFrame:
+    """The picker's run list (``queries.list_runs``), re-read only when the store changed."""
+    return queries.load_runs(path, limit, search, include)
+
+
+@st.cache_data(ttl=600, max_entries=16, show_spinner=False)
+def cached_comparison_runs(path: str, comparison_id: str, tuning: bool, token: tuple) -> list[str]:
+    """One comparison's run ids, re-read only when the store changed."""
+    return queries.load_comparison_run_ids(path, comparison_id, tuning)
 
 
 @st.cache_data(ttl=600, max_entries=32, show_spinner=False)
 def cached_page(path: str, selected: tuple[str, ...], focus: str | None, target: float, limit: int,
-                token: tuple) -> queries.PageData:
+                node_order: str, token: tuple) -> queries.PageData:
     """Everything the page draws, re-read only when the store changed."""
-    return queries.load_page(path, list(selected), focus, target, limit)
+    return queries.load_page(path, list(selected), focus, target, limit, node_order)
 
 
 @st.cache_data(ttl=600, max_entries=16, show_spinner=False)
@@ -106,41 +119,81 @@ def sidebar() -> tuple[bool, int]:
     return live, int(limit)
 
 
-def pick_runs(runs: pd.DataFrame) -> list[str]:
-    """The run picker; keeps the selection valid when the store changes, and adds a new run when following."""
-    ids = list(runs["run_id"])
-    newest = ids[0]
-    chosen = [r for r in st.session_state.get("runs", []) if r in set(ids)]
-    previous_newest = st.session_state.get("newest")
-    if "runs" not in st.session_state:  # first load: ?run=ID&run=ID in the URL, else the newest run
-        chosen = [r for r in st.query_params.get_all("run") if r in set(ids)] or [newest]
-    elif not chosen:
-        chosen = [newest]
-    elif st.session_state.get("follow", True) and previous_newest and newest != previous_newest:
-        chosen = [newest] if chosen == [previous_newest] else [newest, *chosen]
+PICK_MODES = {"pick": "picked", "last": "the last N", "comparison": "a comparison's"}
+LAST_N_MAX = 50
+URL_HELP = ("A link opens chosen runs: add `?run=ID&run=ID2` to the page's address. The address follows the "
+            "selection, so it can be copied to share what is shown.")
+
+
+def pick_runs(path: str, total: int, newest: str, with_comparisons: bool) -> tuple[list[str], pd.DataFrame]:
+    """The run picker: the selected run ids in order, and the run list that holds them (labels, configs).
+
+    Runs are picked by hand, as the newest N, or as the runs of the comparison chosen above. Whatever the store
+    holds, the picker reads a few hundred runs at most (``queries.RUN_CHOICES``): a multiselect of 50,000 options
+    costs seconds to send and to draw at every refresh.
+    """
+    modes = [m for m in PICK_MODES if m != "comparison" or with_comparisons]
+    if st.session_state.get("pick_mode") not in modes:
+        st.session_state["pick_mode"] = "pick"
+    mode = st.radio("Runs", modes, horizontal=True, key="pick_mode", format_func=PICK_MODES.__getitem__,
+                    help=URL_HELP)
+    token = store_token(path)
+    if mode == "last":
+        n = int(st.number_input("Last N runs", 1, LAST_N_MAX, 5, key="last_n",
+                                help="the newest N runs of the store, newest first; a run that starts joins them"))
+        runs = cached_runs(path, n, "", (), token)
+        return list(runs["run_id"]), runs
+    if mode == "comparison":
+        tuning = st.toggle("With its tuning runs", value=False, key="with_tuning",
+                           help="every trial of the tuning, not only the evaluation runs of the chosen settings")
+        cid = st.session_state.get("comparison")
+        ids = cached_comparison_runs(path, str(cid), tuning, token) if cid else []
+        return ids, cached_runs(path, 0, "", tuple(ids), token)
+    return hand_picked(path, total, newest, token)
+
+
+def hand_picked(path: str, total: int, newest: str, token: tuple) -> tuple[list[str], pd.DataFrame]:
+    """Runs picked by hand among the newest few hundred (matching the filter), and the run list holding them.
+
+    Keeps the selection valid when the store changes, and adds a new run when following.
+    """
+    search = st.text_input("Filter the list", key="run_filter", placeholder="strategy, codec, run id, config value",
+                           help="lists the newest runs whose id, strategy or config contains this text").strip()
+    first = "runs" not in st.session_state
+    chosen = list(st.query_params.get_all("run")) if first else list(st.session_state.get("runs", []))
+    previous = st.session_state.get("newest")
+    if not first and st.session_state.get("follow", True) and previous and newest != previous:
+        chosen = [newest] if chosen == [previous] else [newest, *chosen]
+    runs = cached_runs(path, queries.RUN_CHOICES, search, tuple(dict.fromkeys([*chosen, newest])), token)
+    known = set(runs["run_id"])
+    chosen = list(dict.fromkeys(r for r in chosen if r in known)) or [newest]
     st.session_state["newest"] = newest
     st.session_state["runs"] = chosen
     shown = queries.with_activity(runs, time.time())["shown_status"]
     labels = dict(zip(runs["run_id"], runs["label"] + " (" + shown + ")", strict=True))
-    return st.multiselect("Runs (several are overlaid)", ids, format_func=labels.__getitem__, key="runs")
+    st.caption(f"The list holds the newest {min(queries.RUN_CHOICES, total):,} of the store's {total:,} runs"
+               + (" that match the filter" if search else "") + " and the selected ones; the filter finds others.")
+    return st.multiselect("Runs (several are overlaid)", list(runs["run_id"]), format_func=labels.__getitem__,
+                          key="runs", help=URL_HELP), runs
 
 
 def body(limit: int) -> None:
     """Everything below the sidebar; a fragment that reruns on the live timer."""
     try:
         path = str(safe.allowed_store(str(st.session_state["db"]), safe.store_root()))
-        runs = cached_runs(path, store_token(path))
+        total, newest = cached_head(path, store_token(path))
     except StoreError as exc:
         show_store_error(exc)
         return
-    if runs.empty:
+    if not total or newest is None:
         st.info(f"The metrics store {md(path)} has no run yet. Start one and it appears here.")
         return
-    comparison_view(path)
-    selected = pick_runs(runs)
+    with_comparisons = comparison_view(path)
+    selected, runs = pick_runs(path, total, newest, with_comparisons)
     if not selected:
         st.info("Pick one or more runs above.")
         return
+    st.query_params["run"] = selected
     labels = dict(zip(runs["run_id"], runs["label"], strict=True))
     c1, c2, c3 = st.columns([2, 2, 1])
     focus = c1.selectbox("Per-node views for", selected, format_func=labels.__getitem__, key="focus")
@@ -150,8 +203,9 @@ def body(limit: int) -> None:
     cfg_target = pd.to_numeric(runs.set_index("run_id").loc[selected, "target_accuracy"], errors="coerce").max()
     target = c3.number_input("Target accuracy", 0.0, 1.0, float(cfg_target) if cfg_target > 0 else 0.8, 0.05,
                              key="target", format="%.2f")
+    node_order = st.session_state.get("node_order", "slowest")
     try:
-        page = cached_page(path, tuple(selected), focus, float(target), limit, store_token(path))
+        page = cached_page(path, tuple(selected), focus, float(target), limit, node_order, store_token(path))
     except StoreError as exc:
         show_store_error(exc)
         return
@@ -212,11 +266,11 @@ def draw(page: queries.PageData, x_axis: str, target: float) -> None:
     configs(page, labels)
 
 
-def comparison_view(path: str) -> None:
-    """One comparison's evaluation runs overlaid, and its table per method (only in stores with comparisons)."""
+def comparison_view(path: str) -> bool:
+    """One comparison's evaluation runs overlaid, and its table per method; whether the store has comparisons."""
     comps = cached_comparisons(path, store_token(path))
     if comps.empty:
-        return
+        return False
     with st.expander("Comparison (`python -m server_app.compare`): its evaluation runs overlaid", expanded=True):
         labels = dict(zip(comps["comparison_id"], comps["label"], strict=True))
         a, b = st.columns([4, 1])
@@ -229,7 +283,7 @@ def comparison_view(path: str) -> None:
         if data.evals.empty:
             st.info("No evaluation run of this comparison has evaluated yet: the harness evaluates each method's "
                     "chosen setting after its tuning trials.")
-            return
+            return True
         methods = data.methods or list(dict.fromkeys(data.evals["method"]))
         st.altair_chart(charts.comparison(data.evals, methods, float(target)), width="stretch")
         cols = {"method": "method", "reached": "reached", "runs": "runs",
@@ -239,7 +293,8 @@ def comparison_view(path: str) -> None:
                      column_config={c: st.column_config.NumberColumn(format="%.3f") for c in list(cols.values())[3:]})
         st.caption("One line per evaluation run (one per evaluation seed) of each method's chosen setting; the mean "
                    "time to the target is over the runs that reached it. Tuning runs are in the store too, tagged "
-                   "`tune`.")
+                   "`tune`. Every view below shows this comparison's runs when \"Runs\" is set to \"a comparison's\".")
+    return True
 
 
 def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None:
@@ -250,7 +305,9 @@ def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None
     for row in overview.itertuples():
         box = st.container(border=True)
         name, t_col, b_col, c_col, a_col = box.columns([3, 2, 2, 2, 2], vertical_alignment="center")
+        config = page.configs.get(row.run_id, {}).get("config", {})
         name.markdown(f"**{md(row.label)}**  \n{md(row.shown_status)}")
+        name.caption(stops.describe(config))
         hit = reached.loc[row.run_id] if row.run_id in reached.index else None
         dt = db = None
         if hit is not None and base is not None and row.run_id != first:
@@ -266,6 +323,19 @@ def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None
                           "(the uplink compression when the downlink carries the dense model)")
         acc = getattr(row, "accuracy", None)
         a_col.metric("accuracy (latest)", "–" if acc is None or pd.isna(acc) else f"{acc:.3f}")
+        if row.status == "running":
+            progress_bar(box, config, row)
+
+
+def progress_bar(box: Any, config: dict[str, Any], row: Any) -> None:
+    """A running run's progress toward its nearest stop condition (nothing when none is set)."""
+    def value(name: str) -> float | None:
+        x = getattr(row, name, None)
+        return None if x is None or pd.isna(x) else float(x)
+
+    done = stops.progress(config, value("applied"), value("clock_s"), value("best_accuracy"))
+    if done is not None:
+        box.progress(done.fraction, text=f"toward its stop: {done.text}")
 
 
 def overview_table(overview: pd.DataFrame) -> None:
@@ -289,6 +359,12 @@ def per_node(page: queries.PageData, labels: dict[str, str]) -> None:
     if page.focus is None or page.nodes.empty:
         return
     st.subheader(f"Per node: {md(labels[page.focus])}")
+    if page.node_total > len(page.nodes):
+        order = st.radio("Nodes drawn", list(queries.NODE_ORDERS), horizontal=True, key="node_order",
+                         format_func={"slowest": "the slowest (longest mean task)",
+                                      "busiest": "the busiest (most tasks)"}.__getitem__)
+        st.caption(f"The {len(page.nodes):,} {order} of the run's {page.node_total:,} nodes (every view below): "
+                   "a chart of every node of a large fleet is neither readable nor quick to draw.")
     a, b = st.columns(2)
     direction = a.radio("Bandwidth per node", ["up_bps", "down_bps"], horizontal=True, key="node_direction",
                         format_func={"up_bps": "up", "down_bps": "down"}.__getitem__)

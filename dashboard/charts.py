@@ -30,10 +30,23 @@ def _rows_height(rows: int, per_row: int, legend: bool = False) -> int:
     return min(max(200, 60 + (50 if legend else 0) + per_row * rows), 1400)
 
 
+LEGEND_ROW = 18  # pixels per run in a legend
+
+
 def _runs(domain: Sequence[str]) -> alt.Color:
+    """Colour by run label: one entry per run in a one-column legend below the chart, labels never cut.
+
+    A horizontal legend below a half-width chart showed the first two or three runs and clipped the rest.
+    """
     colors = (RUN_COLORS * (len(domain) // len(RUN_COLORS) + 1))[:max(len(domain), 1)]
-    return alt.Color("run:N", scale=alt.Scale(domain=list(domain), range=colors), legend=alt.Legend(orient="bottom",
-                                                                                      labelLimit=400))
+    legend = alt.Legend(orient="bottom", direction="vertical", columns=1, labelLimit=0,
+                        symbolLimit=max(len(domain), 1), title="run")
+    return alt.Color("run:N", scale=alt.Scale(domain=list(domain), range=colors), legend=legend)
+
+
+def _height(domain: Sequence[str], base: int = 260) -> int:
+    """A chart's height with room for its run legend (Streamlit fits the legend inside the height)."""
+    return base + LEGEND_ROW * (len(domain) + 1)
 
 
 def _status(field: str = "status") -> alt.Color:
@@ -49,33 +62,46 @@ def metric(evals: pd.DataFrame, domain: Sequence[str], y: str, title: str, x: st
         x=alt.X(f"{col}:Q", title=x_title),
         y=alt.Y(f"{y}:Q", title=title, scale=alt.Scale(zero=False)),
         color=_runs(domain),
-        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f", title="clock (s)"), "updates_applied:Q",
-                 alt.Tooltip("mb_total:Q", format=".2f", title="MB"), alt.Tooltip(f"{y}:Q", format=".4f")],
-    ).properties(height=260)
+        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f", title="clock (s)"),
+                 alt.Tooltip("updates_applied:Q", title="applied updates"),
+                 alt.Tooltip("mb_total:Q", format=".2f", title="MB"), alt.Tooltip(f"{y}:Q", format=".4f", title=title)],
+    ).properties(height=_height(domain))
 
 
 def staleness_histogram(hist: pd.DataFrame, domain: Sequence[str]) -> alt.Chart:
-    """Applied updates per staleness, one bar per run side by side."""
-    return alt.Chart(hist).mark_bar().encode(
-        x=alt.X("staleness:O", title="staleness (versions published between dispatch and apply)"),
-        xOffset=alt.XOffset("run:N", scale=alt.Scale(domain=list(domain))),
+    """Applied updates per staleness on a numeric axis, the runs' bars side by side within each value.
+
+    Quantitative, not ordinal: a staleness no update had is an empty stretch of the axis, not a missing category
+    (an ordinal axis drew 0, 1, 2, 7 evenly spaced). Run i of k draws its bar over [s - 0.4 + 0.8 i/k, s - 0.4 +
+    0.8 (i+1)/k].
+    """
+    rank = {run: i for i, run in enumerate(domain)}
+    k = max(len(domain), 1)
+    slot = hist["run"].map(rank).fillna(0)
+    data = hist.assign(x0=hist["staleness"] - 0.4 + 0.8 * slot / k, x1=hist["staleness"] - 0.4 + 0.8 * (slot + 1) / k)
+    return alt.Chart(data).mark_bar().encode(
+        x=alt.X("x0:Q", title="staleness (versions published between dispatch and apply)",
+                axis=alt.Axis(tickMinStep=1, format="d")),
+        x2="x1:Q",
         y=alt.Y("tasks:Q", title="applied updates"),
         color=_runs(domain),
-        tooltip=["run:N", "staleness:O", "tasks:Q"],
-    ).properties(height=260)
+        tooltip=["run:N", alt.Tooltip("staleness:Q", title="staleness"),
+                 alt.Tooltip("tasks:Q", title="applied updates")],
+    ).properties(height=_height(domain))
 
 
 def staleness_over_time(df: pd.DataFrame, domain: Sequence[str]) -> alt.Chart:
     """Mean (solid) and max (dashed) staleness of the updates applied in each time bucket."""
-    return alt.Chart(df).transform_fold(["mean_staleness", "max_staleness"], as_=["measure", "staleness"]).mark_line(
+    data = df.assign(mean=df["mean_staleness"], max=df["max_staleness"])
+    return alt.Chart(data).transform_fold(["mean", "max"], as_=["measure", "staleness"]).mark_line(
         interpolate="step-after").encode(
         x=alt.X("t:Q", title="run clock (s)"),
         y=alt.Y("staleness:Q", title="staleness"),
         color=_runs(domain),
-        strokeDash=alt.StrokeDash("measure:N", sort=["mean_staleness", "max_staleness"],
-                                  legend=alt.Legend(orient="bottom", title=None)),
-        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f"), "measure:N", alt.Tooltip("staleness:Q", format=".2f")],
-    ).properties(height=260)
+        strokeDash=alt.StrokeDash("measure:N", sort=["mean", "max"], legend=alt.Legend(orient="bottom", title=None)),
+        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f", title="clock (s)"), alt.Tooltip("measure:N", title="of"),
+                 alt.Tooltip("staleness:Q", format=".2f", title="staleness")],
+    ).properties(height=_height(domain))
 
 
 def bandwidth(df: pd.DataFrame, domain: Sequence[str], cumulative: bool) -> alt.Chart:
@@ -88,8 +114,9 @@ def bandwidth(df: pd.DataFrame, domain: Sequence[str], cumulative: bool) -> alt.
         y=alt.Y("mb:Q", title="cumulative MB" if cumulative else "MB/s"),
         color=_runs(domain),
         strokeDash=alt.StrokeDash("direction:N", sort=["up", "down"], legend=alt.Legend(orient="bottom", title=None)),
-        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f"), "direction:N", alt.Tooltip("mb:Q", format=".3f")],
-    ).properties(height=260)
+        tooltip=["run:N", alt.Tooltip("t:Q", format=".3f", title="clock (s)"), "direction:N",
+                 alt.Tooltip("mb:Q", format=".3f", title="cumulative MB" if cumulative else "MB/s")],
+    ).properties(height=_height(domain))
 
 
 def node_bandwidth(df: pd.DataFrame, direction: str) -> alt.Chart:
@@ -125,8 +152,9 @@ def timeline(df: pd.DataFrame) -> alt.Chart:
         x2="completed_at:Q",
         y=alt.Y("node:N", sort=order, title=None),
         color=_status(),
-        tooltip=["node:N", "seq:Q", "status:N", "staleness:Q", alt.Tooltip("dispatched_at:Q", format=".3f"),
-                 alt.Tooltip("completed_at:Q", format=".3f"), "reason:N"],
+        tooltip=["node:N", alt.Tooltip("seq:Q", title="task"), "status:N", "staleness:Q",
+                 alt.Tooltip("dispatched_at:Q", format=".3f", title="dispatched (s)"),
+                 alt.Tooltip("completed_at:Q", format=".3f", title="completed (s)"), "reason:N"],
     ).properties(height=_rows_height(len(order), 26))
 
 
@@ -137,19 +165,20 @@ def updates_per_node(nodes: pd.DataFrame) -> alt.Chart:
         y=alt.Y("node:N", sort=order, title=None),
         x=alt.X("tasks_n:Q", title="tasks"),
         color=_status(),
-        tooltip=["node:N", "status:N", "tasks_n:Q", alt.Tooltip("mean_task_s:Q", format=".3f"),
-                 alt.Tooltip("mean_staleness:Q", format=".2f")],
+        tooltip=["node:N", "status:N", alt.Tooltip("tasks_n:Q", title="tasks"),
+                 alt.Tooltip("mean_task_s:Q", format=".3f", title="mean task (s)"),
+                 alt.Tooltip("mean_staleness:Q", format=".2f", title="mean staleness")],
     ).properties(height=_rows_height(len(order), 26))
 
 
 def task_time_per_node(nodes: pd.DataFrame) -> alt.Chart:
     """Mean compute and communication seconds per task, per node of one run (stacked: the task's length)."""
     order = list(nodes.sort_values("node_order")["node"])
-    return alt.Chart(nodes).transform_fold(["mean_compute_s", "mean_comm_s"], as_=["part", "s"]).mark_bar().encode(
+    data = nodes.assign(compute=nodes["mean_compute_s"], communication=nodes["mean_comm_s"])
+    return alt.Chart(data).transform_fold(["compute", "communication"], as_=["part", "s"]).mark_bar().encode(
         y=alt.Y("node:N", sort=order, title=None),
         x=alt.X("s:Q", title="mean seconds per task", stack="zero"),
-        color=alt.Color("part:N", sort=["mean_compute_s", "mean_comm_s"],
-                        legend=alt.Legend(orient="right", title=None)),
+        color=alt.Color("part:N", sort=["compute", "communication"], legend=alt.Legend(orient="right", title=None)),
         tooltip=["node:N", "part:N", alt.Tooltip("s:Q", format=".3f")],
     ).properties(height=_rows_height(len(order), 26))
 
@@ -164,7 +193,7 @@ def comparison(evals: pd.DataFrame, methods: Sequence[str], target: float) -> al
         x=alt.X("t:Q", title="run clock (s)"),
         y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(zero=False)),
         color=alt.Color("method:N", scale=alt.Scale(domain=list(methods), range=colors),
-                        legend=alt.Legend(orient="bottom", labelLimit=400)),
+                        legend=alt.Legend(orient="bottom", labelLimit=0, symbolLimit=max(len(methods), 1))),
         detail="run_id:N",
         tooltip=["method:N", "seed:Q", alt.Tooltip("t:Q", format=".3f", title="clock (s)"), "updates_applied:Q",
                  alt.Tooltip("accuracy:Q", format=".4f")],

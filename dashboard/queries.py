@@ -7,12 +7,15 @@ mode. This module only reads it:
   with a short busy timeout;
 - inside one short read transaction per page load (``snapshot``): every view of a refresh sees the same
   committed state, and under WAL a reader never blocks the writer (nor the writer the reader);
-- with every aggregation in SQL: one grouped pass over the selected runs' tasks (``stage``) into a small
-  temporary table (per node, status, staleness and time bucket) from which every per-task view is a ``GROUP BY``
-  of a few thousand rows; window functions for cumulative sums and evaluation thinning; index range scans for
-  the run list, evaluations, the first evaluation reaching a target and the timeline's latest tasks. Python
-  never loops over rows (only over the few selected runs), and what a page returns is bounded by nodes x
-  buckets, not by the length of the run (BENCHMARKS.md: 1k, 10k, 100k updates).
+- with every aggregation in SQL: per selected run, grouped passes over its tasks (``stage``) into small
+  temporary tables (per time bucket, staleness and status; per node) from which every per-task view is a
+  ``GROUP BY`` of a few thousand rows; the per-node views read only the tasks of the nodes they draw
+  (``pick_nodes``: at most ``MAX_NODES``); window functions for cumulative sums and evaluation thinning; a top-N
+  query for the run list (``list_runs``: the newest few hundred, never the whole ``runs`` table joined with its
+  tasks); index range scans for evaluations, the first evaluation reaching a target and the timeline's latest
+  tasks. Python never loops over rows (only over the few selected runs), and what a page returns is bounded by
+  nodes drawn x buckets, not by the length of the run, the number of runs or the size of the fleet
+  (BENCHMARKS.md, "Dashboard load time").
 
 Columns beyond the contract are used only when present: ``runs.error``, ``evals.metrics_json``,
 ``evals.consensus_distance`` (gossip strategies) and the ``nodes`` table (device and network of each node); the
@@ -176,9 +179,19 @@ def _ids(run_ids: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ the queries
-def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
-    """Every run, newest first, with its task and evaluation counts and a human label (index-only counts).
+RUN_CHOICES = 200         # runs the picker offers at once: the newest (matching its filter), plus the selected
+MAX_NODES = 40            # nodes drawn in the per-node views (the slowest or the busiest when a run has more)
 
+
+def list_runs(db: sqlite3.Connection, schema: Schema, limit: int | None = RUN_CHOICES, search: str = "",
+              include: Sequence[str] = ()) -> pd.DataFrame:
+    """The picker's runs, newest first: counts, the config's stop conditions, a human label.
+
+    The newest ``limit`` runs (all when ``None``) whose id, strategy or config contains ``search``, plus the runs
+    of ``include`` wherever they are.
+
+    Bounded by ``limit``, not by the store: a store of 50,000 runs costs one top-N pass over ``runs`` (no join
+    with ``updates``), then index lookups for each listed run's counts (BENCHMARKS.md, "Dashboard load time").
     ``last_write_at`` (Unix time) is the latest sign of life of the run's process the store holds: its start, its
     heartbeat, its checkpoint, and on the wall clock its newest row (a virtual-clock row's time says nothing of
     the wall clock). ``with_activity`` turns it into "live" or "no writes for ..." at the moment the page draws.
@@ -188,22 +201,42 @@ def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
     has_ckpt = schema.has("checkpoints", "taken_at")
     ckpt = "(SELECT MAX(c.taken_at) FROM checkpoints c WHERE c.run_id = r.run_id)" if has_ckpt else "NULL"
     cfg = "CASE WHEN json_valid(r.config_json) THEN json_extract(r.config_json, '$.{}') END"
+    ids, params = _ids(include)
+    where = ("r.run_id || ' ' || COALESCE(r.strategy, '') || ' ' || COALESCE(r.config_json, '') LIKE :q "
+             "ESCAPE '\\'" if search else "1")
+    picked = f"""SELECT run_id FROM (SELECT run_id FROM runs r WHERE {where}
+                                     ORDER BY r.started_at DESC, r.run_id LIMIT :limit)
+                 UNION SELECT run_id FROM runs WHERE run_id IN ({ids})"""
     df = _frame(db, f"""
         SELECT r.run_id, r.started_at, r.finished_at, r.status, r.strategy, {error} AS error,
                {cfg.format('codec')} AS codec, {cfg.format('clock')} AS clock,
-               {cfg.format('"target-accuracy"')} AS target_accuracy,
-               COALESCE(u.n, 0) AS tasks, u.last_t AS clock_s, COALESCE(e.n, 0) AS evals,
-               MAX(COALESCE(r.started_at, 0), COALESCE({heartbeat}, 0), COALESCE({ckpt}, 0),
-                   CASE WHEN {cfg.format('clock')} = 'wall'
-                        THEN r.started_at + MAX(COALESCE(u.last_t, 0), COALESCE(e.last_t, 0)) ELSE 0 END)
-                   AS last_write_at
-        FROM runs r
-        LEFT JOIN (SELECT run_id, COUNT(*) AS n, MAX(completed_at) AS last_t FROM updates GROUP BY run_id) u
-               USING (run_id)
-        LEFT JOIN (SELECT run_id, COUNT(*) AS n, MAX(t) AS last_t FROM evals GROUP BY run_id) e USING (run_id)
+               {cfg.format('"target-accuracy"')} AS target_accuracy, {cfg.format('"max-updates"')} AS max_updates,
+               {cfg.format('"max-time"')} AS max_time,
+               (SELECT COUNT(*) FROM updates u WHERE u.run_id = r.run_id) AS tasks,
+               (SELECT MAX(completed_at) FROM updates u WHERE u.run_id = r.run_id) AS clock_s,
+               (SELECT COUNT(*) FROM evals e WHERE e.run_id = r.run_id) AS evals,
+               (SELECT MAX(t) FROM evals e WHERE e.run_id = r.run_id) AS eval_t,
+               {heartbeat} AS heartbeat_at, {ckpt} AS checkpoint_at
+        FROM runs r WHERE r.run_id IN ({picked})
         ORDER BY r.started_at DESC, r.run_id
-    """)
+    """, {**params, "limit": -1 if limit is None else limit, "q": f"%{_like(search)}%"})
+    return _labelled(df)
+
+
+def _like(text: str) -> str:
+    r"""``text`` for a ``LIKE ... ESCAPE '\'`` pattern: its own ``%`` and ``_`` match themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """The run list with ``last_write_at`` and ``label`` (vectorized: a few hundred rows at most)."""
     df["run_id"] = df["run_id"].astype(str)
+    wall = df["clock"].eq("wall")
+    newest_row = df[["clock_s", "eval_t"]].max(axis=1).fillna(0)
+    df["last_write_at"] = pd.concat([df["started_at"], df["heartbeat_at"], df["checkpoint_at"],
+                                     (df["started_at"] + newest_row).where(wall)], axis=1).max(axis=1).fillna(0)
+    df["tasks"] = df["tasks"].fillna(0).astype(int)
+    df["evals"] = df["evals"].fillna(0).astype(int)
     local = datetime.now().astimezone().tzinfo
     started = (pd.to_datetime(df["started_at"], unit="s", utc=True, errors="coerce").dt.tz_convert(local)
                .dt.strftime("%m-%d %H:%M:%S"))
@@ -211,7 +244,28 @@ def list_runs(db: sqlite3.Connection, schema: Schema) -> pd.DataFrame:
     suffix = pd.Series(" + " + codec, index=df.index).where(~codec.isin(["", "none"]), "")
     df["label"] = (df["strategy"].fillna("?").astype(str) + suffix + " · " + df["run_id"].str[-6:] + " · "
                    + started.fillna("?"))
-    return df
+    return df.drop(columns=["heartbeat_at", "checkpoint_at", "eval_t"])
+
+
+def count_runs(db: sqlite3.Connection) -> tuple[int, str | None]:
+    """How many runs the store holds, and the newest one's id (``None`` when none)."""
+    total = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    newest = db.execute("SELECT run_id FROM runs ORDER BY started_at DESC, run_id LIMIT 1").fetchone()
+    return int(total), (str(newest[0]) if newest else None)
+
+
+def comparison_run_ids(db: sqlite3.Connection, schema: Schema, comparison_id: str,
+                       tuning: bool = False) -> list[str]:
+    """The runs of one comparison, by method and seed: its evaluation runs, and its tuning runs if ``tuning``."""
+    if not has_comparisons(schema):
+        return []
+    roles = "('eval', 'tune')" if tuning else "('eval')"
+    rows = db.execute(f"""
+        SELECT c.run_id FROM comparison_runs c JOIN runs r USING (run_id)
+        WHERE c.comparison_id = :cid AND c.role IN {roles}
+        ORDER BY c.role, c.method, c.seed, c.trial, r.started_at
+    """, {"cid": comparison_id}).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def with_activity(runs: pd.DataFrame, now: float, stale_after_s: float = STALE_AFTER_S) -> pd.DataFrame:
@@ -269,9 +323,10 @@ def evals(db: sqlite3.Connection, schema: Schema, run_ids: Sequence[str],
 
 
 def last_evals(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
-    """Per run, its latest evaluation: clock time, applied updates, loss and accuracy."""
+    """Per run, its latest evaluation (clock time, applied updates, loss and accuracy) and its best accuracy."""
     return _per_run(db, """
-        SELECT run_id, t AS eval_t, updates_applied AS eval_updates, loss, accuracy
+        SELECT run_id, t AS eval_t, updates_applied AS eval_updates, loss, accuracy,
+               (SELECT MAX(accuracy) FROM evals WHERE run_id = :run) AS best_accuracy
         FROM evals WHERE run_id = :run ORDER BY t DESC, rowid DESC LIMIT 1
     """, run_ids)
 
@@ -303,30 +358,48 @@ def clock_span(db: sqlite3.Connection, run_ids: Sequence[str]) -> float | None:
     return db.execute(f"SELECT MAX(completed_at) FROM updates WHERE run_id IN ({ids})", params).fetchone()[0]
 
 
-def stage(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> int:
-    """One pass over the runs' tasks into ``temp.dash_tasks``, which every per-task view then reads.
+def _source(db: sqlite3.Connection, run_ids: Sequence[str]) -> str:
+    """How to scan the runs' tasks: the table directly, or through its ``(run_id, ...)`` indexes.
 
-    One row per (run, node, status, staleness, completion bucket, dispatch bucket) with its task count, bytes
-    each way, task, compute and communication seconds: a few thousand rows whatever the number of tasks (nodes x
-    buckets x the statuses and staleness values met), so that the views after it cost next to nothing. The scan
-    reads the table directly when the selected runs hold a third of its rows or more (cheaper than a lookup per
-    row through the primary key), through the index otherwise. Returns the number of staged rows.
+    Directly when the runs hold a third of its rows or more (cheaper than a lookup per row through the primary
+    key), through the index otherwise.
     """
     ids, params = _ids(run_ids)
     selected = db.execute(f"SELECT COUNT(*) FROM updates WHERE run_id IN ({ids})", params).fetchone()[0]
     total = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM updates").fetchone()[0]
-    source = "updates NOT INDEXED" if selected * 3 >= total else "updates"
+    return "updates NOT INDEXED" if selected * 3 >= total else "updates"
+
+
+def stage(db: sqlite3.Connection, run_ids: Sequence[str], width: float) -> int:
+    """Two grouped passes over each run's tasks into temporary tables, which every per-run view then reads.
+
+    ``temp.dash_tasks``: one row per (run, completion bucket, dispatch bucket, staleness, status) with its task
+    count and bytes each way: a few thousand rows whatever the number of tasks or nodes, so that the views after it
+    cost next to nothing. ``temp.dash_node_totals``: one row per (run, node) with its tasks and their total time,
+    what ``pick_nodes`` chooses from and the runs' node counts. Nodes stay out of the first table and everything but
+    the two numbers out of the second, and each run is grouped on its own, on integer keys first: SQLite groups by
+    sorting, and with 100,000 nodes a row per (node, bucket, ...) was a row per task, re-read by every view.
+    Returns the number of rows of ``dash_tasks``.
+    """
     db.execute("DROP TABLE IF EXISTS temp.dash_tasks")
-    db.execute(f"""
-        CREATE TEMP TABLE dash_tasks AS
-        SELECT run_id, node_id, status, staleness,
-               CAST(completed_at / :w AS INTEGER) AS bc, CAST(dispatched_at / :w AS INTEGER) AS bd,
-               COUNT(*) AS n, SUM(bytes_up) AS up, SUM(bytes_down) AS down,
-               SUM(CASE WHEN bytes_up > 0 THEN bytes_down END) AS down_when_up,
-               SUM(completed_at - dispatched_at) AS task_s, SUM(compute_s) AS compute_s, SUM(comm_s) AS comm_s
-        FROM {source} WHERE run_id IN ({ids})
-        GROUP BY run_id, node_id, status, staleness, bc, bd
-    """, {**params, "w": width})
+    db.execute("CREATE TEMP TABLE dash_tasks(run_id, bc, bd, staleness, status, n, up, down, down_when_up)")
+    db.execute("DROP TABLE IF EXISTS temp.dash_node_totals")
+    db.execute("CREATE TEMP TABLE dash_node_totals(run_id, node_id, tasks, task_s)")
+    for run in run_ids:
+        source = _source(db, [run])
+        db.execute(f"""
+            INSERT INTO temp.dash_tasks
+            SELECT :run, CAST(completed_at / :w AS INTEGER) AS bc, CAST(dispatched_at / :w AS INTEGER) AS bd,
+                   staleness, status, COUNT(*), SUM(bytes_up), SUM(bytes_down),
+                   SUM(CASE WHEN bytes_up > 0 THEN bytes_down END)
+            FROM {source} WHERE run_id = :run
+            GROUP BY bc, bd, staleness, status
+        """, {"run": run, "w": width})
+        db.execute(f"""
+            INSERT INTO temp.dash_node_totals
+            SELECT :run, node_id, COUNT(*), SUM(completed_at - dispatched_at) FROM {source} WHERE run_id = :run
+            GROUP BY node_id
+        """, {"run": run})
     return db.execute("SELECT COUNT(*) FROM temp.dash_tasks").fetchone()[0]
 
 
@@ -338,14 +411,15 @@ def summary(db: sqlite3.Connection) -> pd.DataFrame:
     """
     counts = ", ".join(f"SUM(CASE WHEN status = '{s}' THEN n ELSE 0 END) AS {s}" for s in STATUSES)
     return _frame(db, f"""
-        SELECT run_id, SUM(n) AS tasks, {counts}, COUNT(DISTINCT node_id) AS nodes,
+        SELECT run_id, SUM(n) AS tasks, {counts},
+               (SELECT COUNT(*) FROM temp.dash_node_totals d WHERE d.run_id = g.run_id) AS nodes,
                COALESCE(SUM(up), 0) AS bytes_up, COALESCE(SUM(down), 0) AS bytes_down,
                SUM(down_when_up) * 1.0 / NULLIF(SUM(up), 0) AS compression,
                SUM(CASE WHEN status = 'applied' THEN staleness * n END) * 1.0
                    / NULLIF(SUM(CASE WHEN status = 'applied' AND staleness IS NOT NULL THEN n END), 0)
                    AS mean_staleness,
                MAX(CASE WHEN status = 'applied' THEN staleness END) AS max_staleness
-        FROM temp.dash_tasks GROUP BY run_id
+        FROM temp.dash_tasks g GROUP BY run_id
     """)
 
 
@@ -395,14 +469,50 @@ def _nodes_join(schema: Schema, alias: str = "u") -> tuple[str, str, str]:
     if not schema.has("nodes") or not {"run_id", "node_id", "idx", "device", "network"} <= schema.columns["nodes"]:
         return "", f"'node ' || {alias}.node_id", f"{alias}.node_id"
     join = ("LEFT JOIN (SELECT node_id, MIN(idx) AS idx, MIN(device) AS device, MIN(network) AS network "
-            f"FROM nodes WHERE run_id = :run GROUP BY node_id) n ON n.node_id = {alias}.node_id")
+            "FROM nodes WHERE run_id = :run AND node_id IN (SELECT node_id FROM temp.dash_nodes) GROUP BY node_id) n "
+            f"ON n.node_id = {alias}.node_id")
     label = (f"CASE WHEN n.idx IS NULL THEN 'node ' || {alias}.node_id "
              "ELSE printf('n%02d %s/%s', n.idx, COALESCE(n.device, '?'), COALESCE(n.network, '?')) END")
     return join, label, "COALESCE(n.idx, 1e18)"
 
 
+NODE_ORDERS = {"slowest": "mean_task_s DESC", "busiest": "tasks DESC"}  # which nodes a large run shows
+
+
+def pick_nodes(db: sqlite3.Connection, run_id: str, width: float, limit: int = MAX_NODES,
+               order: str = "slowest") -> int:
+    """The nodes of one staged run the per-node views draw, and their tasks; the run's number of nodes.
+
+    Every node when the run has at most ``limit``; else the ``limit`` slowest (longest mean task) or busiest (most
+    tasks): a chart of 100,000 node rows is neither readable nor fast to build (Altair, Streamlit and the browser
+    each handle every row). Their ids go to ``temp.dash_nodes``, and their tasks, grouped per (node, status,
+    staleness, completion bucket, dispatch bucket), to ``temp.dash_picked``, which the per-node views read.
+    """
+    db.execute("DROP TABLE IF EXISTS temp.dash_nodes")
+    db.execute(f"""
+        CREATE TEMP TABLE dash_nodes AS
+        SELECT node_id, COUNT(*) OVER () AS total
+        FROM (SELECT node_id, tasks, task_s / tasks AS mean_task_s FROM temp.dash_node_totals WHERE run_id = :run)
+        ORDER BY {NODE_ORDERS[order]}, node_id LIMIT :limit
+    """, {"run": run_id, "limit": limit})
+    total = int(db.execute("SELECT MAX(total) FROM temp.dash_nodes").fetchone()[0] or 0)
+    picked = "" if total <= limit else "AND node_id IN (SELECT node_id FROM temp.dash_nodes)"
+    db.execute("DROP TABLE IF EXISTS temp.dash_picked")
+    db.execute(f"""
+        CREATE TEMP TABLE dash_picked AS
+        SELECT node_id, status, staleness,
+               CAST(completed_at / :w AS INTEGER) AS bc, CAST(dispatched_at / :w AS INTEGER) AS bd,
+               COUNT(*) AS n, SUM(bytes_up) AS up, SUM(bytes_down) AS down,
+               SUM(CASE WHEN bytes_up > 0 THEN bytes_down END) AS down_when_up,
+               SUM(completed_at - dispatched_at) AS task_s, SUM(compute_s) AS compute_s, SUM(comm_s) AS comm_s
+        FROM {_source(db, [run_id])} WHERE run_id = :run {picked}
+        GROUP BY node_id, bc, bd, staleness, status
+    """, {"run": run_id, "w": width})
+    return total
+
+
 def node_stats(db: sqlite3.Connection, schema: Schema, run_id: str) -> pd.DataFrame:
-    """Per node of one staged run: tasks by status, mean task, compute and communication time, staleness, bytes."""
+    """Per picked node (``pick_nodes``) of one run: tasks by status, mean times, staleness, bytes."""
     join, label, key = _nodes_join(schema, "g")
     counts = ", ".join(f"SUM(CASE WHEN g.status = '{s}' THEN g.n ELSE 0 END) AS {s}" for s in STATUSES)
     return _frame(db, f"""
@@ -414,22 +524,21 @@ def node_stats(db: sqlite3.Connection, schema: Schema, run_id: str) -> pd.DataFr
                    AS mean_staleness,
                SUM(g.up) AS bytes_up, SUM(g.down) AS bytes_down,
                SUM(g.down_when_up) * 1.0 / NULLIF(SUM(g.up), 0) AS compression
-        FROM temp.dash_tasks g {join} WHERE g.run_id = :run
+        FROM temp.dash_picked g {join}
         GROUP BY g.node_id ORDER BY node_order, g.node_id
     """, {"run": run_id})
 
 
 def node_bandwidth(db: sqlite3.Connection, schema: Schema, run_id: str, width: float) -> pd.DataFrame:
-    """Per node of one staged run and time bucket: bytes/s up and down (buckets without traffic are zero)."""
+    """Per picked node of one run and time bucket: bytes/s up and down (buckets without traffic are zero)."""
     join, label, _ = _nodes_join(schema, "g")
     return _frame(db, f"""
         WITH RECURSIVE
         span AS (SELECT MAX(MAX(bc), MAX(bd)) AS last FROM temp.dash_tasks WHERE run_id = :run),
         b(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM b WHERE i < (SELECT last FROM span)),
-        nd AS (SELECT g.node_id, {label} AS node
-               FROM (SELECT DISTINCT node_id FROM temp.dash_tasks WHERE run_id = :run) g {join}),
-        up AS (SELECT node_id, bc AS i, SUM(up) AS v FROM temp.dash_tasks WHERE run_id = :run GROUP BY 1, 2),
-        down AS (SELECT node_id, bd AS i, SUM(down) AS v FROM temp.dash_tasks WHERE run_id = :run GROUP BY 1, 2)
+        nd AS (SELECT g.node_id, {label} AS node FROM temp.dash_nodes g {join}),
+        up AS (SELECT node_id, bc AS i, SUM(up) AS v FROM temp.dash_picked GROUP BY 1, 2),
+        down AS (SELECT node_id, bd AS i, SUM(down) AS v FROM temp.dash_picked GROUP BY 1, 2)
         SELECT nd.node, b.i * :w AS t, COALESCE(up.v, 0) / :w AS up_bps, COALESCE(down.v, 0) / :w AS down_bps
         FROM nd JOIN b
         LEFT JOIN up ON up.node_id = nd.node_id AND up.i = b.i
@@ -438,13 +547,21 @@ def node_bandwidth(db: sqlite3.Connection, schema: Schema, run_id: str, width: f
     """, {"run": run_id, "w": width})
 
 
-def timeline(db: sqlite3.Connection, schema: Schema, run_id: str, limit: int = TIMELINE_LIMIT) -> pd.DataFrame:
-    """The ``limit`` most recently completed tasks of one run (through the ``(run_id, completed_at)`` index)."""
+def timeline(db: sqlite3.Connection, schema: Schema, run_id: str, limit: int = TIMELINE_LIMIT,
+             every_node: bool = True) -> pd.DataFrame:
+    """The ``limit`` most recently completed tasks of the picked nodes of one run.
+
+    When every node is picked (``every_node``), read through the ``(run_id, completed_at)`` index, newest first,
+    until ``limit`` are found; when only some are, their tasks are a small share of the run's, and one scan of the
+    run's rows finds them sooner than a walk of the whole index.
+    """
     join, label, key = _nodes_join(schema)
+    source = "updates" if every_node else _source(db, [run_id])
     return _frame(db, f"""
         SELECT {label} AS node, {key} AS node_order,
                u.seq, u.dispatched_at, u.completed_at, u.status, u.staleness, u.reason
-        FROM (SELECT * FROM updates WHERE run_id = :run ORDER BY completed_at DESC LIMIT :limit) u {join}
+        FROM (SELECT * FROM {source} WHERE run_id = :run AND node_id IN (SELECT node_id FROM temp.dash_nodes)
+              ORDER BY completed_at DESC LIMIT :limit) u {join}
         ORDER BY u.completed_at
     """, {"run": run_id, "limit": limit})
 
@@ -607,6 +724,7 @@ class PageData:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     timeline_limit: int = TIMELINE_LIMIT
     last: pd.DataFrame = field(default_factory=pd.DataFrame)
+    node_total: int = 0  # nodes of the focus run that did a task (``nodes`` holds at most MAX_NODES of them)
 
     def labels(self) -> dict[str, str]:
         """Run id to label, for the selected runs in selection order."""
@@ -627,23 +745,38 @@ class PageData:
         return out.reset_index()
 
 
-def load_runs(path: str | Path) -> pd.DataFrame:
-    """The run list alone (the picker), in its own short transaction."""
+def load_runs(path: str | Path, limit: int | None = RUN_CHOICES, search: str = "",
+              include: Sequence[str] = ()) -> pd.DataFrame:
+    """The run list alone (the picker: ``list_runs``), in its own short transaction."""
     with snapshot(path) as (db, schema):
-        return list_runs(db, schema)
+        return list_runs(db, schema, limit, search, include)
+
+
+def load_head(path: str | Path) -> tuple[int, str | None]:
+    """How many runs the store holds and the newest one's id (``count_runs``), in its own short transaction."""
+    with snapshot(path) as (db, _):
+        return count_runs(db)
+
+
+def load_comparison_run_ids(path: str | Path, comparison_id: str, tuning: bool = False) -> list[str]:
+    """``comparison_run_ids``, in its own short transaction."""
+    with snapshot(path) as (db, schema):
+        return comparison_run_ids(db, schema, comparison_id, tuning)
 
 
 def load_page(path: str | Path, selected: Sequence[str] | None = None, focus: str | None = None,
-              target: float = 0.0, timeline_limit: int = TIMELINE_LIMIT) -> PageData:
+              target: float = 0.0, timeline_limit: int = TIMELINE_LIMIT, node_order: str = "slowest",
+              max_nodes: int = MAX_NODES) -> PageData:
     """Read everything the page shows for the ``selected`` runs (default: the newest) in one read transaction.
 
-    ``focus`` is the run of the per-node views (default: the first selected); ``target`` the accuracy of the
+    ``focus`` is the run of the per-node views (default: the first selected), which draw at most ``max_nodes`` of
+    its nodes (``pick_nodes``: the slowest or the busiest by ``node_order``); ``target`` the accuracy of the
     time-to-target and bytes-to-target tiles (0: no tiles).
     """
     with snapshot(path) as (db, schema):
-        runs = list_runs(db, schema)
+        runs = list_runs(db, schema, limit=0, include=selected) if selected is not None else list_runs(db, schema, 1)
         known = set(runs["run_id"])
-        chosen = [r for r in (selected if selected is not None else runs["run_id"][:1]) if r in known]
+        chosen = list(dict.fromkeys(r for r in (selected if selected is not None else runs["run_id"]) if r in known))
         focus = focus if focus in chosen else (chosen[0] if chosen else None)
         page = PageData(runs=runs, selected=chosen, focus=focus, timeline_limit=timeline_limit)
         if not chosen:
@@ -660,7 +793,8 @@ def load_page(path: str | Path, selected: Sequence[str] | None = None, focus: st
         page.staleness_time = staleness_over_time(db, page.width)
         page.bandwidth = bandwidth(db, page.width)
         if focus is not None:
+            page.node_total = pick_nodes(db, focus, page.width, max_nodes, node_order)
             page.nodes = node_stats(db, schema, focus)
             page.node_bandwidth = node_bandwidth(db, schema, focus, page.width)
-            page.timeline = timeline(db, schema, focus, timeline_limit)
+            page.timeline = timeline(db, schema, focus, timeline_limit, every_node=page.node_total <= max_nodes)
         return page

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import html
+import json
 import re
 import shutil
 import sqlite3
@@ -20,7 +21,7 @@ import pytest
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
-from dashboard import queries, safe
+from dashboard import queries, safe, stops
 from server_app.store import MetricsStore, UpdateRow
 from server_app.testing import simulate
 
@@ -294,6 +295,133 @@ def test_app_on_a_store_with_only_the_contract_columns(tmp_path: Path) -> None:
     assert "failed" in _messages(at)  # the run failed: said in the page (no error column: no reason stored)
     assert _charts(at) == VIEW_CHARTS
     assert "unparsed" in str(at.dataframe[-1].value.index.tolist())
+
+
+# ------------------------------------------------------------------------------------------- comparing many runs
+def _clone_runs(db: Path, run_id: str, n: int) -> list[str]:
+    """``n`` copies of ``run_id`` (every row of every table), each started a second later: their ids, newest first."""
+    ids = [f"clone-{i}" for i in range(n)]
+    with sqlite3.connect(db) as con:
+        for i, new in enumerate(ids):
+            for table in ("runs", "updates", "evals", "nodes"):
+                cols = [r[1] for r in con.execute(f"PRAGMA table_info({table})") if r[1] != "run_id"]
+                started = [c if c != "started_at" else f"started_at + {i + 1}" for c in cols]
+                con.execute(f"INSERT INTO {table}(run_id, {','.join(cols)}) SELECT ?, {','.join(started)} "
+                            f"FROM {table} WHERE run_id = ?", (new, run_id))
+    return ids[::-1]
+
+
+def _specs(at: AppTest) -> list[dict]:
+    """Every chart's Vega-Lite spec, a layered chart's layers as charts of their own."""
+    specs = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+    return [layer for spec in specs for layer in [spec, *spec.get("layer", [])] if "encoding" in layer]
+
+
+def _run_domains(at: AppTest) -> list[list[str]]:
+    """The run colour domain of every chart coloured by run, after checking its legend shows every run in full."""
+    out = []
+    for spec in _specs(at):
+        color = spec["encoding"].get("color", {})
+        if color.get("field") == "run":
+            domain, legend = color["scale"]["domain"], color["legend"]
+            assert legend["labelLimit"] == 0 and legend["symbolLimit"] >= len(domain) and legend["columns"] == 1
+            out.append(domain)
+    return out
+
+
+def test_app_compares_several_runs_the_last_n_and_a_comparisons(store, tmp_path: Path) -> None:
+    """Several picked runs, the last N, a comparison's runs: each run in every legend, under its label; axes and
+    legends in words, staleness on a numeric axis."""
+    db = tmp_path / "m.db"
+    shutil.copy(store[0], db)
+    a, b = store[1]
+    clones = _clone_runs(db, b, 3)
+    with sqlite3.connect(db) as con:  # a comparison of two runs, as server_app.compare tags them
+        con.execute("INSERT INTO comparisons VALUES ('c1', 1.7e9, NULL, 'completed', '{\"methods\": [\"x\"]}', NULL)")
+        con.executemany("INSERT INTO comparison_runs VALUES (?, 'c1', 'x', 'eval', ?, 0)", [(a, 0), (clones[0], 1)])
+    labels = queries.load_runs(db).set_index("run_id")["label"]
+    picked = [a, *clones]
+    at = _app(db, runs=picked)
+    assert not at.exception and not at.error and at.multiselect(key="runs").value == picked
+    assert "?run=ID&run=ID2" in at.multiselect(key="runs").help  # the link form is said in the page
+    domains = _run_domains(at)
+    assert len(domains) == 6 and all(d == [labels[r] for r in picked] for d in domains)  # accuracy ... bandwidth
+    _words_and_numeric_staleness(at)
+    at.radio(key="pick_mode").set_value("last").run()
+    at.number_input(key="last_n").set_value(3).run()
+    assert not at.exception and not at.error
+    assert all(d == [labels[r] for r in clones] for d in _run_domains(at))  # the newest three
+    assert at.query_params["run"] == clones  # the address follows the selection
+    at.radio(key="pick_mode").set_value("comparison").run()
+    assert not at.exception and not at.error
+    assert all(d == [labels[a], labels[clones[0]]] for d in _run_domains(at))
+
+
+def _words_and_numeric_staleness(at: AppTest) -> None:
+    """No raw column name in an axis, legend or folded series; the staleness histogram's axis is quantitative."""
+    raw = re.compile(r"^[a-z]+(_[a-z]+)+$")  # bytes_up_cum, mean_staleness, ...
+    for spec in _specs(at):
+        for fold in (t["fold"] for t in spec.get("transform", []) if "fold" in t):
+            assert not [f for f in fold if raw.match(f)], fold
+        for channel in ("x", "y", "color", "strokeDash"):
+            enc = spec["encoding"].get(channel)
+            if enc and "field" in enc:
+                title = enc.get("title", enc.get("legend", {}).get("title", enc["field"]))
+                assert title is None or not raw.match(str(title)), (channel, enc)
+    hist = next(s for s in _specs(at) if s["encoding"]["y"].get("title") == "applied updates"
+                and "x2" in s["encoding"])
+    assert hist["encoding"]["x"]["type"] == "quantitative" and hist["encoding"]["x"]["title"].startswith("staleness")
+
+
+def test_a_running_run_shows_its_progress_toward_its_stop(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    w = MetricsStore(db)
+    w.start_run("live", "fedbuff", {"strategy": "fedbuff", "max-updates": 8, "target-accuracy": 0.9})
+    w.heartbeat()
+    for seq in range(2):
+        w.record_update(UpdateRow(seq, 3, 0.0, 0.4 + seq, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
+    w.db.execute("INSERT INTO evals(run_id, t, model_version, updates_applied, bytes_up_total, bytes_down_total, "
+                 "loss, accuracy) VALUES ('live', 1.4, 2, 2, 200, 600, 1.0, 0.45)")
+    at = _app(db)
+    assert not at.exception and not at.error
+    bar = at.get("progress")[0]
+    assert bar.value == 50  # best accuracy 0.45 of 0.90 is nearer than 2 of 8 updates
+    assert "0.450 of the target 0.90" in bar.proto.text
+    captions = " ".join(c.value for c in at.caption)
+    assert "stops at 8 applied updates or 0.90 accuracy, whichever comes first" in captions
+    w.finish_run("completed")
+    w.close()
+    at.run()
+    assert not at.get("progress") and "stops at 8 applied updates" in " ".join(c.value for c in at.caption)
+
+
+def test_stop_conditions_and_progress() -> None:
+    assert stops.describe({"max-updates": 200, "max-time": 0.0, "target-accuracy": 0.0}) == \
+        "stops at 200 applied updates"
+    assert stops.describe({"max-time": 60, "target-accuracy": "x"}) == "stops at 60 s on its clock"
+    assert stops.describe({}) == "no stop condition set" and stops.progress({}, 5, 5, 0.5) is None
+    cfg = {"max-updates": 200, "max-time": 60, "target-accuracy": 0.9}
+    assert stops.progress(cfg, 50, 45, 0.3).fraction == pytest.approx(0.75)  # the clock is nearest
+    assert stops.progress(cfg, 250, None, None).fraction == 1.0 and "250 of 200" in stops.progress(cfg, 250, 0, 0).text
+
+
+def test_queries_stay_bounded_whatever_the_store_holds(store, tmp_path: Path) -> None:
+    """The run list is LIMITed (plus the runs asked for), and the per-node views draw at most ``max_nodes`` nodes."""
+    db = tmp_path / "m.db"
+    shutil.copy(store[0], db)
+    a, b = store[1]
+    clones = _clone_runs(db, b, 3)
+    listed = queries.load_runs(db, limit=2, include=[a])
+    assert list(listed["run_id"]) == [*clones[:2], a]  # the newest two, and the one asked for
+    assert list(queries.load_runs(db, limit=10, search="topk")["run_id"]) == [*clones, b]  # a config value
+    assert queries.load_runs(db, limit=10, search="%").empty  # LIKE's wildcards match themselves
+    assert queries.load_head(db) == (5, clones[0])
+    page = queries.load_page(db, [b], max_nodes=2, node_order="busiest")
+    nodes = _rows(db, "SELECT node_id, COUNT(*) FROM updates WHERE run_id = ? GROUP BY node_id", b)
+    assert page.node_total == len(nodes) > 2 and len(page.nodes) == 2
+    assert sorted(page.nodes["tasks"]) == sorted(n for _, n in nodes)[-2:]  # the busiest two
+    assert set(page.node_bandwidth["node"]) == set(page.timeline["node"]) == set(page.nodes["node"])
+    assert page.summary.set_index("run_id").at[b, "nodes"] == len(nodes)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
