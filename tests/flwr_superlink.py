@@ -48,10 +48,10 @@ class SuperLink:
         return subprocess.run([str(FLWR), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
-    def run(self, run_config: str) -> str:
-        """``flwr run . --stream`` with this run config on 4 simulated nodes; returns the run id flwr reported."""
+    def run(self, run_config: str, app: str = ".") -> str:
+        """``flwr run APP --stream`` with this run config on 4 simulated nodes; returns the run id flwr reported."""
         # --stream blocks, mostly idle, until the run ends: cheaper on 2 cores than polling `flwr ls` meanwhile.
-        res = self.flwr("run", ".", CONN, "--stream", "--run-config", run_config,
+        res = self.flwr("run", app, CONN, "--stream", "--run-config", run_config,
                         "--federation-config", FEDERATION_CONFIG, timeout=RUN_TIMEOUT_S)
         found = re.findall(r"Successfully started run (\d+)", res.stdout)
         assert found, f"flwr run (rc {res.returncode}) started no run:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
@@ -129,6 +129,9 @@ def start_superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuperL
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        # staleflower importable by any app's ServerApp, as `pip install staleflower` makes it (an app other than
+        # this repository's, tests/template_app, names server_app.app:app without shipping it in its FAB).
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
         # Never the user's ~/.staleflower, even if a run config forgot metrics-db.
         STALEFLOWER_METRICS_DB=str(base / "default-metrics.db"),
     )

@@ -87,3 +87,20 @@ def test_flwr_run_gossip_matches_the_in_process_runner(superlink: SuperLink, tmp
     assert [e["updates_applied"] for e in local.evals()] == [c[0] for c in curve]
     assert [e["accuracy"] for e in local.evals()] == pytest.approx([c[1] for c in curve], abs=ACCURACY_ONE_DIGIT)
     assert [e["consensus_distance"] for e in local.evals()] == pytest.approx([c[2] for c in curve], rel=1e-5)
+
+
+def test_flwr_run_of_a_template_shaped_app_with_its_own_key(superlink: SuperLink, tmp_path: Path) -> None:
+    # tests/template_app as a user's own Flower project: its ClientApp reads run_config["local-epochs"], its
+    # pyproject.toml declares that key (Flower refuses undeclared ones) and names staleflower's ServerApp.
+    db = tmp_path / "m.db"
+    app = str(Path(__file__).parent / "template_app")
+    run_id = superlink.run(f"strategy='fedasync' local-epochs=2 max-updates=8 eval-every=4 metrics-db='{db}'", app)
+    run = superlink.wait(run_id)
+    assert run["status"] == "finished:completed", f"{run}\n{superlink.logs(run_id)}"
+    with sqlite3.connect(db) as con:
+        (config,) = con.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        applied = con.execute("SELECT COUNT(*) FROM updates WHERE run_id=? AND status='applied'",
+                              (run_id,)).fetchone()[0]
+        accs = [a for (a,) in con.execute("SELECT accuracy FROM evals WHERE run_id=? ORDER BY t, rowid", (run_id,))]
+    assert applied >= 8 and '"local-epochs": 2' in config
+    assert accs[-1] > accs[0], accs  # the app's own evaluate_fn, on its flattened digits
