@@ -3,9 +3,9 @@
 Slow (about 60 s on 2 cores). The test starts a Ray cluster of two nodes on this host, a head and a worker, each
 with ``--num-cpus 1``, its own ``--temp-dir`` (a short one under /tmp: Ray's Unix sockets live there) and its own
 ports, in sessions of their own (``ray start --block``), and stops them by pid at the end, never with ``ray stop``
-(which ends every Ray process on the host, other people's included). The test reaches the cluster on 127.0.0.1;
-Ray itself has no loopback-only mode (its servers listen on every interface, and a node registers under the host's
-address). Then what ``make run`` runs,
+(which ends every Ray process on the host, other people's included). Both nodes register under 127.0.0.1
+(``--node-ip-address``) and the test reaches them there, so their traffic stays on loopback; Ray has no
+loopback-only mode, and some of its servers still listen on every interface. Then what ``make run`` runs,
 ``scripts/flwr_run.sh`` (its own SuperLink in a private FLWR_HOME, the run's status from ``flwr ls``), with
 ``RAY_ADDRESS`` pointing at the head and ``num-supernodes=100``: FedBuff with logreg on digits, every node busy,
 150 applied updates. With one CPU per ClientApp actor, Flower's Ray backend makes one actor per CPU of the cluster,
@@ -122,7 +122,7 @@ def _ray_start(name: str, temp: Path, ports: list[int], env: dict[str, str], hea
            "--min-worker-port", "0", "--max-worker-port", "0",
            "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
            "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-           "--include-log-monitor", "false"]
+           "--include-log-monitor", "false", "--node-ip-address", "127.0.0.1"]
     if head:
         cmd += ["--head", "--port", str(head_port), "--include-dashboard", "false",
                 "--ray-client-server-port", str(client)]
