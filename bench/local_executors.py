@@ -2,7 +2,7 @@
 
     python bench/local_executors.py --json OUT [--quick] [--repeats 3] [--markdown OUT.md]
 
-For each model (the MLP and the CNN of ``../shared/notes/algorithms.md`` §4.3: 784 -> 128 x 3 -> 10, and
+For each model (the MLP and the CNN of the Leashed-SGD paper, §4.3: 784 -> 128 x 3 -> 10, and
 conv3x3 1->4, pool, conv3x3 4->8, pool, FC 200->128->10) and each executor with m in {1, 2, 4, 8} threads
 (``sequential`` with m = 1 only), one run of ``--steps`` SGD steps on Fashion-MNIST (the first 20,000 training
 images; scikit-learn's digits when Fashion-MNIST is not installed) through ``client_app.executors.run_executor``,

@@ -1,4 +1,4 @@
-"""A ``flower-superlink --simulation`` for the real ``flwr run`` tests (tests/test_flwr_run.py, test_flwr_scale.py).
+"""A ``flower-superlink --simulation`` for the real ``flwr run`` tests (tests/test_flwr_run.py).
 
 One SuperLink per test session (the ``superlink`` fixture in tests/conftest.py): on a free loopback port, with its
 state, Flower's home and the metrics stores in tmp, stopped by pid with whatever it spawned (superexec,
