@@ -55,7 +55,8 @@ def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of the slow tests wait on
 # real processes (SuperLinks, SuperNodes, Chromium), so two workers overlap that waiting even on 2 cores. Each
-# file is one group, so its module fixtures are built once; the files on the session's SuperLink share one group. The longest groups go first, so that they overlap the rest of the suite.
+# file is one group, so its module fixtures are built once; the files on the session's SuperLink share one group.
+# The longest groups go first, so that they overlap the rest of the suite.
 SHARED_GROUPS = {"test_flwr_run.py": "flower-runtime"}  # test_flwr_scale.py starts its own Ray cluster and SuperLink
 LONGEST_FIRST = ("test_deployment.py", "test_flwr_run.py", "test_flwr_scale.py", "test_dashboard_browser.py",
                  "test_checkpoint.py", "test_bench_smoke.py")
