@@ -10,7 +10,7 @@ The loop is all this module holds; each concern it drives has its own module:
 - ``clocks``: virtual, scripted and wall clocks (what a task takes, which result comes next);
 - ``outbox`` and ``mailbox``: what a task's message carries, and pushing/pulling it through the Grid;
 - ``intake``: a reply turned into a validated ``Update`` or a ``RejectedUpdate`` with its reason;
-- ``ledger``: the store's rows and the running totals;
+- ``ledger``: the store's rows and the running totals; ``restarts``: the tasks a strategy abandons;
 - ``membership``: on the wall clock, the fleet as it changes; ``checkpoint``: saving and resuming.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.serverapp import Grid
 
-from server_app import checkpoint
+from server_app import checkpoint, restarts
 from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
 from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, client_compute_s, join_reasons
@@ -60,6 +60,7 @@ class Engine:
         self.ledger, self.intake, self.outbox = Ledger(store), Intake(spec.names), Outbox(cfg, spec.names)
         self.mailbox = Mailbox(grid, cfg.task_ttl, lambda: self.clock.now(self.state))
         self.poll_s = poll_s
+        self.finish_restarts = restarts.finishes(cfg, self.clock)  # an abandoned task keeps its node to its end
         self.resumed = resume_from is not None
         if resume_from is None:
             self.state = self._new_state(strategy_cls, nodes)
@@ -178,7 +179,7 @@ class Engine:
             s.versions[v] = Version(s.policy.weights, self.spec.names)
         return s.versions[v]
 
-    def _release(self, v: int) -> None:
+    def release(self, v: int) -> None:
         """Drop a task's hold on its version; forget versions nobody holds that are no longer current."""
         s = self.state
         s.versions[v].users -= 1
@@ -200,6 +201,8 @@ class Engine:
 
     def _complete(self, f: Flight) -> None:
         s, strategy = self.state, self.state.policy
+        if f.abandoned is not None:  # restart = "finish": the strategy gave it up; it only frees its node now
+            return restarts.settle(self, f)
         del s.flights[f.seq]
         self.mailbox.forget(f)
         s.idle.append(f.node)
@@ -239,24 +242,9 @@ class Engine:
                            applied_version=strategy.version if f.seq in applied else None)
         self.ledger.applied_later(s.totals, [q for q in applied if q != f.seq], strategy.version)
         s.totals.applied += len(applied)
-        self._release(f.version)
-        for node in restart:
-            self._restart(node)
-
-    def _restart(self, node: int) -> None:
-        """Abandon ``node``'s task in flight: record the work wasted so far, and let the node take fresh work."""
-        s = self.state
-        f = next((fl for fl in s.flights.values() if fl.node == node), None)
-        if f is None:
-            return
-        del s.flights[f.seq]
-        self.mailbox.abandon(f)
-        durations = self.clock.wasted(f, s.now)
-        f.bytes_up = 0  # abandoned before its upload, on the run's clock
-        self.ledger.record(s.totals, f, Status.RESTARTED, "abandoned by the strategy", now=s.now,
-                           staleness=s.policy.version - f.version, applied_version=None, durations=durations)
-        self._release(f.version)
-        s.idle.appendleft(node)
+        self.release(f.version)
+        for node in restart:  # the tasks the strategy abandons (server_app/restarts.py)
+            restarts.abandon(self, node)
 
     # ------------------------------------------------------------------------------------------------ the fleet
     def _apply_fleet(self, change: FleetChange) -> None:

@@ -62,6 +62,7 @@ class Flight:
     exchange: Exchange | None = None     # node-to-node traffic charged instead of the star's (gossip)
     content: RecordDict | None = None    # what was sent, to send it again after a resume
     failure: str = ""                    # set for failures known without a reply
+    abandoned: tuple[float, int] | None = None  # restart = "finish": (clock time, staleness) when abandoned
     # The outcome, filled in by the mailbox (this process only; a checkpoint leaves these out).
     reply: Message | None = None
     bytes_up: int = 0                    # real serialized size of the reply
@@ -136,8 +137,8 @@ class EngineState:
     # -------------------------------------------------------------------------------- the strategy's view
     @property
     def in_flight(self) -> Mapping[int, int]:
-        """Node -> version its task in flight started from."""
-        return MappingProxyType({f.node: f.version for f in self.flights.values()})
+        """Node -> version its task in flight started from (a task the strategy abandoned is not its any more)."""
+        return MappingProxyType({f.node: f.version for f in self.flights.values() if f.abandoned is None})
 
     @property
     def fleet_size(self) -> int:

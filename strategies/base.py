@@ -178,7 +178,8 @@ class Verdict:
     ``status`` is the fate of this update; ``applied`` lists the seqs (this one and/or earlier buffered ones)
     that went into the model as a consequence, so the engine can mark them ``applied`` in the store.
     ``restart`` lists nodes whose task in flight is abandoned (k-sync's cancellation, ABS's restart): the engine
-    records it as ``restarted`` with the computation wasted so far, and gives the node fresh work at once.
+    records it as ``restarted`` with the computation it wasted and drops it from ``in_flight``; the node gets fresh
+    work when that task has ended (``restart = "finish"``, as Flower runs it) or at once (``"interrupt"``).
     """
 
     status: Status

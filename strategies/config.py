@@ -122,6 +122,9 @@ class RunConfig:
     k: int = field(default=4, metadata=_range(1, MAX_NODES))
     k_double_every: float = field(default=10.0, metadata=_range(0, MAX_SECONDS))
     staleness_bound: int = field(default=4, metadata=_range(0, MAX_COUNT))
+    # A task a strategy abandons (k-sync, AdaSync, ABS): runs to its end on its node, as under Flower, or is
+    # interrupted at once (a what-if of the virtual clock; server_app/restarts.py).
+    restart: str = field(default="finish", metadata=_choices("finish", "interrupt"))
     topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
     # Multi-thread local training on the client (Leashed-SGD and its baselines).
     local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))

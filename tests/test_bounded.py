@@ -22,7 +22,8 @@ def test_k_sync_applies_exactly_k_fresh_updates_per_round_and_cancels_the_rest(s
     assert set(per_version.values()) == {3} and len(per_version) == 10
     assert all(r["staleness"] == 0 for r in applied(run))
     restarted = [r for r in run.updates() if r["status"] == "restarted"]
-    assert restarted and all(r["bytes_up"] == 0 and r["compute_s"] >= 0 for r in restarted)
+    # restart = "finish" (the default): each abandoned task ran to its end; its dropped reply's bytes are counted
+    assert restarted and all(r["bytes_up"] > 0 and r["compute_s"] > 0 for r in restarted)
     assert all(r["completed_at"] - r["dispatched_at"] >= r["compute_s"] for r in restarted)
 
 

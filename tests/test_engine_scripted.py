@@ -52,10 +52,10 @@ def run(tmp_path, strategy, script, nodes=3, **settings):
         summary = engine.run()
     finally:
         grid.close()
-    keys = ("seq", "node", "base", "applied", "staleness", "status", "t", "reason")
+    keys = ("seq", "node", "base", "applied", "staleness", "status", "t", "reason", "sent", "compute", "up", "down")
     rows = [dict(zip(keys, r, strict=True)) for r in store.db.execute(
-        "SELECT seq, node_id - 1000, base_version, applied_version, staleness, status, completed_at, reason "
-        "FROM updates ORDER BY seq")]
+        "SELECT seq, node_id - 1000, base_version, applied_version, staleness, status, completed_at, reason, "
+        "dispatched_at, compute_s, bytes_up, bytes_down FROM updates ORDER BY seq")]
     store.close()
     return summary, rows
 
@@ -81,10 +81,53 @@ def test_fedavg_waits_for_the_slowest_node_every_round(tmp_path):
 
 
 def test_k_sync_restarts_the_slowest_task_and_charges_its_wasted_compute(tmp_path):
-    summary, rows = run(tmp_path, "k-sync", lambda node, task: (1.0, 2.0, 7.0)[node], k=2, max_updates=4)
+    summary, rows = run(tmp_path, "k-sync", lambda node, task: (1.0, 2.0, 7.0)[node], k=2, max_updates=4,
+                        restart="interrupt")
     restarted = [r for r in rows if r["status"] == "restarted"]
     assert restarted and all(r["node"] == 2 for r in restarted)
     assert all(r["staleness"] == 0 for r in rows if r["status"] == "applied")
+
+
+def slow_first(node, task):
+    """Node 0 takes 1 s, node 1 takes 2 s; node 2 takes 7 s on its first task and 0.5 s on later ones."""
+    return (1.0, 2.0, 7.0 if task == 0 else 0.5)[node]
+
+
+def test_a_restart_under_finish_keeps_the_node_busy_until_its_task_ends(tmp_path):
+    # k-sync, K = 2. t=1: node 0 arrives (buffered). t=2: node 1 arrives, version 1, node 2's 7 s task (seq 2) is
+    # abandoned but runs on. Nodes 0 and 1 alternate: updates at t=4 (v2) and t=6 (v3). t=7: seq 2 ends first
+    # (ties go to the earlier seq): its reply is dropped and recorded restarted; node 2 gets version 3 at t=7 and
+    # its 0.5 s task, with node 0's result of t=7, makes version 4 at t=7.5 (8 applied: the stop).
+    summary, rows = run(tmp_path, "k-sync", slow_first, k=2, max_updates=8)
+    restarted = [r for r in rows if r["status"] == "restarted"]
+    assert [(r["seq"], r["node"], r["sent"], r["t"], r["staleness"]) for r in restarted] == [(2, 2, 0.0, 7.0, 1)]
+    assert restarted[0]["compute"] == 7.0, "the whole abandoned task is wasted"
+    assert "dropped on arrival" in restarted[0]["reason"]
+    applied = [r for r in rows if r["status"] == "applied"]
+    assert restarted[0]["up"] > 0 and restarted[0]["up"] == applied[-1]["up"], "the dropped reply's real size"
+    node2 = [(r["seq"], r["sent"], r["t"], r["staleness"]) for r in applied if r["node"] == 2]
+    assert node2 == [(9, 7.0, 7.5, 0)], "node 2 takes no work before its abandoned task ends"
+    assert summary.time == 7.5 and summary.version == 4 and summary.applied == 8
+    assert summary.statuses == {"applied": 8, "restarted": 1}
+    assert sum(r["compute"] for r in restarted) == 7.0
+    assert len({r["down"] for r in rows}) == 1 and summary.bytes_down == 9 * rows[0]["down"]  # seq 8 still out
+
+
+def test_a_restart_under_interrupt_frees_the_node_at_once(tmp_path):
+    # The same schedule, node 2 freed at each restart. t=2: v1, seq 2 restarted after 2 s of work; node 2 restarts
+    # first (seq 3, 2 -> 2.5), node 0 (2 -> 3), node 1 (seq 5, 2 -> 4). t=2.5: node 2 buffered; t=3: node 0 makes
+    # v2 and node 1's seq 5 is restarted after 1 s. Node 1 (2 s) is then restarted at t=4 and t=5 as nodes 2 and
+    # 0 (0.5 s, 1 s) make v3 at t=4 and v4 at t=5 (8 applied).
+    summary, rows = run(tmp_path, "k-sync", slow_first, k=2, max_updates=8, restart="interrupt")
+    restarted = [r for r in rows if r["status"] == "restarted"]
+    assert [(r["seq"], r["node"], r["sent"], r["t"], r["compute"]) for r in restarted] == [
+        (2, 2, 0.0, 2.0, 2.0), (5, 1, 2.0, 3.0, 1.0), (6, 1, 3.0, 4.0, 1.0), (9, 1, 4.0, 5.0, 1.0)]
+    assert all(r["up"] == 0 and r["reason"] == "abandoned by the strategy" for r in restarted)
+    node2 = [(r["seq"], r["sent"], r["t"]) for r in rows if r["node"] == 2 and r["status"] == "applied"]
+    assert node2 == [(3, 2.0, 2.5), (7, 3.0, 3.5), (10, 4.0, 4.5)], "node 2 works again from its restart on"
+    assert summary.time == 5.0 and summary.applied == 8
+    assert sum(r["compute"] for r in restarted) == 5.0
+    assert summary.bytes_down == 12 * rows[0]["down"]
 
 
 def test_the_engine_and_its_tests_need_no_torch():
