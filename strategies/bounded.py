@@ -25,9 +25,12 @@ their direction: K grows, the staleness bound tightens as it does):
 - ``tau(t) = max(1, ceil(staleness-bound * k / K(t)))``: the bound starts at ``staleness-bound`` and shrinks as K
   grows, so the server waits for more workers exactly when it tolerates less staleness.
 
-A restart abandons the node's task in flight (the engine records it as ``restarted`` with the computation wasted
-so far) and gives the node the newest model at once. With restarts after every update, ABS never applies an
-update staler than tau(t); k-sync and AdaSync only ever apply fresh (staleness 0) updates.
+A restart abandons the node's task in flight; the engine records it as ``restarted``. Under ``restart = "finish"``
+(the default, what Flower does) the node stays busy until that task ends and then gets the newest model; under
+``restart = "interrupt"`` (a what-if) it gets the newest model at once (``server_app/restarts.py``). ABS checks
+tau(t) at every result, not only at updates: an arrival staler than the bound in force at its arrival is dropped,
+and tasks in flight the bound has overtaken restart, so ABS never applies an update staler than tau at its
+arrival; k-sync and AdaSync only ever apply fresh (staleness 0) updates.
 """
 
 from __future__ import annotations
@@ -86,19 +89,26 @@ class KAggregation(Strategy):
         return Task(self.version)
 
     def apply(self, update: Update) -> Verdict:
-        """Collect; after K arrivals apply their mean delta and decide who restarts."""
+        """Collect; after K arrivals apply their mean delta and decide who restarts.
+
+        Under a bound (ABS), tau(t) is enforced at every result, not only at updates: an arrival staler than the
+        bound in force now is dropped, and tasks in flight that the shrinking bound has overtaken restart.
+        """
         self.now = max(self.now, update.time)
+        if self.bounded and update.staleness > (tau := self.bound_now()):
+            return Verdict(Status.DROPPED, f"staleness {update.staleness} > tau {tau}", restart=self.to_restart())
         self.pending.append(update)
         k = self.k_now()
         if len(self.pending) < k:
-            return Verdict(Status.BUFFERED, f"{len(self.pending)}/{k} arrivals")
+            return Verdict(Status.BUFFERED, f"{len(self.pending)}/{k} arrivals", restart=self._over_bound())
         return self._flush()
 
     def fail(self, node: int, base_version: int) -> Verdict:
         """A lost task. When K has come down to the arrivals in hand (the fleet lost a node), apply them now."""
+        self.now = max(self.now, self.view.now)
         if self.pending and len(self.pending) >= self.k_now():
             return self._flush()
-        return Verdict(Status.DROPPED)
+        return Verdict(Status.DROPPED, restart=self._over_bound())
 
     def _flush(self) -> Verdict:
         mean = self.aggregate([(1.0 / len(self.pending), u.delta) for u in self.pending])
@@ -111,10 +121,14 @@ class KAggregation(Strategy):
         """Nodes whose task in flight is abandoned after an update."""
         if self.cancel_rest:
             return tuple(sorted(self.in_flight))
-        if self.bounded:
-            tau = self.bound_now()
-            return tuple(sorted(n for n, v in self.in_flight.items() if self.version - v > tau))
-        return ()
+        return self._over_bound()
+
+    def _over_bound(self) -> tuple[int, ...]:
+        """Under a bound (ABS), nodes whose task in flight is staler than tau(t) now; else none."""
+        if not self.bounded:
+            return ()
+        tau = self.bound_now()
+        return tuple(sorted(n for n, v in self.in_flight.items() if self.version - v > tau))
 
     def state_summary(self) -> dict[str, float]:
         """K, and tau where it applies."""

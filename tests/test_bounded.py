@@ -5,6 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from strategies.base import DetachedView, Update
 from strategies.bounded import ABS, AdaSync
 from strategies.config import RunConfig
 
@@ -53,6 +54,33 @@ def test_abs_never_applies_beyond_its_bound_and_restarts_the_stale(simulate, bou
     restarted = [r for r in run.updates() if r["status"] == "restarted"]
     assert restarted and all(r["staleness"] > bound for r in restarted)
     assert run.summary.applied >= 40
+
+
+@pytest.mark.parametrize("restart", ["finish", "interrupt"])
+def test_abs_applies_nothing_beyond_the_bound_in_force_at_its_arrival(simulate, restart):
+    # K doubles every 0.02 s (2, 4, 8) so tau(t) = ceil(4 * 2 / K) shrinks 4, 2, 1 between updates; before the bound
+    # was checked at every result, this run applied updates of staleness 2 after tau had come down to 1.
+    run = simulate("abs", k=2, staleness_bound=4, k_double_every=0.02, max_updates=40, restart=restart, **FLEET)
+    schedule = ABS(RunConfig(strategy="abs", k=2, staleness_bound=4, k_double_every=0.02), [], fleet=range(8))
+    for r in applied(run):
+        schedule.now = r["completed_at"]
+        assert r["staleness"] <= schedule.bound_now(), r
+    assert run.summary.statuses.get("restarted", 0) > 0
+
+
+def test_abs_drops_an_arrival_staler_than_the_bound_now_and_restarts_the_overtaken():
+    # k = 2, bound 2, K doubling every second on 4 nodes: tau = 2 before t = 1, then ceil(2 * 2 / 4) = 1.
+    view = DetachedView(in_flight={1: 0, 2: 2}, fleet_size=4)
+    s = ABS(RunConfig(strategy="abs", k=2, staleness_bound=2, k_double_every=1.0), [np.zeros(2, np.float32)],
+            fleet=range(4), view=view)
+    s.version = 3
+    w = [np.zeros(2, np.float32)]
+    verdict = s.apply(Update(seq=7, node=0, base_version=1, staleness=2, sent=w, base=w, num_examples=1, time=0.5))
+    assert (verdict.status, verdict.restart) == ("buffered", (1,))  # within tau 2; node 1, 3 behind, restarts
+    view.in_flight = {2: 1}
+    verdict = s.apply(Update(seq=8, node=3, base_version=1, staleness=2, sent=w, base=w, num_examples=1, time=1.5))
+    assert (verdict.status, verdict.applied, verdict.restart) == ("dropped", (), (2,))  # tau is 1 now
+    assert "tau 1" in verdict.reason and [u.seq for u in s.pending] == [7]
 
 
 def test_ssp_keeps_every_node_within_the_bound(simulate):
