@@ -21,18 +21,31 @@ runs on regardless), and a ClientApp has no call that tells it its task was supe
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from server_app.clocks import Clock
 from server_app.intake import client_compute_s
-from server_app.state import Flight
+from server_app.ledger import Ledger
+from server_app.mailbox import Mailbox
+from server_app.state import EngineState, Flight
 from strategies.base import Status
 from strategies.config import RunConfig
 
-if TYPE_CHECKING:
-    from server_app.engine import Engine
-
 log = logging.getLogger("staleflower")
+
+
+class Engine(Protocol):
+    """What of the engine (``server_app.engine.Engine``) a restart touches."""
+
+    state: EngineState
+    clock: Clock
+    mailbox: Mailbox
+    ledger: Ledger
+    finish_restarts: bool
+
+    def release(self, v: int) -> None:
+        """Drop a task's hold on its model version."""
+        ...
 
 
 def finishes(cfg: RunConfig, clock: Clock) -> bool:

@@ -7,6 +7,7 @@ A subprocess checks that none of this imports torch.
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +42,15 @@ def evaluate(weights):
     return loss, float(loss < 1e-2)
 
 
-def run(tmp_path, strategy, script, nodes=3, **settings):
-    cfg = RunConfig(strategy=strategy, clock="virtual", lr=0.5, eval_every=0, **settings)
-    grid = LocalGrid(numpy_client, nodes, cfg.to_mapping(), workers=2)
+def run(tmp_path, strategy, script, nodes=3, client=numpy_client, **settings):
+    settings.setdefault("clock", "virtual")
+    cfg = RunConfig(strategy=strategy, lr=0.5, eval_every=0, **settings)
+    grid = LocalGrid(client, nodes, cfg.to_mapping(), workers=3 if client is not numpy_client else 2)
     store = MetricsStore(tmp_path / "m.db")
     store.start_run("r", strategy, cfg.to_mapping())
     try:
         engine = Engine(grid, cfg, get_strategy(strategy), SPEC, evaluate, store, "r", sorted(grid.contexts),
-                        clock=ScriptedClock(script))
+                        clock=ScriptedClock(script) if cfg.clock == "virtual" else None)
         summary = engine.run()
     finally:
         grid.close()
@@ -128,6 +130,22 @@ def test_a_restart_under_interrupt_frees_the_node_at_once(tmp_path):
     assert summary.time == 5.0 and summary.applied == 8
     assert sum(r["compute"] for r in restarted) == 5.0
     assert summary.bytes_down == 12 * rows[0]["down"]
+
+
+def test_on_the_wall_clock_an_abandoned_task_always_runs_to_its_end(tmp_path):
+    def sleepy_client(msg, context):  # node 2's first task (seq 2) takes 0.4 s, the others 0.02-0.04 s
+        seq = int(msg.content.config_records["config"]["task-seq"])
+        time.sleep(0.4 if seq == 2 else 0.02 * (msg.metadata.dst_node_id - 999))
+        return numpy_client(msg, context)
+
+    # "interrupt" asked for, but a real ClientApp cannot be interrupted: the engine finishes (and warns)
+    summary, rows = run(tmp_path, "k-sync", None, client=sleepy_client, clock="wall", k=2, max_updates=40,
+                        restart="interrupt")
+    restarted = [r for r in rows if r["status"] == "restarted"]
+    assert restarted and restarted[0]["seq"] == 2 and restarted[0]["up"] > 0
+    assert restarted[0]["t"] - restarted[0]["sent"] >= 0.4
+    later = [r["sent"] for r in rows if r["node"] == 2 and r["seq"] > 2]
+    assert all(t >= restarted[0]["t"] for t in later), "node 2 took no work before its abandoned task ended"
 
 
 def test_the_engine_and_its_tests_need_no_torch():
