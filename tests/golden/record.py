@@ -7,7 +7,10 @@
 
 The traces were recorded from the engine as it was before the rewrite of ``server_app/engine.py`` (commit
 5c4153f): ``tests/test_golden.py`` re-runs every case and asserts that the new code makes the same decisions.
-Do not re-record to make that test pass; a difference is a behaviour change to explain.
+Do not re-record to make that test pass; a difference is a behaviour change to explain. The cases with restarts
+(k-sync, adasync, abs) pin ``restart = "interrupt"``, the engine's only behaviour when they were recorded (the key
+was added to their stored settings and config by hand, nothing re-recorded); ``abs-finish`` was recorded later,
+for the default ``restart = "finish"`` (``RECORDED_FROM``).
 
 What a case's JSON holds:
 
@@ -82,6 +85,9 @@ CASES: dict[str, tuple[str, int, int, dict[str, Any]]] = {
     "ssp": ("ssp", 6, 18, {"max_updates": 30, "staleness_bound": 2}),
     "abs": ("abs", 8, 19, {"max_updates": 40, "k": 2, "staleness_bound": 1, "k_double_every": 0.0,
                            "compute_dist": "shifted-exp", "compute_jitter": 1.0, "restart": "interrupt"}),
+    # restarts as Flower runs them (restart = "finish"), with a bound that shrinks between updates
+    "abs-finish": ("abs", 8, 24, {"max_updates": 40, "k": 2, "staleness_bound": 4, "k_double_every": 0.02,
+                                  "compute_dist": "shifted-exp", "compute_jitter": 1.0, "restart": "finish"}),
     # decentralized (AD-PSGD needs a bipartite graph: an even node count on ring / bipartite-exponential)
     "ad-psgd": ("ad-psgd", 6, 20, {"max_updates": 30, "topology": "bipartite-exponential"}),
     "d-psgd": ("d-psgd", 6, 21, {"max_updates": 30, "topology": "ring"}),
@@ -89,7 +95,9 @@ CASES: dict[str, tuple[str, int, int, dict[str, Any]]] = {
 }
 
 # What must show up somewhere, or the cases would not exercise what they are meant to.
-REQUIRED_STATUSES = {"k-sync": "restarted", "abs": "restarted", "fedasync": "failed"}
+REQUIRED_STATUSES = {"k-sync": "restarted", "abs": "restarted", "abs-finish": "restarted", "fedasync": "failed"}
+# Cases added after the engine's rewrite: recorded from the code that introduced what they exercise.
+RECORDED_FROM = {"abs-finish": "restart = finish (abandoned tasks run to their end), recorded when it was added"}
 REQUIRED_REASON = {"fedbuff-clip": "clipped"}
 
 
@@ -141,8 +149,8 @@ def record(case: str, check: bool = False) -> dict[str, Any]:
     """Run ``case``, write its JSON and npz, and return what was written."""
     settings = settings_of(case)
     run = run_config(settings, None)
-    out = {"case": case, "recorded_from": "5c4153f (pre-rewrite engine)", "settings": settings,
-           "config": stored_config(run), **trace_of(run)}
+    out = {"case": case, "recorded_from": RECORDED_FROM.get(case, "5c4153f (pre-rewrite engine)"),
+           "settings": settings, "config": stored_config(run), **trace_of(run)}
     statuses = {t[4] for t in out["trace"]}
     if case in REQUIRED_STATUSES and REQUIRED_STATUSES[case] not in statuses:
         raise SystemExit(f"{case}: no {REQUIRED_STATUSES[case]!r} row; change its settings")
