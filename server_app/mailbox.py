@@ -1,9 +1,11 @@
 """The engine's side of Flower's Grid: push a task's message, pull replies into their flights, time out the silent.
 
-A SuperNode handles one message at a time and Flower cannot interrupt a running ClientApp. So when a strategy
-abandons a task (k-sync's cancellation, ABS's restart) the mailbox keeps waiting for that task's reply (an
-*abandoned* message) only to drop it, and a task given to the same node meanwhile is *held* here until the node
-is free; on the virtual clock the held task starts at its dispatch time all the same.
+A SuperNode handles one message at a time and Flower cannot interrupt a running ClientApp. Under
+``restart = "finish"`` (the default) an abandoned task stays a flight like any other until its reply arrives
+(``server_app/restarts.py``). Under ``restart = "interrupt"`` (the virtual clock's what-if) the engine frees the
+node at once; the mailbox then keeps waiting for that task's reply (an *abandoned* message) only to drop it, and
+a task given to the same node meanwhile is *held* here until the node is free; on the virtual clock the held task
+starts at its dispatch time all the same.
 
 Everything here belongs to this process (message ids, deadlines, replies): none of it is checkpointed; a resumed
 run sends its tasks in flight again (``resend``).
