@@ -2,10 +2,11 @@
 
 k-sync and AdaSync cancel the tasks still in flight after an update, ABS restarts the nodes staler than its
 bound (``Verdict.restart``). Flower cannot interrupt a running ClientApp: a SuperNode handles one message at a
-time and runs it to its end. Flower 1.41's ``Grid`` offers ``push_messages``, ``pull_messages``,
-``send_and_receive`` and ``get_node_ids``, and no call that cancels or deletes a message once pushed; a message's
-TTL only bounds how long the SuperLink still delivers it and accepts its reply (once a ClientApp has started, it
-runs on regardless), and a ClientApp has no call that tells it its task was superseded. So:
+time and runs it to its end. Flower 1.41's ``Grid`` pushes and pulls messages (``push_messages``,
+``pull_messages``, ``send_and_receive``) and lists nodes, and has no call that cancels or deletes a message once
+pushed; a message's TTL only bounds how long the SuperLink still delivers it and accepts its reply (once a
+ClientApp has started, it runs on regardless); ``flwr stop`` ends a whole run, not one task; and a ClientApp has
+no call that tells it its task was superseded. So:
 
 - ``restart = "finish"`` (the default, what a deployment does): the abandoned task runs to its end, its node takes
   no new work until then, and its reply is dropped on arrival. The task's ``restarted`` row is written then:
