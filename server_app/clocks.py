@@ -5,10 +5,13 @@ node's profile with a seeded generator; the upload time follows from the reply's
 are applied strictly in (virtual completion time, dispatch seq) order, so a run is a function of its seed, however
 the real replies arrive. A reply can only be applied once no task still outstanding could complete earlier:
 every outstanding task has a lower bound (download + compute + upload latency), and the head waits until all
-bounds are past it (conservative discrete-event simulation). Clients still run in parallel meanwhile.
+bounds are past it (conservative discrete-event simulation). Clients still run in parallel meanwhile. Star
+transfers also cross the server's own link (``server-bandwidth``, ``server-latency``; ``server_app/serverlink.py``):
+downloads queue for it at dispatch, uploads in the order they become ready, first come first served; an upload's
+completion is known once those queued ahead of it are.
 
 ``ScriptedClock``: a virtual clock whose compute times come from a function of (node index, task index) and
-whose links are instant: for tests that need an exact schedule.
+whose links are instant (the server's too): for tests that need an exact schedule.
 
 ``WallClock`` (``clock = "wall"``): replies are applied in real arrival order; times are real seconds since the
 run started, and a task's compute time is what its client reports.
@@ -19,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 from server_app.links import exchange_seconds
 from server_app.profiles import TaskTiming, sample_task
+from server_app.serverlink import due
 from server_app.state import EngineState, Flight
 from strategies.base import Exchange
 from strategies.config import RunConfig
@@ -42,8 +46,11 @@ class Clock(Protocol):
         """A task's timings, drawn at dispatch (None: the clock learns them from the task itself)."""
         ...
 
-    def head(self, flights: Iterable[Flight]) -> tuple[float, Flight] | None:
-        """The next result in clock order and its completion time, once nothing outstanding can come earlier."""
+    def head(self, state: EngineState) -> tuple[float, Flight] | None:
+        """The next result in clock order and its completion time, once nothing outstanding can come earlier.
+
+        The engine applies the result it returns next (or stops the run).
+        """
         ...
 
     def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
@@ -59,6 +66,7 @@ class VirtualClock:
     """Timings drawn from the node profiles (see the module docstring)."""
 
     virtual = True
+    server_link = True  # star transfers cross ``state.link`` when the run has one
 
     def __init__(self, cfg: RunConfig, flops_per_step: float) -> None:
         self.cfg = cfg
@@ -76,31 +84,42 @@ class VirtualClock:
                              compute_dist=c.compute_dist, compute_jitter=c.compute_jitter,
                              network_jitter=c.network_jitter)
         if exchange is None:
+            if self.server_link and state.link is not None:
+                timing = state.link.download(timing, state.now, payload_down, state.profiles[node].network.latency_s)
             return timing
         # The node already holds its model (the message carrying it is this emulation's transport, not the
         # algorithm's traffic): no download; the "upload" is the exchange, whatever the reply's size.
         return dataclasses.replace(timing, down_s=0.0, up_latency_s=exchange_seconds(exchange, state.profiles),
                                    up_bps=math.inf)
 
-    def head(self, flights: Iterable[Flight]) -> tuple[float, Flight] | None:
-        """The earliest known completion, unless an outstanding task could still complete before it."""
+    def head(self, state: EngineState) -> tuple[float, Flight] | None:
+        """The earliest known completion, unless an outstanding task could still complete before it.
+
+        With the server's link, the result returned fixes its upload slot and those queued ahead of it.
+        """
+        link = state.link if self.server_link else None
+        flights = state.flights.values()
+        times = link.schedule(flights) if link is not None else ((f, due(f)) for f in flights)
         known: tuple[tuple[float, int], Flight] | None = None
         bound: tuple[float, int] | None = None
-        for f in flights:
-            due = _due(f)
-            if due is not None:
-                if known is None or (due, f.seq) < known[0]:
-                    known = ((due, f.seq), f)
+        for f, at in times:
+            if at is not None:
+                if known is None or (at, f.seq) < known[0]:
+                    known = ((at, f.seq), f)
             else:
                 lb = (_lower_bound(f), f.seq)
                 bound = lb if bound is None or lb < bound else bound
         if known is None or (bound is not None and bound < known[0]):
             return None
+        if link is not None:
+            link.commit(known[1])
         return known[0][0], known[1]
 
     def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
-        """The drawn compute time; download plus the upload of the reply's content size."""
+        """The drawn compute time; download plus the upload of the reply's content size (and its wait, if any)."""
         t = _timing(flight)
+        if flight.done_at is not None:  # through the server's link: the upload waited for its slot
+            return t.compute_s, flight.done_at - flight.dispatched_at - t.compute_s
         up = t.upload_s(flight.payload_up) if flight.bytes_up else 0.0
         return t.compute_s, t.down_s + up
 
@@ -113,6 +132,8 @@ class VirtualClock:
 
 class ScriptedClock(VirtualClock):
     """A virtual clock with instant links and compute times from ``script(node_index, task_index)`` seconds."""
+
+    server_link = False
 
     def __init__(self, script: Callable[[int, int], float]) -> None:
         super().__init__(RunConfig(), 0.0)
@@ -140,9 +161,9 @@ class WallClock:
         """Nothing to draw: the task takes what it takes."""
         return None
 
-    def head(self, flights: Iterable[Flight]) -> tuple[float, Flight] | None:
+    def head(self, state: EngineState) -> tuple[float, Flight] | None:
         """The earliest arrival in hand."""
-        done = [f for f in flights if f.arrived_at is not None]
+        done = [f for f in state.flights.values() if f.arrived_at is not None]
         if not done:
             return None
         first = min(done, key=lambda f: (f.arrived_at, f.seq))
@@ -172,20 +193,6 @@ def make_clock(cfg: RunConfig, flops_per_step: float) -> Clock:
 def _timing(f: Flight) -> TaskTiming:
     assert f.timing is not None, "a virtual clock draws every task's timing at dispatch"
     return f.timing
-
-
-def _due(f: Flight) -> float | None:
-    """Virtual completion time once it is known (reply in hand, or a failure decided at dispatch)."""
-    t = _timing(f)
-    if t.fail_after_s is not None:
-        return f.dispatched_at + t.fail_after_s
-    if f.failure:
-        return f.dispatched_at + t.lower_bound_s()
-    if f.reply is None:
-        return None
-    if f.reply.has_error():
-        return f.dispatched_at + t.down_s + t.compute_s
-    return f.dispatched_at + t.down_s + t.compute_s + t.upload_s(f.payload_up)
 
 
 def _lower_bound(f: Flight) -> float:

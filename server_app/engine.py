@@ -25,6 +25,7 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from server_app import checkpoint, restarts
+from server_app.autodelay import resolve_delay
 from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
 from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, client_compute_s, join_reasons
@@ -33,6 +34,7 @@ from server_app.mailbox import Mailbox
 from server_app.membership import FleetChange, Membership, node_profile
 from server_app.outbox import Outbox
 from server_app.profiles import assign_profiles
+from server_app.serverlink import ServerLink
 from server_app.state import EngineState, Flight, ModelSpec, RunSummary, Version
 from server_app.store import MetricsStore
 from server_app.wire import message_sizes
@@ -85,7 +87,8 @@ class Engine:
             nodes=list(nodes), profiles=dict(zip(nodes, profiles, strict=True)),
             rng=np.random.default_rng([c.seed, 0x5EED]), cap=self._cap(len(nodes)), fleet_online=len(nodes),
             guard=UpdateGuard.for_run(c, self.spec.initial, self.evaluate), idle=deque(nodes),
-            downlink=DownlinkCompressor(down) if down.name != "none" else None)
+            downlink=DownlinkCompressor(down) if down.name != "none" else None, link=ServerLink.of(c))
+        c = resolve_delay(c, state.profiles, self.spec)  # delay = "auto": D from the fleet's latency and pace
         state.strategy = strategy_cls(c, [w.copy() for w in self.spec.initial], tuple(nodes), state)
         return state
 
@@ -192,7 +195,7 @@ class Engine:
         pause, flights = self.poll_s / 8, self.state.flights
         while flights:
             self.mailbox.pull(flights.values())
-            head = self.clock.head(flights.values())
+            head = self.clock.head(self.state)
             if head is not None:
                 return head
             time.sleep(pause)

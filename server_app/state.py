@@ -28,6 +28,7 @@ from strategies.client import Weights
 if TYPE_CHECKING:
     from server_app.downlink import DownlinkCompressor
     from server_app.intake import UpdateGuard
+    from server_app.serverlink import ServerLink
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Flight:
     content: RecordDict | None = None    # what was sent, to send it again after a resume
     failure: str = ""                    # set for failures known without a reply
     abandoned: tuple[float, int] | None = None  # restart = "finish": (clock time, staleness) when abandoned
+    done_at: float | None = None         # completion fixed by the server's link (serverlink.py), once applied
     # The outcome, filled in by the mailbox (this process only; a checkpoint leaves these out).
     reply: Message | None = None
     bytes_up: int = 0                    # real serialized size of the reply
@@ -128,10 +130,15 @@ class EngineState:
     failing: int = 0                                    # consecutive failed tasks
     last_failure: str = ""
     contract: Contract = field(default_factory=Contract)  # the checks of verdicts (server_app/contract.py)
+    link: ServerLink | None = None                      # the server's own link; None: unlimited
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickle (a checkpoint); one written before ``contract`` existed gets one that trusts its earlier seqs."""
+        """Unpickle (a checkpoint); one written before ``contract`` existed gets one that trusts its earlier seqs.
+
+        One written before the server link existed ran without one, and goes on without one.
+        """
         state.setdefault("contract", Contract(since=state.get("seq", 0)))
+        state.setdefault("link", None)
         self.__dict__.update(state)
 
     # -------------------------------------------------------------------------------- the strategy's view

@@ -63,6 +63,12 @@ MAX_INT = 2**63 - 1
 MAX_STR = 4096
 #: Run-config ``aggregation``: how a strategy combines a set of updates (strategies/robust.py).
 AGGREGATION_RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
+#: Link speed in Mbit/s (server-bandwidth): 10^9 Mbit/s is a petabit per second, far past any NIC.
+MAX_MBPS = 1e9
+#: One-way latency in ms (server-latency): 10^5 ms is 100 s, past a geostationary satellite hop a hundred times.
+MAX_LATENCY_MS = 1e5
+#: The one string an int key marked ``auto`` accepts (``delay``).
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class RunConfig:
     codec_downlink: str = field(default="none", metadata=_choices(*CODECS))
     # The clock and the simulated fleet.
     clock: str = field(default="virtual", metadata=_choices("virtual", "wall"))
+    # The server's own link (server_app/serverlink.py): Mbit/s each way (0 = unlimited, no server link) and one-way
+    # latency in ms. 10 Gbit/s: an "up to 10 Gbps" cloud VM (Amazon EC2 instance network bandwidth).
+    server_bandwidth: float = field(default=10000.0, metadata=_range(0, MAX_MBPS))
+    server_latency: float = field(default=0.0, metadata=_range(0, MAX_LATENCY_MS))
     profiles: str = "wifi=0.5,4g=0.3,3g=0.2"
     profile_file: str = ""
     compute_dist: str = field(default="lognormal", metadata=_choices("fixed", "lognormal", "shifted-exp"))
@@ -112,7 +122,9 @@ class RunConfig:
     metrics_db: str = ""
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # Strategy parameters.
-    delay: int = field(default=1, metadata=_range(0, MAX_LOCAL_STEPS))  # periods: each keeps a model in flight
+    # D in periods (each keeps a model in flight), or "auto": the engine derives it from the fleet's latency and
+    # period time (server_app/autodelay.py). An int or the one string AUTO.
+    delay: int | str = field(default=1, metadata={**_range(0, MAX_LOCAL_STEPS), "auto": True})
     buffer_size: int = field(default=5, metadata=_range(1, MAX_BATCH))
     staleness_fn: str = field(default="polynomial", metadata=_choices(*STALENESS_FNS))
     staleness_a: float = field(default=0.5, metadata=_range(0, MAX_FACTOR))
@@ -157,7 +169,14 @@ class RunConfig:
         for f in _fields():
             value = getattr(self, f.name)
             key = key_of(f.name)
-            value = _coerce(key, value, f.type)
+            if f.metadata.get("auto") and value == AUTO:
+                continue  # resolved later, by whoever knows what "auto" follows from
+            if f.metadata.get("auto"):
+                if isinstance(value, str):
+                    raise ConfigError(f"{key} must be an int or {AUTO!r}, got {value!r}")
+                value = _coerce(key, value, "int")
+            else:
+                value = _coerce(key, value, f.type)
             object.__setattr__(self, f.name, value)
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(f.metadata['choices'])}")

@@ -122,7 +122,10 @@ class DelayedAveraging(Strategy):
         self.down: LinkCompressor[str] | None = LinkCompressor(down) if down.name != "none" else None
 
     def period_delay(self) -> int:
-        """D: the run's ``delay``."""
+        """D: the run's ``delay``; the engine has turned ``"auto"`` into a number from the fleet by now."""
+        if isinstance(self.cfg.delay, str):
+            raise ConfigError(f"delay = {self.cfg.delay!r} is worked out from the fleet's profiles by the engine "
+                              "(server_app/autodelay.py); a strategy built outside an engine needs a number")
         return self.cfg.delay
 
     def task_for(self, node: int) -> Task | None:
@@ -176,9 +179,9 @@ class DelayedAveraging(Strategy):
         return [u.seq for u in updates.values()]
 
     def state_summary(self) -> dict[str, float]:
-        """Complete periods and how far the fastest node runs ahead."""
+        """Complete periods, how far the fastest node runs ahead, and D (chosen by the engine with ``"auto"``)."""
         ahead = max(self.next_round.values(), default=0) - self.completed
-        return {"periods": float(self.completed), "ahead": float(ahead)}
+        return {"periods": float(self.completed), "ahead": float(ahead), "delay": float(self.delay)}
 
     # ------------------------------------------------------------------------------------------- client half
     @classmethod

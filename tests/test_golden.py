@@ -4,6 +4,10 @@
 top-k, downlink-compression, clipping and restart-heavy variants): every ``updates`` row's node, base and applied
 version, staleness, status and gossip peer, the summary and the final weights. Each test re-runs a case from its
 stored run config and requires the same trace. A failure is a behaviour change: explain it before re-recording.
+
+The cases run without the server's own link (``server-bandwidth = 0``, as every run did when they were recorded):
+they prove the engine's decisions unchanged, and the clock without a server link bit for bit the clock before it.
+The link's own schedule is checked against hand-computed times in ``tests/test_serverlink.py``.
 """
 
 import json

@@ -1,0 +1,170 @@
+"""The server's own link on the virtual clock: a finite pipe every star transfer crosses, first come first served.
+
+Without it every node's transfer is timed on the node's own access link only, as if the parameter server had
+infinite bandwidth: a server never congests, however many nodes talk to it at once. With it (run-config
+``server-bandwidth`` in Mbit/s each way, ``server-latency`` one-way in ms), the server's link is a resource with
+one queue per direction (full duplex: a cloud VM's bandwidth figure holds for inbound and outbound traffic at
+once, as the "Amazon EC2 instance network bandwidth" documentation states).
+
+**Sharing discipline: FIFO per direction.** The server transmits (or receives) one transfer at a time at its full
+rate ``B``; a transfer of ``b`` bytes holds the server's side for ``8 b / B`` seconds, and the next one starts when
+it is done. The transfer itself flows at the slower of the two ends, so it ends ``8 b / min(B, node rate)`` after
+its server slot starts, plus both one-way latencies. FIFO rather than fair sharing, because under the clock's
+conservative discrete-event simulation a transfer's times must be computable once those ahead of it are known:
+with fair sharing every later arrival would change the completion of every transfer in progress. FIFO moves the
+same bytes in the same total time; it only orders the transfers instead of interleaving them (under contention
+the first finish earlier and the last at the same time as with fair sharing).
+
+Downloads (server -> node), with ``t`` the dispatch time, ``L_s`` the server's and ``L_n`` the node's latency::
+
+    start = max(t, server_out_free);  server_out_free = start + 8 b / B
+    done  = start + L_s + L_n + max(8 b / B, 8 b / node_down)          (node_down: the task's drawn rate)
+
+Tasks are dispatched in virtual-time order, so a download's slot is assigned at dispatch, once and for all.
+
+Uploads (node -> server): a task's upload is *ready* when its download and compute are done (known at dispatch),
+but its size only when the reply arrives. Slots go in ready-time order, ties by dispatch seq::
+
+    start = max(ready, server_in_free);  server_in_free = start + 8 b / B
+    done  = start + L_n + L_s + 8 b / min(B, node_up)
+
+An upload's completion is known only once every upload queued ahead of it is known (a task still computing, whose
+reply may be an upload of any size, blocks those behind it): until then the task counts with its lower bound,
+``ready + L_n + L_s``, which stays a lower bound whatever is ahead of it. The clock applies a result only when no
+outstanding task could complete earlier; when it does, no task dispatched later can be ready before it (it is
+dispatched at or after that completion), so the slots of the applied upload and of every upload ahead of it are
+final: they are committed and never recomputed.
+
+Node-to-node exchanges (gossip, all-reduce) do not cross the server and are left to ``server_app.links``; every
+star transfer does, whatever it carries (a model, OLCO3's delayed averages, a compressed downlink difference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from server_app.profiles import TaskTiming
+from server_app.state import Flight
+from strategies.config import RunConfig
+
+
+@dataclass
+class ServerLink:
+    """The server's two FIFO queues and the upload slots already fixed (see the module docstring)."""
+
+    bps: float          # bits per second, each way
+    latency_s: float    # one-way
+    out_free: float = 0.0   # when the server's outbound side is next free
+    in_free: float = 0.0    # when its inbound side is next free, after every committed upload
+    committed: dict[int, float] = field(default_factory=dict)  # seq -> completion of an upload whose slot is fixed
+    # The last schedule's uploads with a known slot, in queue order: (seq, completion, in_free after it).
+    tentative: list[tuple[int, float, float]] = field(default_factory=list, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> ServerLink | None:
+        """The link ``server-bandwidth`` (Mbit/s) and ``server-latency`` (ms) describe; None when unlimited (0)."""
+        if cfg.server_bandwidth <= 0:
+            return None
+        return cls(bps=cfg.server_bandwidth * 1e6, latency_s=cfg.server_latency * 1e-3)
+
+    def seconds(self, nbytes: int) -> float:
+        """How long ``nbytes`` hold one side of the server."""
+        return 8.0 * nbytes / self.bps
+
+    def download(self, timing: TaskTiming, at: float, nbytes: int, node_latency_s: float) -> TaskTiming:
+        """A star task's timing through the server: its download queued now, its upload's latency and rate capped.
+
+        ``timing`` is the task as the node's own link alone would time it (``profiles.sample_task``). A simulated
+        dropout keeps its drawn share of the task's (now longer) download and compute.
+        """
+        node_s = max(timing.down_s - node_latency_s, 0.0)  # the node link's transmission time
+        own = self.seconds(nbytes)
+        start = max(at, self.out_free)
+        self.out_free = start + own
+        down_s = start - at + self.latency_s + node_latency_s + max(own, node_s)
+        fail = timing.fail_after_s
+        before = timing.down_s + timing.compute_s
+        if fail is not None and before > 0:
+            fail *= (down_s + timing.compute_s) / before
+        return dataclasses.replace(timing, down_s=down_s, up_latency_s=timing.up_latency_s + self.latency_s,
+                                   up_bps=min(timing.up_bps, self.bps), fail_after_s=fail)
+
+    def schedule(self, flights: Iterable[Flight]) -> list[tuple[Flight, float | None]]:
+        """Every flight with its completion time if it is known now, else None (its lower bound holds).
+
+        Also remembers the uploads' slots found, for ``commit``.
+        """
+        out: list[tuple[Flight, float | None]] = []
+        queue: list[tuple[float, int, Flight]] = []
+        flights = list(flights)
+        if self.committed:  # forget the slots of tasks abandoned since (applied ones are popped by ``commit``)
+            live = {f.seq for f in flights}
+            self.committed = {seq: t for seq, t in self.committed.items() if seq in live}
+        for f in flights:
+            if f.seq in self.committed:
+                out.append((f, self.committed[f.seq]))
+            elif f.exchange is not None or not _uploads(f):
+                out.append((f, due(f)))
+            else:
+                t = _timing(f)
+                queue.append((f.dispatched_at + t.down_s + t.compute_s, f.seq, f))
+        queue.sort(key=lambda q: (q[0], q[1]))
+        free, blocked = self.in_free, False
+        self.tentative = []
+        for ready, _, f in queue:
+            blocked = blocked or f.reply is None
+            if blocked:
+                out.append((f, None))
+                continue
+            start = max(ready, free)
+            free = start + self.seconds(f.payload_up)
+            done = start + _timing(f).upload_s(f.payload_up)
+            self.tentative.append((f.seq, done, free))
+            out.append((f, done))
+        return out
+
+    def commit(self, head: Flight) -> None:
+        """``head`` is applied next: fix its upload slot and those of every upload ahead of it (see the docstring).
+
+        A head that does not upload through the server fixes nothing: the slots ahead are found again, the same.
+        """
+        if any(seq == head.seq for seq, _, _ in self.tentative):
+            for seq, done, free in self.tentative:
+                self.committed[seq] = done
+                self.in_free = free
+                if seq == head.seq:
+                    break
+        self.tentative = []
+        if head.seq in self.committed:
+            head.done_at = self.committed.pop(head.seq)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickle (a checkpoint) without the last schedule's slots: they are found again from the flights."""
+        return {**self.__dict__, "tentative": []}
+
+
+def _timing(f: Flight) -> TaskTiming:
+    assert f.timing is not None, "a virtual clock draws every task's timing at dispatch"
+    return f.timing
+
+
+def _uploads(f: Flight) -> bool:
+    """Whether the task may still upload: not failed, and its reply (if in hand) not an error."""
+    t = _timing(f)
+    return t.fail_after_s is None and not f.failure and (f.reply is None or not f.reply.has_error())
+
+
+def due(f: Flight) -> float | None:
+    """Virtual completion time on the task's own timing, once it is known (reply in hand, or a failure)."""
+    t = _timing(f)
+    if t.fail_after_s is not None:
+        return f.dispatched_at + t.fail_after_s
+    if f.failure:
+        return f.dispatched_at + t.lower_bound_s()
+    if f.reply is None:
+        return None
+    if f.reply.has_error():
+        return f.dispatched_at + t.down_s + t.compute_s
+    return f.dispatched_at + t.down_s + t.compute_s + t.upload_s(f.payload_up)
