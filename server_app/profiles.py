@@ -247,6 +247,24 @@ NETWORKS: dict[str, NetworkProfile] = {
         # Ofcom, "Measuring mobile broadband performance in the UK" (2015, tests of Q4 2014): 3G average
         # 63.5 ms -> 32 ms one-way (rounded).
         NetworkProfile(name="3g", down_bps=6e6, up_bps=2e6, latency_s=32e-3),
+        # Inter-region links: a silo (or the server) in another cloud region, for cross-silo runs ("gpu/wan-atlantic").
+        # Round-trip times: Microsoft, "Azure network round-trip latency statistics" (monthly averages between Azure
+        # regions, measured by ThousandEyes agents), cross-checked against WonderNetwork's published global ping
+        # statistics between the matching cities; rounded to 10 ms, representative, not exact: they move from month
+        # to month and with the route. Bandwidth: Amazon EC2 instance network bandwidth documentation: traffic to
+        # other regions is limited to 5 Gbit/s for an instance under 32 vCPUs, and so is one flow outside a cluster
+        # placement group; 5 Gbit/s each way, an upper bound (a long fat pipe seldom fills it with one TCP flow).
+        # US East <-> US West (Virginia - California): ~70 ms RTT -> 35 ms one-way.
+        NetworkProfile(name="wan-us", down_bps=5e9, up_bps=5e9, latency_s=35e-3),
+        # US East <-> Western Europe (Virginia - Netherlands / London - New York): ~80 ms RTT -> 40 ms one-way.
+        NetworkProfile(name="wan-atlantic", down_bps=5e9, up_bps=5e9, latency_s=40e-3),
+        # Western Europe <-> Southeast Asia (Netherlands - Singapore): ~160 ms RTT -> 80 ms one-way.
+        NetworkProfile(name="wan-europe-asia", down_bps=5e9, up_bps=5e9, latency_s=80e-3),
+        # Western Europe <-> Australia East (Netherlands - Sydney): ~250 ms RTT -> 125 ms one-way.
+        NetworkProfile(name="wan-europe-australia", down_bps=5e9, up_bps=5e9, latency_s=125e-3),
+        # South America <-> Southeast Asia (Sao Paulo - Singapore), about the longest regular pair: ~300 ms RTT
+        # (rounded down) -> 150 ms one-way.
+        NetworkProfile(name="wan-brazil-asia", down_bps=5e9, up_bps=5e9, latency_s=150e-3),
     )
 }
 

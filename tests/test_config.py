@@ -50,6 +50,8 @@ def test_unknown_key_names_the_close_match():
     ("clock", "sundial", "clock = 'sundial' is not one of: virtual, wall"),
     ("dataset", "mnist", "digits, fashion-mnist, synthetic"),
     ("staleness-fn", "cubic", "constant, polynomial, hinge, sqrt"),
+    ("delay", "soon", "delay must be an int or 'auto', got 'soon'"),
+    ("server-bandwidth", -1.0, "server-bandwidth = -1.0 is out of range: must be >= 0"),
 ])
 def test_bad_values_are_rejected_with_a_clear_message(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -72,6 +72,15 @@ def test_profile_table_is_ordered_as_the_measurements_say():
     assert flops == sorted(flops, reverse=True)
 
 
+def test_wan_profiles_span_inter_region_round_trips_and_mix_like_any_network():
+    wan = [n for n in NETWORKS.values() if n.name.startswith("wan-")]
+    assert len(wan) >= 4
+    rtts = [2 * n.latency_s for n in wan]
+    assert min(rtts) >= 0.05 and max(rtts) <= 0.3 and rtts == sorted(rtts)
+    assert parse_mix("gpu/wan-atlantic=1,wan-europe-australia=1") == [
+        ("gpu", "wan-atlantic", 0.5), ("laptop", "wan-europe-australia", 0.5)]
+
+
 def test_profile_dataclasses_reject_nonsense():
     with pytest.raises(ProfileError, match="flops"):
         DeviceProfile(name="x", flops=0.0, step_overhead_s=0.0)
