@@ -5,6 +5,7 @@
 `make bench` (this script, no option; under 2 hours on 2 cores, measured in BENCHMARKS.md):
 
 - bench.engine_overhead: our engine vs Flower's FedAvg.start on the same in-process Grid (BENCHMARKS.md)
+- bench.server_link_cost: the engine's updates/s with the server's link on and off (BENCHMARKS.md)
 - bench.codec_throughput: encode + decode throughput of every codec (BENCHMARKS.md)
 - bench.dashboard_load: the dashboard's data-load time on stores of 1k, 10k and 100k updates (BENCHMARKS.md)
 - bench.checkpoint_cost: what checkpoint-every costs (RELIABILITY.md)
@@ -55,6 +56,9 @@ def main() -> int:
         ["-m", "bench.engine_overhead", "--nodes", "100", "--rounds", "2" if quick else "5",
          "--repeats", "1" if quick else "3", "--json", "results/engine_overhead.json",
          "--markdown", "results/engine_overhead.md"],
+        ["-m", "bench.server_link_cost", "--nodes", "200", "--updates", "200" if quick else "1000",
+         "--repeats", "1" if quick else "3", "--json", "results/server_link_cost.json",
+         "--markdown", "results/server_link_cost.md"],
         ["-m", "bench.codec_throughput", "--json", "results/codec_throughput.json"],
         ["-m", "bench.dashboard_load", "--json", "results/dashboard_load.json", "--markdown",
          "results/dashboard_load.md"],

@@ -14,8 +14,10 @@ contribution); the median period time is the pace the fleet computes at. The mod
 with an uplink codec D is an upper bound: set ``delay`` by hand to go lower. Queueing at the server is not counted
 (a round trip with an idle server link). D is capped at the ``delay`` key's upper bound.
 
-The engine resolves ``"auto"`` once, when it builds the strategy, from the profiles it assigned the fleet; the
-chosen D is logged and the family's strategies report it in their state summary (the ``evals`` rows).
+The engine resolves ``"auto"`` once, when it builds the strategy, from the profiles it assigned the fleet (on the
+wall clock too: the real fleet's latency is not measured); the chosen D is logged and the family's strategies
+report it in their state summary (``evals.metrics_json``). ``cocod-sgd`` and ``overlap-local-sgd`` overlap exactly
+one period and ``local-sgd`` none, whatever ``delay`` says.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from server_app.links import exchange_seconds
 from server_app.profiles import TaskTiming, sample_task
-from server_app.serverlink import due
+from server_app.serverlink import ServerLink, due, ready_at
 from server_app.state import EngineState, Flight
 from strategies.base import Exchange
 from strategies.config import RunConfig
@@ -71,6 +71,8 @@ class VirtualClock:
     def __init__(self, cfg: RunConfig, flops_per_step: float) -> None:
         self.cfg = cfg
         self.flops_per_step = flops_per_step
+        self._queue_key: tuple[int, int] | None = None
+        self._order: list[tuple[float, int, Flight]] = []
 
     def now(self, state: EngineState) -> float:
         """The virtual time of the last applied result."""
@@ -98,11 +100,15 @@ class VirtualClock:
         With the server's link, the result returned fixes its upload slot and those queued ahead of it.
         """
         link = state.link if self.server_link else None
-        flights = state.flights.values()
-        times = link.schedule(flights) if link is not None else ((f, due(f)) for f in flights)
+        if link is not None:
+            found = link.head(self._queue(state, link))
+            if found is not None:
+                link.commit(found[1])
+            return found
         known: tuple[tuple[float, int], Flight] | None = None
         bound: tuple[float, int] | None = None
-        for f, at in times:
+        for f in state.flights.values():
+            at = due(f)
             if at is not None:
                 if known is None or (at, f.seq) < known[0]:
                     known = ((at, f.seq), f)
@@ -111,9 +117,20 @@ class VirtualClock:
                 bound = lb if bound is None or lb < bound else bound
         if known is None or (bound is not None and bound < known[0]):
             return None
-        if link is not None:
-            link.commit(known[1])
         return known[0][0], known[1]
+
+    def _queue(self, state: EngineState, link: ServerLink) -> list[tuple[float, int, Flight]]:
+        """The tasks in flight by (ready time, seq), sorted again only when tasks were dispatched or left.
+
+        The engine looks for the next result many times while replies come in; only a dispatch or a departure
+        changes this order (ready times are fixed at dispatch).
+        """
+        key = (state.seq, len(state.flights))
+        if key != self._queue_key:
+            self._queue_key = key
+            self._order = sorted((ready_at(f), f.seq, f) for f in state.flights.values())
+            link.forget_gone(state.flights)
+        return self._order
 
     def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
         """The drawn compute time; download plus the upload of the reply's content size (and its wait, if any)."""

@@ -42,7 +42,7 @@ star transfer does, whatever it carries (a model, OLCO3's delayed averages, a co
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 from server_app.profiles import TaskTiming
@@ -91,39 +91,48 @@ class ServerLink:
         return dataclasses.replace(timing, down_s=down_s, up_latency_s=timing.up_latency_s + self.latency_s,
                                    up_bps=min(timing.up_bps, self.bps), fail_after_s=fail)
 
-    def schedule(self, flights: Iterable[Flight]) -> list[tuple[Flight, float | None]]:
-        """Every flight with its completion time if it is known now, else None (its lower bound holds).
+    def head(self, order: Sequence[tuple[float, int, Flight]]) -> tuple[float, Flight] | None:
+        """The next result and its completion time, once no outstanding task could complete earlier; else None.
 
-        Also remembers the uploads' slots found, for ``commit``.
+        ``order``: every task in flight as ``(ready, seq, flight)``, sorted (ready: dispatch + download + compute).
+        A task's completion is known when it does not upload through the server (a node-to-node exchange, a
+        failure, an error reply: its own timing says when), when its upload slot is committed, or when its reply is
+        in hand and every upload queued ahead of it is known; any other task counts with its lower bound. One pass,
+        in queue order; the slots found are kept for ``commit``.
         """
-        out: list[tuple[Flight, float | None]] = []
-        queue: list[tuple[float, int, Flight]] = []
-        flights = list(flights)
-        if self.committed:  # forget the slots of tasks abandoned since (applied ones are popped by ``commit``)
-            live = {f.seq for f in flights}
-            self.committed = {seq: t for seq, t in self.committed.items() if seq in live}
-        for f in flights:
-            if f.seq in self.committed:
-                out.append((f, self.committed[f.seq]))
-            elif f.exchange is not None or not _uploads(f):
-                out.append((f, due(f)))
-            else:
-                t = _timing(f)
-                queue.append((f.dispatched_at + t.down_s + t.compute_s, f.seq, f))
-        queue.sort(key=lambda q: (q[0], q[1]))
-        free, blocked = self.in_free, False
-        self.tentative = []
-        for ready, _, f in queue:
-            blocked = blocked or f.reply is None
-            if blocked:
-                out.append((f, None))
-                continue
-            start = max(ready, free)
-            free = start + self.seconds(f.payload_up)
-            done = start + _timing(f).upload_s(f.payload_up)
-            self.tentative.append((f.seq, done, free))
-            out.append((f, done))
-        return out
+        committed, free, blocked = self.committed, self.in_free, False
+        tentative: list[tuple[int, float, float]] = []
+        best: tuple[float, int] | None = None
+        best_flight: Flight | None = None
+        bound: tuple[float, int] | None = None
+        for ready, seq, f in order:
+            t = _timing(f)
+            at = committed.get(seq)
+            if at is None:
+                if f.exchange is not None or not _uploads(f):
+                    at = due(f)
+                elif f.reply is None or blocked:
+                    blocked = True
+                else:
+                    start = ready if ready > free else free
+                    free = start + self.seconds(f.payload_up)
+                    at = start + t.upload_s(f.payload_up)
+                    tentative.append((seq, at, free))
+            if at is None:
+                lb = (f.dispatched_at + t.lower_bound_s(), seq)
+                if bound is None or lb < bound:
+                    bound = lb
+            elif best is None or (at, seq) < best:
+                best, best_flight = (at, seq), f
+        self.tentative = tentative
+        if best is None or best_flight is None or (bound is not None and bound < best):
+            return None
+        return best[0], best_flight
+
+    def forget_gone(self, live: Container[int]) -> None:
+        """Drop the committed slots of tasks no longer in flight (abandoned; applied ones are popped by ``commit``)."""
+        if self.committed:
+            self.committed = {seq: at for seq, at in self.committed.items() if seq in live}
 
     def commit(self, head: Flight) -> None:
         """``head`` is applied next: fix its upload slot and those of every upload ahead of it (see the docstring).
@@ -148,6 +157,12 @@ class ServerLink:
 def _timing(f: Flight) -> TaskTiming:
     assert f.timing is not None, "a virtual clock draws every task's timing at dispatch"
     return f.timing
+
+
+def ready_at(f: Flight) -> float:
+    """When the task's upload can start: dispatch + download + compute."""
+    t = _timing(f)
+    return f.dispatched_at + t.down_s + t.compute_s
 
 
 def _uploads(f: Flight) -> bool:
