@@ -19,6 +19,7 @@ run started, and a task's compute time is what its client reports.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import time
@@ -125,11 +126,19 @@ class VirtualClock:
         The engine looks for the next result many times while replies come in; only a dispatch or a departure
         changes this order (ready times are fixed at dispatch).
         """
-        key = (state.seq, len(state.flights))
-        if key != self._queue_key:
-            self._queue_key = key
-            self._order = sorted((ready_at(f), f.seq, f) for f in state.flights.values())
-            link.forget_gone(state.flights)
+        flights = state.flights
+        key = (state.seq, len(flights))
+        if key == self._queue_key:
+            return self._order
+        if self._queue_key is None:  # the first look (or the first after a resume)
+            self._order = sorted((ready_at(f), f.seq, f) for f in flights.values())
+        else:  # drop those gone, insert those dispatched since the last look
+            self._order = [e for e in self._order if e[1] in flights]
+            for seq in range(self._queue_key[0], state.seq):
+                if seq in flights:
+                    bisect.insort(self._order, (ready_at(flights[seq]), seq, flights[seq]))
+        self._queue_key = key
+        link.forget_gone(flights)
         return self._order
 
     def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:

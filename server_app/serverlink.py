@@ -107,11 +107,13 @@ class ServerLink:
         bound: tuple[float, int] | None = None
         for ready, seq, f in order:
             t = _timing(f)
-            at = committed.get(seq)
+            at = committed.get(seq) if committed else None
             if at is None:
-                if f.exchange is not None or not _uploads(f):
-                    at = due(f)
-                elif f.reply is None or blocked:
+                reply = f.reply
+                if f.exchange is not None or t.fail_after_s is not None or f.failure or (
+                        reply is not None and reply.has_error()):
+                    at = due(f)  # no upload through the server
+                elif reply is None or blocked:
                     blocked = True
                 else:
                     start = ready if ready > free else free
@@ -163,12 +165,6 @@ def ready_at(f: Flight) -> float:
     """When the task's upload can start: dispatch + download + compute."""
     t = _timing(f)
     return f.dispatched_at + t.down_s + t.compute_s
-
-
-def _uploads(f: Flight) -> bool:
-    """Whether the task may still upload: not failed, and its reply (if in hand) not an error."""
-    t = _timing(f)
-    return t.fail_after_s is None and not f.failure and (f.reply is None or not f.reply.has_error())
 
 
 def due(f: Flight) -> float | None:

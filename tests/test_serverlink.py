@@ -155,3 +155,16 @@ def test_olco3_runs_with_auto_delay_and_reports_its_d(simulate):
     assert run.summary.applied == 6
     delays = {json.loads(e["metrics_json"])["delay"] for e in run.evals() if "delay" in (e["metrics_json"] or "")}
     assert len(delays) == 1 and delays.pop() >= 2  # a 300 ms round trip at least, against periods of ~10 ms
+
+
+@pytest.mark.parametrize("strategy", ["fedasync", "olco3"])
+def test_a_congested_server_gives_the_same_run_whatever_order_the_replies_arrive_in(simulate, strategy):
+    """1 Mbit/s for six nodes: every transfer queues. Results still come in virtual-time order, replies shuffled."""
+    settings = {"nodes": 6, "max_updates": 18, "model": "logreg", "local_steps": 1, "eval_every": 0,
+                "server_bandwidth": 1.0, "server_latency": 20.0, "profiles": "wifi=1"}
+    runs = [simulate(strategy, reorder_seed=seed, **settings) for seed in (None, 5)]
+    rows = [[(r["node_id"], r["status"], r["dispatched_at"], r["completed_at"]) for r in run.updates()]
+            for run in runs]
+    assert rows[0] == rows[1]
+    free = [simulate(strategy, **{**settings, "server_bandwidth": 0.0}).summary.time]
+    assert runs[0].summary.time > 2 * free[0]  # the server's link, not the nodes', sets the pace
