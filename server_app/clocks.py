@@ -73,7 +73,8 @@ class VirtualClock:
         self.cfg = cfg
         self.flops_per_step = flops_per_step
         self._queue_key: tuple[int, int] | None = None
-        self._order: list[tuple[float, int, Flight]] = []
+        self._order: list[tuple[float, int, Flight]] = []  # see _queue
+        self._dropouts: list[Flight] = []
 
     def now(self, state: EngineState) -> float:
         """The virtual time of the last applied result."""
@@ -102,7 +103,7 @@ class VirtualClock:
         """
         link = state.link if self.server_link else None
         if link is not None:
-            found = link.head(self._queue(state, link))
+            found = link.head(self._queue(state, link), self._dropouts)
             if found is not None:
                 link.commit(found[1])
             return found
@@ -131,12 +132,18 @@ class VirtualClock:
         if key == self._queue_key:
             return self._order
         if self._queue_key is None:  # the first look (or the first after a resume)
-            self._order = sorted((ready_at(f), f.seq, f) for f in flights.values())
+            self._order, self._dropouts = [], []
+            new = list(flights)
         else:  # drop those gone, insert those dispatched since the last look
             self._order = [e for e in self._order if e[1] in flights]
-            for seq in range(self._queue_key[0], state.seq):
-                if seq in flights:
-                    bisect.insort(self._order, (ready_at(flights[seq]), seq, flights[seq]))
+            self._dropouts = [f for f in self._dropouts if f.seq in flights]
+            new = [seq for seq in range(self._queue_key[0], state.seq) if seq in flights]
+        for seq in new:
+            f = flights[seq]
+            if f.timing is not None and f.timing.fail_after_s is not None:
+                self._dropouts.append(f)  # may end before its ready time: kept out of the ready-time order
+            else:
+                bisect.insort(self._order, (ready_at(f), seq, f))
         self._queue_key = key
         link.forget_gone(flights)
         return self._order

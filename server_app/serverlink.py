@@ -42,12 +42,31 @@ star transfer does, whatever it carries (a model, OLCO3's delayed averages, a co
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from flwr.app import Message
 
 from server_app.profiles import TaskTiming
-from server_app.state import Flight
+from strategies.base import Exchange
 from strategies.config import RunConfig
+
+
+class Task(Protocol):
+    """What the link reads of a task in flight (``server_app.state.Flight``), and the one thing it writes."""
+
+    seq: int
+    dispatched_at: float
+    timing: TaskTiming | None
+    exchange: Exchange | None
+    failure: str
+    reply: Message | None
+    payload_up: int
+    done_at: float | None
+
+
+F = TypeVar("F", bound=Task)
 
 
 @dataclass
@@ -91,33 +110,40 @@ class ServerLink:
         return dataclasses.replace(timing, down_s=down_s, up_latency_s=timing.up_latency_s + self.latency_s,
                                    up_bps=min(timing.up_bps, self.bps), fail_after_s=fail)
 
-    def head(self, order: Sequence[tuple[float, int, Flight]]) -> tuple[float, Flight] | None:
+    def head(self, order: Sequence[tuple[float, int, F]], dropouts: Iterable[F] = ()) -> tuple[float, F] | None:
         """The next result and its completion time, once no outstanding task could complete earlier; else None.
 
-        ``order``: every task in flight as ``(ready, seq, flight)``, sorted (ready: dispatch + download + compute).
+        ``order``: the tasks in flight as ``(ready, seq, flight)``, sorted (ready: dispatch + download + compute),
+        but for ``dropouts``, the tasks failed at dispatch (a simulated dropout), which end when their timing says.
         A task's completion is known when it does not upload through the server (a node-to-node exchange, a
         failure, an error reply: its own timing says when), when its upload slot is committed, or when its reply is
-        in hand and every upload queued ahead of it is known; any other task counts with its lower bound. One pass,
-        in queue order; the slots found are kept for ``commit``.
+        in hand and every upload queued ahead of it is known; any other task counts with its lower bound. Every
+        task in ``order`` completes at or after its ready time, so the walk stops at the first one ready after the
+        best completion found. The slots found on the way are kept for ``commit``.
         """
         committed, free, blocked = self.committed, self.in_free, False
         tentative: list[tuple[int, float, float]] = []
         best: tuple[float, int] | None = None
-        best_flight: Flight | None = None
+        best_flight: F | None = None
+        for f in dropouts:
+            at = due(f)
+            if at is not None and (best is None or (at, f.seq) < best):
+                best, best_flight = (at, f.seq), f
         bound: tuple[float, int] | None = None
         for ready, seq, f in order:
+            if best is not None and ready > best[0]:
+                break  # this task and every later one completes after the best found
             t = _timing(f)
             at = committed.get(seq) if committed else None
             if at is None:
                 reply = f.reply
-                if f.exchange is not None or t.fail_after_s is not None or f.failure or (
-                        reply is not None and reply.has_error()):
+                if f.exchange is not None or f.failure or (reply is not None and reply.has_error()):
                     at = due(f)  # no upload through the server
                 elif reply is None or blocked:
                     blocked = True
                 else:
                     start = ready if ready > free else free
-                    free = start + self.seconds(f.payload_up)
+                    free = start + 8.0 * f.payload_up / self.bps
                     at = start + t.upload_s(f.payload_up)
                     tentative.append((seq, at, free))
             if at is None:
@@ -136,17 +162,17 @@ class ServerLink:
         if self.committed:
             self.committed = {seq: at for seq, at in self.committed.items() if seq in live}
 
-    def commit(self, head: Flight) -> None:
+    def commit(self, head: Task) -> None:
         """``head`` is applied next: fix its upload slot and those of every upload ahead of it (see the docstring).
 
         A head that does not upload through the server fixes nothing: the slots ahead are found again, the same.
         """
-        if any(seq == head.seq for seq, _, _ in self.tentative):
-            for seq, done, free in self.tentative:
-                self.committed[seq] = done
-                self.in_free = free
-                if seq == head.seq:
-                    break
+        for i, (seq, _, _) in enumerate(self.tentative):
+            if seq == head.seq:
+                for ahead, done, free in self.tentative[:i + 1]:
+                    self.committed[ahead] = done
+                    self.in_free = free
+                break
         self.tentative = []
         if head.seq in self.committed:
             head.done_at = self.committed.pop(head.seq)
@@ -156,18 +182,18 @@ class ServerLink:
         return {**self.__dict__, "tentative": []}
 
 
-def _timing(f: Flight) -> TaskTiming:
+def _timing(f: Task) -> TaskTiming:
     assert f.timing is not None, "a virtual clock draws every task's timing at dispatch"
     return f.timing
 
 
-def ready_at(f: Flight) -> float:
+def ready_at(f: Task) -> float:
     """When the task's upload can start: dispatch + download + compute."""
     t = _timing(f)
     return f.dispatched_at + t.down_s + t.compute_s
 
 
-def due(f: Flight) -> float | None:
+def due(f: Task) -> float | None:
     """Virtual completion time on the task's own timing, once it is known (reply in hand, or a failure)."""
     t = _timing(f)
     if t.fail_after_s is not None:
