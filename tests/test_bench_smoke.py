@@ -135,3 +135,15 @@ def test_scale_smoke(tmp_path, capsys):
         assert all(s["flights"] <= 5 for s in r["samples"])
     table = capsys.readouterr().out
     assert "| 20 | 5 |" in table and md.read_text().strip() in table
+
+
+def test_server_link_cost_smoke(tmp_path, capsys):
+    from bench import server_link_cost
+
+    out, md = tmp_path / "link.json", tmp_path / "link.md"
+    assert server_link_cost.main(["--nodes", "4", "--updates", "8", "--repeats", "1", "--json", str(out),
+                                  "--markdown", str(md)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["row"] for r in data["results"]] == ["link off", "link on"]
+    assert all(r["updates_per_s"] > 0 and r["virtual_s"] > 0 for r in data["results"]) and data["on_over_off"] > 0
+    assert md.read_text().strip() in capsys.readouterr().out
