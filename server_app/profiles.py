@@ -249,9 +249,12 @@ NETWORKS: dict[str, NetworkProfile] = {
         NetworkProfile(name="3g", down_bps=6e6, up_bps=2e6, latency_s=32e-3),
         # Inter-region links: a silo (or the server) in another cloud region, for cross-silo runs ("gpu/wan-atlantic").
         # Round-trip times: Microsoft, "Azure network round-trip latency statistics" (monthly averages between Azure
-        # regions, measured by ThousandEyes agents), cross-checked against WonderNetwork's published global ping
-        # statistics between the matching cities; rounded to 10 ms, representative, not exact: they move from month
-        # to month and with the route. Bandwidth: Amazon EC2 instance network bandwidth documentation: traffic to
+        # regions, measured by ThousandEyes agents) and WonderNetwork's published global ping statistics between the
+        # matching cities; rounded to 10 ms, representative, not exact: they move from month to month and with the
+        # route. Checked against the source: that page's October 2019 summary gives 5-72 ms for round trips within
+        # North America (wan-us is its top). The four intercontinental figures are representative values of those
+        # tables, not re-checked line by line: read the current table for your regions before relying on them.
+        # Bandwidth: Amazon EC2 instance network bandwidth documentation: traffic to
         # other regions is limited to 5 Gbit/s for an instance under 32 vCPUs, and so is one flow outside a cluster
         # placement group; 5 Gbit/s each way, an upper bound (a long fat pipe seldom fills it with one TCP flow).
         # US East <-> US West (Virginia - California): ~70 ms RTT -> 35 ms one-way.
