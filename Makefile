@@ -11,6 +11,8 @@ PYTHON3 ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# The native executor (client_app/native): compiled once here, not inside make test's time (about 50 s, 1.6 GB).
+NATIVE  := build/native/.built
 DB      ?=
 NODES   ?= 10
 CONFIG  ?=
@@ -20,12 +22,17 @@ DASHBOARD_ADDRESS ?= 127.0.0.1  # this machine only; 0.0.0.0 to serve the networ
 
 .PHONY: venv run test test-deployment test-fast lint bench bench-extra dashboard clean distclean deploy-local
 
-venv: $(STAMP)
+venv: $(STAMP) $(NATIVE)
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON3) -m venv $(VENV)
 	$(BIN)/pip install -r requirements.txt
 	touch $(STAMP)
+
+# Without a C++ compiler this says so and succeeds: the Python executors are the fallback.
+$(NATIVE): $(STAMP) client_app/native/executors.cpp client_app/native/__init__.py
+	$(BIN)/python -m client_app.native
+	mkdir -p $(dir $(NATIVE)) && touch $(NATIVE)
 
 # scripts/flwr_run.sh checks the preset, SET and DB (merged in that order) before it starts a SuperLink.
 run: $(STAMP)
@@ -38,13 +45,13 @@ run: $(STAMP)
 # cores (tests/conftest.py). The real deployment (TLS, authenticated SuperNodes, a SuperNode killed, shaped links)
 # is its own target: its SuperNodes start a fresh ClientApp process per task, about 2 minutes of both cores on its
 # own and unreliable beside other work. CI runs both (.ci/run).
-test: $(STAMP)
+test: $(STAMP) $(NATIVE)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not deployment"
 
 test-deployment: $(STAMP)
 	$(BIN)/python -m pytest -q -m deployment
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(NATIVE)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not deployment"
 
 lint: $(STAMP)
@@ -77,13 +84,13 @@ clean:
 
 # Also the virtualenv and the metrics stores under results/.
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) build/native
 	rm -f results/*.db results/*.db-*
 
 # make help: one line per target (the default goal stays venv, the first target above).
 .PHONY: help
 help:
-	@echo "make venv             create .venv and install requirements.txt (the default; every target does it first)"
+	@echo "make venv             create .venv, install requirements.txt, build the native executor (the default)"
 	@echo "make run              the default experiment on Flower's runtime: FedBuff, digits, 10 simulated SuperNodes"
 	@echo "                        [CONFIG=configs/X.toml] [SET=\"k=v ...\"] [NODES=10] [DB=path]"
 	@echo "make test             every test but the real deployment, on two pytest workers"

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 import os
 import threading
 import time
@@ -89,6 +90,8 @@ __all__ = [
     "run_executor",
     "train_local",
 ]
+
+_log = logging.getLogger(__name__)
 
 EXECUTORS = ("sequential", "leashed", "hogwild", "locked")
 #: Staleness histogram in the reply metrics: ``exec-staleness-hist-0`` .. ``-7`` count updates of staleness 0..7,
@@ -486,25 +489,37 @@ def make_policy(name: str, lr: float, persistence: int = 200, *, verify: bool = 
 
 
 # ------------------------------------------------------------------------------------------------ the mechanism
+NATIVE_SETTINGS = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class ExecutorSpec:
-    """Run-config keys ``local-executor``, ``local-threads`` and ``persistence``."""
+    """Run-config keys ``local-executor``, ``local-threads``, ``persistence`` and ``native-executor``.
+
+    ``native``: ``auto`` runs ``leashed``, ``hogwild`` and ``locked`` on the native C++ executor
+    (``client_app.native``) when it can be built and supports the model and device, else on the Python executor
+    (a warning says why, and the metric ``exec-native`` is 0); ``on`` makes that an error; ``off`` always uses
+    Python.
+    """
 
     name: str = "sequential"
     threads: int = 1
     persistence: int = 200
+    native: str = "auto"
 
     def __post_init__(self) -> None:
         """Reject unknown names and impossible counts."""
         if self.name not in EXECUTORS:
             raise ValueError(f"unknown local executor {self.name!r}; valid choices: {', '.join(EXECUTORS)}")
+        if self.native not in NATIVE_SETTINGS:
+            raise ValueError(f"native-executor must be one of {', '.join(NATIVE_SETTINGS)}, got {self.native!r}")
         if self.threads < 1 or self.persistence < 0:
             raise ValueError(f"need local-threads >= 1 and persistence >= 0, got {self.threads}, {self.persistence}")
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ExecutorSpec:
         """From the run config."""
-        return cls(cfg.local_executor, cfg.local_threads, cfg.persistence)
+        return cls(cfg.local_executor, cfg.local_threads, cfg.persistence, cfg.native_executor)
 
 
 @dataclass
@@ -641,14 +656,50 @@ def train_local(sgd: LocalSGD, model: torch.nn.Module, x: np.ndarray, y: np.ndar
     """The ClientApp's local training: ``LocalSGD.run`` for ``sequential``, else ``spec``'s executor.
 
     ``sequential`` adds no key to the metrics, so the default's replies (and their sizes, which the virtual
-    clock charges) are unchanged; the other executors add the ``exec-*`` keys of ``ExecReport.metrics``.
+    clock charges) are unchanged; the other executors add the ``exec-*`` keys of ``ExecReport.metrics`` and
+    ``exec-native`` (1 when the native C++ executor ran, 0 when the Python one did).
     """
     if spec.name == "sequential":
         return sgd.run(model, x, y, device)
     start = time.perf_counter()
-    report = run_executor(make_policy(spec.name, sgd.lr, spec.persistence), sgd, model, x, y, device, spec.threads)
+    report = _native_or_none(spec, sgd, model, x, y, device)
+    native = report is not None
+    if report is None:
+        report = run_executor(make_policy(spec.name, sgd.lr, spec.persistence), sgd, model, x, y, device,
+                              spec.threads)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     losses = [loss for _, loss in report.trace]
     return {keys.TRAIN_LOSS: sum(losses) / max(len(losses), 1), keys.COMPUTE_S: time.perf_counter() - start,
-            "examples-seen": float(report.gradients * min(sgd.batch_size, len(y))), **report.metrics()}
+            "examples-seen": float(report.gradients * min(sgd.batch_size, len(y))), **report.metrics(),
+            "exec-native": float(native)}
+
+
+_fallbacks_logged: set[str] = set()
+
+
+def _native_or_none(spec: ExecutorSpec, sgd: LocalSGD, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
+                    device: torch.device) -> ExecReport | None:
+    """Run ``spec`` on the native executor if ``native-executor`` allows it and it can; None means: use Python.
+
+    The reason for a fallback is logged once per process (a warning); with ``native-executor = "on"`` it is an
+    error instead.
+    """
+    if spec.native == "off":
+        return None
+    from client_app import native  # imported here: it imports torch.utils.cpp_extension only when built
+
+    reason = native.unsupported(spec.name, model, device)
+    if reason is None:
+        try:
+            native.load()
+        except native.NativeUnavailable as exc:
+            reason = str(exc)
+    if reason is not None:
+        if spec.native == "on":
+            raise RuntimeError(f"native-executor = 'on' but {reason}")
+        if reason not in _fallbacks_logged:
+            _fallbacks_logged.add(reason)
+            _log.warning("native executor not used (%s): running the Python %s executor", reason, spec.name)
+        return None
+    return native.run_native(spec.name, sgd, model.to(device), x, y, spec.threads, spec.persistence)

@@ -142,6 +142,8 @@ class RunConfig:
     local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))
     local_threads: int = field(default=1, metadata=_range(1, 256))
     persistence: int = field(default=200, metadata=_range(0, MAX_LOCAL_STEPS))
+    # C++ threads outside the GIL for leashed/hogwild/locked (client_app/native): auto falls back to Python.
+    native_executor: str = field(default="auto", metadata=_choices("auto", "on", "off"))
     # Reliability: outlier updates, checkpoints, resume.
     update_filter: str = field(default="clip", metadata=_choices("none", "reject", "clip"))
     norm_multiplier: float = field(default=3.0, metadata=_range(1, MAX_FACTOR))
