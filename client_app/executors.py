@@ -30,6 +30,11 @@ bounded memory (at most ``2m + 1`` live vectors: the published one, one read per
 thread). No ABA problem: the CAS compares object identity, and a thread holds a reference to the object it
 compares, so its identity cannot be reused.
 
+The native executor. ``client_app/native`` runs ``leashed``, ``hogwild`` and ``locked`` on C++ threads over
+libtorch with a real ``std::atomic`` compare-and-swap and a pool of 2m + 1 vectors, outside the GIL;
+``train_local`` uses it when the run-config key ``native-executor`` (``auto``, the default) and the model allow,
+and this module's policies otherwise: they stay the reference and the fallback.
+
 Momentum is thread-local for every multi-thread policy (as in the reference code's thread-local optimizers): each
 thread keeps its own buffer ``buf = momentum * buf + g`` over the gradients it computed, with
 ``torch.optim.SGD``'s arithmetic, and applies ``-lr * buf``. Leashed-SGD updates the buffer once per gradient,
