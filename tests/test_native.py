@@ -128,7 +128,8 @@ def test_persistence_zero_under_contention(digits, threads):
     assert_safe(report, threads)
 
 
-@pytest.mark.skipif(not os.environ.get("STALEFLOWER_STRESS"), reason="stress run: set STALEFLOWER_STRESS=1 (1-4 min on 2 cores)")
+@pytest.mark.skipif(not os.environ.get("STALEFLOWER_STRESS"),
+                    reason="stress run: set STALEFLOWER_STRESS=1 (1-4 min on 2 cores)")
 @pytest.mark.parametrize("persistence", [0, 1, 4, 10_000])
 def test_stress_leashed_no_delay(digits, persistence):
     """Many threads, no artificial delay, the MLP: the raw race, checked on every read."""
@@ -198,3 +199,18 @@ def test_scope_and_config():
     assert ExecutorSpec.from_config(RunConfig(local_executor="leashed", native_executor="off")).native == "off"
     with pytest.raises(ValueError, match="native-executor"):
         ExecutorSpec("leashed", native="maybe")
+
+
+def test_sweep_benchmark_smoke(tmp_path):
+    """`python bench/leashed_sweep.py --quick`: the configurations, the JSON's keys, the table."""
+    from bench import leashed_sweep
+
+    report = leashed_sweep.main(["--quick", "--threads", "2", "--lrs", "0.05", "--json", str(tmp_path / "s.json")])
+    rows = {(r["impl"], r["executor"], r["persistence"]) for r in report["results"]}
+    assert rows == {("native", "leashed", b) for b in leashed_sweep.PERSISTENCE} | {
+        ("native", "locked", "-"), ("native", "hogwild", "-"), ("python", "leashed", "inf"),
+        ("python", "locked", "-"), ("python", "hogwild", "-")}
+    for r in report["results"]:
+        assert sum(r["attempts_hist"]) == r["runs"] * 40  # every gradient, published or dropped, has one
+        assert r["peak_live"] <= 5 and r["diverged"] in (0, 1)
+    assert set(report["ms_per_update_one_thread"]) == {"batch 1", "batch 64"}
