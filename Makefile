@@ -11,8 +11,9 @@ PYTHON3 ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# The native executor (client_app/native): compiled once here, not inside make test's time (about 50 s, 1.6 GB).
-NATIVE  := build/native/.built
+# The native executor (client_app/native): compiled once here, not inside make test's time (35-50 s, 1.6 GB),
+# into ~/.cache/staleflower/native/ (one folder per source version; STALEFLOWER_NATIVE_DIR moves it).
+NATIVE  := build/.native-built
 DB      ?=
 NODES   ?= 10
 CONFIG  ?=
@@ -84,7 +85,7 @@ clean:
 
 # Also the virtualenv and the metrics stores under results/.
 distclean: clean
-	rm -rf $(VENV) build/native
+	rm -rf $(VENV) build/.native-built
 	rm -f results/*.db results/*.db-*
 
 # make help: one line per target (the default goal stays venv, the first target above).

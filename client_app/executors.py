@@ -692,14 +692,18 @@ def _native_or_none(spec: ExecutorSpec, sgd: LocalSGD, model: torch.nn.Module, x
     """
     if spec.native == "off":
         return None
-    from client_app import native  # imported here: it imports torch.utils.cpp_extension only when built
-
-    reason = native.unsupported(spec.name, model, device)
-    if reason is None:
-        try:
-            native.load()
-        except native.NativeUnavailable as exc:
-            reason = str(exc)
+    try:
+        from client_app import native  # imported here: the sequential default never needs it
+    except ImportError as exc:  # a copy of client_app without its native/ folder
+        native = None
+        reason: str | None = f"client_app.native cannot be imported ({exc})"
+    else:
+        reason = native.unsupported(spec.name, model, device)
+        if reason is None:
+            try:
+                native.load()
+            except native.NativeUnavailable as exc:
+                reason = str(exc)
     if reason is not None:
         if spec.native == "on":
             raise RuntimeError(f"native-executor = 'on' but {reason}")
@@ -707,4 +711,5 @@ def _native_or_none(spec: ExecutorSpec, sgd: LocalSGD, model: torch.nn.Module, x
             _fallbacks_logged.add(reason)
             _log.warning("native executor not used (%s): running the Python %s executor", reason, spec.name)
         return None
+    assert native is not None
     return native.run_native(spec.name, sgd, model.to(device), x, y, spec.threads, spec.persistence)

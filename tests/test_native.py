@@ -3,7 +3,7 @@ contention, consistent reads (checksums), the persistence bound, the 2m + 1 boun
 a reclaimed vector (reclaimed vectors are NaN-poisoned and no gradient may see a NaN); the Python fallback.
 
 Skipped, with the reason, only where the extension cannot be built (no C++ compiler or ninja). `make venv` builds
-it once (about 50 s), so `make test` does not pay the compile. No assertion depends on timing: contention is forced
+it once (35-50 s), so `make test` does not pay the compile. No assertion depends on timing: contention is forced
 with a pause before each compare-and-swap, or a rival that publishes first.
 """
 
@@ -188,6 +188,18 @@ def test_no_compiler_falls_back(digits, monkeypatch):
     metrics = train_local(LocalSGD(steps=4, batch_size=8, lr=0.05), tiny_model(), x, y, CPU,
                           ExecutorSpec("leashed", threads=2))
     assert metrics["exec-native"] == 0.0 and metrics["exec-updates"] + metrics["exec-dropped"] == 4
+
+
+def test_cache_without_the_source(monkeypatch, tmp_path):
+    """A copy without executors.cpp (a Flower app bundle) imports the newest build; none cached: a clear reason."""
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "missing.cpp")
+    assert native.load().ABI == native.ABI  # the cache of this machine's build, no compiler call
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setenv("STALEFLOWER_NATIVE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(native.NativeUnavailable, match="C\\+\\+ source is not shipped"):
+        native.load()
 
 
 def test_scope_and_config():

@@ -1,9 +1,10 @@
 """Native local executors: Leashed-SGD, HOGWILD! and lock-based AsyncSGD on C++ threads, outside the GIL.
 
-``executors.cpp`` is compiled once with ``torch.utils.cpp_extension.load`` (g++ and ninja; about a minute on one
-core) into ``build/native/`` in the repository (git ignores it; ``STALEFLOWER_NATIVE_DIR`` moves it), by
-``make venv`` or lazily on first use, and reused afterwards. ``python -m client_app.native`` builds it and says
-how long that took.
+``executors.cpp`` is compiled once with ``torch.utils.cpp_extension.load`` (g++ and ninja; 35-50 s of one core)
+into ``~/.cache/staleflower/native/<source hash>-torch<version>-py<version>/`` (``STALEFLOWER_NATIVE_DIR`` moves
+the cache), by ``make venv`` or lazily on first use, and imported from there afterwards (no compiler needed then).
+``python -m client_app.native`` builds it and says how long that took. One cache serves every checkout, installed
+copy and Flower app bundle of the same source; a bundle, which carries no C++ file, uses the newest build.
 
 What runs natively. The worker threads are ``std::thread``s; the GIL is released for the whole run. Gradients come
 from libtorch autograd on a functional form of the model: an ``nn.Sequential`` of ``Flatten``, ``Linear``,
@@ -22,6 +23,8 @@ a stale slot is reclaimed exactly once and only when no thread reads it (the com
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("executors.cpp")
 NAME = "staleflower_native"
+ABI = 1  # the interface version: executors.cpp's m.attr("ABI"); raise both when run()'s signature changes
 POLICIES = ("leashed", "hogwild", "locked")
 _FLATTEN, _LINEAR, _RELU, _CONV2D, _MAXPOOL2D = range(5)
 
@@ -59,18 +63,31 @@ class NativeUnavailable(RuntimeError):
 
 
 def build_dir() -> Path:
-    """Where the compiled extension is cached.
+    """The cache of compiled builds.
 
-    ``$STALEFLOWER_NATIVE_DIR``, else ``build/native`` in the repository (else ``~/.cache/staleflower/native`` when
-    the repository is read-only).
+    ``$STALEFLOWER_NATIVE_DIR``, else ``$XDG_CACHE_HOME/staleflower/native`` (``~/.cache/staleflower/native``).
+    Each source version has its own folder in it (``version_dir``).
     """
     env = os.environ.get("STALEFLOWER_NATIVE_DIR")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    if os.access(repo, os.W_OK):
-        return repo / "build" / "native"
-    return Path.home() / ".cache" / "staleflower" / "native"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "staleflower" / "native"
+
+
+def _platform_tag() -> str:
+    return f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def version_dir() -> Path | None:
+    """The folder of this source version's build, or None when the source is not here.
+
+    Named after a hash of the C++ source and torch's and Python's versions.
+    """
+    if not SOURCE.exists():
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return build_dir() / f"{digest}-{_platform_tag()}"
 
 
 def _toolchain_problem() -> str | None:
@@ -86,10 +103,27 @@ def _toolchain_problem() -> str | None:
     return None
 
 
-def load(*, verbose: bool = False) -> ModuleType:
-    """The compiled extension: built once into ``build_dir()`` (a file lock guards concurrent builds), then reused.
+def _import_built(folder: Path) -> ModuleType | None:
+    """Import the newest compiled extension in ``folder`` without torch.utils.cpp_extension (None if none)."""
+    built = sorted(folder.glob(f"{NAME}*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for so in built:
+        spec = importlib.util.spec_from_file_location(so.stem, so)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if getattr(module, "ABI", None) == ABI:
+            return module
+    return None
 
-    A failure is remembered for the life of the process, so a fallback does not retry the compile on every task.
+
+def load(*, verbose: bool = False) -> ModuleType:
+    """The compiled extension, imported from its cache folder, or compiled there once first.
+
+    A file lock guards concurrent builds. Where the C++ source is not shipped (a Flower app bundle carries Python
+    files only), the newest build for this torch and Python in ``build_dir()`` is used, if its interface version
+    matches. A failure is remembered for the life of the process, so a fallback does not retry the compile on
+    every task.
     """
     global _module, _failure
     with _lock:
@@ -97,17 +131,36 @@ def load(*, verbose: bool = False) -> ModuleType:
             return _module
         if _failure is not None:
             raise NativeUnavailable(_failure)
-        problem = _toolchain_problem()
-        if problem is not None:
-            _failure = problem
-            raise NativeUnavailable(problem)
+        where = version_dir()
         try:
+            if where is None:
+                for folder in sorted(build_dir().glob(f"*-{_platform_tag()}"), key=lambda p: p.stat().st_mtime,
+                                     reverse=True):
+                    _module = _import_built(folder)
+                    if _module is not None:
+                        return _module
+                _failure = (f"its C++ source is not shipped with this copy of client_app and {build_dir()} has no "
+                            "build of it (run `python -m client_app.native` in the repository)")
+                raise NativeUnavailable(_failure)
+            if where.is_dir():
+                _module = _import_built(where)
+                if _module is not None:
+                    return _module
+            problem = _toolchain_problem()
+            if problem is not None:
+                _failure = problem
+                raise NativeUnavailable(problem)
             from torch.utils import cpp_extension
 
-            where = build_dir()
             where.mkdir(parents=True, exist_ok=True)
             _module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(where),
                                          extra_cflags=["-O3"], verbose=verbose)
+            if getattr(_module, "ABI", None) != ABI:
+                _module = None
+                _failure = "the built extension has another interface version"
+                raise NativeUnavailable(_failure)
+        except NativeUnavailable:
+            raise
         except Exception as exc:  # compiler errors, missing headers: the Python executor takes over
             last = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
             _failure = f"the native executor failed to build: {last}"
@@ -220,4 +273,4 @@ def build(verbose: bool = False) -> tuple[bool, float, str]:
     seconds = time.perf_counter() - start
     if _module is None:
         return False, seconds, f"native executor unavailable: {_failure}; the Python executors will be used"
-    return True, seconds, f"native executor ready in {build_dir()} ({seconds:.1f} s)"
+    return True, seconds, f"native executor ready in {version_dir() or build_dir()} ({seconds:.1f} s)"
