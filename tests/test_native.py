@@ -118,6 +118,23 @@ def test_persistence_retries_on_the_newer_vector(digits, wins, persistence):
     assert_safe(report, 1)
 
 
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_a_read_of_a_reclaimed_vector_is_caught(digits, unsafe):
+    """A rival publishes between each gradient's read and its computation, so the vector read goes stale. Pinned,
+    it survives until the read ends; unpinned too early (the negative control), it is reclaimed, poisoned with NaN
+    and recycled under the reader, and both the NaN check and the checksum catch it."""
+    x, y = digits
+    flags = native.RIVAL_BEFORE_GRADIENT | (native.UNSAFE_EARLY_UNPIN if unsafe else 0)
+    report = native.run_native("leashed", LocalSGD(steps=5, batch_size=8, lr=0.1, seed=1), tiny_model(), x, y, 1,
+                               200, verify=True, test_flags=flags)
+    assert report.rival_published == 5
+    if unsafe:
+        assert report.nan_seen > 0 and report.inconsistent > 0
+    else:
+        assert_safe(report, 1)
+        assert report.staleness == [1] * 5 and report.poisoned_free_slots >= 1
+
+
 @pytest.mark.parametrize("threads", [2, 8])
 def test_persistence_zero_under_contention(digits, threads):
     x, y = digits

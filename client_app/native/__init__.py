@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("executors.cpp")
 NAME = "staleflower_native"
-ABI = 1  # the interface version: executors.cpp's m.attr("ABI"); raise both when run()'s signature changes
+ABI = 2  # the interface version: executors.cpp's m.attr("ABI"); raise both when run()'s signature changes
 POLICIES = ("leashed", "hogwild", "locked")
 _FLATTEN, _LINEAR, _RELU, _CONV2D, _MAXPOOL2D = range(5)
+RIVAL_BEFORE_GRADIENT, UNSAFE_EARLY_UNPIN = 1, 2  # run_native's test_flags (executors.cpp)
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -231,12 +232,15 @@ class NativeReport(ExecReport):
 
 def run_native(name: str, sgd: LocalSGD, model: nn.Module, x: np.ndarray, y: np.ndarray, threads: int = 1,
                persistence: int = 200, *, verify: bool = False, cas_delay_us: int = 0,
-               rival_wins: int = -1) -> NativeReport:
+               rival_wins: int = -1, test_flags: int = 0) -> NativeReport:
     """Train ``model`` (CPU) in place with the native ``name`` executor over ``sgd.batches``; return its report.
 
     ``verify`` checksums every read, poisons reclaimed vectors with NaN and counts non-finite gradients (tests).
     ``cas_delay_us`` sleeps before each compare-and-swap and ``rival_wins`` lets a rival publish before each of
-    the first ``rival_wins`` attempts of every gradient: test seams that force contention.
+    the first ``rival_wins`` attempts of every gradient: test seams that force contention. ``test_flags``
+    (tests only): ``RIVAL_BEFORE_GRADIENT`` lets a rival publish between a gradient's read and its computation;
+    ``UNSAFE_EARLY_UNPIN`` stops counting the reader before it reads, the bug the protocol prevents, so the
+    checks can be seen to fail.
     """
     if name not in POLICIES:
         raise ValueError(f"no native {name!r} executor")
@@ -250,7 +254,7 @@ def run_native(name: str, sgd: LocalSGD, model: nn.Module, x: np.ndarray, y: np.
     with _intra_op_threads(threads):
         final, rep = ext.run(name, ops, params, xt, yt, batches, anchor, float(sgd.lr), float(sgd.momentum),
                              float(sgd.prox_mu), int(threads), int(persistence), bool(verify), int(cas_delay_us),
-                             int(rival_wins))
+                             int(rival_wins), int(test_flags))
     with torch.no_grad():
         for p, t in zip(model.parameters(), final, strict=True):
             p.copy_(t)

@@ -80,7 +80,11 @@ struct Config {
   bool verify = false;
   int64_t cas_delay_us = 0;  // tests: sleep between building a vector and its CAS, to force contention
   int64_t rival_wins = -1;   // tests: a rival publishes before each of the first `rival_wins` attempts per gradient
+  int64_t test_flags = 0;    // tests: RIVAL_BEFORE_GRADIENT, UNSAFE_EARLY_UNPIN (the negative control)
 };
+
+constexpr int64_t RIVAL_BEFORE_GRADIENT = 1;  // a rival publishes between a gradient's read and its computation
+constexpr int64_t UNSAFE_EARLY_UNPIN = 2;     // the bug the pin prevents: stop counting as a reader before reading
 
 std::vector<Tensor> layer_views(const Tensor& flat, const std::vector<Tensor>& like) {
   std::vector<Tensor> out;
@@ -369,14 +373,18 @@ class Executor {
   void leashed_step(int64_t k, int64_t j, std::vector<Tensor>& buf, ThreadStats& st) {
     Slot* v0 = pin();
     const int64_t t0 = v0->timestamp;
+    const bool unsafe = (cfg_.test_flags & UNSAFE_EARLY_UNPIN) != 0;
+    if (unsafe) unpin(v0);  // negative control only: v0 may now be reclaimed, poisoned and recycled under us
+    if (cfg_.test_flags & RIVAL_BEFORE_GRADIENT) rival_publish(j, st);
     std::vector<Tensor> grads;
     try {
       grads = grad(v0->views, k, st);
     } catch (...) {
-      unpin(v0);
+      if (!unsafe) unpin(v0);
       throw;
     }
-    end_read(v0, st);
+    if (!unsafe) end_read(v0, st);
+    else if (cfg_.verify && checksum(v0->views) != v0->check) st.inconsistent += 1;
     auto d = direction(std::move(grads), buf);
     for (int64_t attempt = 1; attempt <= cfg_.persistence + 1; ++attempt) {
       Slot* v1 = pin();
@@ -476,7 +484,7 @@ class Executor {
 py::tuple run(const std::string& policy, const std::vector<std::vector<int64_t>>& ops, const std::vector<Tensor>& start,
               const Tensor& x, const Tensor& y, const Tensor& batches, const std::vector<Tensor>& anchor, double lr,
               double momentum, double prox_mu, int64_t threads, int64_t persistence, bool verify,
-              int64_t cas_delay_us, int64_t rival_wins) {
+              int64_t cas_delay_us, int64_t rival_wins, int64_t test_flags) {
   if (policy != "leashed" && policy != "hogwild" && policy != "locked")
     throw std::invalid_argument("native executor: unknown policy " + policy);
   if (threads < 1 || persistence < 0) throw std::invalid_argument("need threads >= 1 and persistence >= 0");
@@ -484,7 +492,7 @@ py::tuple run(const std::string& policy, const std::vector<std::vector<int64_t>>
   if (batches.dim() != 2 || batches.scalar_type() != torch::kLong)
     throw std::invalid_argument("batches must be a 2-D int64 tensor");
   Config cfg{policy, ops, x, y, batches, anchor, lr, momentum, prox_mu, threads, persistence, verify,
-             cas_delay_us, rival_wins};
+             cas_delay_us, rival_wins, test_flags};
   std::unique_ptr<Executor> ex;
   std::vector<Tensor> result;
   {
@@ -505,6 +513,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "Run one task's local steps; returns (final parameters, report dict)", py::arg("policy"),
         py::arg("ops"), py::arg("start"), py::arg("x"), py::arg("y"), py::arg("batches"), py::arg("anchor"),
         py::arg("lr"), py::arg("momentum"), py::arg("prox_mu"), py::arg("threads"), py::arg("persistence"),
-        py::arg("verify"), py::arg("cas_delay_us") = 0, py::arg("rival_wins") = -1);
-  m.attr("ABI") = 1;
+        py::arg("verify"), py::arg("cas_delay_us") = 0, py::arg("rival_wins") = -1, py::arg("test_flags") = 0);
+  m.attr("ABI") = 2;
 }
