@@ -25,7 +25,7 @@ METHODS = {
     "k-batch-async": {"strategy": "k-batch-async"},
     "ssp": {"strategy": "ssp"},
     "adasync": {"strategy": "adasync", "k": 2},
-    "abs": {"strategy": "abs", "k": 2},
+    "abs": {"strategy": "abs", "k": 2, "abs-mode": "clock"},  # the open-loop schedule these figures measured
 }
 BASE = {"dataset": "digits", "model": "mlp", "profiles": "laptop/ethernet=1", "compute-dist": "shifted-exp",
         "compute-jitter": 1.0, "straggler-fraction": 0.125, "straggler-slowdown": 5.0, "k": 4,

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| U | k | k-double-every (s) | staleness-bound | time to 90% (s) | applied updates | wasted compute |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for steps, k, every, bound in itertools.product((1, 4), (2, 4), (0.1, 0.2, 0.5, 0.0), (2, 4)):
-        r = run_with_curve({**BASE, "strategy": "abs", "k": k, "k-double-every": every, "staleness-bound": bound,
-                            "local-steps": steps, "seed": args.seed}, nodes=16, db=db)
+        r = run_with_curve({**BASE, "strategy": "abs", "abs-mode": "clock", "k": k, "k-double-every": every,
+                            "staleness-bound": bound, "local-steps": steps, "seed": args.seed}, nodes=16, db=db)
         _, _, share = staleness_and_waste(db, r["run_id"])
         reached = "" if r["stop"] == "target-accuracy" else " (not reached)"
         lines.append(f"| {steps} | {k} | {every} | {bound} | {r['time']:.3f}{reached} | {r['applied']} | {share:.1%} |")

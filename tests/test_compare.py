@@ -226,13 +226,14 @@ def test_a_comparison_of_variants_reports_each_under_its_label(capsys, tmp_path)
 # ------------------------------------------------------------------------------------------------ the parts
 def test_every_registered_strategy_declares_a_valid_space() -> None:
     for name, cls in registered().items():
-        check_space(cls.search_space, name)
+        check_space(cls.search_space, name, cls.hyperparameters)
     from tests.compare_helpers import HalfStep, ScaledStep
 
     assert HalfStep.search_space is DEFAULT_SPACE and "lr" in DEFAULT_SPACE
     check_space(ScaledStep.search_space, "ScaledStep")
     assert set(registered()["fedbuff"].search_space) == {"lr", "buffer-size", "staleness-a", "server-lr"}
-    assert set(registered()["abs"].search_space) == {"lr", "k", "k-double-every", "staleness-bound"}
+    assert set(registered()["abs"].search_space) == {"lr", "k", "abs-straggler-factor", "abs-tau-factor",
+                                                     "abs-staleness-quantile", "abs-spare-done", "abs-window"}
     assert set(registered()["overlap-local-sgd"].search_space) == {"lr", "mixing"}
 
 

@@ -24,7 +24,8 @@ from client_app.app import app as client_app
 from server_app.app import run_experiment
 from server_app.local_grid import LocalGrid
 from server_app.simulate import merge_config
-from strategies.config import RunConfig, key_of
+from strategies import parse_config
+from strategies.config import key_of
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode
 
@@ -97,7 +98,7 @@ def quick_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
 def _run(tmp_path: Path, grid_kwargs: dict, nodes: int = 4, **settings) -> tuple[object, list[dict], list[dict]]:
     values = {"clock": "wall", "model": "logreg", "local-steps": 2, "eval-every": 10, "min-nodes": 3, "task-ttl": 10.0,
               "metrics-db": str(tmp_path / "m.db"), **{key_of(k): v for k, v in settings.items()}}
-    cfg = RunConfig.from_mapping(merge_config(overrides=values))
+    cfg = parse_config(merge_config(overrides=values))  # with the strategy's own hyperparameters declared
     grid = FlakyGrid(nodes, cfg.to_mapping(), **grid_kwargs)
     try:
         summary = run_experiment(grid, cfg, run_id="r1")
@@ -144,7 +145,7 @@ def test_silent_death_fails_at_task_ttl(tmp_path: Path) -> None:
 def test_abs_k_shrinks_with_the_fleet(tmp_path: Path) -> None:
     # K(t) = min(N, k 2^(t/every)) would wait for 4 distinct arrivals; with one node gone, N is 3.
     summary, updates, _ = _run(tmp_path, {"script": [(1, "die", 1001)]}, strategy="abs", max_updates=30, k=4,
-                               k_double_every=0.0)
+                               k_double_every=0.0, abs_mode="clock")
     assert summary.stop_reason == "max-updates"
     assert {1000, 1002, 1003} <= {u["node_id"] for u in updates if u["status"] == "applied"}
 
@@ -169,7 +170,7 @@ def test_abs_applies_arrivals_in_hand_when_a_silent_node_is_declared_gone(tmp_pa
     # K = N = 4. Node 1001 dies silently; the three others deliver (3 of 4) and wait (distinct nodes); then
     # Flower declares 1001 unavailable. K is now 3: the three arrivals in hand are an update, not a stall.
     summary, updates, _ = _run(tmp_path, {"script": [(0, "vanish", 1001), (3, "die", 1001)]}, strategy="abs",
-                               max_updates=12, k=4, k_double_every=0.0, task_ttl=5.0)
+                               max_updates=12, k=4, k_double_every=0.0, task_ttl=5.0, abs_mode="clock")
     assert summary.stop_reason == "max-updates"
     lost = [u for u in updates if u["node_id"] == 1001]  # its one task, lost when Flower declared it gone
     assert [u["status"] for u in lost] == ["failed"] and f"client error {NODE_UNAVAILABLE}" in lost[0]["reason"]

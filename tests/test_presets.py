@@ -8,7 +8,7 @@ from client_app.data import DatasetMissingError, load_dataset
 from server_app.app import validate
 from server_app.simulate import main as simulate_main
 from server_app.simulate import merge_config
-from strategies.config import RunConfig
+from strategies import parse_config
 
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
 
@@ -19,7 +19,7 @@ def test_there_are_presets():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_is_valid(preset):
-    cfg = RunConfig.from_mapping(merge_config(str(preset)))
+    cfg = parse_config(merge_config(str(preset)))  # a strategy's own hyperparameters declared, as a run does
     if cfg.dataset == "fashion-mnist":
         try:
             load_dataset("fashion-mnist", data_dir=cfg.data_dir)

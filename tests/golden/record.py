@@ -10,7 +10,9 @@ The traces were recorded from the engine as it was before the rewrite of ``serve
 Do not re-record to make that test pass; a difference is a behaviour change to explain. The cases with restarts
 (k-sync, adasync, abs) pin ``restart = "interrupt"``, the engine's only behaviour when they were recorded (the key
 was added to their stored settings and config by hand, nothing re-recorded); ``abs-finish`` was recorded later,
-for the default ``restart = "finish"`` (``RECORDED_FROM``).
+for the default ``restart = "finish"`` (``RECORDED_FROM``). ``abs`` and ``abs-finish`` pin ABS's open-loop
+``abs-mode = "clock"`` the same way (added by hand when the closed loop became ABS's default);
+``abs-adaptive`` was recorded for the closed loop.
 
 What a case's JSON holds:
 
@@ -85,10 +87,15 @@ CASES: dict[str, tuple[str, int, int, dict[str, Any]]] = {
     "adasync": ("adasync", 6, 17, {"max_updates": 30, "k": 2, "k_double_every": 0.1, "restart": "interrupt"}),
     "ssp": ("ssp", 6, 18, {"max_updates": 30, "staleness_bound": 2}),
     "abs": ("abs", 8, 19, {"max_updates": 40, "k": 2, "staleness_bound": 1, "k_double_every": 0.0,
-                           "compute_dist": "shifted-exp", "compute_jitter": 1.0, "restart": "interrupt"}),
+                           "compute_dist": "shifted-exp", "compute_jitter": 1.0, "restart": "interrupt",
+                           "abs_mode": "clock"}),
     # restarts as Flower runs them (restart = "finish"), with a bound that shrinks between updates
     "abs-finish": ("abs", 8, 24, {"max_updates": 40, "k": 2, "staleness_bound": 4, "k_double_every": 0.02,
-                                  "compute_dist": "shifted-exp", "compute_jitter": 1.0, "restart": "finish"}),
+                                  "compute_dist": "shifted-exp", "compute_jitter": 1.0, "restart": "finish",
+                                  "abs_mode": "clock"}),
+    # ABS's closed loop (abs-mode = "adaptive", its default): K and tau from measured durations, loss, staleness
+    "abs-adaptive": ("abs", 8, 25, {"max_updates": 40, "k": 2, "compute_dist": "shifted-exp",
+                                    "compute_jitter": 1.0, "restart": "finish"}),
     # decentralized (AD-PSGD needs a bipartite graph: an even node count on ring / bipartite-exponential)
     "ad-psgd": ("ad-psgd", 6, 20, {"max_updates": 30, "topology": "bipartite-exponential"}),
     "d-psgd": ("d-psgd", 6, 21, {"max_updates": 30, "topology": "ring"}),
@@ -98,7 +105,8 @@ CASES: dict[str, tuple[str, int, int, dict[str, Any]]] = {
 # What must show up somewhere, or the cases would not exercise what they are meant to.
 REQUIRED_STATUSES = {"k-sync": "restarted", "abs": "restarted", "abs-finish": "restarted", "fedasync": "failed"}
 # Cases added after the engine's rewrite: recorded from the code that introduced what they exercise.
-RECORDED_FROM = {"abs-finish": "restart = finish (abandoned tasks run to their end), recorded when it was added"}
+RECORDED_FROM = {"abs-finish": "restart = finish (abandoned tasks run to their end), recorded when it was added",
+                 "abs-adaptive": "abs-mode = adaptive (ABS's closed loop), recorded when it was added"}
 REQUIRED_REASON = {"fedbuff-clip": "clipped"}
 
 
