@@ -26,6 +26,7 @@ saying what is unfair about it, and the extra tuned comparison at D = 4 (about 2
 - bench.abs_stragglers: ABS and the bounded-staleness family against stragglers, untuned (RESULTS.md)
 - bench.abs_sweep: the sweep behind ABS's default schedule (RESULTS.md)
 - bench.abs_restart: ABS with restarts as Flower runs them (restart = "finish") against free ones (RESULTS.md)
+- bench.abs_adaptive: ABS's closed loop (abs-mode = "adaptive") against its clock schedule, untuned (RESULTS.md)
 - bench.adpsgd_straggler: AD-PSGD against D-PSGD, AllReduce-SGD and async-SGD with one slow node (RESULTS.md)
 - bench.comparisons olco3-iid-d4: the OLCO3 family at D = 4 under the harness (RESULTS.md)
 
@@ -79,6 +80,8 @@ def main() -> int:
         ["-m", "bench.abs_sweep", "--seed", "0", "--out", "results/abs_sweep.md"],
         ["-m", "bench.abs_restart", "--seeds", *(seeds if quick else ["0", "1", "2", "3", "4"]), "--out",
          "results/abs_restart"],
+        ["-m", "bench.abs_adaptive", "--seeds", *(seeds if quick else ["0", "1", "2", "3", "4"]), "--out",
+         "results/abs_adaptive"],
         ["-m", "bench.adpsgd_straggler", "--seeds", *seeds, "--slowdowns",
          *(["1", "10"] if quick else ["1", "2", "10", "100"]), "--out", "results/adpsgd_straggler"],
         *([] if quick else [["-m", "bench.comparisons", "olco3-iid-d4"]]),

@@ -16,6 +16,7 @@ ABS: Tan, Zhu, Zhang, arXiv 2301.08895; ``docs/algorithms.md``). Every node runs
 |               |           | of the slowest node waits                         |                                      |
 | abs           | K(t)      | as k-async                                        | nodes whose staleness now exceeds    |
 |               |           |                                                   | tau(t) drop their work and restart   |
+|               |           |                                                   | (adaptive: unless mostly done)       |
 
 ABS runs in one of two modes (its hyperparameter ``abs-mode``). All the rules below are **our design**: the ABS
 paper's body was not available, only its abstract (``docs/algorithms.md``): K^t is "chosen adaptively" and the
