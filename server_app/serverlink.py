@@ -135,6 +135,8 @@ class ServerLink:
                 break  # this task and every later one completes after the best found
             t = _timing(f)
             at = committed.get(seq) if committed else None
+            if at is not None and f.reply is None and not f.failure:
+                at = None  # a resumed run: the slot was fixed before the checkpoint, the reply is not in hand yet
             if at is None:
                 reply = f.reply
                 if f.exchange is not None or f.failure or (reply is not None and reply.has_error()):

@@ -92,6 +92,20 @@ def test_a_later_dispatch_queues_behind_committed_uploads():
     assert clock.head(state)[0] == pytest.approx(8.56)
 
 
+def test_a_resumed_run_waits_for_the_reply_of_a_task_whose_slot_was_committed():
+    cfg = RunConfig(server_bandwidth=16.0, server_latency=5.0, **EXACT)
+    clock, state = VirtualClock(cfg, flops_per_step=2.0), state_of(cfg)
+    a, b = dispatch(clock, state, A, 10**6), dispatch(clock, state, B, 10**6)
+    reply(a, 10**6), reply(b, 3 * 10**6)
+    clock.head(state)
+    del state.flights[a.seq]
+    assert b.seq in state.link.committed
+    b.reply = None  # a checkpoint keeps the slot (the run's), not the reply (the process's): resumed, it is sent again
+    assert clock.head(state) is None  # not applied as a task with no reply
+    reply(b, 3 * 10**6)
+    assert clock.head(state)[1] is b
+
+
 def test_an_error_reply_does_not_hold_the_server():
     cfg = RunConfig(server_bandwidth=16.0, server_latency=5.0, **EXACT)
     clock, state = VirtualClock(cfg, flops_per_step=2.0), state_of(cfg)
