@@ -8,7 +8,8 @@ every outstanding task has a lower bound (download + compute + upload latency), 
 bounds are past it (conservative discrete-event simulation). Clients still run in parallel meanwhile. Star
 transfers also cross the server's own link (``server-bandwidth``, ``server-latency``; ``server_app/serverlink.py``):
 downloads queue for it at dispatch, uploads in the order they become ready, first come first served; an upload's
-completion is known once those queued ahead of it are.
+completion is known once those queued ahead of it are. A gossip exchange holds its passive peer's model for its
+duration, so exchanges with the same peer queue for it the same way (``server_app/peerlocks.py``).
 
 ``ScriptedClock``: a virtual clock whose compute times come from a function of (node index, task index) and
 whose links are instant (the server's too): for tests that need an exact schedule.
@@ -99,8 +100,16 @@ class VirtualClock:
     def head(self, state: EngineState) -> tuple[float, Flight] | None:
         """The earliest known completion, unless an outstanding task could still complete before it.
 
-        With the server's link, the result returned fixes its upload slot and those queued ahead of it.
+        With the server's link, the result returned fixes its upload slot and those queued ahead of it; likewise
+        the slots of the gossip exchanges queued for a peer's model lock (``server_app/peerlocks.py``).
         """
+        found = self._head(state)
+        if found is not None:
+            state.locks.commit(state.flights.values(), found[0])
+        return found
+
+    def _head(self, state: EngineState) -> tuple[float, Flight] | None:
+        state.locks.schedule(state.flights.values())
         link = state.link if self.server_link else None
         if link is not None:
             found = link.head(self._queue(state, link), self._dropouts)
@@ -153,7 +162,7 @@ class VirtualClock:
         t = _timing(flight)
         if flight.done_at is not None:  # through the server's link: the upload waited for its slot
             return t.compute_s, flight.done_at - flight.dispatched_at - t.compute_s
-        up = t.upload_s(flight.payload_up) if flight.bytes_up else 0.0
+        up = t.upload_s(flight.payload_up) + flight.wait_s if flight.bytes_up else 0.0
         return t.compute_s, t.down_s + up
 
     def wasted(self, flight: Flight, now: float) -> tuple[float, float]:
@@ -230,4 +239,4 @@ def _timing(f: Flight) -> TaskTiming:
 
 def _lower_bound(f: Flight) -> float:
     """Earliest virtual time this task could complete."""
-    return f.dispatched_at + _timing(f).lower_bound_s()
+    return f.dispatched_at + _timing(f).lower_bound_s() + f.wait_s

@@ -7,7 +7,8 @@ everything it receives, and a transfer between two nodes pays both one-way laten
 node). A round lasts as long as its most loaded link plus its slowest pair's latency; rounds run one after the
 other (ring all-reduce has 2(n-1) of them). Link speeds are the profiles' nominal ones, without the per-task
 jitter of star transfers: an all-reduce round is one event shared by every node, so it must cost every node the
-same. Contention in the core network is not modelled.
+same. Contention in the core network is not modelled; two AD-PSGD exchanges with the same passive node queue for its
+model lock (``server_app/peerlocks.py``), so they never overlap.
 """
 
 from __future__ import annotations

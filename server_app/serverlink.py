@@ -64,6 +64,7 @@ class Task(Protocol):
     reply: Message | None
     payload_up: int
     done_at: float | None
+    wait_s: float
 
 
 F = TypeVar("F", bound=Task)
@@ -149,7 +150,7 @@ class ServerLink:
                     at = start + t.upload_s(f.payload_up)
                     tentative.append((seq, at, free))
             if at is None:
-                lb = (f.dispatched_at + t.lower_bound_s(), seq)
+                lb = (f.dispatched_at + t.lower_bound_s() + f.wait_s, seq)
                 if bound is None or lb < bound:
                     bound = lb
             elif best is None or (at, seq) < best:
@@ -196,7 +197,10 @@ def ready_at(f: Task) -> float:
 
 
 def due(f: Task) -> float | None:
-    """Virtual completion time on the task's own timing, once it is known (reply in hand, or a failure)."""
+    """Virtual completion time on the task's own timing, once it is known (reply in hand, or a failure).
+
+    A gossip exchange's wait for its peer's model lock (``server_app/peerlocks.py``) comes before its transfers.
+    """
     t = _timing(f)
     if t.fail_after_s is not None:
         return f.dispatched_at + t.fail_after_s
@@ -206,4 +210,4 @@ def due(f: Task) -> float | None:
         return None
     if f.reply.has_error():
         return f.dispatched_at + t.down_s + t.compute_s
-    return f.dispatched_at + t.down_s + t.compute_s + t.upload_s(f.payload_up)
+    return f.dispatched_at + t.down_s + t.compute_s + f.wait_s + t.upload_s(f.payload_up)

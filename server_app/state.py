@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecordValues, Message, RecordDict
 
 from server_app.contract import Contract
+from server_app.peerlocks import PeerLocks
 from server_app.profiles import NodeProfile, TaskTiming
 from server_app.wire import to_record
 from strategies.base import Exchange, Status, Strategy
@@ -65,6 +66,7 @@ class Flight:
     failure: str = ""                    # set for failures known without a reply
     abandoned: tuple[float, int] | None = None  # restart = "finish": (clock time, staleness) when abandoned
     done_at: float | None = None         # completion fixed by the server's link (serverlink.py), once applied
+    wait_s: float = 0.0                  # a gossip exchange's wait for its peer's model lock (peerlocks.py)
     # The outcome, filled in by the mailbox (this process only; a checkpoint leaves these out).
     reply: Message | None = None
     bytes_up: int = 0                    # real serialized size of the reply
@@ -131,14 +133,17 @@ class EngineState:
     last_failure: str = ""
     contract: Contract = field(default_factory=Contract)  # the checks of verdicts (server_app/contract.py)
     link: ServerLink | None = None                      # the server's own link; None: unlimited
+    locks: PeerLocks = field(default_factory=PeerLocks)  # gossip peers' model locks (server_app/peerlocks.py)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle (a checkpoint); one written before ``contract`` existed gets one that trusts its earlier seqs.
 
-        One written before the server link existed ran without one, and goes on without one.
+        One written before the server link existed ran without one, and goes on without one; one written before
+        the peers' model locks gets empty ones.
         """
         state.setdefault("contract", Contract(since=state.get("seq", 0)))
         state.setdefault("link", None)
+        state.setdefault("locks", PeerLocks())
         self.__dict__.update(state)
 
     # -------------------------------------------------------------------------------- the strategy's view

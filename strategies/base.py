@@ -92,7 +92,9 @@ class Exchange:
     and its downlink the sum of what it receives, and a transfer between two nodes pays both one-way latencies.
     ``bytes_up``/``bytes_down`` are what this task's row is charged: the bytes its exchange put on uplinks and
     on downlinks of the fleet (a node-to-node transfer crosses one of each). ``peer`` is the node it averaged
-    with, when it is one node. Node ids are the engine's (Flower's) ids.
+    with, when it is one node. ``holds``: the node whose model the exchange locks for its duration (AD-PSGD's
+    passive peer): the virtual clock serialises the exchanges holding one node (``server_app/peerlocks.py``).
+    Node ids are the engine's (Flower's) ids.
     """
 
     transfers: tuple[tuple[int, int, int], ...] = ()
@@ -100,6 +102,7 @@ class Exchange:
     bytes_up: int = 0
     bytes_down: int = 0
     peer: int | None = None
+    holds: int | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -134,7 +134,8 @@ class ADPSGD(Decentralized):
         j = int(self.rng.choice(self.graph.neighbours[i]))
         self.partner[node] = j
         b, peer = self.model_bytes, self.nodes[j]
-        exchange = Exchange(((node, peer, b), (peer, node, b)), bytes_up=2 * b, bytes_down=2 * b, peer=peer)
+        exchange = Exchange(((node, peer, b), (peer, node, b)), bytes_up=2 * b, bytes_down=2 * b, peer=peer,
+                            holds=peer)
         return self.snapshot(i, exchange, {PEER: j})
 
     def apply(self, update: Update) -> Verdict:

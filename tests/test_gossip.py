@@ -1,5 +1,7 @@
 """AD-PSGD, D-PSGD and AllReduce-SGD: the gossip step, the graph checks, node-to-node timing, and real runs."""
 
+import itertools
+import math
 import sqlite3
 from collections import Counter
 
@@ -9,7 +11,9 @@ from flwr.app import ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from server_app.links import exchange_seconds
-from server_app.profiles import DEVICES, NETWORKS, NodeProfile
+from server_app.peerlocks import PeerLocks
+from server_app.profiles import DEVICES, NETWORKS, NodeProfile, TaskTiming
+from server_app.state import Flight
 from server_app.store import MetricsStore
 from strategies.base import Exchange, Update
 from strategies.codecs import CODECS, CodecSpec, encode, encoded_bytes
@@ -195,6 +199,29 @@ def test_ring_allreduce_time_grows_with_rounds_and_the_slowest_link():
     assert exchange_seconds(ex, one_slow) > 50 * exchange_seconds(ex, fast)
 
 
+def test_exchanges_with_one_passive_peer_queue_for_its_model_lock_in_ready_order():
+    # three exchanges of 1 s holding node 9, one holding node 8; ready = dispatch + compute
+    def flight(seq, at, compute, holds, x=1.0, drop=None):
+        timing = TaskTiming(down_s=0.0, compute_s=compute, up_latency_s=x, up_bps=math.inf, fail_after_s=drop)
+        return Flight(seq, node=seq, version=0, dispatched_at=at, bytes_down=0, timing=timing,
+                      exchange=Exchange(((seq, holds, 1), (holds, seq, 1)), holds=holds))
+
+    a, b, c = flight(0, 0.0, 2.0, 9), flight(1, 0.0, 2.5, 9), flight(2, 0.0, 1.0, 9, x=0.5)
+    other, dropout = flight(3, 0.0, 2.2, 8), flight(4, 0.0, 0.1, 9, drop=0.05)
+    locks = PeerLocks()
+    locks.schedule([a, b, c, other, dropout])
+    # c is ready first (1.0) and holds 9 until 1.5; a is ready at 2.0, free; b, ready at 2.5, waits until 3.0
+    assert (c.wait_s, a.wait_s, b.wait_s, other.wait_s, dropout.wait_s) == (0.0, 0.0, 0.5, 0.0, 0.0)
+    locks.commit([a, b, c, other], at=1.5)  # c applied: only its slot is fixed (a and b are not ready yet)
+    assert locks.committed == {2: 0.0} and locks.free == {9: 1.5}
+    late = flight(5, 1.5, 0.6, 9)  # dispatched at 1.5, ready at 2.1: after a (2.0), before b (2.5)
+    locks.schedule([a, b, late, other])
+    assert (a.wait_s, late.wait_s, b.wait_s) == pytest.approx((0.0, 0.9, 1.5))  # late starts at 3.0, b at 4.0
+    locks.commit([a, b, late, other], at=3.0)  # a applied at 3.0: a, late, other are fixed; b (ready 2.5) too
+    assert locks.committed == pytest.approx({0: 0.0, 1: 1.5, 5: 0.9, 3: 0.0})
+    assert locks.free == pytest.approx({9: 5.0, 8: 3.2})
+
+
 # --------------------------------------------------------------------------------------- real engine runs
 def per_node(run, status="applied"):
     return Counter(r["node_id"] for r in run.updates() if r["status"] == status)
@@ -212,6 +239,16 @@ def test_ad_psgd_run_records_consensus_peers_and_node_to_node_bytes(simulate):
     assert {r["peer_id"] for r in with_peer} <= node_ids
     assert all(r["bytes_up"] == 0 for r in rows if r["peer_id"] is None)
     assert all(r["bytes_up"] > 0 and r["transport_bytes_up"] > 0 for r in with_peer)
+    # the exchange holds the passive peer's model lock: two exchanges with one peer never overlap on the clock.
+    # One model, one network profile: every exchange lasts the same x, the shortest comm_s (one that never waited)
+    x = min(r["comm_s"] for r in with_peer)
+    assert max(r["comm_s"] for r in with_peer) > x * 1.5  # some did wait: the fleet computes in lockstep
+    ends: dict[int, list[float]] = {}
+    for r in with_peer:
+        ends.setdefault(r["peer_id"], []).append(r["completed_at"])
+    for peer_ends in ends.values():
+        peer_ends.sort()
+        assert all(b - a >= x * (1 - 1e-9) for a, b in itertools.pairwise(peer_ends))  # [end - x, end] disjoint
     fedbuff = simulate("fedbuff", max_updates=16, **FLEET)
     assert all(e["consensus_distance"] is None for e in fedbuff.evals())
 
@@ -249,7 +286,9 @@ def test_codecs_shrink_the_exchanged_models_and_training_still_works(simulate, s
     plain = shared_run(strategy, max_updates=160, **FLEET)  # also read by test_ad_psgd_matches_allreduce_per_update
     packed = simulate(strategy, max_updates=160, codec=codec, codec_ratio=0.25, **FLEET)
     assert packed.summary.bytes_up < plain.summary.bytes_up / shrink
-    assert packed.summary.accuracy > plain.summary.accuracy - 0.1
+    # top-k (a quarter of the entries) on AD-PSGD ends 0.05-0.1 below exact models after 160 updates, by seed
+    # (measured, seeds 0-2); the margin leaves room for the order in which the clock decides the averagings
+    assert packed.summary.accuracy > plain.summary.accuracy - 0.12
 
 
 def test_ad_psgd_matches_allreduce_per_update(shared_run):
