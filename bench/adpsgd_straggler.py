@@ -20,7 +20,7 @@ from bench.common import prepare, pyplot, run_with_curve, write_outputs
 
 METHODS = {
     "ad-psgd": {"strategy": "ad-psgd", "topology": "bipartite-exponential"},
-    "d-psgd": {"strategy": "d-psgd", "topology": "bipartite-exponential"},
+    "d-psgd": {"strategy": "d-psgd", "topology": "ring"},  # Lian et al. 2017's graph
     "allreduce-sgd": {"strategy": "allreduce-sgd"},
     "async-sgd": {"strategy": "async-sgd", "lr": 0.05},  # 0.3 diverges with 15 stale workers
 }

@@ -94,7 +94,9 @@ class Exchange:
     on downlinks of the fleet (a node-to-node transfer crosses one of each). ``peer`` is the node it averaged
     with, when it is one node. ``holds``: the node whose model the exchange locks for its duration (AD-PSGD's
     passive peer): the virtual clock serialises the exchanges holding one node (``server_app/peerlocks.py``).
-    Node ids are the engine's (Flower's) ids.
+    ``phases``: exchanges run one after the other (their time is the sum; this exchange's own transfers come
+    first); ``options``: alternative plans of the same collective, of which the clock charges the fastest
+    (``strategies/collectives.py``). Node ids are the engine's (Flower's) ids.
     """
 
     transfers: tuple[tuple[int, int, int], ...] = ()
@@ -103,6 +105,8 @@ class Exchange:
     bytes_down: int = 0
     peer: int | None = None
     holds: int | None = None
+    phases: tuple[Exchange, ...] = ()
+    options: tuple[Exchange, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,8 +13,8 @@ send (``Exchange``), not the emulation's messages, whose real sizes go to the ``
   picks them. Results are applied one at a time in clock order, so every averaging is atomic and nobody ever
   waits for a partner: there is nothing to deadlock, and a slow node simply takes part in fewer averagings.
 - ``d-psgd``: synchronous gossip rounds, X <- X W - Delta with lazy Metropolis-Hastings weights on the topology.
-- ``allreduce-sgd``: synchronous exact averaging of the nodes' deltas, timed as a ring all-reduce (dense), or as
-  a ring all-gather of the compressed deltas when a codec is set.
+- ``allreduce-sgd``: synchronous exact averaging of the nodes' deltas, timed as an all-reduce (dense), or as an
+  all-gather of the compressed deltas when a codec is set: the faster of a ring and recursive halving/doubling.
 
 With a ``codec``, the models exchanged between nodes travel compressed: node j keeps a copy of what it last
 learnt of node i's model and i sends ``C(x_i - copy)``, difference coding per directed edge (a
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import Array
 
-from strategies import topology
+from strategies import collectives, topology
 from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update, Verdict, step
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, encoded_bytes
@@ -253,9 +253,10 @@ class DPSGD(SyncRounds):
 class AllReduceSGD(SyncRounds):
     """Synchronous SGD with exact averaging: every node applies the mean of all deltas to the shared model.
 
-    Timed as a ring all-reduce of the delta (2(n-1) steps of 1/n of it each; in fp16 with ``codec = "fp16"``), or,
-    with a sparse or quantized codec, as a ring all-gather of the compressed deltas (n-1 steps of one compressed
-    delta each): such payloads cannot be summed on the way round, so compression pays only beyond about n/2.
+    Timed as an all-reduce of the delta (in fp16 with ``codec = "fp16"``), or, with a sparse or quantized codec, as
+    an all-gather of the compressed deltas: such payloads cannot be summed on the way, so compression pays only
+    beyond about n/2. Each is the faster of a ring and recursive halving/doubling for the model size and the
+    links (``strategies/collectives.py``, what a collective library chooses between).
     """
 
     name = "allreduce-sgd"
@@ -265,14 +266,9 @@ class AllReduceSGD(SyncRounds):
         self.ring = self._ring()
 
     def _ring(self) -> Exchange:
-        """Every node's traffic in every round."""
-        n, ids = self.num_nodes, self.nodes
-        if self.codec.name in ("none", "fp16"):  # sums travel in the same format: a true all-reduce
-            chunk, rounds = -(-self.model_bytes // n), 2 * (n - 1)
-        else:
-            chunk, rounds = self.model_bytes, n - 1
-        transfers = tuple((ids[k], ids[(k + 1) % n], chunk) for k in range(n))
-        return Exchange(transfers, rounds=rounds, bytes_up=rounds * chunk, bytes_down=rounds * chunk)
+        """Every node's traffic in every round: the faster of the ring and halving/doubling (``collectives``)."""
+        summable = self.codec.name in ("none", "fp16")  # sums travel in the same format: a true all-reduce
+        return collectives.allreduce(self.nodes, self.model_bytes, summable=summable)
 
     def round_task(self, node: int) -> Task:
         """The shared model (all node models are equal), and the ring's traffic."""
