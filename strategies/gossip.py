@@ -20,8 +20,9 @@ With a ``codec``, the models exchanged between nodes travel compressed: node j k
 learnt of node i's model and i sends ``C(x_i - copy)``, difference coding per directed edge (a
 ``strategies.links.LinkCompressor`` in model mode, every copy starting from the initial model), so a sparse codec
 still converges to the node's model; ``codec = "none"`` sends exact models and makes every averaging
-sum-preserving. The "delta" of a local task is the sum of ``local-steps`` SGD steps
-(one step: ``lr * gradient``, as in the paper).
+sum-preserving. The family refuses ``clock = "wall"``: a deployment relays every model through the server, so
+its real times would be the star's, not the algorithm's (``check_config``). The "delta" of a local task is the
+sum of ``local-steps`` SGD steps (one step: ``lr * gradient``, as in the paper).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from strategies import collectives, topology
 from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update, Verdict, step
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, encoded_bytes
-from strategies.config import RunConfig
+from strategies.config import ConfigError, RunConfig
 from strategies.links import LinkCompressor
 from strategies.registry import register
 from strategies.sums import weighted_sum
@@ -61,6 +62,15 @@ class Decentralized(Strategy):
 
     requires_bipartite = False
     search_space = {"lr": LR}  # the mixing is the topology's; local SGD's rate is the knob
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Refuse the wall clock: a deployment relays every exchange through the server (real times: the star's)."""
+        if cfg.clock == "wall":
+            raise ConfigError(
+                f"strategy = {cls.name!r} runs on clock = 'virtual' only: the node-to-node exchanges it is charged for "
+                f"do not happen peer to peer in a deployment (Flower's server relays every model and the server side "
+                f"does the averaging), so wall-clock times would be those of the star, not of {cls.name}")
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)

@@ -15,10 +15,10 @@ from server_app.peerlocks import PeerLocks
 from server_app.profiles import DEVICES, NETWORKS, NodeProfile, TaskTiming
 from server_app.state import Flight
 from server_app.store import MetricsStore
-from strategies import collectives
+from strategies import check_implemented, collectives
 from strategies.base import Exchange, Update
 from strategies.codecs import CODECS, CodecSpec, encode, encoded_bytes
-from strategies.config import RunConfig
+from strategies.config import ConfigError, RunConfig
 from strategies.gossip import ADPSGD, DPSGD, AllReduceSGD
 from strategies.links import LinkCompressor
 from strategies.topology import TopologyError
@@ -324,6 +324,13 @@ def test_sync_gossip_redoes_a_lost_task_and_still_closes_rounds(simulate):
     versions = Counter(r["applied_version"] for r in run.updates() if r["status"] == "applied")
     assert set(versions.values()) == {8}  # every round has one result from each of the 8 nodes
     assert any(r["status"] == "failed" for r in run.updates())
+
+
+@pytest.mark.parametrize("strategy", ["ad-psgd", "d-psgd", "allreduce-sgd"])
+def test_gossip_strategies_refuse_the_wall_clock_with_the_reason(strategy):
+    with pytest.raises(ConfigError, match="clock = 'virtual' only.*relays every model"):
+        check_implemented(RunConfig(strategy=strategy, clock="wall", max_updates=4))
+    check_implemented(RunConfig(strategy=strategy, clock="virtual", max_updates=4))
 
 
 def test_bad_topology_is_a_config_error_before_training(simulate):
