@@ -30,6 +30,7 @@ from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
 from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, client_compute_s, join_reasons
 from server_app.ledger import Ledger, bounded_reason
+from server_app.localscores import local_scores
 from server_app.mailbox import Mailbox
 from server_app.membership import FleetChange, Membership, node_profile
 from server_app.outbox import Outbox
@@ -272,7 +273,8 @@ class Engine:
         s = self.state
         loss, acc = self.evaluate(s.policy.weights)
         s.last_eval = (s.totals.applied, loss, acc)
-        self.ledger.evaluation(s.totals, s.now, s.policy.version, loss, acc, s.policy.state_summary())
+        summary = {**s.policy.state_summary(), **local_scores(self.cfg, s.policy, acc, self.evaluate)}
+        self.ledger.evaluation(s.totals, s.now, s.policy.version, loss, acc, summary)
         log.info("t=%.1f version=%d applied=%d loss=%.4f acc=%.4f", s.now, s.policy.version, s.totals.applied,
                  loss, acc)
         return loss, acc

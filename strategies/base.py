@@ -292,6 +292,13 @@ class Strategy(ABC):
         """Numbers worth logging at evaluation time (buffer fill, K, bound...)."""
         return {}
 
+    def node_models(self) -> Sequence[Weights]:
+        """The models the nodes hold, in fleet order, when each node has its own (decentralized); () otherwise.
+
+        Every evaluation scores a sample of them beside the published model (``server_app/localscores.py``).
+        """
+        return ()
+
     @classmethod
     def client_half_reason(cls, cfg: RunConfig) -> str:
         """Why this run needs staleflower's ClientApp on its nodes ("" when any Flower ClientApp will do).

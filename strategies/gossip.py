@@ -104,6 +104,10 @@ class Decentralized(Strategy):
         """Publish the average of the node models as the next version."""
         self._publish(weighted_sum([(1.0 / self.num_nodes, m) for m in self.models]))
 
+    def node_models(self) -> Sequence[Weights]:
+        """Each node's own model: what it would hold and serve, scored beside the average."""
+        return self.models
+
     def state_summary(self) -> dict[str, float]:
         """The consensus distance goes to the store's ``evals.consensus_distance``."""
         return {"consensus-distance": consensus_distance(self.models, self.weights)}

@@ -1,6 +1,7 @@
 """AD-PSGD, D-PSGD and AllReduce-SGD: the gossip step, the graph checks, node-to-node timing, and real runs."""
 
 import itertools
+import json
 import math
 import sqlite3
 from collections import Counter
@@ -10,7 +11,9 @@ import pytest
 from flwr.app import ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from server_app import localscores
 from server_app.links import exchange_seconds
+from server_app.localscores import local_scores
 from server_app.peerlocks import PeerLocks
 from server_app.profiles import DEVICES, NETWORKS, NodeProfile, TaskTiming
 from server_app.state import Flight
@@ -35,6 +38,11 @@ def random_models(n, seed=0):
 def make(cls, n=8, first_id=1000, **cfg):
     init = [np.zeros(s, np.float32) for s in SHAPES]
     return cls(RunConfig(strategy=cls.name, **cfg), init, fleet=range(first_id, first_id + n))
+
+
+def make_fedbuff():
+    from strategies.fedbuff import FedBuff
+    return FedBuff(RunConfig(strategy="fedbuff"), [np.zeros(s, np.float32) for s in SHAPES], fleet=range(4))
 
 
 def update(strategy, node, delta, seq=0):
@@ -252,6 +260,10 @@ def test_ad_psgd_run_records_consensus_peers_and_node_to_node_bytes(simulate):
     evals = run.evals()
     assert evals[0]["consensus_distance"] == 0.0  # everyone starts from the same model
     assert all(e["consensus_distance"] > 0 for e in evals[1:])
+    # what the nodes hold is scored beside the average: 8 nodes, all of them; at the start they hold the average
+    local = [json.loads(e["metrics_json"]) for e in evals]
+    assert local[0]["local-acc-mean"] == local[0]["local-acc-min"] == evals[0]["accuracy"]
+    assert all(x["local-acc-nodes"] == 8 and 0 < x["local-acc-min"] <= x["local-acc-mean"] <= 1 for x in local)
     rows = run.updates()
     with_peer = [r for r in rows if r["peer_id"] is not None]
     assert 0 < len(with_peer) < len(rows)  # active nodes average, passive ones do not
@@ -331,6 +343,26 @@ def test_gossip_strategies_refuse_the_wall_clock_with_the_reason(strategy):
     with pytest.raises(ConfigError, match="clock = 'virtual' only.*relays every model"):
         check_implemented(RunConfig(strategy=strategy, clock="wall", max_updates=4))
     check_implemented(RunConfig(strategy=strategy, clock="virtual", max_updates=4))
+
+
+def test_local_models_are_scored_on_a_seeded_sample_and_the_average_is_not_scored_twice():
+    s = make(ADPSGD, n=20, first_id=0, seed=3)
+    s.models = random_models(20)
+    scored = []
+
+    def evaluate(m):
+        scored.append(next(i for i, x in enumerate(s.models) if x is m))
+        return 0.0, scored[-1] / 100
+
+    got = local_scores(s.cfg, s, 0.5, evaluate)
+    assert scored == localscores.sample(20, 3) and len(scored) == 8 and scored == sorted(set(scored))
+    assert got == {"local-acc-mean": pytest.approx(np.mean(scored) / 100), "local-acc-min": min(scored) / 100,
+                   "local-acc-nodes": 8}
+    assert localscores.sample(20, 3) == scored and localscores.sample(20, 4) != scored  # the run's seed decides
+    exact = make(AllReduceSGD, n=20, first_id=0)  # every node holds the published model: nothing evaluated again
+    assert local_scores(exact.cfg, exact, 0.5, evaluate) == {"local-acc-mean": 0.5, "local-acc-min": 0.5,
+                                                               "local-acc-nodes": 8}
+    assert len(scored) == 8 and local_scores(RunConfig(), make_fedbuff(), 0.5, evaluate) == {}
 
 
 def test_bad_topology_is_a_config_error_before_training(simulate):

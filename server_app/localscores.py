@@ -1,0 +1,48 @@
+"""Score what a node holds: the accuracy of the decentralized strategies' local models, beside the average's.
+
+AD-PSGD, D-PSGD and AllReduce-SGD publish the average of the node models, which is what the run's evaluation
+scores; but no node holds that average (AllReduce-SGD's nodes do, all alike). Every evaluation therefore also
+scores the models the nodes hold (``Strategy.node_models``) and stores, in ``evals.metrics_json``:
+
+- ``local-acc-mean``: the mean accuracy of the node models scored, ``local-acc-min``: the worst of them,
+- ``local-acc-nodes``: how many were scored: every node up to ``SAMPLE``, else ``SAMPLE`` nodes drawn once with
+  the run's seed (the same nodes at every evaluation of the run).
+
+A node model that is the published model itself is not evaluated again. With ``evaluation = "federated"`` the
+evaluation is a round trip to the nodes, and local models are not scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from strategies.base import Strategy
+from strategies.client import Weights
+from strategies.config import RunConfig
+
+SAMPLE = 8
+
+
+def sample(n: int, seed: int) -> list[int]:
+    """The node indices scored: all of them up to ``SAMPLE``, else a seeded draw of ``SAMPLE``, in fleet order."""
+    if n <= SAMPLE:
+        return list(range(n))
+    return sorted(int(i) for i in np.random.default_rng([seed, 0x10CA1]).choice(n, SAMPLE, replace=False))
+
+
+def local_scores(cfg: RunConfig, strategy: Strategy, accuracy: float,
+                 evaluate: Callable[[Weights], tuple[float, float]]) -> dict[str, float]:
+    """``local-acc-mean``, ``local-acc-min`` and ``local-acc-nodes`` (see the module docstring); {} if none."""
+    models = strategy.node_models()
+    if not models or cfg.evaluation == "federated":
+        return {}
+    known = {id(strategy.weights): accuracy}
+    accs = []
+    for i in sample(len(models), cfg.seed):
+        m = models[i]
+        if id(m) not in known:
+            known[id(m)] = evaluate(m)[1]
+        accs.append(known[id(m)])
+    return {"local-acc-mean": float(np.mean(accs)), "local-acc-min": float(min(accs)), "local-acc-nodes": len(accs)}
