@@ -116,21 +116,30 @@ class VirtualClock:
             if found is not None:
                 link.commit(found[1])
             return found
+        # Without the server's link: the same walk in ready-time order, stopping at the first task ready after
+        # the best completion found (a task completes, and its lower bound lies, at or after its ready time).
+        order = self._queue(state, None)
         known: tuple[tuple[float, int], Flight] | None = None
         bound: tuple[float, int] | None = None
-        for f in state.flights.values():
+        for f in self._dropouts:
+            at = due(f)
+            if at is not None and (known is None or (at, f.seq) < known[0]):
+                known = ((at, f.seq), f)
+        for ready, seq, f in order:
+            if known is not None and ready > known[0][0]:
+                break
             at = due(f)
             if at is not None:
-                if known is None or (at, f.seq) < known[0]:
-                    known = ((at, f.seq), f)
+                if known is None or (at, seq) < known[0]:
+                    known = ((at, seq), f)
             else:
-                lb = (_lower_bound(f), f.seq)
+                lb = (_lower_bound(f), seq)
                 bound = lb if bound is None or lb < bound else bound
         if known is None or (bound is not None and bound < known[0]):
             return None
         return known[0][0], known[1]
 
-    def _queue(self, state: EngineState, link: ServerLink) -> list[tuple[float, int, Flight]]:
+    def _queue(self, state: EngineState, link: ServerLink | None) -> list[tuple[float, int, Flight]]:
         """The tasks in flight by (ready time, seq), sorted again only when tasks were dispatched or left.
 
         The engine looks for the next result many times while replies come in; only a dispatch or a departure
@@ -154,7 +163,8 @@ class VirtualClock:
             else:
                 bisect.insort(self._order, (ready_at(f), seq, f))
         self._queue_key = key
-        link.forget_gone(flights)
+        if link is not None:
+            link.forget_gone(flights)
         return self._order
 
     def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:

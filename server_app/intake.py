@@ -81,6 +81,7 @@ class UpdateGuard:
     # Class defaults: a guard unpickled from a checkpoint written before these existed has no prior and no cap.
     reference: float | None = None
     cap: float = 0.0
+    _scratch: list[np.ndarray] | None = None  # delta_norm's work space for weights replies (never pickled)
 
     def __init__(self, cfg: RunConfig, model: Sequence[np.ndarray], reference: float | None = None) -> None:
         self.mode = cfg.update_filter
@@ -131,7 +132,7 @@ class UpdateGuard:
         """The outlier filter: ``(update to apply, note for the row's reason)``; raises ``RejectedUpdate``."""
         if self.mode == "none" and self.cap <= 0:
             return update, ""
-        norm = delta_norm(update.delta)
+        norm = self._norm(update)
         notes = []
         if 0 < self.cap < norm:
             update = _scaled(update, self.cap / norm)
@@ -151,6 +152,26 @@ class UpdateGuard:
             norm = bound
         self.norms.append(norm)
         return update, join_reasons(*notes)
+
+    def _norm(self, update: Update) -> float:
+        """The norm of the update's delta, without making ``update.delta`` of a reply that sent weights.
+
+        ``update.delta`` is cached on the update, and a strategy that holds its updates (FedAvg's round) would
+        then hold a second model-sized copy of each; the difference is taken into one reused buffer instead, and
+        is the same to the bit (``diff_norm``). A strategy that needs the delta makes it when it does.
+        """
+        if update.sent_is_delta or "delta" in update.__dict__:
+            return delta_norm(update.delta)
+        scratch = self._scratch
+        if scratch is None or [(s.shape, s.dtype) for s in scratch] != [(b.shape, b.dtype) for b in update.base]:
+            scratch = self._scratch = [np.empty(b.shape, b.dtype) for b in update.base]
+        return diff_norm(update.base, update.sent, scratch)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickle (a checkpoint) without the work space."""
+        state = dict(self.__dict__)
+        state.pop("_scratch", None)
+        return state
 
     def window(self) -> list[float]:
         """The norms the bound is taken from: the accepted ones, the reference filling a window not full yet."""
@@ -180,13 +201,30 @@ def delta_norm(delta: Sequence[np.ndarray]) -> float:
     """L2 norm of all tensors together, exact even where squares overflow the dtype (inf only for inf input)."""
     total = 0.0
     for d in delta:
-        with np.errstate(over="ignore"):
-            n = float(np.linalg.norm(d.reshape(-1)))
-        if not math.isfinite(n) and d.size:  # float32 squares overflow past ~1.8e19: rescale in float64
-            peak = float(np.max(np.abs(d)))
-            n = peak * float(np.linalg.norm(d.reshape(-1).astype(np.float64) / peak)) if math.isfinite(peak) else n
-        total = math.hypot(total, n)
+        total = math.hypot(total, _tensor_norm(d))
     return total
+
+
+def diff_norm(base: Sequence[np.ndarray], trained: Sequence[np.ndarray], scratch: Sequence[np.ndarray]) -> float:
+    """``delta_norm([b - t ...])``, each difference written into ``scratch`` instead of a new array.
+
+    ``scratch``: arrays of ``base``'s shapes and dtypes. The same subtraction, then the same norm: the same float
+    to the bit, without a model-sized allocation per call.
+    """
+    total = 0.0
+    for b, t, s in zip(base, trained, scratch, strict=True):
+        np.subtract(b, t, out=s, dtype=b.dtype)
+        total = math.hypot(total, _tensor_norm(s))
+    return total
+
+
+def _tensor_norm(d: np.ndarray) -> float:
+    with np.errstate(over="ignore"):
+        n = float(np.linalg.norm(d.reshape(-1)))
+    if not math.isfinite(n) and d.size:  # float32 squares overflow past ~1.8e19: rescale in float64
+        peak = float(np.max(np.abs(d)))
+        n = peak * float(np.linalg.norm(d.reshape(-1).astype(np.float64) / peak)) if math.isfinite(peak) else n
+    return n
 
 
 def join_reasons(*parts: str) -> str:

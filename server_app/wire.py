@@ -70,22 +70,38 @@ def message_sizes(msg: Message) -> tuple[int, int]:
     """
     seen: dict[str, int] = {}
 
-    def visit(obj: InflatableObject) -> None:
+    def visit(obj: InflatableObject, into: dict[str, int]) -> None:
+        if isinstance(obj, ArrayRecord):  # a model version's record travels in many messages: sized once
+            memo = obj.__dict__.get(_SIZES_KEY)
+            if memo is None or memo[0] != obj.object_id:
+                sizes: dict[str, int] = {}
+                walk(obj, sizes)
+                memo = obj.__dict__[_SIZES_KEY] = (obj.object_id, sizes)
+            into.update(memo[1])  # an object's size follows from its id: update is setdefault here
+            return
+        walk(obj, into)
+
+    def walk(obj: InflatableObject, into: dict[str, int]) -> None:
         if isinstance(obj, Array):
             for chunk_id, chunk in obj.slice_array():
                 assert isinstance(chunk, ArrayChunk)  # what slice_array makes (typed as any InflatableObject)
-                seen.setdefault(chunk_id, _chunk_bytes(len(chunk.data)))
+                into.setdefault(chunk_id, _chunk_bytes(len(chunk.data)))
         else:
             for child in (obj.children or {}).values():
-                visit(child)
-        if (oid := obj.object_id) not in seen:
-            seen[oid] = len(obj.deflate())
+                visit(child, into)
+        if (oid := obj.object_id) not in into:
+            into[oid] = len(obj.deflate())
 
     with no_object_id_recompute():  # Flower's own cache of object ids for the duration of one serialization
         if msg.has_content():
-            visit(msg.content)
+            visit(msg.content, seen)
         content = sum(seen.values())
         return content + len(msg.deflate()), content
+
+
+#: Where ``message_sizes`` keeps an ArrayRecord's sizes on the record itself: ``(its object id then, {object id:
+#: bytes} of its tree)``; a record changed since (its object id differs) is walked again.
+_SIZES_KEY = "_staleflower_sizes"
 
 
 def reference_wire_bytes(msg: Message) -> int:

@@ -8,6 +8,7 @@ from its very first task is survived by a default run.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
@@ -192,3 +193,17 @@ def test_multi_krum_does_not_let_a_kept_liar_weigh_more() -> None:
     coefs = [0.1, 0.1, 0.1, 0.1, 1e6]  # the last claims a huge weight (FedAvg's num-examples share)
     out = rule("multi-krum", byzantine=1).combine(list(zip(coefs, xs, strict=True)))
     np.testing.assert_allclose(out[0], sum(coefs) * np.mean([1.0, 1.1, 0.9, 1.05]), rtol=1e-5)
+
+
+def test_the_norm_of_a_weights_reply_is_delta_norm_to_the_bit_and_leaves_no_delta():
+    from server_app.intake import diff_norm
+
+    rng = np.random.default_rng(3)
+    base = [rng.normal(size=(300, 41)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
+    trained = [b - rng.normal(scale=1e-3, size=b.shape).astype(np.float32) for b in base]
+    scratch = [np.empty_like(b) for b in base]
+    assert diff_norm(base, trained, scratch) == delta_norm([b - t for b, t in zip(base, trained, strict=True)])
+    guard = UpdateGuard(RunConfig(), base)
+    update = Update(0, 1, 0, 0, trained, base, 1, sent_is_delta=False)
+    guard.screen(update)
+    assert "delta" not in update.__dict__ and "_scratch" not in pickle.loads(pickle.dumps(guard)).__dict__

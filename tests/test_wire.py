@@ -111,3 +111,13 @@ def test_unknown_stype_is_rejected():
     content["delta"]["b"] = Array("float32", (40,), "topk.v1", b"\x00" * 8)
     with pytest.raises(RejectedUpdate, match="b: unknown stype 'topk.v1'"):
         read_reply(reply_with(content), NAMES, BASE)
+
+
+def test_a_record_sized_once_is_sized_again_when_it_changes():
+    record = to_record(NAMES, BASE)
+    msg = Message(RecordDict({"arrays": record, "config": ConfigRecord({"lr": 0.1})}), dst_node_id=7,
+                  message_type="train")
+    first = wire_bytes(msg)
+    assert wire_bytes(msg) == first == reference_wire_bytes(msg)  # the second walk reads the record's memo
+    record["b"] = Array(np.zeros(4000, np.float32))
+    assert wire_bytes(msg) == reference_wire_bytes(msg) > first
