@@ -50,7 +50,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -61,6 +61,7 @@ from server_app.wire import RejectedUpdate, numeric_metrics, shown, validate_rep
 from strategies import taskkeys as keys
 from strategies.base import Update
 from strategies.client import Weights
+from strategies.codecs import all_finite
 from strategies.config import RunConfig
 
 __all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "client_compute_s", "delta_norm", "join_reasons",
@@ -82,6 +83,7 @@ class UpdateGuard:
     reference: float | None = None
     cap: float = 0.0
     _scratch: list[np.ndarray] | None = None  # delta_norm's work space for weights replies (never pickled)
+    _measured: dict[int, tuple[np.ndarray, float]] | None = None  # tensor norms taken while validating (idem)
 
     def __init__(self, cfg: RunConfig, model: Sequence[np.ndarray], reference: float | None = None) -> None:
         self.mode = cfg.update_filter
@@ -153,24 +155,66 @@ class UpdateGuard:
         self.norms.append(norm)
         return update, join_reasons(*notes)
 
+    def finite_check(self, base: Weights) -> Callable[[int, np.ndarray, bool], bool] | None:
+        """The NaN/Inf check of a reply's tensors (``wire.validate_reply``) that takes each tensor's delta norm.
+
+        The norm of a tensor's delta is finite exactly when the tensor is (NaN and Inf reach it through the
+        subtraction; an overflowing difference is infinite, and only then is ``all_finite`` asked), so the check
+        costs nothing beyond the norm ``screen`` takes next, which it keeps. None when the filter takes no norm.
+        """
+        if self.mode == "none" and self.cap <= 0:
+            return None
+        scratch = self._work(base)
+        measured: dict[int, tuple[np.ndarray, float]] = {}
+        self._measured = measured
+
+        def finite(i: int, values: np.ndarray, is_delta: bool) -> bool:
+            if is_delta:
+                norm = _tensor_norm(values)
+            else:
+                np.subtract(base[i], values, out=scratch[i], dtype=base[i].dtype)
+                norm = _tensor_norm(scratch[i])
+            measured[i] = (values, norm)
+            return math.isfinite(norm) or all_finite(values)
+
+        return finite
+
+    def _work(self, base: Weights) -> list[np.ndarray]:
+        scratch = self._scratch
+        if scratch is None or [(s.shape, s.dtype) for s in scratch] != [(b.shape, b.dtype) for b in base]:
+            scratch = self._scratch = [np.empty(b.shape, b.dtype) for b in base]
+        return scratch
+
     def _norm(self, update: Update) -> float:
         """The norm of the update's delta, without making ``update.delta`` of a reply that sent weights.
 
         ``update.delta`` is cached on the update, and a strategy that holds its updates (FedAvg's round) would
         then hold a second model-sized copy of each; the difference is taken into one reused buffer instead, and
-        is the same to the bit (``diff_norm``). A strategy that needs the delta makes it when it does.
+        is the same to the bit (``diff_norm``). A tensor's norm taken while validating it (``finite_check``) is
+        reused. A strategy that needs the delta makes it when it does.
         """
-        if update.sent_is_delta or "delta" in update.__dict__:
+        measured, self._measured = self._measured or {}, None
+        if not update.sent_is_delta and "delta" in update.__dict__:
             return delta_norm(update.delta)
-        scratch = self._scratch
-        if scratch is None or [(s.shape, s.dtype) for s in scratch] != [(b.shape, b.dtype) for b in update.base]:
-            scratch = self._scratch = [np.empty(b.shape, b.dtype) for b in update.base]
-        return diff_norm(update.base, update.sent, scratch)
+        scratch = None if update.sent_is_delta else self._work(update.base)
+        total = 0.0
+        for i, x in enumerate(update.sent):
+            known = measured.get(i)
+            if known is not None and known[0] is x:
+                norm = known[1]
+            elif scratch is None:
+                norm = _tensor_norm(x)
+            else:
+                np.subtract(update.base[i], x, out=scratch[i], dtype=update.base[i].dtype)
+                norm = _tensor_norm(scratch[i])
+            total = math.hypot(total, norm)
+        return total
 
     def __getstate__(self) -> dict[str, object]:
         """Pickle (a checkpoint) without the work space."""
         state = dict(self.__dict__)
         state.pop("_scratch", None)
+        state.pop("_measured", None)
         return state
 
     def window(self) -> list[float]:
@@ -271,7 +315,7 @@ class Intake:
             if reply.has_error():
                 raise TaskFailed(f"client error {reply.error.code}: {reply.error.reason}")
             guard.admit(reply, f.payload_up, f.seq, f.version)
-            sent, is_delta, n, metrics = validate_reply(reply, self.names, base)
+            sent, is_delta, n, metrics = validate_reply(reply, self.names, base, guard.finite_check(base))
             return Update(f.seq, f.node, f.version, staleness, sent, base, n, metrics, is_delta, now)
         except (TaskFailed, RejectedUpdate):
             raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -140,10 +140,19 @@ def read_reply(
         raise RejectedUpdate(f"malformed reply (validation raised {type(exc).__name__}: {exc})") from exc
 
 
+#: ``finite(index, values, is_delta)``: whether a decoded tensor has no NaN or Inf, in place of ``all_finite``
+#: (the update guard answers it from the norm it needs anyway: ``server_app.intake.UpdateGuard.finite_check``).
+FiniteCheck = Callable[[int, np.ndarray, bool], bool]
+
+
 def validate_reply(
-    msg: Message, names: Sequence[str], base: Sequence[np.ndarray]
+    msg: Message, names: Sequence[str], base: Sequence[np.ndarray], finite: FiniteCheck | None = None
 ) -> tuple[list[np.ndarray], bool, int, dict[str, float]]:
-    """``read_reply`` without its last line of defence: only ``RejectedUpdate`` is expected out of it."""
+    """``read_reply`` without its last line of defence: only ``RejectedUpdate`` is expected out of it.
+
+    ``finite``, when given, replaces the NaN/Inf check of each plain (codec ``none``) tensor; it must answer
+    exactly what ``all_finite`` would.
+    """
     content = msg.content
     records = content.array_records
     if "delta" in records:
@@ -152,25 +161,28 @@ def validate_reply(
         arrays, is_delta = records["arrays"], False
     else:
         raise RejectedUpdate(f"reply has no 'delta' or 'arrays' ArrayRecord (has: {sorted(records) or 'none'})")
-    values = _decode(arrays, names, base)
+    values = _decode(arrays, names, base, is_delta, finite)
     record = content.metric_records.get("metrics")
     check_known_metrics(record)
     metrics = numeric_metrics(record)
     return values, is_delta, _num_examples(metrics), metrics
 
 
-def _decode(record: ArrayRecord, names: Sequence[str], base: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _decode(record: ArrayRecord, names: Sequence[str], base: Sequence[np.ndarray], is_delta: bool = True,
+            finite: FiniteCheck | None = None) -> list[np.ndarray]:
     missing = [n for n in names if n not in record]
     extra = [k for k in record if k not in set(names)]
     if missing or extra:
         raise RejectedUpdate(f"array keys do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     out = []
-    for name, ref in zip(names, base, strict=True):
-        out.append(_decode_one(name, record[name], ref))
+    for i, (name, ref) in enumerate(zip(names, base, strict=True)):
+        check = all_finite if finite is None else (lambda v, i=i: finite(i, v, is_delta))
+        out.append(_decode_one(name, record[name], ref, check))
     return out
 
 
-def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
+def _decode_one(name: str, arr: Array, ref: np.ndarray,
+                finite: Callable[[np.ndarray], bool] = all_finite) -> np.ndarray:
     if arr.stype != STYPE_NONE:  # a codec's payload: strategies.codecs validates every byte of it
         try:
             return decode(arr, shape=ref.shape, dtype=ref.dtype)
@@ -184,7 +196,7 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
         value = npy_view(arr.data, ref.shape, ref.dtype)  # a read-only view of the message's bytes: no copy
     except CodecError as exc:
         raise RejectedUpdate(f"{name}: undecodable array bytes ({exc})") from exc
-    if not all_finite(value):
+    if not finite(value):
         raise RejectedUpdate(f"{name}: contains NaN or Inf")
     return value
 

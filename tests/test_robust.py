@@ -207,3 +207,24 @@ def test_the_norm_of_a_weights_reply_is_delta_norm_to_the_bit_and_leaves_no_delt
     update = Update(0, 1, 0, 0, trained, base, 1, sent_is_delta=False)
     guard.screen(update)
     assert "delta" not in update.__dict__ and "_scratch" not in pickle.loads(pickle.dumps(guard)).__dict__
+
+
+def test_the_finiteness_check_through_the_norm_answers_as_all_finite_and_the_norm_is_kept():
+    from strategies.codecs import all_finite
+
+    base = [np.ones((30, 4), np.float32), np.ones(4, np.float32)]
+    guard = UpdateGuard(RunConfig(), base)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for is_delta in (True, False):
+            for bad in (np.nan, np.inf, -np.inf, 3e38):
+                values = np.full(4, 0.5, np.float32)
+                values[2] = bad
+                check = guard.finite_check(base)
+                assert check is not None and check(1, values, is_delta) == all_finite(values)
+    trained = [b - 0.25 for b in base]
+    check = guard.finite_check(base)
+    assert all(check(i, t, False) for i, t in enumerate(trained))
+    update = Update(0, 1, 0, 0, trained, base, 1, sent_is_delta=False)
+    assert guard._norm(update) == delta_norm([b - t for b, t in zip(base, trained, strict=True)])
+    assert guard.finite_check(base) is not None and UpdateGuard(
+        RunConfig(update_filter="none"), base).finite_check(base) is None
