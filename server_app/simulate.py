@@ -58,17 +58,20 @@ def default_config(app: str | Path | None = None) -> dict[str, ConfigValue]:
     """``[tool.flwr.app.config]`` of pyproject.toml: the defaults ``flwr run`` uses too; then the app's.
 
     Installed from a wheel there is no pyproject.toml beside the packages; ``RunConfig``'s own defaults are the
-    same values (``tests/test_config.py`` keeps the two in step). ``app`` is a user's Flower app directory (what
-    ``flwr run DIR`` takes): its ``[tool.flwr.app.config]`` sets defaults of ours and declares its own keys.
+    same values (``tests/test_config.py`` keeps the two in step). A strategy's own keys, which the table declares
+    too, are left to ``strategies.parse_config``: a run gets only its own strategy's. ``app`` is a user's Flower
+    app directory (what ``flwr run DIR`` takes): its ``[tool.flwr.app.config]`` sets defaults of ours and declares
+    its own keys.
     """
+    from strategies.config import RunConfig
+
+    ours = RunConfig().to_mapping()
     if PYPROJECT.is_file():
         with PYPROJECT.open("rb") as fh:
-            values: dict[str, ConfigValue] = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-    else:
-        from strategies.config import RunConfig
-
-        values = RunConfig().to_mapping()
-    return {**values, **app_config(app)}
+            table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+        # The strategies' own keys that the table also declares (for flwr run) come with the run's strategy only.
+        ours = {k: v for k, v in table.items() if k in ours}
+    return {**ours, **app_config(app)}
 
 
 def app_config(app: str | Path | None) -> dict[str, ConfigValue]:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from strategies.base import Status, Strategy, Task, Update, Verdict
 from strategies.codecs import CodecError, CodecSpec
 from strategies.config import ConfigError, ConfigValue, Key, RunConfig
-from strategies.registry import lookup, names, register
+from strategies.registry import lookup, names, register, registered
 from strategies.robust import check_rule
 
 __all__ = ["Key", "RunConfig", "Status", "Strategy", "Task", "Update", "Verdict", "get_strategy",
@@ -36,6 +36,10 @@ def parse_config(values: Mapping[str, ConfigValue], app: Mapping[str, Key] | Non
         cls = lookup(str(values.get("strategy", RunConfig.strategy)))
     except ConfigError:
         cls = None
+    if lenient:  # Flower hands every key pyproject.toml declares: other strategies' own keys are not this run's
+        mine = set(cls.hyperparameters) if cls is not None else set()
+        others = {k for c in registered().values() for k in c.hyperparameters} - mine - set(declared)
+        values = {k: v for k, v in values.items() if k not in others}
     if cls is not None:
         for key, spec in cls.hyperparameters.items():
             if not isinstance(spec, Key):

@@ -9,6 +9,7 @@ import pytest
 from server_app.app import validate
 from strategies import get_strategy
 from strategies.config import ConfigError, RunConfig
+from strategies.registry import registered
 
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN = ROOT.parent / "shared" / "DESIGN.md"
@@ -21,7 +22,13 @@ def pyproject_config():
 
 def test_pyproject_defaults_equal_dataclass_defaults():
     defaults = RunConfig().to_mapping()  # every key (not `extra`, which holds declared keys, not one of ours)
-    assert pyproject_config() == defaults
+    # ... and every strategy's own keys with their declared defaults (flwr run accepts only declared keys); two
+    # strategies declaring one key must agree on its default.
+    own: dict = {}
+    for cls in registered().values():
+        for key, spec in cls.hyperparameters.items():
+            assert own.setdefault(key, spec.default) == spec.default, key
+    assert pyproject_config() == {**defaults, **own}
 
 
 @pytest.mark.skipif(not DESIGN.exists(), reason="../shared/DESIGN.md not beside the checkout")

@@ -1,13 +1,15 @@
 """Every preset in configs/ is valid for both `flwr run --run-config` and the in-process runner.
 
-A preset that sets one of its strategy's own keys (``configs/abs.toml``: ``abs-mode``) runs in-process as it is;
-under ``flwr run`` Flower accepts only the keys of the app's ``[tool.flwr.app.config]``, so such a key must be
-added there too (docs/design.md, "Declared keys").
+A preset that sets one of its strategy's own keys (``configs/abs.toml``: ``abs-mode``) runs in-process as it is,
+and under ``flwr run`` too: Flower accepts only the keys of the app's ``[tool.flwr.app.config]``, which declares
+every strategy's own keys for that reason (docs/design.md, "Declared keys").
 """
 
+import tomllib
 from pathlib import Path
 
 import pytest
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from client_app.data import DatasetMissingError, load_dataset
 from server_app.app import validate
@@ -16,7 +18,8 @@ from server_app.simulate import merge_config, run_config_layers
 from strategies import get_strategy, parse_config
 from strategies.config import RunConfig
 
-PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def test_there_are_presets():
@@ -35,6 +38,18 @@ def test_preset_is_valid(preset):
     assert cfg.metrics_db == "", "presets must not pin a metrics store path"
     (own,) = run_config_layers(str(preset))
     assert set(own) - set(RunConfig().to_mapping()) <= set(get_strategy(cfg.strategy).hyperparameters)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_flower_accepts_what_make_run_passes_for_each_preset(preset, capsys):
+    # make run: `simulate --check --print-run-config` prints the pinned keys; Flower fuses them into the app's
+    # declared table and refuses any key the table lacks (flwr.common.config.fuse_dicts, the SuperLink's check).
+    assert simulate_main(["--check", "--print-run-config", "--run-config", str(preset)]) == 0
+    pinned = parse_config_args([capsys.readouterr().out.strip()])
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    fused = fuse_dicts(flatten_dict(table), pinned)
+    cfg = parse_config(fused, lenient=True)  # what the ServerApp then parses
+    assert cfg.to_mapping() == {**parse_config(merge_config(str(preset))).to_mapping(), "metrics-db": cfg.metrics_db}
 
 
 def test_a_preset_runs_in_process(tmp_path, capsys):
