@@ -89,6 +89,9 @@ def test_flwr_run_gossip_matches_the_in_process_runner(superlink: SuperLink, tmp
     assert [e["consensus_distance"] for e in local.evals()] == pytest.approx([c[2] for c in curve], rel=1e-5)
 
 
+# In `make test-deployment` (CI runs both): another app's flwr run costs ~35 s of the real runtime on 2 cores, and
+# `make test` must stay under 4 minutes; the same app runs in-process in `make test` (tests/test_user_clientapp.py).
+@pytest.mark.deployment
 def test_flwr_run_of_a_template_shaped_app_with_its_own_key(superlink: SuperLink, tmp_path: Path) -> None:
     # tests/template_app as a user's own Flower project: its ClientApp reads run_config["local-epochs"], its
     # pyproject.toml declares that key (Flower refuses undeclared ones) and names staleflower's ServerApp.
