@@ -15,21 +15,13 @@ import torch
 from torch import nn
 
 from client_app import native
-from client_app.data import load_dataset
 from client_app.executors import ExecutorSpec, train_local
 from client_app.models import build_model
 from client_app.trainer import LocalSGD
 from strategies.config import RunConfig
+from tests.test_executors import same_weights, tiny_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    try:
-        return native.load()
-    except native.NativeUnavailable as exc:
-        pytest.skip(f"native executor unavailable here: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +30,12 @@ def digits():
     return data.x_train, data.y_train
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-
-def same_weights(a, b):
-    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    try:
+        return native.load()
+    except native.NativeUnavailable as exc:
+        pytest.skip(f"native executor unavailable here: {exc}")
 
 
 def assert_safe(report, threads):
