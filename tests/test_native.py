@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from client_app import native
+from client_app.data import load_dataset
 from client_app.executors import ExecutorSpec, train_local
 from client_app.models import build_model
 from client_app.trainer import LocalSGD
