@@ -25,13 +25,13 @@ from client_app.models import ModelError, build_model, count_params, flops_per_s
 from client_app.trainer import LocalSGD
 from server_app.intake import delta_norm
 from server_app.state import ModelSpec
+from server_app.wire import finite_number, num_examples, shown
 from strategies.config import ConfigError, RunConfig
 
 log = logging.getLogger("staleflower")
 #: Metric names read from an evaluation: ours first, then Flower's templates' (``eval_acc``, ``eval_loss``).
 ACCURACY_KEYS = ("accuracy", "eval_acc", "eval_accuracy", "acc")
 LOSS_KEYS = ("loss", "eval_loss")
-MAX_EXAMPLES = 2**53  # a node's num-examples claim past this is no count (and no longer exact as a float)
 
 
 def own_evaluation(cfg: RunConfig) -> bool:
@@ -89,10 +89,10 @@ def read_metrics(metrics: Mapping[str, object], where: str) -> tuple[float, floa
     def first(keys: Sequence[str], lo: float, hi: float) -> float:
         for key in keys:
             if key in metrics:
-                value = metrics[key]
-                if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-                    raise ValueError(f"{where}: {key} = {str(value)[:40]} is not a number in [{lo}, {hi}]")
-                return float(value)
+                value = finite_number(metrics[key])
+                if value is None or not lo <= value <= hi:
+                    raise ValueError(f"{where}: {key} = {shown(metrics[key], 40)} is not a number in [{lo}, {hi}]")
+                return value
         raise ValueError(f"{where}: no {' or '.join(keys)} among its metrics ({', '.join(sorted(metrics))[:200]})")
 
     return first(LOSS_KEYS, 0.0, math.inf), first(ACCURACY_KEYS, 0.0, 1.0)
@@ -211,12 +211,10 @@ class FederatedEvaluator:
         for reply in replies:
             try:
                 if reply.has_error():
-                    raise ValueError(f"error reply: {str(reply.error.reason)[:200]}")
+                    raise ValueError(f"error reply: {shown(reply.error.reason, 200)}")
                 metrics: MetricRecord = reply.content.metric_records["metrics"]
                 node_loss, node_acc = read_metrics(metrics, f"node {reply.metadata.src_node_id}")
-                n = metrics.get("num-examples", 1)
-                if isinstance(n, bool) or not isinstance(n, int | float) or not 0 < n <= MAX_EXAMPLES:
-                    raise ValueError(f"num-examples = {str(n)[:40]} is not a count")
+                n = num_examples(metrics)  # the training replies' own check of the claim
             except Exception as exc:  # noqa: BLE001 - a reply is the client's word: it costs its vote only
                 problems.append(str(exc))
                 continue

@@ -165,7 +165,7 @@ def validate_reply(
     record = content.metric_records.get("metrics")
     check_known_metrics(record)
     metrics = numeric_metrics(record)
-    return values, is_delta, _num_examples(metrics), metrics
+    return values, is_delta, num_examples(metrics), metrics
 
 
 def _decode(record: ArrayRecord, names: Sequence[str], base: Sequence[np.ndarray], is_delta: bool = True,
@@ -202,7 +202,7 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray,
 
 
 #: Reply metrics the server reads, and what each must be. The echoes (``task-seq``, ``model-version``) are held
-#: to their task's values by ``server_app.intake.UpdateGuard.admit`` and ``num-examples`` by ``_num_examples``;
+#: to their task's values by ``server_app.intake.UpdateGuard.admit`` and ``num-examples`` by ``num_examples``;
 #: here each is only held to be one finite number, so that a list, a NaN or an infinity is a reason, not a crash.
 KNOWN_METRICS: dict[str, str] = {
     NUM_EXAMPLES: "a finite number",
@@ -268,8 +268,12 @@ def shown(value: object, limit: int = 80) -> str:
 MAX_EXAMPLES = 2**53  # beyond, a float count is no longer exact; and FedAvg weights by it: a claim, not a fact
 
 
-def _num_examples(metrics: dict[str, float]) -> int:
+def num_examples(metrics: Mapping[str, object]) -> int:
+    """A reply's ``num-examples`` claim (1 when absent): a positive integer up to 2**53, else ``RejectedUpdate``."""
     n = metrics.get(NUM_EXAMPLES, 1)
+    if finite_number(n) is None:
+        raise RejectedUpdate(f"num-examples must be a positive integer up to 2**53, got {shown(n)}")
+    assert isinstance(n, int | float)
     if isinstance(n, bool) or not 1 <= n <= MAX_EXAMPLES or not float(n).is_integer():  # NaN fails the range
         raise RejectedUpdate(f"num-examples must be a positive integer up to 2**53, got {shown(n)}")
     return int(n)
