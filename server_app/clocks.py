@@ -29,7 +29,7 @@ from typing import Protocol
 
 from server_app.links import exchange_seconds
 from server_app.profiles import TaskTiming, sample_task
-from server_app.serverlink import ServerLink, due, ready_at
+from server_app.serverlink import ServerLink, due, earliest, ready_at, timing_of
 from server_app.state import EngineState, Flight
 from strategies.base import Exchange
 from strategies.config import RunConfig
@@ -116,28 +116,8 @@ class VirtualClock:
             if found is not None:
                 link.commit(found[1])
             return found
-        # Without the server's link: the same walk in ready-time order, stopping at the first task ready after
-        # the best completion found (a task completes, and its lower bound lies, at or after its ready time).
-        order = self._queue(state, None)
-        known: tuple[tuple[float, int], Flight] | None = None
-        bound: tuple[float, int] | None = None
-        for f in self._dropouts:
-            at = due(f)
-            if at is not None and (known is None or (at, f.seq) < known[0]):
-                known = ((at, f.seq), f)
-        for ready, seq, f in order:
-            if known is not None and ready > known[0][0]:
-                break
-            at = due(f)
-            if at is not None:
-                if known is None or (at, seq) < known[0]:
-                    known = ((at, seq), f)
-            else:
-                lb = (_lower_bound(f), seq)
-                bound = lb if bound is None or lb < bound else bound
-        if known is None or (bound is not None and bound < known[0]):
-            return None
-        return known[0][0], known[1]
+        # Without the server's link: the same walk, every completion on the task's own timing.
+        return earliest(self._queue(state, None), self._dropouts, lambda ready, seq, f: due(f))
 
     def _queue(self, state: EngineState, link: ServerLink | None) -> list[tuple[float, int, Flight]]:
         """The tasks in flight by (ready time, seq), sorted again only when tasks were dispatched or left.
@@ -169,7 +149,7 @@ class VirtualClock:
 
     def durations(self, flight: Flight, now: float, client_compute_s: float) -> tuple[float, float]:
         """The drawn compute time; download plus the upload of the reply's content size (and its wait, if any)."""
-        t = _timing(flight)
+        t = timing_of(flight)
         if flight.done_at is not None:  # through the server's link: the upload waited for its slot
             return t.compute_s, flight.done_at - flight.dispatched_at - t.compute_s
         up = t.upload_s(flight.payload_up) + flight.wait_s if flight.bytes_up else 0.0
@@ -177,7 +157,7 @@ class VirtualClock:
 
     def wasted(self, flight: Flight, now: float) -> tuple[float, float]:
         """Compute done between the end of the download and ``now``; the download so far."""
-        t = _timing(flight)
+        t = timing_of(flight)
         elapsed = now - flight.dispatched_at
         return min(max(elapsed - t.down_s, 0.0), t.compute_s), min(elapsed, t.down_s)
 
@@ -242,11 +222,3 @@ def make_clock(cfg: RunConfig, flops_per_step: float) -> Clock:
     return VirtualClock(cfg, flops_per_step) if cfg.clock == "virtual" else WallClock()
 
 
-def _timing(f: Flight) -> TaskTiming:
-    assert f.timing is not None, "a virtual clock draws every task's timing at dispatch"
-    return f.timing
-
-
-def _lower_bound(f: Flight) -> float:
-    """Earliest virtual time this task could complete."""
-    return f.dispatched_at + _timing(f).lower_bound_s() + f.wait_s

@@ -42,7 +42,7 @@ star transfer does, whatever it carries (a model, OLCO3's delayed averages, a co
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -118,47 +118,34 @@ class ServerLink:
         but for ``dropouts``, the tasks failed at dispatch (a simulated dropout), which end when their timing says.
         A task's completion is known when it does not upload through the server (a node-to-node exchange, a
         failure, an error reply: its own timing says when), when its upload slot is committed, or when its reply is
-        in hand and every upload queued ahead of it is known; any other task counts with its lower bound. Every
-        task in ``order`` completes at or after its ready time, so the walk stops at the first one ready after the
-        best completion found. The slots found on the way are kept for ``commit``.
+        in hand and every upload queued ahead of it is known; any other task counts with its lower bound (the walk:
+        ``earliest``). The slots found on the way are kept for ``commit``.
         """
         committed, free, blocked = self.committed, self.in_free, False
         tentative: list[tuple[int, float, float]] = []
-        best: tuple[float, int] | None = None
-        best_flight: F | None = None
-        for f in dropouts:
-            at = due(f)
-            if at is not None and (best is None or (at, f.seq) < best):
-                best, best_flight = (at, f.seq), f
-        bound: tuple[float, int] | None = None
-        for ready, seq, f in order:
-            if best is not None and ready > best[0]:
-                break  # this task and every later one completes after the best found
-            t = _timing(f)
+
+        def completion(ready: float, seq: int, f: F) -> float | None:
+            nonlocal free, blocked
             at = committed.get(seq) if committed else None
             if at is not None and f.reply is None and not f.failure:
                 at = None  # a resumed run: the slot was fixed before the checkpoint, the reply is not in hand yet
-            if at is None:
-                reply = f.reply
-                if f.exchange is not None or f.failure or (reply is not None and reply.has_error()):
-                    at = due(f)  # no upload through the server
-                elif reply is None or blocked:
-                    blocked = True
-                else:
-                    start = ready if ready > free else free
-                    free = start + 8.0 * f.payload_up / self.bps
-                    at = start + t.upload_s(f.payload_up)
-                    tentative.append((seq, at, free))
-            if at is None:
-                lb = (f.dispatched_at + t.lower_bound_s() + f.wait_s, seq)
-                if bound is None or lb < bound:
-                    bound = lb
-            elif best is None or (at, seq) < best:
-                best, best_flight = (at, seq), f
+            if at is not None:
+                return at
+            reply = f.reply
+            if f.exchange is not None or f.failure or (reply is not None and reply.has_error()):
+                return due(f)  # no upload through the server
+            if reply is None or blocked:
+                blocked = True
+                return None
+            start = ready if ready > free else free
+            free = start + 8.0 * f.payload_up / self.bps
+            done = start + timing_of(f).upload_s(f.payload_up)
+            tentative.append((seq, done, free))
+            return done
+
+        found = earliest(order, dropouts, completion)
         self.tentative = tentative
-        if best is None or best_flight is None or (bound is not None and bound < best):
-            return None
-        return best[0], best_flight
+        return found
 
     def forget_gone(self, live: Container[int]) -> None:
         """Drop the committed slots of tasks no longer in flight (abandoned; applied ones are popped by ``commit``)."""
@@ -185,14 +172,52 @@ class ServerLink:
         return {**self.__dict__, "tentative": []}
 
 
-def _timing(f: Task) -> TaskTiming:
+def earliest(order: Sequence[tuple[float, int, F]], dropouts: Iterable[F],
+             completion: Callable[[float, int, F], float | None]) -> tuple[float, F] | None:
+    """The next result in clock order and its completion time, once no outstanding task could complete earlier.
+
+    ``order``: the tasks in flight as ``(ready, seq, flight)``, sorted by ready time (dispatch + download +
+    compute), but for ``dropouts``, the tasks failed at dispatch, which end when their timing says (``due``).
+    ``completion(ready, seq, flight)`` is a task's completion once it is known, else None: the task then counts
+    with its lower bound. Every task in ``order`` completes, and its lower bound lies, at or after its ready time,
+    so the walk stops at the first task ready after the best completion found.
+    """
+    best: tuple[float, int] | None = None
+    best_flight: F | None = None
+    for f in dropouts:
+        at = due(f)
+        if at is not None and (best is None or (at, f.seq) < best):
+            best, best_flight = (at, f.seq), f
+    bound: tuple[float, int] | None = None
+    for ready, seq, f in order:
+        if best is not None and ready > best[0]:
+            break
+        at = completion(ready, seq, f)
+        if at is None:
+            lb = (lower_bound(f), seq)
+            if bound is None or lb < bound:
+                bound = lb
+        elif best is None or (at, seq) < best:
+            best, best_flight = (at, seq), f
+    if best is None or best_flight is None or (bound is not None and bound < best):
+        return None
+    return best[0], best_flight
+
+
+def timing_of(f: Task) -> TaskTiming:
+    """The task's timing, drawn at dispatch."""
     assert f.timing is not None, "a virtual clock draws every task's timing at dispatch"
     return f.timing
 
 
+def lower_bound(f: Task) -> float:
+    """Earliest virtual time this task could complete (a gossip exchange's lock wait included)."""
+    return f.dispatched_at + timing_of(f).lower_bound_s() + f.wait_s
+
+
 def ready_at(f: Task) -> float:
     """When the task's upload can start: dispatch + download + compute."""
-    t = _timing(f)
+    t = timing_of(f)
     return f.dispatched_at + t.down_s + t.compute_s
 
 
@@ -201,7 +226,7 @@ def due(f: Task) -> float | None:
 
     A gossip exchange's wait for its peer's model lock (``server_app/peerlocks.py``) comes before its transfers.
     """
-    t = _timing(f)
+    t = timing_of(f)
     if t.fail_after_s is not None:
         return f.dispatched_at + t.fail_after_s
     if f.failure:
