@@ -42,11 +42,12 @@ def write_outputs(out: Path, rows: list[dict], markdown: str, plot: Callable[[li
     print(markdown)
 
 
-def write_report(report: dict, table: str, json_path: str, markdown_path: str) -> None:
-    """``report`` as JSON and ``table`` as Markdown (folders made as needed); print the table."""
+def write_report(report: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:
+    """``report`` as JSON and ``table`` as Markdown, each where a path is given (folders made); print the table."""
     for path, text in ((json_path, json.dumps(report, indent=1)), (markdown_path, table + "\n")):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
     print(table)
 
 

@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # `python bench/leashed_sweep.py`: make the repos
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import write_report  # noqa: E402
 from bench.local_executors import SEED, THRESHOLD_FRACTION, leashed_mlp, load, loss_of, time_to_threshold  # noqa: E402
 from client_app import native  # noqa: E402
 from client_app.executors import make_policy, run_executor  # noqa: E402
@@ -230,13 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ms_per_update_one_thread": overhead,
         "results": results,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
     table = markdown(report) + "\n\nms per update, one thread: " + json.dumps(overhead)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    print(table)
+    write_report(report, table, args.json, args.markdown)
     return report
 
 

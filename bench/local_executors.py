@@ -32,7 +32,6 @@ every worker runs on its own stream.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -48,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench.common import write_report  # noqa: E402
 from client_app.data import DatasetMissingError, load_dataset  # noqa: E402
 from client_app.executors import make_policy, run_executor  # noqa: E402
 from client_app.trainer import LocalSGD, pick_device  # noqa: E402
@@ -281,13 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": rows,
         "comparisons": comparisons(rows),
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    print(table)
+    write_report(report, markdown(report), args.json, args.markdown)
     return report
 
 

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import gc
 import io
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_report
 from bench.engine_overhead import app
 from server_app.simulate import merge_config, run_local
 
@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     report = benchmark(args.nodes, args.updates, args.strategy, args.model, args.repeats)
-    table = markdown(report)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+    write_report(report, markdown(report), args.json, args.markdown)
     return 0
 
 
