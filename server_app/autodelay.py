@@ -27,7 +27,7 @@ import math
 import statistics
 from collections.abc import Mapping
 
-from server_app.profiles import NodeProfile
+from server_app.profiles import NodeProfile, nominal_compute_s
 from server_app.state import ModelSpec
 from strategies.config import AUTO, MAX_LOCAL_STEPS, RunConfig
 
@@ -42,18 +42,12 @@ def round_trip_s(profile: NodeProfile, model_bytes: int, server_bps: float, serv
             + bits / min(server_bps, net.up_bps))
 
 
-def period_s(profile: NodeProfile, local_steps: int, flops_per_step: float) -> float:
-    """A period's compute time on the node at nominal speed (no jitter)."""
-    device = profile.device
-    return local_steps * (device.step_overhead_s + flops_per_step / device.flops) * profile.slowdown
-
-
 def auto_delay(cfg: RunConfig, profiles: Mapping[int, NodeProfile], spec: ModelSpec) -> int:
     """D from the module docstring's equation."""
     bps = cfg.server_bandwidth * 1e6 if cfg.server_bandwidth > 0 else math.inf
     model_bytes = int(sum(w.nbytes for w in spec.initial))
     rtt = max(round_trip_s(p, model_bytes, bps, cfg.server_latency * 1e-3) for p in profiles.values())
-    period = statistics.median(period_s(p, cfg.local_steps, spec.flops_per_step) for p in profiles.values())
+    period = statistics.median(nominal_compute_s(p, cfg.local_steps, spec.flops_per_step) for p in profiles.values())
     d = max(1, math.ceil(rtt / period)) if period > 0 else MAX_LOCAL_STEPS
     d = min(d, MAX_LOCAL_STEPS)
     log.info("delay = auto: D = %d (slowest round trip %.4g s, median period %.4g s)", d, rtt, period)

@@ -717,6 +717,12 @@ def _check_task_args(
             raise ProfileError(f"{name} must be >= 0, got {value!r}")
 
 
+def nominal_compute_s(profile: NodeProfile, local_steps: int, flops_per_step: float) -> float:
+    """A task's compute time on the node at its nominal speed: the mean that ``sample_task`` draws around."""
+    device = profile.device
+    return local_steps * (device.step_overhead_s + flops_per_step / device.flops) * profile.slowdown
+
+
 def sample_task(
     profile: NodeProfile,
     rng: np.random.Generator,
@@ -758,8 +764,8 @@ def sample_task(
     u_fail = float(rng.random())
     u_when = float(rng.random())
 
-    device, network = profile.device, profile.network
-    base_s = local_steps * (device.step_overhead_s + flops_per_step / device.flops) * profile.slowdown
+    network = profile.network
+    base_s = nominal_compute_s(profile, local_steps, flops_per_step)
     compute_s = base_s * _compute_multiplier(compute_dist, z_compute, gamma, local_steps, compute_jitter)
     down_bps = network.down_bps * _lognormal_mean_one(z_down, network_jitter)
     up_bps = network.up_bps * _lognormal_mean_one(z_up, network_jitter)
