@@ -26,7 +26,7 @@ from flwr.app import Array
 
 from strategies.client import ClientJob, Weights
 from strategies.codecs import all_finite
-from strategies.config import Key, RunConfig
+from strategies.config import ConfigValue, Key, RunConfig
 from strategies.robust import Aggregation, Collector, Parts
 from strategies.taskkeys import TaskConfig
 from strategies.tuning import DEFAULT_SPACE, Param
@@ -225,6 +225,14 @@ class Strategy(ABC):
         self.nodes: tuple[int, ...] = tuple(fleet)
         self.view: EngineView = view if view is not None else DetachedView(fleet_size=len(self.nodes))
         self.aggregation = Aggregation(cfg)
+
+    def hyperparameter(self, key: str) -> ConfigValue:
+        """One of its own ``hyperparameters``: the run's value, or the declared default.
+
+        A run's config always holds the value (``strategies.parse_config`` fills in defaults); a strategy built
+        outside a run, on a bare ``RunConfig()`` (a unit test), gets the default.
+        """
+        return self.cfg.extra[key] if key in self.cfg.extra else self.hyperparameters[key].default
 
     def aggregate(self, parts: Parts) -> Weights:
         """``sum_i c_i x_i`` of a set of client contributions under the run's ``aggregation`` rule.

@@ -78,7 +78,7 @@ from typing import ClassVar
 
 from strategies.base import EngineView, Status, Strategy, Task, Update, Verdict, step
 from strategies.client import Weights
-from strategies.config import ConfigValue, Key, RunConfig
+from strategies.config import Key, RunConfig
 from strategies.registry import register
 from strategies.taskkeys import TRAIN_LOSS
 from strategies.tuning import LR, IntRange, LogUniform, Uniform
@@ -258,8 +258,8 @@ class ABS(KAggregation):
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:
         super().__init__(cfg, weights, fleet, view)
-        self.closed_loop = self._hp("abs-mode") == "adaptive"
-        self.window = int(self._hp("abs-window"))
+        self.closed_loop = self.hyperparameter("abs-mode") == "adaptive"
+        self.window = int(self.hyperparameter("abs-window"))
         self.sent: dict[int, float] = {}                 # node -> dispatch time of its current (or last) task
         self.abandoned: set[int] = set()                 # nodes whose task was restarted, not yet free again
         self.durations: dict[int, deque[float]] = {}     # node -> its last W task durations
@@ -274,10 +274,6 @@ class ABS(KAggregation):
     def aggregation_set(cls, cfg: RunConfig) -> int | None:
         """K starts at ``k`` (the adaptive mode goes below it only when stragglers leave fewer nodes)."""
         return cfg.k
-
-    def _hp(self, key: str) -> ConfigValue:
-        """A hyperparameter: from the run config, or its declared default (a strategy built outside a run)."""
-        return self.cfg.extra[key] if key in self.cfg.extra else self.hyperparameters[key].default
 
     # ----------------------------------------------------------------------------------------- measurements
     def task_for(self, node: int) -> Task | None:
@@ -306,7 +302,7 @@ class ABS(KAggregation):
                 est[node] = max(est.get(node, 0.0), now - self.sent[node])
         if median is None or median <= 0:
             return median, est, set()
-        q = float(self._hp("abs-straggler-factor"))
+        q = float(self.hyperparameter("abs-straggler-factor"))
         return median, est, {n for n, m in est.items() if m > q * median}
 
     def _k_parts(self) -> tuple[int, int, int, int]:
@@ -347,9 +343,9 @@ class ABS(KAggregation):
         k, n_eff, _, _ = self._k_parts()
         _, _, slow = self._fleet()
         seen = sorted(s for node, s in self.stale if node not in slow)
-        p = float(self._hp("abs-staleness-quantile"))
+        p = float(self.hyperparameter("abs-staleness-quantile"))
         s_p = seen[min(len(seen) - 1, math.ceil(p * len(seen)) - 1)] if seen else 0
-        return max(1, math.ceil(float(self._hp("abs-tau-factor")) * max(n_eff / k, s_p)))
+        return max(1, math.ceil(float(self.hyperparameter("abs-tau-factor")) * max(n_eff / k, s_p)))
 
     # ---------------------------------------------------------------------------------------------- policy
     def apply(self, update: Update) -> Verdict:
@@ -400,7 +396,7 @@ class ABS(KAggregation):
             return super()._over_bound()
         tau = self.bound_now()
         median, _, _ = self._fleet()
-        phi = float(self._hp("abs-spare-done"))
+        phi = float(self.hyperparameter("abs-spare-done"))
         now = self.view.now
         out = []
         for node, v in self.in_flight.items():
