@@ -87,7 +87,7 @@ from server_app.app import validate
 from server_app.compare_report import Outcome, markdown, plot, read_outcome, summarise
 from server_app.simulate import check_fleet, default_config, merge_config, random_run_id, run_local
 from server_app.store import MetricsStore
-from strategies import get_strategy, parse_config
+from strategies import get_strategy, parse_config, registered
 from strategies.config import MAX_INT, ConfigError, ConfigValue, RunConfig
 from strategies.tuning import Choice, IntRange, LogUniform, Param, Uniform, check_space, space_as_json
 
@@ -150,9 +150,13 @@ class Spec:
         """The middle target (the lower middle for an even count)."""
         return self.targets[(len(self.targets) - 1) // 2]
 
+    def base(self, method: Method) -> dict[str, ConfigValue]:
+        """The scenario as ``method`` runs it: see :func:`scenario_for`."""
+        return scenario_for(self.scenario, method.name)
+
     def values(self, method: Method, seed: int, params: Mapping[str, ConfigValue]) -> dict[str, ConfigValue]:
         """The run config of one run."""
-        return {**self.scenario, **method.fixed, **params, "strategy": method.name, "seed": seed,
+        return {**self.base(method), **method.fixed, **params, "strategy": method.name, "seed": seed,
                 "metrics-db": str(self.db)}
 
     def changed(self) -> dict[str, ConfigValue]:
@@ -311,7 +315,8 @@ class Comparison:
 
         study = optuna.create_study(direction="minimize",
                                     sampler=optuna.samplers.TPESampler(seed=self.spec.search_seed))
-        start = {k: self.spec.scenario[k] for k, p in method.space.items() if p.contains(self.spec.scenario[k])}
+        base = self.spec.base(method)
+        start = {k: base[k] for k, p in method.space.items() if k in base and p.contains(base[k])}
         if start:  # trial 0: the scenario's own values (those inside the space; the others are drawn)
             study.enqueue_trial(start)
         return study
@@ -401,6 +406,17 @@ def objective(spec: Spec) -> dict[str, object]:
                            f"H * (2 - final accuracy), with H = {horizon}; a trial with a failed run is not scored."}
 
 
+def scenario_for(scenario: Mapping[str, ConfigValue], name: str) -> dict[str, ConfigValue]:
+    """The scenario for strategy ``name``: other strategies' own keys left out, ``name``'s own at their defaults.
+
+    A scenario file written for one strategy (``configs/abs.toml`` sets ``abs-mode``) is every method's scenario;
+    its strategy's own hyperparameters mean nothing to another strategy, which would refuse them as unknown keys.
+    """
+    own = get_strategy(name).hyperparameters
+    others = {k for c in registered().values() for k in c.hyperparameters} - set(own)
+    return {**{k: spec.default for k, spec in own.items()}, **{k: v for k, v in scenario.items() if k not in others}}
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def build_spec(args: argparse.Namespace) -> Spec:
     """Check everything before anything runs; ``ConfigError`` with a message for the user."""
@@ -437,7 +453,8 @@ def build_spec(args: argparse.Namespace) -> Spec:
         cls = get_strategy(e.name)  # unknown name: ConfigError with the valid ones
         check_space(cls.search_space, e.name, cls.hyperparameters)
         fixed = check_fixed(e)
-        cfg = parse_config({**scenario, **fixed, "strategy": e.name, "seed": tune[0], "metrics-db": str(db)})
+        cfg = parse_config({**scenario_for(scenario, e.name), **fixed, "strategy": e.name, "seed": tune[0],
+                            "metrics-db": str(db)})
         try:
             validate(cfg)  # stop condition, profiles, data, model: as simulate checks them
         except ConfigError as exc:

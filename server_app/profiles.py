@@ -670,7 +670,7 @@ def check_profile_file(path: str, max_nodes: int) -> None:
 # Per-task timing
 # --------------------------------------------------------------------------------------------------
 
-COMPUTE_DISTS = ("fixed", "lognormal", "shifted-exp")
+COMPUTE_DISTS = ("fixed", "lognormal", "shifted-exp", "pareto")
 
 
 def _lognormal_mean_one(z: float, sigma: float) -> float:
@@ -679,6 +679,21 @@ def _lognormal_mean_one(z: float, sigma: float) -> float:
     Mean 1 so that jitter adds spread without changing the average speed the profile table states.
     """
     return math.exp(sigma * z - 0.5 * sigma * sigma)
+
+
+def _pareto_mean_one(z: float, jitter: float) -> float:
+    """Map a standard normal draw to a Pareto factor of mean 1: heavy-tailed compute, one task in many very slow.
+
+    Shape ``a = 1 + 1 / jitter`` (``jitter = 1``: ``a = 2``, finite mean, infinite variance; larger jitter, heavier
+    tail; ``jitter = 0``: always 1), scale ``(a - 1) / a`` so the mean is exactly 1, drawn by inversion of the normal
+    draw's tail probability ``q = P(Z > z)``: ``M = scale * q ** (-1 / a)``. Reusing the normal draw keeps
+    :func:`sample_task`'s stream aligned across compute distributions.
+    """
+    if jitter <= 0:
+        return 1.0
+    shape = 1.0 + 1.0 / jitter
+    q = max(0.5 * math.erfc(z / math.sqrt(2.0)), 1e-300)  # P(Z > z), accurate far into the tail
+    return (shape - 1.0) / shape * q ** (-1.0 / shape)
 
 
 def _compute_multiplier(dist: str, z: float, gamma: float, local_steps: int, jitter: float) -> float:
@@ -695,6 +710,8 @@ def _compute_multiplier(dist: str, z: float, gamma: float, local_steps: int, jit
         return 1.0
     if dist == "lognormal":
         return _lognormal_mean_one(z, jitter)
+    if dist == "pareto":
+        return _pareto_mean_one(z, jitter)
     steps = max(local_steps, 1)
     return (steps + jitter * gamma) / (steps * (1.0 + jitter))
 
@@ -738,7 +755,8 @@ def sample_task(
 
     - compute: ``local_steps * (step_overhead_s + flops_per_step / flops) * slowdown * M``, with ``M`` of
       mean 1 from ``compute_dist`` (``fixed``: 1; ``lognormal``: ``exp(s*Z - s**2/2)`` with
-      ``s = compute_jitter``; ``shifted-exp``: per-step shifted exponential, see :func:`_compute_multiplier`);
+      ``s = compute_jitter``; ``shifted-exp``: per-step shifted exponential, see :func:`_compute_multiplier`;
+      ``pareto``: heavy-tailed per task, see :func:`_pareto_mean_one`);
     - network: the down and up bandwidths are each multiplied by an independent mean-1 lognormal factor of
       sigma ``network_jitter`` (congestion varies from task to task; latency does not jitter);
       ``down_s = latency + 8 * bytes_down / down_bps_eff``; the upload stays open

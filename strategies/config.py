@@ -103,7 +103,7 @@ class RunConfig:
     server_latency: float = field(default=0.0, metadata=_range(0, MAX_LATENCY_MS))
     profiles: str = "wifi=0.5,4g=0.3,3g=0.2"
     profile_file: str = ""
-    compute_dist: str = field(default="lognormal", metadata=_choices("fixed", "lognormal", "shifted-exp"))
+    compute_dist: str = field(default="lognormal", metadata=_choices("fixed", "lognormal", "shifted-exp", "pareto"))
     compute_jitter: float = field(default=0.25, metadata=_range(0, 10))  # a log-normal sigma: e^10 spread
     network_jitter: float = field(default=0.2, metadata=_range(0, 10))
     straggler_fraction: float = field(default=0.0, metadata=_range(0, 1))

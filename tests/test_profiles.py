@@ -348,7 +348,7 @@ def test_upload_and_lower_bound_arithmetic():
 
 
 @pytest.mark.parametrize(
-    ("dist", "jitter"), [("lognormal", 0.25), ("shifted-exp", 0.25), ("shifted-exp", 1.0)]
+    ("dist", "jitter"), [("lognormal", 0.25), ("shifted-exp", 0.25), ("shifted-exp", 1.0), ("pareto", 0.5)]
 )
 def test_compute_multiplier_has_mean_one(dist: str, jitter: float):
     timings = _many(EASY, 20_000, seed=11, compute_dist=dist, compute_jitter=jitter)
@@ -363,6 +363,18 @@ def test_shifted_exp_never_beats_the_shift():
     assert computes.min() >= 0.5 * EASY_STEP_S
     assert computes.min() < 0.52 * EASY_STEP_S  # the bound is attained, not just respected
     assert computes.std() > 0.3 * EASY_STEP_S
+
+
+def test_pareto_is_heavy_tailed_with_its_stated_shape():
+    # compute_jitter=1: shape a = 2, scale 1/2, so M >= 1/2 and P(M > x) = (0.5 / x) ** 2 (0.25% beyond 10x).
+    m = np.array([t.compute_s for t in _many(EASY, 40_000, seed=6, compute_dist="pareto", compute_jitter=1.0)])
+    m /= EASY_STEP_S
+    assert m.min() >= 0.5 * (1 - 1e-12)
+    assert m.min() < 0.51
+    for x, p in ((2.0, 0.0625), (10.0, 0.0025)):
+        assert abs(np.mean(m > x) - p) < 4 * math.sqrt(p * (1 - p) / len(m)) + 1e-4
+    fixed = _many(EASY, 50, seed=6, compute_dist="pareto", compute_jitter=0.0)
+    assert {t.compute_s for t in fixed} == {EASY_STEP_S}
 
 
 def test_shifted_exp_over_many_steps_concentrates():
