@@ -87,8 +87,9 @@ from server_app.app import validate
 from server_app.compare_report import Outcome, markdown, plot, read_outcome, summarise
 from server_app.simulate import check_fleet, default_config, merge_config, random_run_id, run_local
 from server_app.store import MetricsStore
-from strategies import get_strategy, parse_config, registered
+from strategies import get_strategy, parse_config
 from strategies.config import MAX_INT, ConfigError, ConfigValue, RunConfig
+from strategies.registry import registered
 from strategies.tuning import Choice, IntRange, LogUniform, Param, Uniform, check_space, space_as_json
 
 if TYPE_CHECKING:

@@ -693,7 +693,7 @@ def _pareto_mean_one(z: float, jitter: float) -> float:
         return 1.0
     shape = 1.0 + 1.0 / jitter
     q = max(0.5 * math.erfc(z / math.sqrt(2.0)), 1e-300)  # P(Z > z), accurate far into the tail
-    return (shape - 1.0) / shape * q ** (-1.0 / shape)
+    return float((shape - 1.0) / shape * q ** (-1.0 / shape))
 
 
 def _compute_multiplier(dist: str, z: float, gamma: float, local_steps: int, jitter: float) -> float:
