@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from server_app.links import exchange_seconds
+from server_app.overlap import hide
 from server_app.profiles import TaskTiming, sample_task
 from server_app.serverlink import ServerLink, due, earliest, ready_at, timing_of
 from server_app.state import EngineState, Flight
@@ -88,6 +89,8 @@ class VirtualClock:
                              flops_per_step=self.flops_per_step, bytes_down=payload_down,
                              compute_dist=c.compute_dist, compute_jitter=c.compute_jitter,
                              network_jitter=c.network_jitter)
+        if c.overlap and state.strategy is not None and state.strategy.overlap:  # the last communication hid some
+            timing = hide(state.tails, node, state.now, timing)
         if exchange is None:
             if self.server_link and state.link is not None:
                 timing = state.link.download(timing, state.now, payload_down, state.profiles[node].network.latency_s)

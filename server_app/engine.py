@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.serverapp import Grid
 
-from server_app import checkpoint, restarts
+from server_app import checkpoint, overlap, restarts
 from server_app.autodelay import resolve_delay
 from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
@@ -32,9 +32,8 @@ from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, c
 from server_app.ledger import Ledger, bounded_reason
 from server_app.localscores import local_scores
 from server_app.mailbox import Mailbox
-from server_app.membership import FleetChange, Membership, node_profile
+from server_app.membership import FleetChange, Membership, fleet_profiles, node_profile
 from server_app.outbox import Outbox
-from server_app.profiles import assign_profiles
 from server_app.serverlink import ServerLink
 from server_app.state import EngineState, Flight, ModelSpec, RunSummary, Version
 from server_app.store import MetricsStore
@@ -80,9 +79,7 @@ class Engine:
 
     def _new_state(self, strategy_cls: type[Strategy], nodes: list[int]) -> EngineState:
         c = self.cfg
-        profiles = assign_profiles(len(nodes), mix=c.profiles, seed=c.seed, straggler_fraction=c.straggler_fraction,
-                                   straggler_slowdown=c.straggler_slowdown, dropout=c.dropout,
-                                   profile_file=c.profile_file)
+        profiles = fleet_profiles(c, len(nodes))
         down = CodecSpec(c.codec_downlink, c.codec_ratio, c.codec_levels, c.codec_rank)
         state = EngineState(
             nodes=list(nodes), profiles=dict(zip(nodes, profiles, strict=True)),
@@ -242,6 +239,7 @@ class Engine:
             s.failing = 0
         compute = 0.0 if self.clock.virtual else client_compute_s(f.reply)  # the virtual clock draws its own
         durations = self.clock.durations(f, s.now, compute)
+        overlap.finished(s.tails, f, s.now)  # what the node's next task may hide (server_app/overlap.py)
         self.ledger.record(s.totals, f, status, reason, now=s.now, staleness=staleness, durations=durations,
                            applied_version=strategy.version if f.seq in applied else None)
         self.ledger.applied_later(s.totals, [q for q in applied if q != f.seq], strategy.version)

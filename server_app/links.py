@@ -8,8 +8,8 @@ node). A round lasts as long as its most loaded link plus its slowest pair's lat
 other (ring all-reduce has 2(n-1) of them); a collective's plans and their costs are in
 ``strategies/collectives.py``, and the clock charges the fastest. Link speeds are the profiles' nominal ones,
 without the per-task jitter of star transfers: an all-reduce round is one event shared by every node, so it must
-cost every node the same. Contention in the core network is not modelled; two AD-PSGD exchanges with the same
-passive node queue for its model lock (``server_app/peerlocks.py``), so they never overlap.
+cost every node the same. Contention in the core network is not modelled; two AD-PSGD exchanges with a node in
+common queue for it (its model lock and its link, ``server_app/peerlocks.py``), so they never overlap.
 """
 
 from __future__ import annotations

@@ -59,16 +59,20 @@ class FleetChange:
     online: int = 0                                                           # known nodes online now
 
 
+def fleet_profiles(cfg: RunConfig, num_nodes: int, profile_file: str | None = None) -> list[NodeProfile]:
+    """The profiles the run config gives a fleet of ``num_nodes`` (``profile_file``: the config's by default)."""
+    return assign_profiles(num_nodes, mix=cfg.profiles, seed=cfg.seed, straggler_fraction=cfg.straggler_fraction,
+                           straggler_slowdown=cfg.straggler_slowdown, dropout=cfg.dropout,
+                           slow_link_fraction=cfg.slow_link_fraction, slow_link_factor=cfg.slow_link_factor,
+                           profile_file=cfg.profile_file if profile_file is None else profile_file)
+
+
 def node_profile(cfg: RunConfig, idx: int) -> NodeProfile:
     """The profile the fleet's mix (and profile file) gives node index ``idx``; informative on the wall clock."""
-    def profile(file: str) -> NodeProfile:
-        return assign_profiles(idx + 1, mix=cfg.profiles, seed=cfg.seed, straggler_fraction=cfg.straggler_fraction,
-                               straggler_slowdown=cfg.straggler_slowdown, dropout=cfg.dropout, profile_file=file)[idx]
-
     try:
-        return profile(cfg.profile_file)
+        return fleet_profiles(cfg, idx + 1)[idx]
     except ProfileError:  # a profile file written for another fleet size
-        return profile("")
+        return fleet_profiles(cfg, idx + 1, "")[idx]
 
 
 class Membership:

@@ -1,18 +1,26 @@
-"""Model locks on the virtual clock: a gossip exchange holds its passive peer's model for its whole duration.
+"""Model locks and node links on the virtual clock: a gossip exchange holds both its nodes for its whole duration.
 
 AD-PSGD averages atomically: while an active node and its passive peer exchange and average their models, the
 passive node's model is locked, and a second active node that picked the same peer waits until the first
-exchange is over (Lian et al. 2018 serialise the averagings on a node with a lock). An ``Exchange`` whose
-``holds`` names a node is such an exchange; ``server_app.links`` times it alone, and this module makes it queue.
+exchange is over (Lian et al. 2018 serialise the averagings on a node with a lock). The exchange also occupies
+both nodes' access links: each sends its model to the other, so it fills the active node's uplink and downlink
+and the passive node's. An ``Exchange`` whose ``holds`` names a node is such an exchange; ``server_app.links``
+times it alone at the links' full rates, and this module makes every exchange that shares a node with it queue.
 
-**Discipline: FIFO per locked node, in ready-time order.** A task's exchange is *ready* when its compute is done
-(dispatch + compute; a gossip task has no download). The exchanges holding node ``p`` start in (ready, dispatch
-seq) order, each when the previous one is over::
+**Discipline: FIFO per node, in ready-time order.** A node's link (both directions) carries one exchange at a
+time, at its full rate, and its model is averaged with one partner at a time; an exchange holds both its nodes
+(the active node and the passive peer ``holds``), so two exchanges that share a node, as passive peer of both,
+or as the active node of one and the passive peer of the other, never overlap. FIFO rather than fair sharing for
+the reason the server's link gives (``server_app/serverlink.py``): a slot must be computable once the slots ahead
+of it are known. A task's exchange is *ready* when its compute is done (dispatch + compute; a gossip task has no
+download). The exchanges holding node ``p`` start in (ready, dispatch seq) order, each when every node it holds
+is free::
 
-    start = max(ready, free_p);  free_p = start + x;  done = start + x       (x: the exchange's own seconds)
+    start = max(ready, free_a, free_p);  free_a = free_p = start + x;  done = start + x
+                                                     (a: the active node, p: its peer, x: the exchange's seconds)
 
-so a task waits ``start - ready`` for the lock, which the store counts as communication time (``comm_s``), and
-two exchanges with the same passive node never overlap on the clock. Every term is drawn at dispatch, so the
+so a task waits ``start - ready`` for its nodes, which the store counts as communication time (``comm_s``), and
+two exchanges with a node in common never overlap on the clock. Every term is drawn at dispatch, so the
 schedule never depends on replies or on their arrival order. A task drawn as a simulated dropout fails during
 its compute and never takes the lock; a task that fails for real (an error reply, a lost node) keeps the slot it
 was given: the passive node cannot know its partner is gone before the slot would have ended.
@@ -33,17 +41,17 @@ from dataclasses import dataclass, field
 from server_app.serverlink import Task, ready_at
 
 
-def holder(f: Task) -> int | None:
-    """The node whose model lock the task's exchange holds (None: no lock, or a dropout that never gets there)."""
+def held(f: Task) -> tuple[int, ...]:
+    """The nodes the task's exchange holds: its own and its passive peer's (none: no lock, or a dropout)."""
     ex, t = f.exchange, f.timing
     if ex is None or ex.holds is None or t is None or t.fail_after_s is not None:
-        return None
-    return ex.holds
+        return ()
+    return (f.node, ex.holds) if f.node != ex.holds else (f.node,)
 
 
 @dataclass
 class PeerLocks:
-    """The locked nodes' FIFO queues: the slots already fixed, and the tentative waits of the others."""
+    """The nodes' FIFO queues: the slots already fixed, and the tentative waits of the others."""
 
     free: dict[int, float] = field(default_factory=dict)       # node -> when its committed exchanges are over
     committed: dict[int, float] = field(default_factory=dict)  # seq -> lock wait of an exchange whose slot is fixed
@@ -52,7 +60,7 @@ class PeerLocks:
         """Set every locking task's ``wait_s`` (fixed, or tentative); the tentative ones as (ready, seq, task, end)."""
         queue: list[tuple[float, int, Task]] = []
         for f in flights:
-            if holder(f) is None:
+            if not held(f):
                 continue
             if f.seq in self.committed:
                 f.wait_s = self.committed[f.seq]
@@ -62,10 +70,11 @@ class PeerLocks:
         free = dict(self.free)
         tentative = []
         for ready, seq, f in queue:
-            node = holder(f)
-            assert node is not None and f.timing is not None
-            start = max(ready, free.get(node, -math.inf))
-            free[node] = end = start + f.timing.up_latency_s  # a gossip task's "upload" is its exchange
+            nodes = held(f)
+            assert f.timing is not None
+            start = max(ready, *(free.get(n, -math.inf) for n in nodes))
+            end = start + f.timing.up_latency_s  # a gossip task's "upload" is its exchange
+            free.update(dict.fromkeys(nodes, end))
             f.wait_s = start - ready
             tentative.append((ready, seq, f, end))
         return tentative
@@ -81,7 +90,5 @@ class PeerLocks:
         for ready, seq, f, end in self.schedule(flights):
             if ready > at:
                 break
-            node = holder(f)
-            assert node is not None
             self.committed[seq] = f.wait_s
-            self.free[node] = end
+            self.free.update(dict.fromkeys(held(f), end))

@@ -400,6 +400,8 @@ def assign_profiles(
     straggler_slowdown: float = 1.0,
     dropout: float = 0.0,
     profile_file: str = "",
+    slow_link_fraction: float = 0.0,
+    slow_link_factor: float = 1.0,
 ) -> list[NodeProfile]:
     """Give each of ``num_nodes`` nodes (indexed by partition id) a profile.
 
@@ -410,7 +412,10 @@ def assign_profiles(
     2. the list of quotas is shuffled, so which partition lands on which profile does not follow mix order;
     3. exactly ``round(straggler_fraction * num_nodes)`` nodes, chosen with the same generator, get
        ``slowdown=straggler_slowdown``; every node gets ``dropout``;
-    4. if ``profile_file`` is set, its rows override those nodes (see :func:`_apply_profile_file`).
+    4. exactly ``round(slow_link_fraction * num_nodes)`` nodes, chosen with a generator of their own (so that
+       the other steps draw the same with or without slow links), get a slow link: bandwidths divided and
+       latency multiplied by ``slow_link_factor`` (the AD-PSGD paper's slow-network scenario);
+    5. if ``profile_file`` is set, its rows override those nodes (see :func:`_apply_profile_file`).
 
     Raises
     ------
@@ -436,9 +441,30 @@ def assign_profiles(
         )
         for node, k in enumerate(order.tolist())
     ]
+    if slow_link_fraction > 0:
+        profiles = _slow_links(profiles, seed, slow_link_fraction, slow_link_factor)
     if profile_file:
         profiles = _apply_profile_file(profiles, profile_file)
     return profiles
+
+
+def _slow_links(profiles: list[NodeProfile], seed: int, fraction: float, factor: float) -> list[NodeProfile]:
+    """Step 4 of :func:`assign_profiles`: a seeded share of the nodes gets a link ``factor`` times slower."""
+    if not (0.0 <= fraction <= 1.0):
+        raise ProfileError(f"slow_link_fraction must be in [0, 1], got {fraction!r}")
+    if not (math.isfinite(factor) and factor >= 1.0):
+        raise ProfileError(f"slow_link_factor must be a number >= 1, got {factor!r}")
+    n = len(profiles)
+    slow = set(np.random.default_rng([seed, 0x5105]).choice(n, size=round(fraction * n), replace=False).tolist())
+    out = []
+    for i, p in enumerate(profiles):
+        if i in slow:
+            net = p.network
+            p = replace(p, network=NetworkProfile(
+                name=f"{net.name}/{factor:g}x-slow", down_bps=net.down_bps / factor, up_bps=net.up_bps / factor,
+                latency_s=net.latency_s * factor))
+        out.append(p)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

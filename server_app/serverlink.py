@@ -57,6 +57,7 @@ class Task(Protocol):
     """What the link reads of a task in flight (``server_app.state.Flight``), and the one thing it writes."""
 
     seq: int
+    node: int
     dispatched_at: float
     timing: TaskTiming | None
     exchange: Exchange | None

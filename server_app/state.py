@@ -134,16 +134,19 @@ class EngineState:
     contract: Contract = field(default_factory=Contract)  # the checks of verdicts (server_app/contract.py)
     link: ServerLink | None = None                      # the server's own link; None: unlimited
     locks: PeerLocks = field(default_factory=PeerLocks)  # gossip peers' model locks (server_app/peerlocks.py)
+    # node -> (end of its last task's communication, the part of it after its compute) (server_app/overlap.py)
+    tails: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle (a checkpoint); one written before ``contract`` existed gets one that trusts its earlier seqs.
 
         One written before the server link existed ran without one, and goes on without one; one written before
-        the peers' model locks gets empty ones.
+        the peers' model locks gets empty ones, and one written before overlap was charged hides nothing at first.
         """
         state.setdefault("contract", Contract(since=state.get("seq", 0)))
         state.setdefault("link", None)
         state.setdefault("locks", PeerLocks())
+        state.setdefault("tails", {})
         self.__dict__.update(state)
 
     # -------------------------------------------------------------------------------- the strategy's view

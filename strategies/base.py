@@ -93,7 +93,8 @@ class Exchange:
     ``bytes_up``/``bytes_down`` are what this task's row is charged: the bytes its exchange put on uplinks and
     on downlinks of the fleet (a node-to-node transfer crosses one of each). ``peer`` is the node it averaged
     with, when it is one node. ``holds``: the node whose model the exchange locks for its duration (AD-PSGD's
-    passive peer): the virtual clock serialises the exchanges holding one node (``server_app/peerlocks.py``).
+    passive peer), and the links of both its nodes: the virtual clock serialises the exchanges sharing a node
+    (``server_app/peerlocks.py``).
     ``phases``: exchanges run one after the other (their time is the sum; this exchange's own transfers come
     first); ``options``: alternative plans of the same collective, of which the clock charges the fastest
     (``strategies/collectives.py``). Node ids are the engine's (Flower's) ids.
@@ -212,6 +213,10 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     keeps_node_state: ClassVar[bool] = False  # its client half keeps state on the node across tasks
     elastic: ClassVar[bool] = False  # works on a fleet that changes during a run (server_app/membership.py)
+    # Its nodes compute the next task while the last one's communication is under way (AD-PSGD's communication
+    # thread, the OLCO3 family's upload behind the next period): the virtual clock hides that communication behind
+    # the next computation (server_app/overlap.py), unless the run config says ``overlap = false``.
+    overlap: ClassVar[bool] = False
     # What the comparison harness may tune, and over which ranges (strategies/tuning.py): the learning rate here.
     search_space: ClassVar[Mapping[str, Param]] = DEFAULT_SPACE
     # Run-config keys of its own, declared beside its code (strategies/config.py ``Key``): the run config accepts

@@ -108,6 +108,10 @@ class RunConfig:
     network_jitter: float = field(default=0.2, metadata=_range(0, 10))
     straggler_fraction: float = field(default=0.0, metadata=_range(0, 1))
     straggler_slowdown: float = field(default=1.0, metadata=_range(1, MAX_FACTOR))
+    # Persistent slow links (the AD-PSGD paper's second scenario): that share of nodes gets its bandwidth divided
+    # and its latency multiplied by the factor (server_app/profiles.py).
+    slow_link_fraction: float = field(default=0.0, metadata=_range(0, 1))
+    slow_link_factor: float = field(default=1.0, metadata=_range(1, MAX_FACTOR))
     dropout: float = field(default=0.0, metadata=_range(0, 0.99))
     seed: int = field(default=0, metadata=_range(0, MAX_INT))
     # The engine.
@@ -137,6 +141,10 @@ class RunConfig:
     # A task a strategy abandons (k-sync, AdaSync, ABS): runs to its end on its node, as under Flower, or is
     # interrupted at once (a what-if of the virtual clock; server_app/restarts.py).
     restart: str = field(default="finish", metadata=_choices("finish", "interrupt"))
+    # Charge the overlap of communication and computation a strategy declares (``Strategy.overlap``: AD-PSGD's
+    # communication thread, the OLCO3 family's upload behind the next period; server_app/overlap.py), or, false,
+    # every task's compute and communication one after the other.
+    overlap: bool = True
     topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
     # Multi-thread local training on the client (Leashed-SGD and its baselines).
     local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))

@@ -128,6 +128,7 @@ class ADPSGD(Decentralized):
     """Asynchronous decentralized parallel SGD: atomic pairwise averaging on a bipartite graph."""
 
     name = "ad-psgd"
+    overlap = True  # the computation thread computes the next gradient while the communication thread averages
     requires_bipartite = True
 
     @classmethod

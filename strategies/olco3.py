@@ -106,6 +106,7 @@ class DelayedAveraging(Strategy):
 
     compensation: ClassVar[str] = "both"  # both | staleness | none
     keeps_node_state = True
+    overlap = True  # a node starts its next period while its last update uploads (the point of the delay D)
     search_space = {"lr": LR}
 
     def __init__(self, cfg: RunConfig, weights: Weights, fleet: Sequence[int], view: EngineView | None = None) -> None:

@@ -241,13 +241,33 @@ def test_exchanges_with_one_passive_peer_queue_for_its_model_lock_in_ready_order
     # c is ready first (1.0) and holds 9 until 1.5; a is ready at 2.0, free; b, ready at 2.5, waits until 3.0
     assert (c.wait_s, a.wait_s, b.wait_s, other.wait_s, dropout.wait_s) == (0.0, 0.0, 0.5, 0.0, 0.0)
     locks.commit([a, b, c, other], at=1.5)  # c applied: only its slot is fixed (a and b are not ready yet)
-    assert locks.committed == {2: 0.0} and locks.free == {9: 1.5}
+    assert locks.committed == {2: 0.0} and locks.free == {9: 1.5, 2: 1.5}  # c's own node is busy too
     late = flight(5, 1.5, 0.6, 9)  # dispatched at 1.5, ready at 2.1: after a (2.0), before b (2.5)
     locks.schedule([a, b, late, other])
     assert (a.wait_s, late.wait_s, b.wait_s) == pytest.approx((0.0, 0.9, 1.5))  # late starts at 3.0, b at 4.0
     locks.commit([a, b, late, other], at=3.0)  # a applied at 3.0: a, late, other are fixed; b (ready 2.5) too
     assert locks.committed == pytest.approx({0: 0.0, 1: 1.5, 5: 0.9, 3: 0.0})
-    assert locks.free == pytest.approx({9: 5.0, 8: 3.2})
+    assert locks.free == pytest.approx({9: 5.0, 8: 3.2, 0: 3.0, 1: 5.0, 2: 1.5, 3: 3.2, 5: 4.0})
+
+
+def test_an_exchange_holds_both_its_nodes_links_so_exchanges_sharing_a_node_queue():
+    # Node 2 exchanges with 7 (active, ready 1.0, 1 s) while node 0 picked node 2 as its passive peer (ready 1.2,
+    # 0.5 s) and node 1 exchanges with node 0 (ready 1.4, 0.25 s). Hand-computed FIFO on each node's link:
+    # 2 <-> 7 holds 2 and 7 over [1.0, 2.0]; 0 <-> 2 waits for node 2 until 2.0, holds 0 and 2 over [2.0, 2.5];
+    # 1 <-> 0 waits for node 0 until 2.5, holds 1 and 0 over [2.5, 2.75].
+    def flight(seq, node, compute, holds, x):
+        timing = TaskTiming(down_s=0.0, compute_s=compute, up_latency_s=x, up_bps=math.inf, fail_after_s=None)
+        return Flight(seq, node=node, version=0, dispatched_at=0.0, bytes_down=0, timing=timing,
+                      exchange=Exchange(((node, holds, 1), (holds, node, 1)), holds=holds))
+
+    first, second, third = flight(0, 2, 1.0, 7, 1.0), flight(1, 0, 1.2, 2, 0.5), flight(2, 1, 1.4, 0, 0.25)
+    locks = PeerLocks()
+    locks.schedule([first, second, third])
+    assert (first.wait_s, second.wait_s, third.wait_s) == pytest.approx((0.0, 0.8, 1.1))
+    locks.commit([first, second, third], at=2.75)
+    assert locks.free == pytest.approx({2: 2.5, 7: 2.0, 0: 2.75, 1: 2.75})
+    # Without the exchanges' own nodes held (the passive peer's lock alone), node 2 would average with 0 and 7 at
+    # once and node 0 with 2 and 1: all three would start when ready, with no wait.
 
 
 # --------------------------------------------------------------------------------------- real engine runs
@@ -271,13 +291,15 @@ def test_ad_psgd_run_records_consensus_peers_and_node_to_node_bytes(simulate):
     assert {r["peer_id"] for r in with_peer} <= node_ids
     assert all(r["bytes_up"] == 0 for r in rows if r["peer_id"] is None)
     assert all(r["bytes_up"] > 0 and r["transport_bytes_up"] > 0 for r in with_peer)
-    # the exchange holds the passive peer's model lock: two exchanges with one peer never overlap on the clock.
-    # One model, one network profile: every exchange lasts the same x, the shortest comm_s (one that never waited)
+    # the exchange holds both its nodes (the passive peer's model lock, both nodes' links): two exchanges with a
+    # node in common, as peer or as active node, never overlap on the clock. One model, one network profile: every
+    # exchange lasts the same x, the shortest comm_s (one that never waited)
     x = min(r["comm_s"] for r in with_peer)
     assert max(r["comm_s"] for r in with_peer) > x * 1.5  # some did wait: the fleet computes in lockstep
     ends: dict[int, list[float]] = {}
     for r in with_peer:
         ends.setdefault(r["peer_id"], []).append(r["completed_at"])
+        ends.setdefault(r["node_id"], []).append(r["completed_at"])
     for peer_ends in ends.values():
         peer_ends.sort()
         assert all(b - a >= x * (1 - 1e-9) for a, b in itertools.pairwise(peer_ends))  # [end - x, end] disjoint
@@ -386,3 +408,17 @@ def test_an_old_store_gains_the_new_columns(tmp_path):
         assert db.execute("SELECT consensus_distance, metrics_json FROM evals").fetchone() == (0.25, '{"round": 1.0}')
         cols = {r[1] for r in db.execute("PRAGMA table_info(updates)")}
     assert {"peer_id", "transport_bytes_up", "transport_bytes_down"} <= cols
+
+
+def test_one_slow_link_slows_the_exchanges_of_its_node_only(simulate):
+    run = simulate("ad-psgd", max_updates=200, eval_every=0, slow_link_fraction=1 / 8, slow_link_factor=10.0,
+                   **FLEET)
+    nets = {r["node_id"]: r["network"] for r in run.rows("SELECT node_id, network FROM nodes WHERE run_id=?",
+                                                         run.summary.run_id)}
+    slow = [n for n, name in nets.items() if name.endswith("/10x-slow")]
+    assert len(slow) == 1
+    exchanges = [r for r in run.updates() if r["peer_id"] is not None]
+    with_slow = [r["comm_s"] for r in exchanges if slow[0] in (r["node_id"], r["peer_id"])]
+    others = [r["comm_s"] for r in exchanges if slow[0] not in (r["node_id"], r["peer_id"])]
+    assert with_slow and others
+    assert min(with_slow) > 5 * min(others)  # an exchange lasts as long as its slower end (plus any lock wait)

@@ -456,3 +456,22 @@ def test_sample_task_validates(kwargs: dict, message: str):
         sample_task(EASY, rng, **args)
     assert message in str(info.value)
     assert rng.bit_generator.state == state  # nothing drawn before the arguments were checked
+
+
+def test_slow_links_are_a_seeded_share_whose_links_are_that_factor_slower():
+    plain = assign_profiles(8, mix="laptop/ethernet=1,phone/4g=1", seed=3, straggler_fraction=0.25,
+                            straggler_slowdown=4.0)
+    slow = assign_profiles(8, mix="laptop/ethernet=1,phone/4g=1", seed=3, straggler_fraction=0.25,
+                           straggler_slowdown=4.0, slow_link_fraction=0.25, slow_link_factor=10.0)
+    changed = [i for i in range(8) if slow[i] != plain[i]]
+    assert len(changed) == 2  # round(0.25 * 8); the other nodes' devices, links and stragglers are unchanged
+    for i in changed:
+        a, b = plain[i].network, slow[i].network
+        assert b.name == f"{a.name}/10x-slow"
+        assert (b.down_bps, b.up_bps, b.latency_s) == pytest.approx((a.down_bps / 10, a.up_bps / 10, a.latency_s * 10))
+        assert (slow[i].device, slow[i].slowdown) == (plain[i].device, plain[i].slowdown)
+    again = assign_profiles(8, mix="laptop/ethernet=1,phone/4g=1", seed=3, straggler_fraction=0.25,
+                            straggler_slowdown=4.0, slow_link_fraction=0.25, slow_link_factor=10.0)
+    assert again == slow
+    with pytest.raises(ProfileError, match="slow_link_factor"):
+        assign_profiles(4, mix="wifi=1", seed=0, slow_link_fraction=0.5, slow_link_factor=0.5)

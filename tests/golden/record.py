@@ -128,6 +128,8 @@ def run_config(settings: dict[str, Any], config: dict[str, Any] | None, **kwargs
         # stored config says nothing of it, and the key's default (a finite link) would move every time by a few
         # microseconds and, where two completions were that close, swap them (async-sgd).
         values.setdefault("server-bandwidth", 0.0)
+        # Likewise before a strategy's declared overlap of communication and computation was charged.
+        values.setdefault("overlap", False)
     return simulate(settings["strategy"], nodes=settings["nodes"], run_id=settings["run_id"], **values, **kwargs)
 
 
