@@ -42,7 +42,7 @@ def main(grid: Grid, context: Context) -> None:
         summary = run_experiment(grid, cfg, run_id=str(context.run_id))
     context.state["summary"] = ConfigRecord(summary.as_config())
     context.state["final-weights"] = ArrayRecord(list(summary.weights))
-    stats = progress.run_stats(cfg.metrics_path(), summary.run_id, cfg.target_accuracy)
+    stats = progress.run_stats(cfg.metrics_path(), summary.run_id, cfg.target_accuracy, cfg.target_score)
     print(format_summary(summary, cfg, wall_s=time.monotonic() - t0, stats=stats, sep=progress.separator()),
           flush=True)
 
@@ -92,8 +92,8 @@ def run_experiment(grid: Grid, cfg: RunConfig, run_id: str) -> RunSummary:
     return summary
 
 
-# Keys a resumed run may change: where it stops, and the resume key itself.
-RESUMABLE_CHANGES = frozenset({"resume", "max-updates", "max-time", "target-accuracy", "metrics-db"})
+# Keys a resumed run may change: where it stops (target-score: which accuracy its target reads), and the resume key.
+RESUMABLE_CHANGES = frozenset({"resume", "max-updates", "max-time", "target-accuracy", "target-score", "metrics-db"})
 
 
 def reopen(store: MetricsStore, cfg: RunConfig) -> EngineState:

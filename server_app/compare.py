@@ -2,8 +2,8 @@
 
     python -m server_app.compare [--run-config FILE] [--set key=value ...] [--nodes N]
         [--methods "fedavg,fedbuff[buffer-size=4],mypkg.mod:MyStrategy"] [--budget N] [--tune-seeds 0,1]
-        [--eval-seeds 10,11,12,13,14] [--targets 0.8,0.9,0.95] [--jobs J] [--search-seed S]
-        [--metrics-db PATH] [--json OUT] [--markdown OUT] [--plot OUT.png] [--quick]
+        [--eval-seeds 10,11,12,13,14] [--targets 0.8,0.9,0.95] [--score local-mean|local-min|average]
+        [--jobs J] [--search-seed S] [--metrics-db PATH] [--json OUT] [--markdown OUT] [--plot OUT.png] [--quick]
 
 **What it does.** The scenario is fixed: the run config of ``--run-config``, ``--set`` (TOML syntax, as for
 ``server_app.simulate``) and ``--nodes``; its ``strategy`` and ``seed`` are replaced per run. For every method, a
@@ -26,6 +26,14 @@ not be ``strategy``, ``seed``, ``metrics-db``, ``resume``, ``clock``, ``max-time
 and its budget are every method's. ``max-updates`` and ``eval-every`` may be fixed (a method whose update is one
 SGD step needs more of them for the same computation); a note says so before the runs. A method whose fixed keys
 cover its whole search space runs one tuning trial (more would repeat the same deterministic runs).
+
+**Which accuracy** (``--score``, default ``local-mean``): the decentralized strategies publish the average of
+their node models, which no node holds; ``local-mean`` scores the mean accuracy of the models the nodes hold,
+``local-min`` the worst, ``average`` the published model (``server_app.compare_report``). A run without node models
+(a star strategy) is scored on the published model whatever the choice. Every run's ``target-score`` is set to the
+same choice, so a run that stops at ``target-accuracy`` stops on the score it is judged by, unless a method fixes
+``target-score`` (a note says so); a scenario's own ``target-score`` is replaced (a note says so too). Every
+"accuracy" below is this score.
 
 **Objective** (lower is better). The objective's target is the middle one of ``--targets`` (sorted; the lower
 middle for an even count). A tuning run that reaches it scores its time to it: the clock time (the run's clock, in
@@ -56,8 +64,8 @@ store, wall time) is a function of the command line.
 (count), ``space`` (less the fixed keys), ``chosen`` (the chosen run-config values), ``strategy``, ``fixed`` (its
 fixed settings, ``{}`` for none), ``eval`` (per evaluation seed: ``seed``, ``time_to`` per
 target or null, ``final_accuracy``, ``bytes_up``, ``bytes_down``, ``wasted_compute``; see
-``server_app.compare_report``), plus ``tuning`` (every trial), ``summary``, ``objective``, ``scenario``,
-``search`` and ``run``.
+``server_app.compare_report``), plus ``tuning`` (every trial), ``summary``, ``objective``, ``score`` (the
+``--score`` choice), ``scenario``, ``search`` and ``run``.
 
 Exit status: 0 done; 1 a run failed (the report is still written; the store says why); 2 bad command line or run
 config (nothing runs); 130 interrupted.
@@ -88,7 +96,7 @@ from server_app.compare_report import Outcome, markdown, plot, read_outcome, sum
 from server_app.simulate import check_fleet, default_config, merge_config, random_run_id, run_local
 from server_app.store import MetricsStore
 from strategies import get_strategy, parse_config
-from strategies.config import MAX_INT, ConfigError, ConfigValue, RunConfig
+from strategies.config import MAX_INT, TARGET_SCORES, ConfigError, ConfigValue, RunConfig
 from strategies.registry import registered
 from strategies.tuning import Choice, IntRange, LogUniform, Param, Uniform, check_space, space_as_json
 
@@ -104,6 +112,8 @@ MAX_BUDGET = 10_000
 #: Worker processes: each holds a model and a data set; more than a large machine's cores only thrashes.
 MAX_JOBS = 256
 PER_RUN_KEYS = ("strategy", "seed", "metrics-db")  # set per run by the harness, not part of the scenario
+# Set for every run from --score (a method may fix it): the report states it as ``score``, not in ``scenario``.
+SCORE_KEY = "target-score"
 # Keys a method's fixed settings may not change: those the harness sets per run, and the scenario's clock and
 # clock budget (max-time, target-accuracy: the objective's horizon and stop are the same for every method).
 HARNESS_KEYS = frozenset({*PER_RUN_KEYS, "resume", "clock", "max-time", "target-accuracy"})
@@ -145,6 +155,7 @@ class Spec:
     search_seed: int
     db: Path
     jobs: int
+    score: str = "local-mean"  # --score: which accuracy is read, and every run's target-score
 
     @property
     def objective_target(self) -> float:
@@ -152,8 +163,8 @@ class Spec:
         return self.targets[(len(self.targets) - 1) // 2]
 
     def base(self, method: Method) -> dict[str, ConfigValue]:
-        """The scenario as ``method`` runs it: see :func:`scenario_for`."""
-        return scenario_for(self.scenario, method.name)
+        """The scenario as ``method`` runs it (:func:`scenario_for`), its target reading ``--score``'s accuracy."""
+        return {**scenario_for(self.scenario, method.name), SCORE_KEY: self.score}
 
     def values(self, method: Method, seed: int, params: Mapping[str, ConfigValue]) -> dict[str, ConfigValue]:
         """The run config of one run."""
@@ -163,14 +174,16 @@ class Spec:
     def changed(self) -> dict[str, ConfigValue]:
         """The scenario's keys that differ from the defaults (the per-run keys left out)."""
         defaults = default_config()
-        return {k: v for k, v in sorted(self.scenario.items()) if k not in PER_RUN_KEYS and defaults.get(k) != v}
+        return {k: v for k, v in sorted(self.scenario.items())
+                if k not in (*PER_RUN_KEYS, SCORE_KEY) and defaults.get(k) != v}
 
     def as_json(self) -> dict[str, object]:
         """What the command line means, for the store's ``comparisons`` row."""
         return {"methods": [m.label for m in self.methods],
                 "fixed": {m.label: dict(m.fixed) for m in self.methods if m.fixed}, "budget": self.budget,
                 "tune_seeds": list(self.tune_seeds),
-                "eval_seeds": list(self.eval_seeds), "targets": list(self.targets), "nodes": self.nodes,
+                "eval_seeds": list(self.eval_seeds), "targets": list(self.targets), "score": self.score,
+                "nodes": self.nodes,
                 "search_seed": self.search_seed, "scenario": self.changed(), "jobs": self.jobs}
 
 
@@ -249,7 +262,7 @@ class Comparison:
         errors = self.runner.run(jobs)
         outcomes = []
         for j, err in zip(jobs, errors, strict=True):
-            out = read_outcome(self.spec.db, str(j.run_id), self.spec.targets)
+            out = read_outcome(self.spec.db, str(j.run_id), self.spec.targets, self.spec.score)
             if err or out.status != "completed":
                 why = err or out.error or out.status
                 self.failures.append(f"{j.method} {j.role} seed {j.seed}: {why}")
@@ -365,7 +378,8 @@ class Comparison:
                 methods[m.label]["error"] = "every tuning trial failed: nothing was evaluated"
         return {
             "tune_seeds": list(spec.tune_seeds), "eval_seeds": list(spec.eval_seeds), "targets": list(spec.targets),
-            "methods": methods, "budget": spec.budget, "nodes": spec.nodes, "scenario": spec.changed(),
+            "score": spec.score, "methods": methods, "budget": spec.budget, "nodes": spec.nodes,
+            "scenario": spec.changed(),
             "objective": objective(spec),
             "search": {"library": f"optuna {optuna.__version__}", "sampler": "TPESampler", "seed": spec.search_seed,
                        "first_trial": "the scenario's own values of the space's keys (those inside its ranges)"},
@@ -403,8 +417,9 @@ def objective(spec: Spec) -> dict[str, object]:
                "the run's own end time (max-time is 0: set it to make a miss always score worse than a hit)")
     return {"target": target, "direction": "minimize", "aggregate": "mean over the tuning seeds",
             "description": f"the mean over the tuning seeds of each run's time to accuracy {target:g} (the middle "
-                           f"target), in seconds on the run's clock; a run that never reaches it scores "
-                           f"H * (2 - final accuracy), with H = {horizon}; a trial with a failed run is not scored."}
+                           f"target; accuracy as --score {spec.score} reads it), in seconds on the run's clock; a run "
+                           f"that never reaches it scores H * (2 - final accuracy), with H = {horizon}; a trial with "
+                           "a failed run is not scored."}
 
 
 def scenario_for(scenario: Mapping[str, ConfigValue], name: str) -> dict[str, ConfigValue]:
@@ -438,6 +453,9 @@ def build_spec(args: argparse.Namespace) -> Spec:
     if args.quick:
         evals = evals[:QUICK_EVAL_SEEDS]
     targets = _targets(args.targets)
+    if args.score not in TARGET_SCORES:
+        raise ConfigError(f"--score must be one of {', '.join(TARGET_SCORES)}, got {args.score!r}: which accuracy "
+                          "the comparison reads (the node models' mean, the worst node model, or the average)")
     scenario = merge_config(args.run_config, args.set)
     scenario_cfg = parse_config(scenario)  # types and ranges of the scenario itself
     if args.nodes < scenario_cfg.min_nodes:
@@ -454,8 +472,8 @@ def build_spec(args: argparse.Namespace) -> Spec:
         cls = get_strategy(e.name)  # unknown name: ConfigError with the valid ones
         check_space(cls.search_space, e.name, cls.hyperparameters)
         fixed = check_fixed(e)
-        cfg = parse_config({**scenario_for(scenario, e.name), **fixed, "strategy": e.name, "seed": tune[0],
-                            "metrics-db": str(db)})
+        cfg = parse_config({**scenario_for(scenario, e.name), SCORE_KEY: args.score, **fixed, "strategy": e.name,
+                            "seed": tune[0], "metrics-db": str(db)})
         try:
             validate(cfg)  # stop condition, profiles, data, model: as simulate checks them
         except ConfigError as exc:
@@ -475,7 +493,8 @@ def build_spec(args: argparse.Namespace) -> Spec:
     except OSError as exc:
         raise ConfigError(f"cannot create the metrics store's folder {db.parent}: {exc}") from exc
     return Spec(scenario=dict(scenario), nodes=args.nodes, methods=tuple(methods), budget=budget, tune_seeds=tune,
-                eval_seeds=evals, targets=targets, search_seed=args.search_seed, db=db, jobs=args.jobs)
+                eval_seeds=evals, targets=targets, search_seed=args.search_seed, db=db, jobs=args.jobs,
+                score=args.score)
 
 
 @dataclass(frozen=True)
@@ -597,9 +616,16 @@ def notes(spec: Spec) -> list[str]:
             out.append(f"{m.label} fixes {', '.join(f'{k} = {v}' for k, v in changed.items())} (the scenario has "
                        f"{', '.join(f'{k} = {spec.scenario[k]}' for k in changed)}): its budget counts differently "
                        "from the other methods'")
+        if SCORE_KEY in m.fixed and m.fixed[SCORE_KEY] != spec.score:
+            out.append(f"{m.label} fixes {SCORE_KEY} = {m.fixed[SCORE_KEY]!r}: its runs stop at target-accuracy on "
+                       f"that score, but are judged on --score {spec.score}")
         if not m.space:
             out.append(f"{m.label} fixes every key of its search space: it runs one tuning trial (its fixed "
                        "setting), not the budget's trials, which would repeat the same runs")
+    own = spec.scenario.get(SCORE_KEY, spec.score)
+    if own != spec.score and own != default_config().get(SCORE_KEY):
+        out.append(f"the scenario's {SCORE_KEY} = {own!r} is replaced by --score {spec.score}: every run stops on "
+                   "the score the comparison reads (give --score to choose it)")
     stop = float(spec.scenario["target-accuracy"])
     if 0 < stop < max(spec.targets):
         out.append(f"target-accuracy = {stop:g} stops every run there: targets above it are never reached and "
@@ -712,6 +738,10 @@ def _parser() -> argparse.ArgumentParser:
                                                                   "the tuning seeds (default 10,11,12,13,14)")
     p.add_argument("--targets", default="0.8,0.9,0.95", help="accuracy targets; the middle one is the tuning "
                                                              "objective's (default 0.8,0.9,0.95)")
+    p.add_argument("--score", default="local-mean",
+                   help="which accuracy is read: local-mean (the mean of the models the nodes hold), local-min (the "
+                        "worst of them) or average (the published model); runs without node models always read the "
+                        "published model; every run's target-score is set to it (default local-mean)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (default 1: no pool)")
     p.add_argument("--search-seed", type=int, default=0, help="seed of every method's TPE sampler (default 0)")
     p.add_argument("--metrics-db", metavar="PATH", help="the metrics store of the runs (default: the scenario's "

@@ -8,6 +8,15 @@
 - ``markdown`` and ``plot``: the tables and the accuracy-against-clock figure, both drawn from the JSON report
   alone, so a saved report can be drawn again.
 
+**Which accuracy** (``--score``, the run-config choices of ``target-score``): ``local-mean`` (the default), the mean
+accuracy of the models the nodes hold, ``local-min`` the worst of them, or ``average``, the published model's
+``evals.accuracy``. The decentralized strategies publish the average of their node models, which no node holds, so
+judging them on it would credit them with a model nobody can use. The local scores are read from
+``evals.metrics_json`` (``server_app/localscores.py``); a run without them (a star strategy, whose nodes hold the
+published model, or ``evaluation = "federated"``) is read from ``accuracy`` instead, so every choice scores star
+strategies exactly as before. The chosen score is what the times to the targets, the final accuracy, the curve
+(hence the tuning objective and the figure) read.
+
 **Wasted compute** of a run is the sum of ``compute_s`` over its task rows whose work never reached the model:
 ``restarted`` (abandoned by the strategy while in flight: the computation done until then), ``failed`` (dropout,
 lost node, client error, time-out: the compute the clock charged before the failure), ``rejected`` (the engine
@@ -25,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from server_app.localscores import SCORE_KEYS
 
 WASTED_STATUSES = ("restarted", "failed", "rejected", "dropped")
 
@@ -44,7 +55,7 @@ class Outcome:
     wasted_compute: float
     wasted_by_status: dict[str, float] = field(default_factory=dict)
     applied: int = 0
-    curve: tuple[tuple[float, float], ...] = ()
+    curve: tuple[tuple[float, float], ...] = ()  # (clock, score) per evaluation, the score --score names
 
     def entry(self, seed: int) -> dict[str, Any]:
         """The JSON entry of an evaluation run (DESIGN.md's keys first, then extras)."""
@@ -61,13 +72,20 @@ def target_key(target: float) -> str:
     return repr(float(target))
 
 
-def read_outcome(path: str | Path, run_id: str, targets: Sequence[float]) -> Outcome:
-    """Read one run's numbers from the store at ``path`` (read-only)."""
+def score_sql(score: str) -> str:
+    """The SQL expression of an ``evals`` row's accuracy under ``score``: its local score, else ``accuracy``."""
+    key = SCORE_KEYS[score]
+    return f"COALESCE(json_extract(metrics_json, '$.\"{key}\"'), accuracy)" if key else "accuracy"
+
+
+def read_outcome(path: str | Path, run_id: str, targets: Sequence[float], score: str = "local-mean") -> Outcome:
+    """Read one run's numbers from the store at ``path`` (read-only), its accuracy as ``score`` names it."""
     with sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=30.0) as db:
         row = db.execute("SELECT status, error FROM runs WHERE run_id=?", (run_id,)).fetchone()
         status, error = (row[0], row[1] or "") if row else ("missing", "the run never started")
         curve = tuple((float(t), float(a)) for t, a in
-                      db.execute("SELECT t, accuracy FROM evals WHERE run_id=? ORDER BY t, rowid", (run_id,)))
+                      db.execute(f"SELECT t, {score_sql(score)} FROM evals WHERE run_id=? ORDER BY t, rowid",
+                                 (run_id,)))
         up, down, applied = db.execute(
             "SELECT COALESCE(SUM(bytes_up), 0), COALESCE(SUM(bytes_down), 0), "
             "COALESCE(SUM(status = 'applied'), 0) FROM updates WHERE run_id=?", (run_id,)).fetchone()
@@ -129,6 +147,25 @@ def _num(x: float | None, digits: int) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+#: What each ``--score`` reads, as the Markdown says it.
+SCORE_TEXT = {
+    "local-mean": "the mean accuracy of the models the nodes hold (`--score local-mean`)",
+    "local-min": "the accuracy of the worst model a node holds (`--score local-min`)",
+    "average": "the published model's accuracy (`--score average`; for the decentralized strategies the average "
+               "of their node models, which no node holds)",
+}
+
+
+def score_sentence(score: str) -> str:
+    """One sentence on the accuracy a report reads (a report saved before ``score`` existed read the average)."""
+    text = (f"Accuracy in these tables and the figure (times to a target, final accuracy, the tuning objective) is "
+            f"{SCORE_TEXT[score]}")
+    if SCORE_KEYS[score] is None:
+        return text + "."
+    return (text + "; a run whose nodes hold the published model (the star strategies) or whose evaluation is "
+            "federated has no other, and is scored on the published model's accuracy.")
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """The report's tables: the chosen settings, then one table per target."""
     methods: Mapping[str, Any] = report["methods"]
@@ -165,7 +202,8 @@ def markdown(report: Mapping[str, Any]) -> str:
               "confidence interval, over the evaluation runs that reached it (the `reached` column counts them); "
               "runs that did not reach it are left out of that mean, not imputed. Final accuracy, MB (the bytes of "
               "every task row) and wasted compute (seconds of compute that never reached the model: restarted, "
-              "failed, rejected and dropped tasks) are means over every evaluation run; a CI needs two runs."]
+              "failed, rejected and dropped tasks) are means over every evaluation run; a CI needs two runs.",
+              "", score_sentence(report.get("score", "average"))]
     return "\n".join(lines)
 
 
@@ -207,7 +245,8 @@ def plot(report: Mapping[str, Any], out: str | Path) -> None:
     for target in report["targets"]:
         ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xlabel("run clock (s)")
-    ax.set_ylabel("test accuracy")
+    score = report.get("score", "average")
+    ax.set_ylabel("test accuracy" + (f" (--score {score})" if score != "average" else ""))
     ax.set_title("Mean over evaluation seeds (band: min to max)")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()

@@ -30,7 +30,7 @@ from server_app.clocks import Clock, make_clock
 from server_app.downlink import DownlinkCompressor
 from server_app.intake import Intake, RejectedUpdate, TaskFailed, UpdateGuard, client_compute_s, join_reasons
 from server_app.ledger import Ledger, bounded_reason
-from server_app.localscores import local_scores
+from server_app.localscores import local_scores, target_score
 from server_app.mailbox import Mailbox
 from server_app.membership import FleetChange, Membership, fleet_profiles, node_profile
 from server_app.outbox import Outbox
@@ -134,7 +134,8 @@ class Engine:
         c, s = self.cfg, self.state
         if c.max_updates and s.totals.applied >= c.max_updates:
             return "max-updates"
-        if c.target_accuracy and s.last_eval and s.last_eval[2] >= c.target_accuracy:
+        score = target_score(c.target_score, s.last_eval[2], s.last_local) if s.last_eval else 0.0
+        if c.target_accuracy and score >= c.target_accuracy:  # the accuracy target-score names (localscores.py)
             return "target-accuracy"
         return ""
 
@@ -271,7 +272,8 @@ class Engine:
         s = self.state
         loss, acc = self.evaluate(s.policy.weights)
         s.last_eval = (s.totals.applied, loss, acc)
-        summary = {**s.policy.state_summary(), **local_scores(self.cfg, s.policy, acc, self.evaluate)}
+        s.last_local = local_scores(self.cfg, s.policy, acc, self.evaluate)
+        summary = {**s.policy.state_summary(), **s.last_local}
         self.ledger.evaluation(s.totals, s.now, s.policy.version, loss, acc, summary)
         log.info("t=%.1f version=%d applied=%d loss=%.4f acc=%.4f", s.now, s.policy.version, s.totals.applied,
                  loss, acc)

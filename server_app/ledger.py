@@ -85,4 +85,4 @@ class Ledger:
         """One ``evals`` row with the totals so far."""
         self.store.record_eval(now, version, totals.applied, totals.bytes_up, totals.bytes_down, loss, accuracy,
                                dict(summary))
-        progress.evaluation(totals.applied, now, accuracy)
+        progress.evaluation(totals.applied, now, accuracy, summary)

@@ -10,11 +10,17 @@ scores the models the nodes hold (``Strategy.node_models``) and stores, in ``eva
 
 A node model that is the published model itself is not evaluated again. With ``evaluation = "federated"`` the
 evaluation is a round trip to the nodes, and local models are not scored.
+
+Which of these a run's ``target-accuracy`` reads is run-config ``target-score`` (``target_score``): by default the
+node models' mean, because a decentralized run that stops when the average reaches the target has stopped on a
+model nobody can use. A run without local scores (a star strategy, whose nodes hold the published model; or a
+federated evaluation) reads the published model's accuracy whatever the choice: there is nothing else to read.
+The comparison harness scores runs with the same choice and the same fallback (``server_app.compare_report``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -23,6 +29,10 @@ from strategies.client import Weights
 from strategies.config import RunConfig
 
 SAMPLE = 8
+#: ``target-score`` -> the ``evals.metrics_json`` key it reads (None: the published model's ``accuracy``).
+SCORE_KEYS: dict[str, str | None] = {"local-mean": "local-acc-mean", "local-min": "local-acc-min", "average": None}
+#: How a summary names the score read, where it is not the published model's.
+SCORE_LABELS = {"local-mean": "node models' mean", "local-min": "worst node model"}
 
 
 def sample(n: int, seed: int) -> list[int]:
@@ -46,3 +56,14 @@ def local_scores(cfg: RunConfig, strategy: Strategy, accuracy: float,
             known[id(m)] = evaluate(m)[1]
         accs.append(known[id(m)])
     return {"local-acc-mean": float(np.mean(accs)), "local-acc-min": float(min(accs)), "local-acc-nodes": len(accs)}
+
+
+def target_score(choice: str, accuracy: float, scores: Mapping[str, float] | None) -> float:
+    """The accuracy ``target-score = choice`` reads: the local score it names, else the published ``accuracy``.
+
+    ``scores`` is what ``local_scores`` returned for the same evaluation ({} or None where there are none).
+    """
+    key = SCORE_KEYS[choice]
+    if key is None or not scores or key not in scores:
+        return accuracy
+    return float(scores[key])

@@ -15,6 +15,10 @@ The ledger hands every task's and every evaluation's numbers to ``task`` and ``e
 reporter lives in a ``ContextVar``: each thread that runs a ServerApp has its own, and none outside a run.
 
 ``t`` is the run's clock (virtual seconds on the virtual clock); the ETA is wall time, from the pace so far.
+
+Where a run's ``target-accuracy`` reads another score than the published model's accuracy (``target-score`` on a
+strategy whose nodes hold models of their own: ``server_app/localscores.py``), the lines show that score beside
+``acc`` and the summary names it, so that a user never sees ``acc 0.93`` and wonders why a 0.9 target did not stop.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sqlite3
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -84,13 +88,14 @@ class Reporter:
     def __init__(self) -> None:
         self.applied, self.now, self.run_id = 0, 0.0, ""
         self.accuracy: float | None = None
+        self.score: tuple[str, float] | None = None  # (label, value) of the score the target reads, if not acc
         self.t0 = time.monotonic()
         self.samples: deque[tuple[float, float]] = deque()  # (wall, fraction): the pace of the last ETA_WINDOW_S
 
     def start(self, cfg: RunConfig, run_id: str) -> None:
         """The run begins (before it looks for nodes)."""
         self.cfg, self.run_id = cfg, run_id
-        self.applied, self.now, self.accuracy = 0, 0.0, None
+        self.applied, self.now, self.accuracy, self.score = 0, 0.0, None, None
         self.t0 = time.monotonic()
         self.samples.clear()
 
@@ -100,9 +105,10 @@ class Reporter:
         self._sample()
         self.show(evaluated=False)
 
-    def evaluation(self, applied: int, now: float, accuracy: float) -> None:
-        """An evaluation's row was written."""
+    def evaluation(self, applied: int, now: float, accuracy: float, scores: Mapping[str, float] | None = None) -> None:
+        """An evaluation's row was written; ``scores`` is its ``metrics_json`` (the local scores among them)."""
         self.applied, self.now, self.accuracy = applied, now, accuracy
+        self.score = target_read(self.cfg, scores)
         self._sample()
         self.show(evaluated=True)
 
@@ -145,6 +151,8 @@ class Reporter:
         parts.append(f"t={self.now:.1f}" + (f"/{c.max_time:g} s{pct}" if c.max_time else " s"))
         if self.accuracy is not None:
             parts.append(f"acc {self.accuracy:.3f}")
+        if self.score is not None:
+            parts.append(f"{self.score[0]} {self.score[1]:.3f}")
         eta = self.eta_s()
         if eta is not None and self.fraction() < 1:
             parts.append(f"ETA {human_duration(eta)}")
@@ -284,35 +292,64 @@ def task(applied: int, now: float) -> None:
         reporter.task(applied, now)
 
 
-def evaluation(applied: int, now: float, accuracy: float) -> None:
-    """The ledger wrote an evaluation's row (``Ledger.evaluation``)."""
+def evaluation(applied: int, now: float, accuracy: float, scores: Mapping[str, float] | None = None) -> None:
+    """The ledger wrote an evaluation's row (``Ledger.evaluation``), with its ``metrics_json`` numbers."""
     reporter = _current.get()
     if reporter is not None:
-        reporter.evaluation(applied, now, accuracy)
+        reporter.evaluation(applied, now, accuracy, scores)
+
+
+def target_read(cfg: RunConfig, scores: Mapping[str, float] | None) -> tuple[str, float] | None:
+    """``(label, value)`` of the score ``target-accuracy`` reads, when it is not the published model's accuracy.
+
+    None without a target, with ``target-score = "average"``, and where the evaluation has no local scores.
+    """
+    if not scores or not cfg.target_accuracy:
+        return None
+    from server_app.localscores import SCORE_KEYS, SCORE_LABELS
+
+    key = SCORE_KEYS[cfg.target_score]
+    if key is None or key not in scores:
+        return None
+    return SCORE_LABELS[cfg.target_score], float(scores[key])
 
 
 # ------------------------------------------------------------------------------------------------ the summary
 @dataclass(frozen=True)
 class RunStats:
-    """What the summary reads back from the metrics store: the staleness of applied updates, time to target."""
+    """What the summary reads back from the metrics store: the staleness of applied updates, time to target.
+
+    ``target_score`` names the score the time to target was read from ("node models' mean"), "" when it is the
+    published model's accuracy.
+    """
 
     staleness_mean: float | None = None
     staleness_max: int | None = None
     time_to_target: float | None = None
+    target_score: str = ""
 
 
-def run_stats(path: Path, run_id: str, target: float = 0.0) -> RunStats:
-    """The run's staleness (applied updates, as the dashboard counts it) and time to ``target``; empty if unread."""
+def run_stats(path: Path, run_id: str, target: float = 0.0, score: str = "average") -> RunStats:
+    """The run's staleness (applied updates, as the dashboard counts it) and time to ``target``; empty if unread.
+
+    The time to target reads the score ``target-score = score`` names, as the run's stop did: the local score where
+    an evaluation has it, else its ``accuracy`` (server_app/localscores.py).
+    """
+    from server_app.localscores import SCORE_KEYS, SCORE_LABELS
+
+    key = SCORE_KEYS[score]
+    local = f"json_extract(metrics_json, '$.\"{key}\"')" if key else "NULL"
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             mean, top = db.execute("SELECT AVG(staleness), MAX(staleness) FROM updates WHERE run_id=? AND "
                                    "status='applied'", (run_id,)).fetchone()
-            reached = db.execute("SELECT MIN(t) FROM evals WHERE run_id=? AND accuracy>=?",
-                                 (run_id, target)).fetchone()[0] if target else None
+            reached, scored = db.execute(
+                f"SELECT MIN(CASE WHEN COALESCE({local}, accuracy) >= ? THEN t END), COUNT({local}) FROM evals "
+                "WHERE run_id=?", (target, run_id)).fetchone() if target else (None, 0)
     except sqlite3.Error:
         return RunStats()
     return RunStats(None if mean is None else float(mean), None if top is None else int(top),
-                    None if reached is None else float(reached))
+                    None if reached is None else float(reached), SCORE_LABELS.get(score, "") if scored else "")
 
 
 def format_summary(s: RunSummary, cfg: RunConfig, *, wall_s: float | None = None, stats: RunStats | None = None,
@@ -337,6 +374,7 @@ def format_summary(s: RunSummary, cfg: RunConfig, *, wall_s: float | None = None
     if cfg.target_accuracy:
         reached = (f"reached at t={stats.time_to_target:.1f} s" if stats.time_to_target is not None
                    else "not reached")
-        lines.append(f"  target accuracy {cfg.target_accuracy:g}: {reached}")
+        read = f" ({stats.target_score})" if stats.target_score else ""
+        lines.append(f"  target accuracy {cfg.target_accuracy:g}{read}: {reached}")
     lines.append(f"metrics store: {cfg.metrics_path()}")
     return "\n".join(lines)

@@ -269,6 +269,7 @@ def resume_config(values: Mapping[str, ConfigValue], run_id: str) -> tuple[dict[
     if run is None:
         raise ConfigError(f"--resume {run_id}: no such run in {path}")
     stored, nodes = run
+    stored.setdefault("target-score", "average")  # a run stored before the key existed: its target read the average
     defaults = default_config()
     stops = {k: v for k, v in values.items() if k in RESUMABLE_CHANGES and v != defaults.get(k)}
     resumed = {**stored, **stops, "metrics-db": str(path), "resume": run_id}

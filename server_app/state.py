@@ -129,6 +129,7 @@ class EngineState:
     seq: int = 0
     now: float = 0.0
     last_eval: tuple[int, float, float] | None = None  # (applied, loss, accuracy)
+    last_local: dict[str, float] = field(default_factory=dict)  # its local scores (server_app/localscores.py)
     failing: int = 0                                    # consecutive failed tasks
     last_failure: str = ""
     contract: Contract = field(default_factory=Contract)  # the checks of verdicts (server_app/contract.py)
@@ -147,6 +148,7 @@ class EngineState:
         state.setdefault("link", None)
         state.setdefault("locks", PeerLocks())
         state.setdefault("tails", {})
+        state.setdefault("last_local", {})
         self.__dict__.update(state)
 
     # -------------------------------------------------------------------------------- the strategy's view

@@ -69,6 +69,9 @@ MAX_MBPS = 1e9
 MAX_LATENCY_MS = 1e5
 #: The one string an int key marked ``auto`` accepts (``delay``).
 AUTO = "auto"
+#: Run-config ``target-score``: which accuracy ``target-accuracy`` reads (server_app/localscores.py). The node
+#: models' mean is the default because the gossip strategies' published average is a model no node holds.
+TARGET_SCORES = ("local-mean", "local-min", "average")
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class RunConfig:
     max_updates: int = field(default=200, metadata=_range(0, MAX_COUNT))
     max_time: float = field(default=0.0, metadata=_range(0, MAX_SECONDS))
     target_accuracy: float = field(default=0.0, metadata=_range(0, 1))
+    # Which accuracy target-accuracy reads where the nodes hold models of their own (the gossip strategies): the
+    # mean or the worst of the node models, or the published average; a run without them reads the published model.
+    target_score: str = field(default="local-mean", metadata=_choices(*TARGET_SCORES))
     eval_every: int = field(default=10, metadata=_range(0, MAX_COUNT))
     test_fraction: float = field(default=0.2, metadata=_range(0, 1, lo_open=True))
     metrics_db: str = ""

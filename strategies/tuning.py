@@ -22,10 +22,10 @@ from typing import ClassVar, TypeAlias, TypeGuard
 
 from strategies.config import ConfigError, ConfigValue, Key, RunConfig
 
-# Keys a search may not change: what is compared (strategy), the equal budget (stop conditions, evaluation
-# period), the seeds the harness sets itself, and where the rows go.
+# Keys a search may not change: what is compared (strategy), the equal budget (stop conditions and the score the
+# target reads, evaluation period), the seeds the harness sets itself, and where the rows go.
 FIXED_KEYS = frozenset({"strategy", "seed", "metrics-db", "resume", "max-updates", "max-time", "target-accuracy",
-                        "eval-every", "clock"})
+                        "target-score", "eval-every", "clock"})
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from server_app import compare
-from server_app.compare_report import Outcome, markdown, mean_ci, summarise
+from server_app.compare_report import Outcome, markdown, mean_ci, read_outcome, summarise
 from strategies.config import ConfigError
 from strategies.registry import registered
 from strategies.tuning import DEFAULT_SPACE, LR, IntRange, LogUniform, Uniform, check_space
@@ -77,6 +77,7 @@ def test_quick_comparison_has_equal_budgets_and_disjoint_seeds(quick) -> None:
         # trial 0 is the scenario's own values (the defaults here), where they lie in the space
         assert m["tuning"][0]["params"]["lr"] == 0.05
     assert "## Accuracy 0.3" in (out / "r.md").read_text()
+    assert report["score"] == "local-mean" and "(`--score local-mean`)" in (out / "r.md").read_text()
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -156,6 +157,7 @@ def test_overlapping_seed_sets_are_refused_with_exit_2_and_no_traceback(tmp_path
     (["--methods", "fedavg[lr=0.1;lr=0.2]"], "given twice"),
     (["--methods", "pipe-sgd"], "local-steps"),  # the fixed settings are validated with the method
     (["--methods", "fedavg[min-nodes=9]"], "min-nodes"),
+    (["--score", "best"], "--score must be one of local-mean, local-min, average, got 'best'"),
 ])
 def test_bad_command_lines_exit_2_with_a_message(capsys, tmp_path, args, message) -> None:
     code, out, err = _main(capsys, *SCENARIO, "--methods", "fedavg", "--metrics-db", str(tmp_path / "m.db"), *args)
@@ -193,6 +195,66 @@ def test_fixed_keys_leave_the_search_space_and_budget_keys_are_noted(tmp_path) -
     assert any("max-updates = 48" in n and "max-updates = 24" in n for n in notes)
     assert any(n.startswith("fedavg[lr=0.1] fixes every key") for n in notes)
     assert spec.as_json()["methods"] == ["fedbuff", "fedbuff[buffer-size=2;max-updates=48]", "fedavg[lr=0.1]"]
+
+
+def test_every_run_stops_on_the_score_the_comparison_reads_unless_its_method_fixes_it(tmp_path) -> None:
+    parse = compare._parser().parse_args
+    spec = compare.build_spec(parse([*SCENARIO, "--set", "target-score='local-min'", "--score", "average",
+                                     "--methods", "ad-psgd,ad-psgd[target-score='local-mean';label='own']",
+                                     "--metrics-db", str(tmp_path / "m.db")]))
+    plain, own = spec.methods
+    assert spec.values(plain, 0, {})["target-score"] == "average"  # the scenario's local-min is replaced
+    assert spec.values(own, 0, {})["target-score"] == "local-mean"
+    notes = compare.notes(spec)
+    assert any("target-score = 'local-min' is replaced by --score average" in n for n in notes)
+    assert any(n.startswith("own fixes target-score = 'local-mean'") for n in notes)
+    assert spec.as_json()["score"] == "average" and "target-score" not in spec.as_json()["scenario"]
+    default = compare.build_spec(parse([*SCENARIO, "--methods", "fedavg", "--metrics-db", str(tmp_path / "m.db")]))
+    assert default.score == "local-mean" and default.values(default.methods[0], 0, {})["target-score"] == "local-mean"
+    assert compare.notes(default) == []
+
+
+def _store(path: Path) -> Path:
+    """A hand-built store: a gossip run with local scores, a star run without, as the ledger writes them."""
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE runs (run_id TEXT, status TEXT, error TEXT)")
+        con.execute("CREATE TABLE evals (run_id TEXT, t REAL, accuracy REAL, metrics_json TEXT)")
+        con.execute("CREATE TABLE updates (run_id TEXT, bytes_up INTEGER, bytes_down INTEGER, status TEXT, "
+                    "compute_s REAL)")
+        con.executemany("INSERT INTO runs VALUES (?, 'completed', NULL)", [("gossip",), ("star",)])
+        local = [(1.0, 0.5, 0.45, 0.40), (2.0, 0.8, 0.70, 0.60), (3.0, 0.9, 0.82, 0.75), (4.0, 0.92, 0.9, 0.85)]
+        con.executemany("INSERT INTO evals VALUES ('gossip', ?, ?, ?)",
+                        [(t, avg, json.dumps({"consensus-distance": 0.1, "local-acc-mean": mean,
+                                              "local-acc-min": low, "local-acc-nodes": 6}))
+                         for t, avg, mean, low in local])
+        con.executemany("INSERT INTO evals VALUES ('star', ?, ?, ?)",
+                        [(1.0, 0.6, json.dumps({"buffer": 3})), (2.0, 0.85, None), (3.0, 0.95, "{}")])
+        con.execute("INSERT INTO updates VALUES ('gossip', 10, 20, 'applied', 1.0)")
+    return path
+
+
+@pytest.mark.parametrize(("score", "gossip_times", "gossip_final"), [
+    ("local-mean", {0.8: 3.0, 0.9: 4.0}, 0.9),
+    ("local-min", {0.8: 4.0, 0.9: None}, 0.85),
+    ("average", {0.8: 2.0, 0.9: 3.0}, 0.92),
+])
+def test_read_outcome_reads_the_chosen_score_and_the_published_accuracy_where_there_is_none(
+        tmp_path, score, gossip_times, gossip_final) -> None:
+    db = _store(tmp_path / "m.db")
+    gossip = read_outcome(db, "gossip", [0.8, 0.9], score)
+    assert gossip.time_to == gossip_times and gossip.final_accuracy == gossip_final
+    assert [a for _, a in gossip.curve][-1] == gossip_final and gossip.bytes_up == 10
+    star = read_outcome(db, "star", [0.8, 0.9], score)  # no local scores: every choice reads accuracy
+    assert star.time_to == {0.8: 2.0, 0.9: 3.0} and star.final_accuracy == 0.95
+    assert star.curve == ((1.0, 0.6), (2.0, 0.85), (3.0, 0.95))
+
+
+def test_the_markdown_says_which_score_it_read() -> None:
+    report = {"methods": {}, "objective": {"description": "d"}, "budget": 1, "tune_seeds": [0], "eval_seeds": [1],
+              "targets": [0.9], "nodes": 4, "scenario": {}}
+    assert "(`--score average`" in markdown(report)  # a report saved before the score was chosen read the average
+    assert "worst model a node holds (`--score local-min`)" in markdown({**report, "score": "local-min"})
+    assert "models the nodes hold (`--score local-mean`)" in markdown({**report, "score": "local-mean"})
 
 
 def test_a_comparison_of_variants_reports_each_under_its_label(capsys, tmp_path) -> None:

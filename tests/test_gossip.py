@@ -21,7 +21,7 @@ from server_app.store import MetricsStore
 from strategies import check_implemented, collectives
 from strategies.base import Exchange, Update
 from strategies.codecs import CODECS, CodecSpec, encode, encoded_bytes
-from strategies.config import ConfigError, RunConfig
+from strategies.config import TARGET_SCORES, ConfigError, RunConfig
 from strategies.gossip import ADPSGD, DPSGD, AllReduceSGD
 from strategies.links import LinkCompressor
 from strategies.topology import TopologyError
@@ -385,6 +385,52 @@ def test_local_models_are_scored_on_a_seeded_sample_and_the_average_is_not_score
     assert local_scores(exact.cfg, exact, 0.5, evaluate) == {"local-acc-mean": 0.5, "local-acc-min": 0.5,
                                                                "local-acc-nodes": 8}
     assert len(scored) == 8 and local_scores(RunConfig(), make_fedbuff(), 0.5, evaluate) == {}
+
+
+def test_the_target_reads_the_chosen_score_and_falls_back_to_the_published_model():
+    local = {"local-acc-mean": 0.7, "local-acc-min": 0.6, "local-acc-nodes": 8}
+    assert localscores.target_score("local-mean", 0.8, local) == 0.7
+    assert localscores.target_score("local-min", 0.8, local) == 0.6
+    assert localscores.target_score("average", 0.8, local) == 0.8
+    for choice in TARGET_SCORES:  # no local scores: star strategies, federated evaluation
+        assert localscores.target_score(choice, 0.8, {}) == 0.8
+    assert set(localscores.SCORE_KEYS) == set(TARGET_SCORES)  # every run-config choice names what it reads
+
+
+# 6 nodes on a ring, 10 evaluations per 100 updates: the node models' mean, the worst node model and the average
+# cross 0.8 at three different evaluations (measured: the average at 210 updates, the mean at 230, the worst at 260).
+TARGET_RUN = {"nodes": 6, "max_updates": 400, "eval_every": 10, "model": "logreg", "dataset": "digits",
+              "local_steps": 2, "profiles": "ethernet=1", "compute_dist": "fixed", "topology": "ring",
+              "target_accuracy": 0.8}
+
+
+def _score(e, choice):
+    key = localscores.SCORE_KEYS[choice]
+    return json.loads(e["metrics_json"])[key] if key else e["accuracy"]
+
+
+def test_target_accuracy_stops_on_the_node_models_mean_by_default_and_on_the_average_when_asked(simulate):
+    stops = {}
+    for choice in ("local-mean", "average", "local-min"):
+        run = simulate("ad-psgd", **TARGET_RUN, **({} if choice == "local-mean" else {"target_score": choice}))
+        evals = run.evals()
+        first = next(i for i, e in enumerate(evals) if _score(e, choice) >= 0.8)
+        assert run.summary.stop_reason == "target-accuracy"
+        # it stopped at the first evaluation that reached the target: after it, only the run's final evaluation
+        assert [e["updates_applied"] for e in evals[first:]] == [run.summary.applied] * 2, choice
+        stops[choice] = (run.summary.applied, evals)
+    mean_at, mean_evals = stops["local-mean"]
+    assert stops["average"][0] < mean_at < stops["local-min"][0]  # three different stops: each read its own score
+    # the default run went on past an evaluation where the average had reached the target
+    assert any(e["accuracy"] >= 0.8 for e in mean_evals if e["updates_applied"] < mean_at)
+
+
+def test_a_star_strategy_stops_at_the_same_point_whatever_the_target_score(simulate):
+    runs = [simulate("fedbuff", nodes=4, max_updates=200, eval_every=5, model="logreg", target_accuracy=0.5,
+                     target_score=choice) for choice in ("local-mean", "local-min", "average")]
+    assert runs[0].summary.stop_reason == "target-accuracy"
+    assert all(json.loads(e["metrics_json"] or "{}").get("local-acc-mean") is None for e in runs[0].evals())
+    assert {(r.summary.applied, r.summary.time) for r in runs} == {(runs[0].summary.applied, runs[0].summary.time)}
 
 
 def test_bad_topology_is_a_config_error_before_training(simulate):

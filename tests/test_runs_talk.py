@@ -7,6 +7,7 @@ with one line and exit code 2 before any SuperLink starts.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sqlite3
@@ -79,6 +80,40 @@ def test_run_stats_read_the_store_as_the_dashboard_does(simulate: object, tmp_pa
                            (run.summary.run_id,)).fetchone()[0]
     assert (stats.staleness_mean, stats.staleness_max, stats.time_to_target) == (mean, top, first)
     assert progress.run_stats(tmp_path / "none.db", "1") == RunStats()  # no store: no numbers, no error
+
+
+def test_the_summary_names_the_score_the_target_read_when_it_is_not_the_average(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE updates (run_id TEXT, staleness INTEGER, status TEXT)")
+        con.execute("CREATE TABLE evals (run_id TEXT, t REAL, accuracy REAL, metrics_json TEXT)")
+        rows = [(1.0, 0.91, 0.85, 0.80), (2.0, 0.93, 0.90, 0.84), (3.0, 0.95, 0.93, 0.91)]
+        con.executemany("INSERT INTO evals VALUES ('g', ?, ?, ?)",
+                        [(t, a, json.dumps({"local-acc-mean": m, "local-acc-min": w})) for t, a, m, w in rows])
+        con.executemany("INSERT INTO evals VALUES ('s', ?, ?, ?)", [(1.0, 0.85, "{}"), (2.0, 0.9, None)])
+    assert progress.run_stats(db, "g", 0.9) == RunStats(time_to_target=1.0)  # the average: the default here
+    assert progress.run_stats(db, "g", 0.9, "local-mean") == RunStats(None, None, 2.0, "node models' mean")
+    assert progress.run_stats(db, "g", 0.9, "local-min") == RunStats(None, None, 3.0, "worst node model")
+    assert progress.run_stats(db, "s", 0.9, "local-mean") == RunStats(time_to_target=2.0)  # a star run: no label
+    cfg = RunConfig(max_updates=480, target_accuracy=0.9, metrics_db="/tmp/m.db")
+    text = format_summary(_summary(), cfg, stats=progress.run_stats(db, "g", 0.9, "local-mean"))
+    assert "target accuracy 0.9 (node models' mean): reached at t=2.0 s" in text
+    assert "target accuracy 0.9: reached at t=1.0 s" in format_summary(_summary(), cfg,
+                                                                      stats=progress.run_stats(db, "g", 0.9))
+
+
+def test_progress_lines_show_the_score_the_target_reads_beside_the_average() -> None:
+    r = progress.Reporter()
+    local = {"local-acc-mean": 0.8512, "local-acc-min": 0.7, "local-acc-nodes": 6}
+    r.start(RunConfig(max_updates=100, target_accuracy=0.9), "1")
+    r.evaluation(50, 5.0, 0.875, local)
+    assert "acc 0.875 · node models' mean 0.851" in r.line()
+    r.evaluation(60, 6.0, 0.88, {})  # no local scores (a star strategy): the average is what the target reads
+    assert "node" not in r.line()
+    for cfg in (RunConfig(max_updates=100, target_accuracy=0.9, target_score="average"), RunConfig(max_updates=100)):
+        r.start(cfg, "2")
+        r.evaluation(50, 5.0, 0.875, local)
+        assert "node" not in r.line() and "acc 0.875" in r.line()
 
 
 # ------------------------------------------------------------------------------------------------ progress
