@@ -239,7 +239,9 @@ def draw(page: queries.PageData, x_axis: str, target: float) -> None:
                 "one (the engine evaluates at the start and every `eval-every` applied updates).")
     if len(ev):
         a, b = st.columns(2)
-        a.altair_chart(charts.metric(ev, domain, "accuracy", "accuracy", x_axis), width="stretch")
+        a.altair_chart(charts.accuracy(ev, domain, x_axis), width="stretch")
+        if charts.has_node_scores(ev):
+            a.caption(NODE_MODELS_HELP)
         b.altair_chart(charts.metric(ev, domain, "loss", "loss", x_axis), width="stretch")
         consensus = ev.dropna(subset=["consensus_distance"])
         if len(consensus):
@@ -297,14 +299,24 @@ def comparison_view(path: str) -> bool:
     return True
 
 
+NODE_MODELS_HELP = ("A decentralized strategy's accuracy scores the average of its node models, which no node "
+                    "holds (AllReduce-SGD aside, whose nodes all hold it); the node models' mean and worst node "
+                    "score what the nodes do hold.")
+
+
 def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None:
-    """One row of tiles per run: time and bytes to the target accuracy, measured compression, latest accuracy."""
+    """One row of tiles per run: time and bytes to the target accuracy, measured compression, latest accuracy.
+
+    When a selected run stored its node models' scores, every row gets a tile for them (the rows stay aligned).
+    """
     reached = page.targets.set_index("run_id") if len(page.targets) else pd.DataFrame()
     first = page.selected[0]
     base = reached.loc[first] if first in reached.index else None
+    scored = charts.has_node_scores(overview)
     for row in overview.itertuples():
         box = st.container(border=True)
-        name, t_col, b_col, c_col, a_col = box.columns([3, 2, 2, 2, 2], vertical_alignment="center")
+        widths = [3, 2, 2, 2, 2] + ([2] if scored else [])
+        name, t_col, b_col, c_col, a_col, *n_col = box.columns(widths, vertical_alignment="center")
         config = page.configs.get(row.run_id, {}).get("config", {})
         name.markdown(f"**{md(row.label)}**  \n{md(row.shown_status)}")
         name.caption(stops.describe(config))
@@ -323,17 +335,33 @@ def tiles(page: queries.PageData, overview: pd.DataFrame, target: float) -> None
                           "(the uplink compression when the downlink carries the dense model)")
         acc = getattr(row, "accuracy", None)
         a_col.metric("accuracy (latest)", "–" if acc is None or pd.isna(acc) else f"{acc:.3f}")
+        if n_col:
+            node_models_tile(n_col[0], row)
         if row.status == "running":
             progress_bar(box, config, row)
 
 
+def _number(row: Any, name: str) -> float | None:
+    """``row.name`` as a float, ``None`` when absent or NaN."""
+    x = getattr(row, name, None)
+    return None if x is None or pd.isna(x) else float(x)
+
+
+def node_models_tile(col: Any, row: Any) -> None:
+    """The node models' mean and worst accuracy at the run's latest evaluation, beside the average model's."""
+    mean, worst, nodes = _number(row, "local_mean"), _number(row, "local_min"), _number(row, "local_nodes")
+    if mean is None and worst is None:
+        col.metric("node models (latest)", "–", help="No node models' scores at the run's latest evaluation: a "
+                   "star strategy's nodes hold the published model, and federated evaluation scores none.")
+        return
+    of = f" of {nodes:.0f}" if nodes is not None else ""
+    shown = " · ".join("–" if x is None else f"{x:.3f}" for x in (mean, worst))
+    col.metric(f"node models: mean · worst{of}", shown, help=NODE_MODELS_HELP)
+
+
 def progress_bar(box: Any, config: dict[str, Any], row: Any) -> None:
     """A running run's progress toward its nearest stop condition (nothing when none is set)."""
-    def value(name: str) -> float | None:
-        x = getattr(row, name, None)
-        return None if x is None or pd.isna(x) else float(x)
-
-    done = stops.progress(config, value("applied"), value("clock_s"), value("best_accuracy"))
+    done = stops.progress(config, _number(row, "applied"), _number(row, "clock_s"), _number(row, "best_accuracy"))
     if done is not None:
         box.progress(done.fraction, text=f"toward its stop: {done.text}")
 
@@ -344,12 +372,16 @@ def overview_table(overview: pd.DataFrame) -> None:
             "buffered": "buffered", "dropped": "dropped", "rejected": "rejected", "restarted": "restarted",
             "failed": "failed", "nodes": "nodes", "mb_up": "MB up", "mb_down": "MB down",
             "compression": "down/up", "mean_staleness": "mean staleness", "max_staleness": "max staleness",
-            "accuracy": "accuracy", "loss": "loss"}
+            "accuracy": "accuracy", "local_mean": "node models, mean", "local_min": "node models, worst",
+            "loss": "loss"}
+    if not charts.has_node_scores(overview):  # a table of star runs stays as it was
+        cols = {k: v for k, v in cols.items() if k not in ("local_mean", "local_min")}
     table = overview.assign(mb_up=overview.get("bytes_up", pd.Series(dtype=float)) / 1e6,
                             mb_down=overview.get("bytes_down", pd.Series(dtype=float)) / 1e6)
     table = table[[c for c in cols if c in table]].rename(columns=cols)
     fmt = {c: st.column_config.NumberColumn(format="%.3f") for c in ("clock (s)", "MB up", "MB down", "accuracy",
-                                                                       "loss")}
+                                                                       "loss", "node models, mean",
+                                                                       "node models, worst")}
     fmt.update({c: st.column_config.NumberColumn(format="%.2f") for c in ("down/up", "mean staleness")})
     st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
 

@@ -1,5 +1,7 @@
 """Altair charts of the dashboard, built from the DataFrames of ``dashboard.queries`` (no data work here).
 
+Only reshaping: a frame becomes the series one chart draws (``node_series``), vectorized.
+
 Every chart colours runs by their label with one shared domain (a run keeps its colour across charts) and task
 statuses with one fixed palette.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 STATUS_COLORS = {
@@ -66,6 +69,78 @@ def metric(evals: pd.DataFrame, domain: Sequence[str], y: str, title: str, x: st
                  alt.Tooltip("updates_applied:Q", title="applied updates"),
                  alt.Tooltip("mb_total:Q", format=".2f", title="MB"), alt.Tooltip(f"{y}:Q", format=".4f", title=title)],
     ).properties(height=_height(domain))
+
+
+# The accuracy chart's series for a run with node models' scores, and their line styles: the average model solid
+# (as every run's accuracy is drawn), what the nodes hold dashed. A run without them draws "published model".
+AVERAGE, PUBLISHED = "average model", "published model"
+NODE_MEAN, NODE_WORST = "node models, mean", "node models, worst"
+SERIES_DASH = {AVERAGE: [1, 0], PUBLISHED: [1, 0], NODE_MEAN: [6, 3], NODE_WORST: [2, 2]}
+
+
+def has_node_scores(evals: pd.DataFrame) -> bool:
+    """Whether any row of ``evals`` (evaluations, or the overview's latest ones) holds node models' scores."""
+    return any(col in evals and bool(evals[col].notna().any()) for col in ("local_mean", "local_min"))
+
+
+def node_series(evals: pd.DataFrame) -> pd.DataFrame:
+    """``evals`` as one row per (evaluation, series) with ``series`` and ``value``: the accuracy chart's lines.
+
+    Every evaluation gives the run's accuracy, named "average model" in a run with node models' scores (what it
+    scores is the average of the node models) and "published model" in one without (a star strategy's nodes hold
+    it); an evaluation with scores adds "node models, mean" and "node models, worst of N" (N: the nodes scored).
+    """
+    scored = evals[["local_mean", "local_min"]].notna().any(axis=1).groupby(evals["run_id"]).transform("any")
+    average = evals.assign(series=np.where(scored, AVERAGE, PUBLISHED), value=evals["accuracy"])
+    mean = evals[evals["local_mean"].notna()]
+    mean = mean.assign(series=NODE_MEAN, value=mean["local_mean"])
+    worst = evals[evals["local_min"].notna()]
+    of = pd.to_numeric(worst["local_of"], errors="coerce").astype("Int64").astype(str)
+    worst = worst.assign(series=(NODE_WORST + " of " + of).where(worst["local_of"].notna(), NODE_WORST),
+                         value=worst["local_min"])
+    return pd.concat([average, mean, worst], ignore_index=True)
+
+
+def _series_dash(series: pd.Series) -> alt.StrokeDash:
+    """Line style by series, in the order of ``SERIES_DASH`` (every "worst of N" dotted), listed below the chart.
+
+    One entry per row beside the run legend, as the run legend does: in one row they ran past a half-width chart.
+    """
+    def kind(name: str) -> str:
+        return name.split(" of ")[0]  # "node models, worst of 6" is drawn as "node models, worst"
+
+    domain = sorted(set(series), key=lambda name: (list(SERIES_DASH).index(kind(name)), name))
+    return alt.StrokeDash("series:N", scale=alt.Scale(domain=domain, range=[SERIES_DASH[kind(n)] for n in domain]),
+                          legend=alt.Legend(orient="bottom", direction="vertical", columns=1, title=None,
+                                            labelLimit=0, symbolSize=500))
+
+
+def accuracy(evals: pd.DataFrame, domain: Sequence[str], x: str = "clock") -> alt.Chart | alt.LayerChart:
+    """Accuracy of every run; beside it, for a run whose nodes hold models of their own, those models' scores.
+
+    A decentralized strategy's accuracy scores the average of the node models, which no node holds, so its run
+    also draws the node models' mean (dashed) and its worst node (dotted), in the run's colour. Without any such
+    run the chart is ``metric``'s, unchanged. The points are a layer of their own: drawn on the lines (as
+    ``metric``'s overlay is), they made every entry of the line-style legend the same dot.
+    """
+    if not has_node_scores(evals):
+        return metric(evals, domain, "accuracy", "accuracy", x)
+    col, x_title = X_AXES[x]
+    data = node_series(evals.assign(mb_total=evals["bytes_total"] / MB))
+    data = data[["run", "t", "updates_applied", "mb_total", "series", "value"]]  # what is drawn: 3 rows per eval
+    base = alt.Chart(data).encode(
+        x=alt.X(f"{col}:Q", title=x_title),
+        y=alt.Y("value:Q", title="accuracy", scale=alt.Scale(zero=False)),
+        color=_runs(domain),
+        tooltip=["run:N", alt.Tooltip("series:N", title="of"), alt.Tooltip("t:Q", format=".3f", title="clock (s)"),
+                 alt.Tooltip("updates_applied:Q", title="applied updates"),
+                 alt.Tooltip("mb_total:Q", format=".2f", title="MB"), alt.Tooltip("value:Q", format=".4f",
+                                                                               title="accuracy")],
+    )
+    lines = base.mark_line().encode(strokeDash=_series_dash(data["series"]))
+    points = base.mark_point(filled=True, size=18, opacity=1)
+    rows = max(len(domain), data["series"].nunique())  # the taller of the two legends, side by side below
+    return (lines + points).properties(height=260 + LEGEND_ROW * (rows + 1))
 
 
 def staleness_histogram(hist: pd.DataFrame, domain: Sequence[str]) -> alt.Chart:

@@ -17,7 +17,8 @@ mode. This module only reads it:
   nodes drawn x buckets, not by the length of the run, the number of runs or the size of the fleet
   (BENCHMARKS.md, "Dashboard load time").
 
-Columns beyond the contract are used only when present: ``runs.error``, ``evals.metrics_json``,
+Columns beyond the contract are used only when present: ``runs.error``, ``evals.metrics_json`` (the strategy's
+state, and the node models' scores, read by SQLite's JSON functions: ``LOCAL_SCORES``),
 ``evals.consensus_distance`` (gossip strategies) and the ``nodes`` table (device and network of each node); the
 ``comparisons`` and ``comparison_runs`` tables (``python -m server_app.compare``) give the comparison view.
 
@@ -305,27 +306,68 @@ def _per_run(db: sqlite3.Connection, sql: str, run_ids: Sequence[str], **params:
     return pd.concat(frames, ignore_index=True) if frames else _frame(db, sql, {**params, "run": None})
 
 
+# What the nodes hold (server_app/localscores.py): keys of ``evals.metrics_json`` the decentralized strategies
+# write at every evaluation, beside the accuracy of the average model, which no node holds. The column each goes
+# to, and the range outside which a stored value is not read as one (an accuracy is a fraction).
+LOCAL_SCORES = {"local_mean": ("local-acc-mean", 0, 1), "local_min": ("local-acc-min", 0, 1),
+                "local_nodes": ("local-acc-nodes", 1, 1_000_000_000)}
+
+
+def _json_number(key: str, low: float, high: float, column: str = "metrics_json") -> str:
+    """SQL for the number stored at ``key`` of the JSON object in ``column``: NULL unless it is one in [low, high].
+
+    Everything in the store may be hostile, and one bad row must not fail the page's query: a value that is not
+    text (a blob is JSONB to a newer SQLite, which raises on a malformed one), not valid JSON, not an object, whose
+    key is missing or holds a string, an object or a number out of range (``1e999`` reads as infinity) is NULL,
+    drawn as no point. The WHENs run in order, so ``json_type`` and ``json_extract`` only ever see valid JSON.
+    """
+    path = f"'$.\"{key}\"'"
+    return (f"CASE WHEN typeof({column}) IS NOT 'text' OR NOT json_valid({column}) THEN NULL "
+            f"WHEN json_type({column}, {path}) NOT IN ('integer', 'real') THEN NULL "
+            f"WHEN json_extract({column}, {path}) BETWEEN {low} AND {high} THEN json_extract({column}, {path}) END")
+
+
+def _local_scores(schema: Schema) -> dict[str, str]:
+    """Column name to SQL for each of ``LOCAL_SCORES`` (NULL in a store without ``evals.metrics_json``)."""
+    if not schema.has("evals", "metrics_json"):
+        return dict.fromkeys(LOCAL_SCORES, "NULL")
+    return {name: _json_number(key, low, high) for name, (key, low, high) in LOCAL_SCORES.items()}
+
+
 def evals(db: sqlite3.Connection, schema: Schema, run_ids: Sequence[str],
           max_points: int = MAX_EVAL_POINTS) -> pd.DataFrame:
     """Evaluations of the runs in time order (every k-th beyond ``max_points`` per run, the last always kept).
 
-    The ``evals_run`` index ``(run_id, t)`` gives the order, so the numbering needs no sort.
+    The ``evals_run`` index ``(run_id, t)`` gives the order, so the numbering needs no sort. ``local_mean``,
+    ``local_min`` and ``local_nodes`` are the node models' scores (``LOCAL_SCORES``), read from
+    ``metrics_json`` by SQLite for the rows kept only; ``local_of``, the most nodes any kept row scored, names the
+    run's "worst of N" line.
     """
     consensus = "consensus_distance" if schema.has("evals", "consensus_distance") else "NULL"
+    local = _local_scores(schema)
     return _per_run(db, f"""
         WITH n AS (SELECT COUNT(*) AS n FROM evals WHERE run_id = :run)
         SELECT run_id, t, model_version, updates_applied, bytes_up_total, bytes_down_total,
-               bytes_up_total + bytes_down_total AS bytes_total, loss, accuracy, {consensus} AS consensus_distance
+               bytes_up_total + bytes_down_total AS bytes_total, loss, accuracy, {consensus} AS consensus_distance,
+               {local["local_mean"]} AS local_mean, {local["local_min"]} AS local_min,
+               {local["local_nodes"]} AS local_nodes, MAX({local["local_nodes"]}) OVER () AS local_of
         FROM (SELECT *, ROW_NUMBER() OVER (ORDER BY t, rowid) AS i FROM evals WHERE run_id = :run), n
         WHERE n.n <= :m OR i = n.n OR (i - 1) % ((n.n + :m - 1) / :m) = 0
         ORDER BY i
     """, run_ids, m=max_points)
 
 
-def last_evals(db: sqlite3.Connection, run_ids: Sequence[str]) -> pd.DataFrame:
-    """Per run, its latest evaluation (clock time, applied updates, loss and accuracy) and its best accuracy."""
-    return _per_run(db, """
+def last_evals(db: sqlite3.Connection, schema: Schema, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Per run, its latest evaluation (clock time, applied updates, loss, accuracy) and its best accuracy.
+
+    With the node models' scores of that evaluation (``LOCAL_SCORES``; NULL when it has none): the tiles show
+    them beside the accuracy, which for a decentralized strategy scores a model no node holds.
+    """
+    local = _local_scores(schema)
+    return _per_run(db, f"""
         SELECT run_id, t AS eval_t, updates_applied AS eval_updates, loss, accuracy,
+               {local["local_mean"]} AS local_mean, {local["local_min"]} AS local_min,
+               {local["local_nodes"]} AS local_nodes,
                (SELECT MAX(accuracy) FROM evals WHERE run_id = :run) AS best_accuracy
         FROM evals WHERE run_id = :run ORDER BY t DESC, rowid DESC LIMIT 1
     """, run_ids)
@@ -736,7 +778,10 @@ class PageData:
         return df.assign(run=df["run_id"].map(self.labels())) if "run_id" in df else df
 
     def overview(self) -> pd.DataFrame:
-        """One row per selected run: status, clock, tasks by outcome, latest accuracy, bytes, compression."""
+        """One row per selected run: status, clock, tasks by outcome, latest evaluation, bytes, compression.
+
+        The latest evaluation's columns are ``last_evals``'s: accuracy, loss, the node models' scores.
+        """
         base = self.runs.set_index("run_id").loc[self.selected, ["label", "status", "strategy", "clock", "clock_s",
                                                                  "last_write_at"]]
         out = base.join(self.summary.set_index("run_id"), how="left") if len(self.summary) else base
@@ -782,7 +827,7 @@ def load_page(path: str | Path, selected: Sequence[str] | None = None, focus: st
         if not chosen:
             return page
         page.evals = evals(db, schema, chosen)
-        page.last = last_evals(db, chosen)
+        page.last = last_evals(db, schema, chosen)
         page.configs = configs(db, schema, chosen)
         if target > 0:
             page.targets = first_reaching(db, chosen, target)

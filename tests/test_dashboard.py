@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
 import pytest
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
@@ -422,6 +424,127 @@ def test_queries_stay_bounded_whatever_the_store_holds(store, tmp_path: Path) ->
     assert sorted(page.nodes["tasks"]) == sorted(n for _, n in nodes)[-2:]  # the busiest two
     assert set(page.node_bandwidth["node"]) == set(page.timeline["node"]) == set(page.nodes["node"])
     assert page.summary.set_index("run_id").at[b, "nodes"] == len(nodes)
+
+
+# ------------------------------------------------------------------------------------------- what the nodes hold
+@pytest.fixture(scope="module")
+def gossip(store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """The star runs' store plus a real AD-PSGD run, which stores its node models' scores at every evaluation:
+    (path, AD-PSGD run id, FedBuff run id)."""
+    db = tmp_path_factory.mktemp("gossip") / "metrics.db"
+    shutil.copy(store[0], db)
+    run = simulate("ad-psgd", nodes=4, max_updates=24, eval_every=3, db=db)
+    return db, run.summary.run_id, store[1][0]
+
+
+def _accuracy_chart(at: AppTest) -> tuple[dict, pd.DataFrame]:
+    """The accuracy chart's encoding (of its lines, when layered) and the rows it draws (sent as Arrow)."""
+    for chart in at.get("vega_lite_chart"):
+        spec = json.loads(chart.proto.spec)
+        encodings = [layer["encoding"] for layer in [spec, *spec.get("layer", [])] if "encoding" in layer]
+        if encodings and encodings[0]["y"]["title"] == "accuracy":
+            enc = next((e for e in encodings if "strokeDash" in e), encodings[0])
+            return enc, pa.ipc.open_stream(chart.proto.datasets[0].data.data).read_pandas()
+    raise AssertionError("no accuracy chart")
+
+
+def _stored_scores(db: Path, run_id: str) -> list[tuple[float, dict]]:
+    """Each evaluation's accuracy and parsed metrics_json, in time order: what the dashboard must show."""
+    return [(acc, json.loads(m)) for acc, m in
+            _rows(db, "SELECT accuracy, metrics_json FROM evals WHERE run_id = ? ORDER BY t, rowid", run_id)]
+
+
+def test_a_gossip_run_shows_what_its_nodes_hold(gossip) -> None:
+    """Beside AD-PSGD's accuracy (the average model): its node models' mean and worst, in the chart, the tiles and
+    the table; the FedBuff run beside it is drawn as its published model alone."""
+    db, g, star = gossip
+    at = _app(db, runs=[g, star])
+    assert not at.exception and not at.error
+    labels = queries.load_runs(db).set_index("run_id")["label"]
+    stored = _stored_scores(db, g)
+    assert len(stored) > 2 and {"local-acc-mean", "local-acc-min", "local-acc-nodes"} <= set(stored[-1][1])
+    nodes = stored[-1][1]["local-acc-nodes"]
+    assert nodes == 4
+    enc, rows = _accuracy_chart(at)
+    worst = f"node models, worst of {nodes}"
+    assert enc["strokeDash"]["scale"]["domain"] == ["average model", "published model", "node models, mean", worst]
+    dashes = enc["strokeDash"]["scale"]["range"]
+    assert len({json.dumps(d) for d in dashes[1:]}) == 3 and dashes[0] == dashes[1] == [1, 0]  # distinct styles
+    assert enc["color"]["scale"]["domain"] == [labels[g], labels[star]]  # the run, as in every other view
+
+    def drawn(run: str, series: str) -> list[float]:
+        return rows[(rows["run"] == labels[run]) & (rows["series"] == series)]["value"].tolist()
+
+    assert drawn(g, "average model") == pytest.approx([acc for acc, _ in stored])
+    assert drawn(g, "node models, mean") == pytest.approx([m["local-acc-mean"] for _, m in stored])
+    assert drawn(g, worst) == pytest.approx([m["local-acc-min"] for _, m in stored])
+    star_acc = [r[0] for r in _rows(db, "SELECT accuracy FROM evals WHERE run_id = ? ORDER BY t, rowid", star)]
+    assert drawn(star, "published model") == pytest.approx(star_acc)
+    assert set(rows[rows["run"] == labels[star]]["series"]) == {"published model"}
+
+    last = stored[-1][1]
+    tiles = {m.label: m for m in at.metric if m.label.startswith("node models")}
+    tile = tiles[f"node models: mean · worst of {nodes}"]
+    assert tile.value == f"{last['local-acc-mean']:.3f} · {last['local-acc-min']:.3f}"
+    assert "no node holds" in tile.help and "no node holds" in " ".join(c.value for c in at.caption)
+    assert tiles["node models (latest)"].value == "–"  # the FedBuff run's row, aligned with it
+    table = at.dataframe[0].value.set_index("run")
+    assert table.at[labels[g], "node models, mean"] == pytest.approx(last["local-acc-mean"])
+    assert table.at[labels[g], "node models, worst"] == pytest.approx(last["local-acc-min"])
+    assert pd.isna(table.at[labels[star], "node models, mean"])
+
+
+def test_star_runs_show_no_node_models(store) -> None:
+    """FedBuff and FedAsync store no node models' scores: their accuracy chart, tiles and table are as before."""
+    db, runs = store
+    at = _app(db, runs=runs)
+    assert not at.exception and not at.error
+    enc, rows = _accuracy_chart(at)
+    assert "strokeDash" not in enc and enc["y"]["field"] == "accuracy" and "series" not in rows
+    assert rows["local_mean"].isna().all() and len(rows) == sum(
+        _rows(db, "SELECT COUNT(*) FROM evals WHERE run_id = ?", r)[0][0] for r in runs)
+    assert not [m for m in at.metric if m.label.startswith("node models")]
+    assert [m.label for m in at.metric].count("accuracy (latest)") == 2
+    assert not [c for c in at.dataframe[0].value.columns if c.startswith("node models")]
+    assert "no node holds" not in " ".join(c.value for c in at.caption)
+
+
+MALFORMED = ["not json {", "[0.5, 0.6]", '"local-acc-mean"', '{"local-acc-mean": "0.5", "local-acc-min": {"x": 1}}',
+             '{"local-acc-mean": 1e999, "local-acc-min": -3, "local-acc-nodes": "eight"}', "[" * 5000 + "]" * 5000,
+             None, b"\x00\xff{"]
+
+
+def test_malformed_node_scores_still_render(gossip, tmp_path: Path) -> None:
+    """Hostile metrics_json (not JSON, not an object, strings, objects, infinity, out of range, nested too deep, a
+    blob, NULL): those evaluations draw no node-model point, the others do, and the page draws every view."""
+    db = tmp_path / "m.db"
+    shutil.copy(gossip[0], db)
+    _, g, star = gossip
+    stored = _stored_scores(db, g)
+    with sqlite3.connect(db) as con:
+        rowids = [r[0] for r in con.execute("SELECT rowid FROM evals WHERE run_id = ? ORDER BY t, rowid", (g,))]
+        keep = rowids[1]  # one evaluation keeps its scores
+        bad = [r for r in rowids if r != keep]
+        assert len(bad) >= len(MALFORMED)
+        for rowid, value in zip(bad[-len(MALFORMED):], MALFORMED, strict=True):  # the latest: a blob
+            con.execute("UPDATE evals SET metrics_json = ? WHERE rowid = ?", (value, rowid))
+        for rowid in bad[:-len(MALFORMED)]:
+            con.execute("UPDATE evals SET metrics_json = ? WHERE rowid = ?", (MALFORMED[0], rowid))
+        con.execute("UPDATE evals SET metrics_json = ? WHERE run_id = ?", (MALFORMED[0], star))
+    at = _app(db, runs=[g, star])
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert _charts(at) == VIEW_CHARTS + 1  # and the consensus distance of AD-PSGD
+    enc, rows = _accuracy_chart(at)
+    labels = queries.load_runs(db).set_index("run_id")["label"]
+    mine = rows[rows["run"] == labels[g]]
+    assert mine[mine["series"] == "node models, mean"]["value"].tolist() == pytest.approx(
+        [stored[1][1]["local-acc-mean"]])
+    assert mine[mine["series"] == "node models, worst of 4"]["value"].tolist() == pytest.approx(
+        [stored[1][1]["local-acc-min"]])
+    assert len(mine[mine["series"] == "average model"]) == len(stored)
+    # the tiles show the latest evaluation, whose scores are unreadable in both runs: no tile, no table column
+    assert not [m for m in at.metric if m.label.startswith("node models")]
+    assert not [c for c in at.dataframe[0].value.columns if c.startswith("node models")]
 
 
 # ------------------------------------------------------------------------------------------------ bad input
