@@ -72,6 +72,8 @@ def _olco3(partition: str, periods: int, delay: int = 2) -> list[str]:
 # virtual time (1.5 s at U = 1, where tasks are 4x shorter) or 6,000 updates. Eight methods and five scenarios: to
 # fit the runs into hours, each trial is scored on one tuning seed (0) instead of two.
 ABS_METHODS = ("abs[abs-mode='adaptive';label='abs'],async-sgd,k-async,k-batch-async,k-sync,ssp,adasync,fedbuff")
+GOSSIP_SEEDS = ["--budget", "6", "--tune-seeds", "0", "--eval-seeds", "10,11,12,13,14", "--targets", "0.85,0.9,0.93",
+                "--jobs", "2"]
 ABS_SEEDS = ["--budget", "6", "--tune-seeds", "0", "--eval-seeds", "10,11,12,13,14", "--targets", "0.85,0.9,0.95",
              "--jobs", "2"]
 
@@ -80,6 +82,23 @@ def _abs(steps: int = 4, restart: str = "finish", nodes: int = 16, *extra: str) 
     return ["--run-config", "configs/abs.toml", "--nodes", str(nodes), "--set", f"local-steps={steps}",
             "--set", f"restart='{restart}'", "--set", "target-accuracy=0.95", "--set", "max-updates=6000",
             "--set", f"max-time={3.0 if steps > 1 else 1.5}", *extra, "--methods", ABS_METHODS, *HONEST]
+
+
+# AD-PSGD against D-PSGD (ring, as Lian et al. 2017), AllReduce-SGD (the faster of ring and halving/doubling) and
+# async-SGD on a parameter server that is one more machine of the cluster (1 Gbit/s, like the workers' ethernet):
+# configs/ad-psgd.toml (16 laptops on ethernet, one SGD step of 32 examples per task), one node 1x, 10x or 100x
+# slower, or one node's link 10x slower; scored on what the nodes hold (the harness's default, --score local-mean).
+GOSSIP_METHODS = ("ad-psgd[topology='bipartite-exponential';label='ad-psgd'],d-psgd[topology='ring';label='d-psgd'],"
+                  "allreduce-sgd,async-sgd")
+
+
+def _gossip(partition: str, slow_node: float = 1.0, slow_link: float = 1.0) -> list[str]:
+    alpha = ["--set", "dirichlet-alpha=0.3"] if partition == "dirichlet" else []
+    link = ["--set", "slow-link-fraction=0.0625", "--set", f"slow-link-factor={slow_link:g}"] if slow_link > 1 else []
+    return ["--run-config", "configs/ad-psgd.toml", "--nodes", "16", "--set", f"straggler-slowdown={slow_node:g}",
+            *link, "--set", f"partition='{partition}'", *alpha, "--set", "server-bandwidth=1000.0",
+            "--set", "server-latency=0.25", "--set", "target-accuracy=0.93", "--set", "max-updates=2000",
+            "--set", "max-time=30.0", "--methods", GOSSIP_METHODS, *HONEST]
 
 
 def _outputs(name: str) -> list[str]:
@@ -105,9 +124,12 @@ COMPARISONS: dict[str, list[str]] = {
                    *ABS_SEEDS, *_outputs("abs-pareto")],
     "abs-u4-interrupt": [*_abs(4, "interrupt"), *ABS_SEEDS, *_outputs("abs-u4-interrupt")],
     "abs-u1-interrupt": [*_abs(1, "interrupt"), *ABS_SEEDS, *_outputs("abs-u1-interrupt")],
+    **{f"gossip-{p}-{tag}": [*_gossip(p, node, link), *GOSSIP_SEEDS, *_outputs(f"gossip-{p}-{tag}")]
+       for p in ("iid", "dirichlet")
+       for tag, node, link in (("1x", 1.0, 1.0), ("10x", 10.0, 1.0), ("100x", 100.0, 1.0), ("link10x", 1.0, 10.0))},
 }
-EXTRAS = frozenset({"olco3-iid-d4", "abs-u4", "abs-u1", "abs-48-dirichlet", "abs-pareto", "abs-u4-interrupt",
-                    "abs-u1-interrupt"})  # not run by ``make bench`` (its time budget); run by name or with --all
+# Not run by ``make bench`` (its time budget); run by name or with --all.
+EXTRAS = frozenset({"olco3-iid-d4", *(n for n in COMPARISONS if n.startswith(("abs-", "gossip-")))})
 
 
 def _quote(word: str) -> str:
