@@ -6,6 +6,7 @@
 
 - bench.engine_overhead: our engine vs Flower's FedAvg.start on the same in-process Grid (BENCHMARKS.md)
 - bench.server_link_cost: the engine's updates/s with the server's link on and off (BENCHMARKS.md)
+- bench.contention_cost: AD-PSGD's updates/s with the contended network (locks, overlap, server link) on and off
 - bench.codec_throughput: encode + decode throughput of every codec (BENCHMARKS.md)
 - bench.dashboard_load: the dashboard's data-load time on stores of 1k, 10k and 100k updates (BENCHMARKS.md)
 - bench.checkpoint_cost: what checkpoint-every costs (RELIABILITY.md)
@@ -60,6 +61,8 @@ def main() -> int:
         ["-m", "bench.server_link_cost", "--nodes", "100" if quick else "1000", "--updates", "200" if quick else "2000",
          "--repeats", "1" if quick else "5", "--json", "results/server_link_cost.json",
          "--markdown", "results/server_link_cost.md"],
+        ["-m", "bench.contention_cost", "--updates", "200" if quick else "1500", "--repeats", "1" if quick else "3",
+         "--json", "results/contention_cost.json", "--markdown", "results/contention_cost.md"],
         ["-m", "bench.codec_throughput", "--json", "results/codec_throughput.json"],
         ["-m", "bench.dashboard_load", "--json", "results/dashboard_load.json", "--markdown",
          "results/dashboard_load.md"],

@@ -147,3 +147,16 @@ def test_server_link_cost_smoke(tmp_path, capsys):
     assert [r["row"] for r in data["results"]] == ["link off", "link on"]
     assert all(r["updates_per_s"] > 0 and r["virtual_s"] > 0 for r in data["results"]) and data["on_over_off"] > 0
     assert md.read_text().strip() in capsys.readouterr().out
+
+
+def test_contention_cost_smoke_and_the_locks_come_back(tmp_path):
+    from bench import contention_cost
+    from server_app.peerlocks import PeerLocks
+
+    schedule = PeerLocks.schedule
+    out = tmp_path / "contention.json"
+    assert contention_cost.main(["--nodes", "4", "--updates", "12", "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["row"] for r in data["results"]] == ["contention off", "contention on"]
+    assert all(r["updates_per_s"] > 0 and r["virtual_s"] > 0 for r in data["results"]) and data["on_over_off"] > 0
+    assert PeerLocks.schedule is schedule  # the what-if never outlives its run
