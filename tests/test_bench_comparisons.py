@@ -3,6 +3,7 @@ comparison harness's own checks (methods and their fixed settings, scenario, dis
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sqlite3
@@ -58,3 +59,25 @@ def test_plateau_gain_is_measured_from_the_evaluation_at_80_percent(tmp_path: Pa
                         [(i, 10 * i, 0.5 + 0.01 * i) for i in range(1, 11)])  # 10..100 updates
     final, gain = final_and_gain(db)
     assert final == pytest.approx(0.60) and gain == pytest.approx(0.60 - 0.58)  # the eval at 80 updates
+
+
+def test_speedups_bootstrap_and_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import speedups
+
+    r, lo, hi = speedups.ratio_ci([2.0, 2.0, 2.0], [1.0, 1.0])
+    assert (r, lo, hi) == (2.0, 2.0, 2.0)  # no spread, no interval
+    r, lo, hi = speedups.ratio_ci([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.1, 0.9, 1.0, 1.0])
+    assert r == pytest.approx(3.0) and lo < 3.0 < hi and lo > 1.0
+    assert speedups.ratio_ci([1.0, 5.0], [1.0, 2.0]) == speedups.ratio_ci([1.0, 5.0], [1.0, 2.0])  # seeded
+
+    def run(t):
+        return {"time_to": {"0.9": t}, "wasted_compute": 0.5}
+
+    report = {"eval_seeds": [10, 11], "targets": [0.9], "methods": {
+        "ad-psgd": {"eval": [run(1.0), run(1.0)]}, "d-psgd": {"eval": [run(3.0), run(3.0)]},
+        "allreduce-sgd": {"eval": [run(5.0), run(None)]}, "async-sgd": {"eval": [run(None), run(None)]}}}
+    monkeypatch.setattr(speedups, "OUT", tmp_path)
+    (tmp_path / "gossip-iid-1x.json").write_text(json.dumps(report))
+    row = speedups.gossip_table(["gossip-iid-1x", "gossip-iid-10x"]).splitlines()
+    assert row[2] == "| iid-1x | 0.9 | 1 | 3.00x [3.00, 3.00] | 5.00x [5.00, 5.00] (1/2) | - |"
+    assert "not run" in row[3]
