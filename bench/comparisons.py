@@ -17,7 +17,11 @@ wall times (in each JSON under ``run.wall_s``) in one ``make bench`` on 2 busy c
 comparison).
 
 ``make bench`` has 2 hours on 2 cores for everything it runs, so the D = 4 comparison is an extra: RESULTS.md prints
-its command and ``python -m bench.comparisons olco3-iid-d4`` (or ``--all``) re-runs it.
+its command and ``python -m bench.comparisons olco3-iid-d4`` (or ``--all``) re-runs it. So are the ABS comparisons
+(``abs-*``: eight methods, five scenarios, 88 runs each) and the AD-PSGD comparisons (``gossip-*``: four methods,
+eight scenarios, 44 runs each), which score each trial on one tuning seed (0) to fit in hours; ``python -m
+bench.speedups abs`` and ``python -m bench.speedups gossip`` turn their reports into the summary tables of
+RESULTS.md.
 """
 
 from __future__ import annotations
