@@ -55,6 +55,10 @@ class LogUniform(_FloatRange):
 
     kind: ClassVar[str] = "log-uniform"
 
+    def at(self, u: float) -> ConfigValue:
+        """The value at ``u`` in [0, 1) of the range, evenly in log space (a space-filling design's point)."""
+        return float(self.lo * (self.hi / self.lo) ** u)
+
     def check(self, key: str) -> None:
         """Raise ``ConfigError`` for an empty or non-positive range."""
         if not (0 < self.lo < self.hi and math.isfinite(self.hi)):
@@ -66,6 +70,10 @@ class Uniform(_FloatRange):
     """A float drawn uniformly over ``[lo, hi]``: mixing rates, exponents."""
 
     kind: ClassVar[str] = "uniform"
+
+    def at(self, u: float) -> ConfigValue:
+        """The value at ``u`` in [0, 1) of the range."""
+        return float(self.lo + u * (self.hi - self.lo))
 
     def check(self, key: str) -> None:
         """Raise ``ConfigError`` for an empty range."""
@@ -80,6 +88,14 @@ class IntRange:
     lo: int
     hi: int
     log: bool = False
+
+    def at(self, u: float) -> ConfigValue:
+        """The integer at ``u`` in [0, 1): each of the ``hi - lo + 1`` values owns an equal slice (in log space)."""
+        if self.log:
+            value = math.floor(math.exp(math.log(self.lo) + u * (math.log(self.hi + 1) - math.log(self.lo))))
+        else:
+            value = self.lo + math.floor(u * (self.hi - self.lo + 1))
+        return int(min(max(value, self.lo), self.hi))
 
     def check(self, key: str) -> None:
         """Raise ``ConfigError`` for an empty range, or a log range that reaches 0."""
@@ -106,6 +122,10 @@ class Choice:
     """One of a few values (strings, numbers or booleans): ``Choice(("polynomial", "hinge"))``."""
 
     options: tuple[ConfigValue, ...]
+
+    def at(self, u: float) -> ConfigValue:
+        """The option whose equal slice of [0, 1) holds ``u``."""
+        return self.options[min(math.floor(u * len(self.options)), len(self.options) - 1)]
 
     def check(self, key: str) -> None:
         """Raise ``ConfigError`` for fewer than two options or a repeated one."""

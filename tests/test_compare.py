@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def test_overlapping_seed_sets_are_refused_with_exit_2_and_no_traceback(tmp_path
     (["--methods", "pipe-sgd"], "local-steps"),  # the fixed settings are validated with the method
     (["--methods", "fedavg[min-nodes=9]"], "min-nodes"),
     (["--score", "best"], "--score must be one of local-mean, local-min, average, got 'best'"),
+    (["--design", "grid"], "--design must be one of sobol, random, got 'grid'"),
 ])
 def test_bad_command_lines_exit_2_with_a_message(capsys, tmp_path, args, message) -> None:
     code, out, err = _main(capsys, *SCENARIO, "--methods", "fedavg", "--metrics-db", str(tmp_path / "m.db"), *args)
@@ -442,3 +444,25 @@ def test_notes_warn_of_a_scenario_that_caps_the_targets(tmp_path) -> None:
     assert any("target-accuracy = 0.9" in n for n in compare.notes(capped))
     plain = compare.build_spec(parse([*SCENARIO, "--methods", "fedavg", "--metrics-db", str(tmp_path / "m.db")]))
     assert compare.notes(plain) == []  # max-time is set, no accuracy stop
+
+
+def test_the_start_up_design_spreads_every_key_over_its_whole_range() -> None:
+    from strategies.tuning import Choice
+
+    points = compare.space_filling({"lr": LR}, 5, seed=0)
+    assert points == compare.space_filling({"lr": LR}, 5, seed=0)  # seeded: a comparison is a function of its seeds
+    rates = sorted(p["lr"] for p in points)
+    # five points of [0.005, 0.5] in log space: one in each fifth of the log range (Sobol's balance), so the low end
+    # is tried (six random draws once all fell between 0.035 and 0.135)
+    fifths = sorted(int(5 * (math.log(r / 0.005) / math.log(100))) for r in rates)
+    assert fifths == [0, 1, 2, 3, 4] or (len(set(fifths)) >= 4 and rates[0] < 0.0126)
+    space = {"k": IntRange(1, 16), "w": IntRange(2, 32, log=True), "m": Uniform(0.0, 2.0),
+             "f": Choice(("polynomial", "hinge", "constant"))}
+    many = compare.space_filling(space, 64, seed=1)
+    for key, p in space.items():
+        assert all(p.contains(x[key]) for x in many)
+    assert {x["k"] for x in many} == set(range(1, 17)) and {x["f"] for x in many} == {"polynomial", "hinge", "constant"}
+    assert min(x["m"] for x in many) < 0.1 and max(x["m"] for x in many) > 1.9
+    assert (IntRange(1, 16).at(0.0), IntRange(1, 16).at(0.9999)) == (1, 16)
+    assert (LogUniform(0.01, 1.0).at(0.0), LogUniform(0.01, 1.0).at(0.5)) == (0.01, pytest.approx(0.1))
+    assert compare.space_filling({"lr": LR}, 0, seed=0) == []
