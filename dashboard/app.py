@@ -287,7 +287,9 @@ def comparison_view(path: str) -> bool:
                     "chosen setting after its tuning trials.")
             return True
         methods = data.methods or list(dict.fromkeys(data.evals["method"]))
-        st.altair_chart(charts.comparison(data.evals, methods, float(target)), width="stretch")
+        st.caption(comparison_score_line(data.score, data.score_how))
+        st.altair_chart(charts.comparison(data.evals, methods, float(target), score_title(data.score)),
+                        width="stretch")
         cols = {"method": "method", "reached": "reached", "runs": "runs",
                 "mean_time_to_target": f"mean time to {target:.2f} (s)", "final_accuracy": "final accuracy",
                 "mb_up": "MB up", "mb_down": "MB down", "wasted_compute": "wasted compute (s)"}
@@ -297,6 +299,27 @@ def comparison_view(path: str) -> bool:
                    "time to the target is over the runs that reached it. Tuning runs are in the store too, tagged "
                    "`tune`. Every view below shows this comparison's runs when \"Runs\" is set to \"a comparison's\".")
     return True
+
+
+def score_title(score: str) -> str:
+    """The comparison chart's accuracy axis: ``accuracy`` and, where it is not the published model's, which."""
+    name = queries.SCORE_NAMES.get(score)
+    return f"accuracy ({name})" if name else "accuracy"
+
+
+def comparison_score_line(score: str, how: str) -> str:
+    """The one line that says which accuracy the comparison view reads, as the harness's report did."""
+    if how == "unreadable":
+        return ("Accuracy: the published model's. This comparison's recorded score (`--score`) cannot be read, so "
+                "these may not be the numbers of its report.")
+    if how == "before":
+        return ("Accuracy: the published model's, as this comparison's report read it (it was stored before the "
+                "harness recorded `--score`); for a decentralized strategy, the average of its node models.")
+    if score == "average":
+        return ("Accuracy: the published model's (`--score average`), as in the harness's report; for a "
+                "decentralized strategy, the average of its node models, which no node holds.")
+    return (f"Accuracy: the {queries.SCORE_NAMES[score]} (`--score {score}`), as in the harness's report; a run "
+            "without node models' scores (a star strategy) is read on its published model.")
 
 
 NODE_MODELS_HELP = ("A decentralized strategy's accuracy scores the average of its node models, which no node "
@@ -361,7 +384,9 @@ def node_models_tile(col: Any, row: Any) -> None:
 
 def progress_bar(box: Any, config: dict[str, Any], row: Any) -> None:
     """A running run's progress toward its nearest stop condition (nothing when none is set)."""
-    done = stops.progress(config, _number(row, "applied"), _number(row, "clock_s"), _number(row, "best_accuracy"))
+    best = {"local-mean": _number(row, "best_local_mean"), "local-min": _number(row, "best_local_min")}
+    done = stops.progress(config, _number(row, "applied"), _number(row, "clock_s"), _number(row, "best_accuracy"),
+                          best)
     if done is not None:
         box.progress(done.fraction, text=f"toward its stop: {done.text}")
 

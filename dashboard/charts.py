@@ -258,20 +258,21 @@ def task_time_per_node(nodes: pd.DataFrame) -> alt.Chart:
     ).properties(height=_rows_height(len(order), 26))
 
 
-def comparison(evals: pd.DataFrame, methods: Sequence[str], target: float) -> alt.Chart:
+def comparison(evals: pd.DataFrame, methods: Sequence[str], target: float, title: str = "accuracy") -> alt.Chart:
     """A comparison's evaluation runs overlaid: accuracy against the run clock, coloured by method.
 
-    One line per run (one per evaluation seed), the target as a dotted rule.
+    One line per run (one per evaluation seed), the target as a dotted rule. The accuracy is ``score``, the one the
+    comparison reads (``queries.comparison_evals``), titled ``title``.
     """
     colors = (RUN_COLORS * (len(methods) // len(RUN_COLORS) + 1))[:max(len(methods), 1)]
     lines = alt.Chart(evals).mark_line(interpolate="step-after", opacity=0.75).encode(
         x=alt.X("t:Q", title="run clock (s)"),
-        y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(zero=False)),
+        y=alt.Y("score:Q", title=title, scale=alt.Scale(zero=False)),
         color=alt.Color("method:N", scale=alt.Scale(domain=list(methods), range=colors),
                         legend=alt.Legend(orient="bottom", labelLimit=0, symbolLimit=max(len(methods), 1))),
         detail="run_id:N",
         tooltip=["method:N", "seed:Q", alt.Tooltip("t:Q", format=".3f", title="clock (s)"), "updates_applied:Q",
-                 alt.Tooltip("accuracy:Q", format=".4f")],
+                 alt.Tooltip("score:Q", format=".4f", title=title)],
     )
     rule = alt.Chart(pd.DataFrame({"target": [target]})).mark_rule(strokeDash=[2, 3], color="#7f7f7f").encode(
         y="target:Q")

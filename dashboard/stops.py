@@ -4,6 +4,13 @@ The stored config (``runs.config_json``) holds the run-config keys ``max-updates
 ``max-time`` (seconds on the run's clock) and ``target-accuracy``; 0 (or no key) leaves a condition off, and the
 run stops at whichever set condition it meets first. So its progress is the largest of the fractions done: applied
 updates over ``max-updates``, clock over ``max-time``, best accuracy so far over ``target-accuracy``.
+
+Which accuracy ``target-accuracy`` reads is the run's ``target-score`` (server_app/localscores.py): ``local-mean``
+(the node models' mean), ``local-min`` (the worst node model) or ``average`` (the published model's accuracy,
+which for a decentralized strategy scores the average of its node models, held by no node). A run stored before
+the key existed has none, and its target read the published model's accuracy: ``average``. An evaluation without
+node models' scores (a star strategy's, whose nodes hold the published model) reads its accuracy whatever the
+choice, as the run's stop did; the progress says which score it reads when it is not the published model's.
 """
 
 from __future__ import annotations
@@ -14,6 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 KEYS = ("max-updates", "max-time", "target-accuracy")
+SCORE_KEY = "target-score"
+#: How the progress names the score it reads, where it is not the published model's (server_app/localscores.py's
+#: SCORE_LABELS; "average" reads the published model's accuracy).
+SCORE_NAMES = {"local-mean": "node models' mean", "local-min": "worst node model"}
 
 
 @dataclass(frozen=True)
@@ -55,14 +66,31 @@ def describe(config: Mapping[str, Any]) -> str:
     return f"stops at {listed}" + (", whichever comes first" if len(parts) > 1 else "")
 
 
+def target_score(config: Mapping[str, Any]) -> str:
+    """The run's ``target-score``: ``average`` when its stored config has none (stored before the key existed).
+
+    A value the runner would not have accepted (the store may hold anything) reads the published model's accuracy
+    too.
+    """
+    choice = config.get(SCORE_KEY, "average")
+    return choice if isinstance(choice, str) and choice in (*SCORE_NAMES, "average") else "average"
+
+
 def progress(config: Mapping[str, Any], applied: float | None, clock_s: float | None,
-             best_accuracy: float | None) -> Progress | None:
+             best_accuracy: float | None, best_scores: Mapping[str, float | None] | None = None) -> Progress | None:
     """Progress toward the nearest stop condition (``None`` when none is set).
 
     ``applied`` counts the run's applied updates, ``clock_s`` its clock, ``best_accuracy`` its best evaluation
-    so far; a missing one counts as 0 (no task, no evaluation yet).
+    so far (the published model's accuracy); a missing one counts as 0 (no task, no evaluation yet).
+    ``best_scores`` maps ``local-mean`` and ``local-min`` to the best of that score so far (each evaluation's
+    node-model score, else its accuracy), None where the run stored no such score: the target reads the one the
+    run's ``target-score`` names when there is one, else ``best_accuracy``.
     """
-    done = {"max-updates": _number(applied), "max-time": _number(clock_s), "target-accuracy": _number(best_accuracy)}
+    score = target_score(config)
+    raw = (best_scores or {}).get(score) if score in SCORE_NAMES else None
+    local = float(raw) if isinstance(raw, (int, float)) and math.isfinite(raw) else None
+    best = best_accuracy if local is None else local
+    done = {"max-updates": _number(applied), "max-time": _number(clock_s), "target-accuracy": _number(best)}
     fractions = {k: min(done[k] / b, 1.0) for k, b in conditions(config).items()}
     if not fractions:
         return None
@@ -73,5 +101,6 @@ def progress(config: Mapping[str, Any], applied: float | None, clock_s: float | 
     elif key == "max-time":
         text = f"{done[key]:,.1f} of {bound:,.4g} s on its clock"
     else:
-        text = f"best accuracy {done[key]:.3f} of the target {bound:.2f}"
+        read = "accuracy" if local is None else SCORE_NAMES[score]
+        text = f"best {read} {done[key]:.3f} of the target {bound:.2f}"
     return Progress(fractions[key], f"{text} ({fractions[key]:.0%})")

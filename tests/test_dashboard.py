@@ -547,6 +547,215 @@ def test_malformed_node_scores_still_render(gossip, tmp_path: Path) -> None:
     assert not [c for c in at.dataframe[0].value.columns if c.startswith("node models")]
 
 
+# --------------------------------------------------------------------------------- which accuracy a target reads
+def test_the_score_names_are_the_runners() -> None:
+    """The dashboard's copy of which key each target-score reads, and how it names it, is server_app's."""
+    from server_app.localscores import SCORE_KEYS, SCORE_LABELS
+    from strategies.config import TARGET_SCORES
+
+    assert queries.SCORES == SCORE_KEYS and tuple(queries.SCORES) == TARGET_SCORES
+    assert queries.SCORE_NAMES == stops.SCORE_NAMES == SCORE_LABELS
+
+
+EVAL_COLS = ("run_id, t, model_version, updates_applied, bytes_up_total, bytes_down_total, loss, accuracy, "
+             "metrics_json")
+# Per evaluation: (the average model's accuracy, the node models' mean, their worst). The gossip method's node models
+# trail its average, so every score gives it other times to the targets and another final accuracy.
+GOSSIP = [(0.10, 0.05, 0.02), (0.35, 0.15, 0.10), (0.45, 0.25, 0.20), (0.55, 0.32, 0.26), (0.60, 0.41, 0.31)]
+STAR = [0.10, 0.25, 0.33, 0.42, 0.50]
+
+
+def _comparison(db: Path, cid: str, spec: object, started: float, seeds: tuple[int, ...] = (10, 11)) -> list[str]:
+    """A comparison of ad-psgd (with node models' scores) and fedbuff (without), as ``server_app.compare`` stores
+    one: its spec (``spec_json``, written as given when a string), one evaluation run per method and seed with a
+    few tasks and five evaluations. The run ids, ad-psgd's first."""
+    w = MetricsStore(db)
+    w.db.execute("INSERT INTO comparisons VALUES (?, ?, ?, 'completed', ?, NULL)",
+                 (cid, started, started + 60, spec if isinstance(spec, str | bytes) else json.dumps(spec)))
+    ids = []
+    for method in ("ad-psgd", "fedbuff"):
+        for k, seed in enumerate(seeds):
+            run = f"{cid}-{method}-{seed}"
+            ids.append(run)
+            w.tag_run(run, cid, method, "eval", seed)
+            w.start_run(run, method, {"strategy": method, "seed": seed, "target-score": "local-mean"})
+            for seq in range(3):
+                w.record_update(UpdateRow(seq, 3, seq, seq + 0.5, 0, 1, 0, 1000 * (k + 1), 4000, 0.2, 0.3,
+                                          "applied" if seq else "dropped"))
+            for i in range(5):
+                shift = 0.02 * k  # the seeds differ a little
+                if method == "ad-psgd":
+                    acc, mean, low = (x + shift for x in GOSSIP[i])
+                    metrics = {"consensus-distance": 0.1, "local-acc-mean": mean, "local-acc-min": low,
+                               "local-acc-nodes": 6}
+                else:
+                    acc, metrics = STAR[i] + shift, {"buffered": 2}
+                w.db.execute(f"INSERT INTO evals({EVAL_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                             (run, float(i), i, 4 * i, 100 * i, 400 * i, 2.0 - acc, acc, json.dumps(metrics)))
+            w.finish_run("completed")
+    w.db.commit()
+    w.close()
+    return ids
+
+
+def _harness(db: Path, cid: str, score: str, targets: list[float]) -> dict[str, dict]:
+    """What ``server_app.compare``'s report says of the comparison's methods, read the harness's own way."""
+    from server_app.compare_report import read_outcome, summarise
+
+    by_method: dict[str, list] = collections.defaultdict(list)
+    for method, seed, run in _rows(db, "SELECT method, seed, run_id FROM comparison_runs WHERE comparison_id = ? "
+                                       "AND role = 'eval' ORDER BY method, seed", cid):
+        by_method[method].append(read_outcome(db, run, targets, score).entry(seed))
+    return {m: summarise(entries, targets) for m, entries in by_method.items()}
+
+
+def _comparison_view(at: AppTest) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The comparison view: its table (by method), the rows its chart draws, and its captions."""
+    frames = [pa.ipc.open_stream(d.data.data).read_pandas() for c in at.get("vega_lite_chart")
+              for d in c.proto.datasets]
+    drawn = next(f for f in frames if {"method", "score"} <= set(f.columns))  # the comparison chart's lines
+    return at.dataframe[0].value.set_index("method"), drawn, " ".join(c.value for c in at.caption)
+
+
+def _table_is_the_harness(table: pd.DataFrame, harness: dict[str, dict], target: float) -> None:
+    for method, summary in harness.items():
+        row, hit = table.loc[method], summary["targets"][repr(target)]
+        assert row["runs"] == summary["runs"] and row["reached"] == hit["reached"]
+        mean = row[f"mean time to {target:.2f} (s)"]
+        assert (None if pd.isna(mean) else mean) == pytest.approx(hit["time_mean"])
+        assert row["final accuracy"] == pytest.approx(summary["final_accuracy"]["mean"])
+        assert row["MB up"] == pytest.approx(summary["mb_up"]["mean"])
+        assert row["wasted compute (s)"] == pytest.approx(summary["wasted_compute"]["mean"])
+
+
+def test_a_comparison_reads_its_recorded_score(tmp_path: Path) -> None:
+    """The comparison view's table and chart read the accuracy the comparison's --score named, with the harness's
+    fallback to the published model's for the star method: the harness's report's numbers, whatever the score. A
+    comparison stored before the score was recorded read the average, and so does its view."""
+    db = tmp_path / "m.db"
+    targets = [0.2, 0.3, 0.4]
+    spec = {"methods": ["ad-psgd", "fedbuff"], "targets": targets}
+    _comparison(db, "old", spec, 1.7e9)
+    _comparison(db, "worst", {**spec, "score": "local-min"}, 1.7e9 + 1)
+    _comparison(db, "mean", {**spec, "score": "local-mean"}, 1.7e9 + 2)
+    at = _app(db)
+    assert not at.exception and not at.error and at.selectbox(key="comparison").value == "mean"  # the newest
+    assert at.number_input(key="comparison_target").value == pytest.approx(0.3)
+    seen = {}
+    for cid, score in (("mean", "local-mean"), ("worst", "local-min"), ("old", "average")):
+        at.selectbox(key="comparison").set_value(cid).run()
+        assert not at.exception and not at.error
+        for target in targets:
+            at.number_input(key="comparison_target").set_value(target).run()
+            table, drawn, captions = _comparison_view(at)
+            _table_is_the_harness(table, _harness(db, cid, score, targets), target)
+            seen[cid, target] = table
+        column = {"average": 0, "local-mean": 1, "local-min": 2}[score]
+        first = drawn[drawn["run_id"] == f"{cid}-ad-psgd-10"]
+        assert first["score"].tolist() == pytest.approx([e[column] for e in GOSSIP])  # the chart draws it too
+        star = drawn[drawn["run_id"] == f"{cid}-fedbuff-10"]
+        assert star["score"].tolist() == pytest.approx(STAR)  # the star method: its published model, always
+        line = {"local-mean": "Accuracy: the node models' mean (`--score local-mean`), as in the harness's report",
+                "local-min": "Accuracy: the worst node model (`--score local-min`), as in the harness's report",
+                "average": "stored before the harness recorded `--score`"}[score]
+        assert _plain(line) in _plain(captions)
+    # the scores disagree on the gossip method (the test can tell them apart), never on the star one
+    for target in targets:
+        gossip = {cid: seen[cid, target].loc["ad-psgd"] for cid in ("mean", "worst", "old")}
+        assert gossip["mean"]["final accuracy"] != gossip["old"]["final accuracy"] != gossip["worst"]["final accuracy"]
+        star = {cid: seen[cid, target].loc["fedbuff"].tolist() for cid in ("mean", "worst", "old")}
+        assert star["mean"] == star["worst"] == star["old"]
+    mean_time = seen["mean", 0.3].loc["ad-psgd"]["mean time to 0.30 (s)"]
+    assert mean_time == pytest.approx(3.0) and seen["old", 0.3].loc["ad-psgd"]["mean time to 0.30 (s)"] == 1.0
+
+
+def test_a_comparison_with_hostile_scores_still_renders(tmp_path: Path) -> None:
+    """Unreadable node scores in a comparison's evaluations are no point (a NULL or a key-less JSON value reads
+    the accuracy, as the harness does); an unreadable recorded score reads the average, and the view says it is
+    not the recorded one; hostile methods and targets are ignored."""
+    db = tmp_path / "m.db"
+    spec = {"methods": ["ad-psgd", "fedbuff"], "targets": [0.2, 0.3, 0.4], "score": "local-mean"}
+    runs = _comparison(db, "hostile-rows", spec, 1.7e9, seeds=(10,))
+    values = ["not json {", None, "[0.5, 0.6]", '"local-acc-mean"', '{"local-acc-mean": "0.5"}',
+              '{"local-acc-mean": 1e999}', '{"local-acc-mean": -3}', "[" * 5000 + "]" * 5000, b"\x00\xff{",
+              '{"local-acc-mean": null}']
+    accuracy = {}
+    with sqlite3.connect(db) as con:
+        for i, value in enumerate(values):
+            con.execute(f"INSERT INTO evals({EVAL_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (runs[0], 10.0 + i, 9, 50, 900, 3600, 1.0, 0.5 + i / 100, value))
+            accuracy[10.0 + i] = 0.5 + i / 100
+    for n, bad in enumerate(['{"score": {"local-mean": 1}, "methods": "abc", "targets": ["x", 0.5, true, 2]}',
+                             '{"score": "bogus"}', "not json", "[" * 5000 + "]" * 5000, b"\x00{"]):
+        _comparison(db, f"hostile-spec-{n}", bad, 1.7e9 + 1 + n, seeds=(10,))
+    at = _app(db, comparison="hostile-rows")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    _, drawn, _ = _comparison_view(at)
+    mine = drawn[(drawn["run_id"] == runs[0]) & (drawn["t"] >= 10)].set_index("t")["score"]
+    fallback = {None, "[0.5, 0.6]", '"local-acc-mean"', '{"local-acc-mean": null}'}  # no such key: the accuracy
+    for i, value in enumerate(values):
+        got = mine.loc[10.0 + i]
+        assert (got == pytest.approx(accuracy[10.0 + i])) if value in fallback else pd.isna(got), (value, got)
+    for n in range(5):
+        at.selectbox(key="comparison").set_value(f"hostile-spec-{n}").run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        table, _, captions = _comparison_view(at)
+        assert "recorded score (`--score`) cannot be read" in _plain(captions)
+        target = at.number_input(key="comparison_target").value  # the widget keeps its value across comparisons
+        _table_is_the_harness(table, _harness(db, f"hostile-spec-{n}", "average", [target]), target)
+    listed = queries.load_comparisons(db).set_index("comparison_id")
+    assert listed.at["hostile-spec-0", "methods"] == [] and listed.at["hostile-spec-0", "targets"] == [0.5]
+
+
+def test_progress_toward_the_target_reads_the_runs_target_score(tmp_path: Path) -> None:
+    """A running gossip run's progress toward target-accuracy reads its target-score (the node models' mean, or the
+    worst), and says so; a run stored before target-score existed read the average, and a run without node models'
+    scores (a star strategy) its published model, whatever its target-score."""
+    db = tmp_path / "m.db"
+    w = MetricsStore(db)
+    # per evaluation: (accuracy, metrics_json): the average reached 0.80, the node models' mean 0.45 at best
+    gossip = [(0.80, {"local-acc-mean": 0.45, "local-acc-min": 0.30, "local-acc-nodes": 6}),
+              (0.70, {"local-acc-mean": 0.40, "local-acc-min": 0.35, "local-acc-nodes": 6}),
+              (0.42, None)]  # an evaluation without node scores reads its accuracy (as the engine's stop does)
+    cases = {"mean": ("ad-psgd", {"target-score": "local-mean"}, gossip),
+             "worst": ("ad-psgd", {"target-score": "local-min"}, gossip),
+             "average": ("ad-psgd", {"target-score": "average"}, gossip),
+             "before": ("ad-psgd", {}, gossip),  # stored before the key existed
+             "star": ("fedbuff", {"target-score": "local-mean"}, [(0.60, {"buffered": 2}), (0.50, None)])}
+    for run, (strategy, score, evals) in cases.items():
+        w.start_run(run, strategy, {"strategy": strategy, "max-updates": 100, "target-accuracy": 0.9, **score})
+        w.heartbeat()
+        w.record_update(UpdateRow(0, 3, 0.0, 0.4, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
+        for i, (acc, metrics) in enumerate(evals):
+            w.db.execute(f"INSERT INTO evals({EVAL_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                         (run, float(i), i, i, 0, 0, 1.0, acc, None if metrics is None else json.dumps(metrics)))
+    w.db.commit()
+    at = _app(db, runs=list(cases))
+    assert not at.exception and not at.error
+    bars = [(b.value, b.proto.text) for b in at.get("progress")]
+    assert bars == [(50, "toward its stop: best node models' mean 0.450 of the target 0.90 (50%)"),
+                    (46, "toward its stop: best worst node model 0.420 of the target 0.90 (47%)"),
+                    (88, "toward its stop: best accuracy 0.800 of the target 0.90 (89%)"),
+                    (88, "toward its stop: best accuracy 0.800 of the target 0.90 (89%)"),
+                    (66, "toward its stop: best accuracy 0.600 of the target 0.90 (67%)")], bars
+    w.close()
+
+
+def test_progress_reads_the_named_score() -> None:
+    cfg = {"max-updates": 100, "target-accuracy": 0.8}
+    best = {"local-mean": 0.4, "local-min": 0.2}
+    assert stops.target_score(cfg) == "average"  # stored before target-score existed
+    assert stops.progress(cfg, 0, 0, 0.6, best).text == "best accuracy 0.600 of the target 0.80 (75%)"
+    mean = {**cfg, "target-score": "local-mean"}
+    assert stops.progress(mean, 0, 0, 0.6, best).text == "best node models' mean 0.400 of the target 0.80 (50%)"
+    low = {**cfg, "target-score": "local-min"}
+    assert stops.progress(low, 0, 0, 0.6, best).fraction == pytest.approx(0.25)
+    for none in ({"local-mean": None}, {"local-mean": float("nan")}, None):  # no node scores stored: the accuracy
+        assert stops.progress(mean, 0, 0, 0.6, none).text == "best accuracy 0.600 of the target 0.80 (75%)"
+    for bad in ("x", 3, None, ["local-mean"]):
+        assert stops.target_score({"target-score": bad}) == "average"
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_missing_store(tmp_path: Path) -> None:
     at = _app(tmp_path / "nope.db")
