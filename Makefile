@@ -22,6 +22,7 @@ RUN_ARGS ?=
 DASHBOARD_ADDRESS ?= 127.0.0.1  # this machine only; 0.0.0.0 to serve the network
 
 .PHONY: venv run test test-deployment test-fast lint bench bench-extra dashboard clean distclean deploy-local
+.PHONY: native-tsan
 
 venv: $(STAMP) $(NATIVE)
 
@@ -67,6 +68,11 @@ bench: $(STAMP)
 bench-extra: $(STAMP)
 	$(BIN)/python bench/run_all.py --extra
 
+# The native executor under ThreadSanitizer (an instrumented build in its own cache folder; STRESS=1 for the
+# stress runs too). Not part of make test: the instrumented compile takes minutes.
+native-tsan: $(STAMP)
+	STRESS=$(STRESS) PYTHON=$(BIN)/python bash scripts/native_tsan.sh
+
 dashboard: $(STAMP)
 	$(BIN)/streamlit run dashboard/app.py --server.address $(DASHBOARD_ADDRESS) --browser.gatherUsageStats false \
 		-- $(if $(DB),--db $(DB)) $(if $(STORES),--stores $(STORES))
@@ -98,6 +104,7 @@ help:
 	@echo "make test-fast        the same without the slow real-runtime tests"
 	@echo "make test-deployment  the real deployment: TLS, authenticated SuperNodes, one killed, shaped links"
 	@echo "make lint             ruff, and mypy (strict) on server_app/ and strategies/"
+	@echo "make native-tsan      the native executor's tests under ThreadSanitizer [STRESS=1]"
 	@echo "make bench            the benchmarks and the tuned comparisons of RESULTS.md (under 2 hours on 2 cores)"
 	@echo "make bench-extra      the untuned reproductions of RESULTS.md and the OLCO3 comparison at D = 4"
 	@echo "make dashboard        the live Streamlit dashboard [DB=path] [STORES=dir]"

@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -80,6 +81,16 @@ def _platform_tag() -> str:
     return f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def _extra_flags() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags added by ``$STALEFLOWER_NATIVE_CFLAGS`` / ``$STALEFLOWER_NATIVE_LDFLAGS``.
+
+    For instrumented builds (``scripts/native_tsan.sh`` builds with ThreadSanitizer); they are part of the build's
+    folder name, so an instrumented build never stands in for the plain one.
+    """
+    return (shlex.split(os.environ.get("STALEFLOWER_NATIVE_CFLAGS", "")),
+            shlex.split(os.environ.get("STALEFLOWER_NATIVE_LDFLAGS", "")))
+
+
 def version_dir() -> Path | None:
     """The folder of this source version's build, or None when the source is not here.
 
@@ -87,7 +98,9 @@ def version_dir() -> Path | None:
     """
     if not SOURCE.exists():
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    flags = _extra_flags()
+    extra = repr(flags).encode() if any(flags) else b""  # a plain build keeps the folder it always had
+    digest = hashlib.sha256(SOURCE.read_bytes() + extra).hexdigest()[:16]
     return build_dir() / f"{digest}-{_platform_tag()}"
 
 
@@ -154,8 +167,9 @@ def load(*, verbose: bool = False) -> ModuleType:
             from torch.utils import cpp_extension
 
             where.mkdir(parents=True, exist_ok=True)
+            cflags, ldflags = _extra_flags()
             _module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(where),
-                                         extra_cflags=["-O3"], verbose=verbose)
+                                         extra_cflags=["-O3", *cflags], extra_ldflags=ldflags, verbose=verbose)
             if getattr(_module, "ABI", None) != ABI:
                 _module = None
                 _failure = "the built extension has another interface version"
