@@ -62,14 +62,14 @@ def test_ad_psgd_overlap_lets_active_nodes_compute_as_often_as_their_exchanges_a
     # Ethernet, MLP: a step (~1.5 ms) is shorter than an exchange (~3 ms). In sequence an active node computes once
     # per step + exchange, a passive node once per step; overlapped, an active node computes once per exchange.
     fleet = {"profiles": "laptop/ethernet=1", "local_steps": 1, "batch_size": 32, "model": "mlp", "eval_every": 0}
-    on = simulate("ad-psgd", max_updates=300, **fleet)
-    off = simulate("ad-psgd", max_updates=300, overlap=False, **fleet)
+    on = simulate("ad-psgd", max_updates=160, **fleet)
+    off = simulate("ad-psgd", max_updates=160, overlap=False, **fleet)
 
     def active_share(run):
         rows = run.updates()
         return sum(r["peer_id"] is not None for r in rows) / len(rows)
 
-    assert active_share(on) > 1.15 * active_share(off)  # measured: 0.25 in sequence, ~0.33 overlapped
+    assert active_share(on) > 1.15 * active_share(off)  # measured: 0.33 in sequence, 0.44 overlapped
     by_node: dict[int, list[dict]] = {}
     for r in on.updates():
         by_node.setdefault(r["node_id"], []).append(r)
