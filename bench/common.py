@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import sqlite3
-from collections.abc import Callable
+import statistics
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from server_app.simulate import merge_config, run_local
 
@@ -59,3 +64,50 @@ def pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# One run of an on/off benchmark: (applied updates, wall seconds, virtual seconds).
+RunOnce = Callable[[str, int], tuple[int, float, float]]
+
+
+def interleaved(rows: Sequence[str], run_once: RunOnce, updates: int, warmup: int, repeats: int) -> list[dict]:
+    """Each row once untimed (``warmup`` updates), then ``repeats`` times in alternating order; medians per row.
+
+    Alternating the order spreads a busy machine's slow moments over both rows, so their ratio is fair even when
+    single runs vary by tens of percent.
+    """
+    samples: dict[str, list[tuple[int, float, float]]] = {row: [] for row in rows}
+    for row in rows:
+        run_once(row, warmup)
+    names = list(rows)
+    for rep in range(repeats):
+        for row in names[rep % 2:] + names[:rep % 2]:
+            gc.collect()
+            samples[row].append(run_once(row, updates))
+            applied, seconds, virtual = samples[row][-1]
+            print(f"run {rep + 1}/{repeats} {row}: {applied} updates in {seconds:.2f} s (virtual {virtual:.3f} s)",
+                  file=sys.stderr)
+    return [{"row": row, "updates_per_s": round(statistics.median(a / s for a, s, _ in samples[row]), 1),
+             "virtual_s": round(statistics.median(v for *_, v in samples[row]), 4),
+             "runs": [{"applied": a, "seconds": round(s, 3)} for a, s, _ in samples[row]]} for row in names]
+
+
+def onoff_main(prog: str, doc: str | None, argv: list[str] | None, add: Callable[[argparse.ArgumentParser], None],
+               bench: Callable[[argparse.Namespace], dict[str, Any]],
+               table: Callable[[dict[str, Any]], str]) -> int:
+    """An on/off benchmark's command line: its own options (``add``), then ``--repeats``, ``--json``, ``--markdown``.
+
+    Runs with one intra-op thread (the in-process runner's clients run on threads), as ``server_app.simulate`` does.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    add(p)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--markdown", help="write the table here")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    report = bench(args)
+    write_report(report, table(report), args.json, args.markdown)
+    return 0

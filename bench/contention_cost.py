@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_report
+from bench.common import interleaved, onoff_main
 from server_app.peerlocks import PeerLocks
 from server_app.simulate import merge_config, run_local
 
@@ -70,20 +68,8 @@ def run_once(row: str, nodes: int, updates: int, model: str) -> tuple[int, float
 
 def benchmark(nodes: int, updates: int, model: str, repeats: int) -> dict[str, Any]:
     """Run every row ``repeats`` times (after a warm-up each) and return the JSON-able report."""
-    samples: dict[str, list[tuple[int, float, float]]] = {row: [] for row in ROWS}
-    for row in ROWS:
-        run_once(row, nodes, min(updates, 4 * nodes), model)
-    names = list(ROWS)
-    for rep in range(repeats):
-        for row in names[rep % 2:] + names[:rep % 2]:
-            gc.collect()
-            samples[row].append(run_once(row, nodes, updates, model))
-            applied, seconds, virtual = samples[row][-1]
-            print(f"run {rep + 1}/{repeats} {row}: {applied} updates in {seconds:.2f} s (virtual {virtual:.3f} s)",
-                  file=sys.stderr)
-    results = [{"row": row, "updates_per_s": round(statistics.median(a / s for a, s, _ in samples[row]), 1),
-                "virtual_s": round(statistics.median(v for *_, v in samples[row]), 4),
-                "runs": [{"applied": a, "seconds": round(s, 3)} for a, s, _ in samples[row]]} for row in names]
+    results = interleaved(ROWS, lambda row, n: run_once(row, nodes, n, model), updates, min(updates, 4 * nodes),
+                          repeats)
     return {"workload": {"nodes": nodes, "updates": updates, "strategy": "ad-psgd", "model": model,
                          "repeats": repeats, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]},
             "results": results,
@@ -103,20 +89,13 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m bench.contention_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, default=16)
-    p.add_argument("--updates", type=int, default=1500)
-    p.add_argument("--model", default="logreg")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--markdown", help="write the table here")
-    args = p.parse_args(argv)
-    import torch
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nodes", type=int, default=16)
+        p.add_argument("--updates", type=int, default=1500)
+        p.add_argument("--model", default="logreg")
 
-    torch.set_num_threads(1)
-    report = benchmark(args.nodes, args.updates, args.model, args.repeats)
-    write_report(report, markdown(report), args.json, args.markdown)
-    return 0
+    return onoff_main("python -m bench.contention_cost", __doc__, argv, add,
+                      lambda a: benchmark(a.nodes, a.updates, a.model, a.repeats), markdown)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_report
+from bench.common import interleaved, onoff_main
 from bench.engine_overhead import app
 from server_app.simulate import merge_config, run_local
 
@@ -50,24 +48,10 @@ def run_once(nodes: int, updates: int, strategy: str, model: str, bandwidth: flo
 
 def benchmark(nodes: int, updates: int, strategy: str, model: str, repeats: int) -> dict[str, Any]:
     """Run every row ``repeats`` times (after a warm-up each) and return the JSON-able report."""
-    samples: dict[str, list[tuple[int, float, float]]] = {row: [] for row in ROWS}
-    for bandwidth in ROWS.values():
-        run_once(nodes, min(updates, nodes), strategy, model, bandwidth)
-    names = list(ROWS)
-    for rep in range(repeats):
-        for row in names[rep % 2:] + names[:rep % 2]:
-            gc.collect()
-            samples[row].append(run_once(nodes, updates, strategy, model, ROWS[row]))
-            applied, seconds, virtual = samples[row][-1]
-            print(f"run {rep + 1}/{repeats} {row}: {applied} updates in {seconds:.2f} s (virtual {virtual:.3f} s)",
-                  file=sys.stderr)
-    results = []
-    for row in names:
-        rates = [a / s for a, s, _ in samples[row]]
-        results.append({"row": row, "server_bandwidth_mbps": ROWS[row],
-                        "updates_per_s": round(statistics.median(rates), 1),
-                        "virtual_s": round(statistics.median(v for *_, v in samples[row]), 4),
-                        "runs": [{"applied": a, "seconds": round(s, 3)} for a, s, _ in samples[row]]})
+    results = interleaved(list(ROWS), lambda row, n: run_once(nodes, n, strategy, model, ROWS[row]), updates,
+                          min(updates, nodes), repeats)
+    for r in results:
+        r["server_bandwidth_mbps"] = ROWS[r["row"]]
     ratio = round(results[1]["updates_per_s"] / results[0]["updates_per_s"], 3)
     return {"workload": {"nodes": nodes, "updates": updates, "strategy": strategy, "model": model,
                          "repeats": repeats, "client": "no-op (bench.engine_overhead)", "cpus": os.cpu_count(),
@@ -91,21 +75,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m bench.server_link_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, default=200)
-    p.add_argument("--updates", type=int, default=2000)
-    p.add_argument("--strategy", default="fedbuff")
-    p.add_argument("--model", default="logreg")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--markdown", help="write the table here")
-    args = p.parse_args(argv)
-    import torch
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nodes", type=int, default=200)
+        p.add_argument("--updates", type=int, default=2000)
+        p.add_argument("--strategy", default="fedbuff")
+        p.add_argument("--model", default="logreg")
 
-    torch.set_num_threads(1)
-    report = benchmark(args.nodes, args.updates, args.strategy, args.model, args.repeats)
-    write_report(report, markdown(report), args.json, args.markdown)
-    return 0
+    return onoff_main("python -m bench.server_link_cost", __doc__, argv, add,
+                      lambda a: benchmark(a.nodes, a.updates, a.strategy, a.model, a.repeats), markdown)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import json
 import sqlite3
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +74,22 @@ def load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _reports(names: Sequence[str], lines: list[str]) -> Iterator[tuple[str, dict[str, Any], int]]:
+    """(name, report, evaluation runs) of each comparison that has been run; a "not run" row for the others."""
+    columns = lines[0].count("|") - 1
+    for name in names:
+        report = load(name)
+        if report is None:
+            lines.append("| " + " | ".join([name, "", "not run", *[""] * (columns - 3)]) + " |")
+        else:
+            yield name, report, len(report["eval_seeds"])
+
+
 def gossip_table(names: Sequence[str]) -> str:
     """AD-PSGD's time and each baseline's speed-up factor, per scenario and target."""
     lines = ["| scenario | target | AD-PSGD (s) | D-PSGD | AllReduce-SGD | async-SGD |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name in names:
-        report = load(name)
-        if report is None:
-            lines.append(f"| {name} | | not run | | | |")
-            continue
-        runs = len(report["eval_seeds"])
+    for name, report, runs in _reports(names, lines):
         for target in (f"{t:g}" for t in report["targets"]):
             ad = times(report, "ad-psgd", target)
             cells = [_fmt_ratio(times(report, m, target), ad, runs) if ad else _fmt_time(times(report, m, target), runs)
@@ -115,12 +121,7 @@ def abs_table(names: Sequence[str]) -> str:
     """ABS against the fastest other method, per scenario and target; rounds and waste beside."""
     lines = ["| scenario | target | ABS (s) | fastest other (s) | ABS / fastest | within 5% | rounds: ABS, async-SGD, "
              "K-async | wasted compute (s): ABS, AdaSync |", "|---|---:|---:|---|---:|---|---|---|"]
-    for name in names:
-        report = load(name)
-        if report is None:
-            lines.append(f"| {name} | | not run | | | | | |")
-            continue
-        runs = len(report["eval_seeds"])
+    for name, report, runs in _reports(names, lines):
         for t in report["targets"]:
             target = f"{t:g}"
             mine = times(report, "abs", target)
