@@ -21,7 +21,8 @@
 - bench.olco3_plateau: OLCO3's final accuracy against local SGD's without the 93% stop (RESULTS.md)
 
 `make bench-extra` (``--extra``): the reproductions RESULTS.md keeps from before the tuning harness, each section
-saying what is unfair about it, and the extra tuned comparison at D = 4 (about 2 more hours):
+saying what is unfair about it, the extra tuned comparison at D = 4, and the tuned ABS and AD-PSGD comparisons
+(about 6 more hours):
 
 - bench.olco3_delay: OLCO3 against its baselines as the delay grows, Fashion-MNIST, untuned (RESULTS.md)
 - bench.abs_stragglers: ABS and the bounded-staleness family against stragglers, untuned (RESULTS.md)
@@ -30,6 +31,10 @@ saying what is unfair about it, and the extra tuned comparison at D = 4 (about 2
 - bench.abs_adaptive: ABS's closed loop (abs-mode = "adaptive") against its clock schedule, untuned (RESULTS.md)
 - bench.adpsgd_straggler: AD-PSGD against D-PSGD, AllReduce-SGD and async-SGD with one slow node (RESULTS.md)
 - bench.comparisons olco3-iid-d4: the OLCO3 family at D = 4 under the harness (RESULTS.md)
+- bench.comparisons gossip-*: AD-PSGD against D-PSGD, AllReduce-SGD and async-SGD, eight scenarios, tuned (about an
+  hour), then bench.speedups gossip (RESULTS.md)
+- bench.comparisons abs-*: ABS against seven methods, six scenarios, tuned (about three hours), then bench.speedups
+  abs (RESULTS.md)
 
 ``--quick`` runs every benchmark of both small, and only the quick form of the comparisons.
 """
@@ -42,6 +47,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tuned AD-PSGD and ABS comparisons (bench/comparisons.py names them; a test keeps these lists in step).
+GOSSIP = [f"gossip-{p}-{t}" for p in ("iid", "dirichlet") for t in ("1x", "10x", "100x", "link10x")]
+ABS = ["abs-u4", "abs-u1", "abs-48-dirichlet", "abs-pareto", "abs-u4-interrupt", "abs-u1-interrupt"]
 # The comparison harness's smoke form on the straggler preset, run to 5 s of clock time (not to its 90% stop).
 COMPARE_QUICK = ["--run-config", "configs/stragglers-fedbuff.toml", "--set", "target-accuracy=0", "--set",
                  "max-time=5", "--nodes", "10", "--methods", "fedavg,fedasync,fedbuff", "--quick", "--quiet",
@@ -87,7 +95,11 @@ def main() -> int:
          "results/abs_adaptive"],
         ["-m", "bench.adpsgd_straggler", "--seeds", *seeds, "--slowdowns",
          *(["1", "10"] if quick else ["1", "2", "10", "100"]), "--out", "results/adpsgd_straggler"],
-        *([] if quick else [["-m", "bench.comparisons", "olco3-iid-d4"]]),
+        *([] if quick else [["-m", "bench.comparisons", "olco3-iid-d4"],
+                            ["-m", "bench.comparisons", *GOSSIP],
+                            ["-m", "bench.speedups", "gossip", "--out", "results/compare/gossip-speedups.md"],
+                            ["-m", "bench.comparisons", *ABS],
+                            ["-m", "bench.speedups", "abs", "--out", "results/compare/abs-summary.md"]]),
     ]
     runs = extras if extra else [*core, *extras] if quick else core
     if not extra:

@@ -81,3 +81,15 @@ def test_speedups_bootstrap_and_tables(tmp_path: Path, monkeypatch: pytest.Monke
     row = speedups.gossip_table(["gossip-iid-1x", "gossip-iid-10x"]).splitlines()
     assert row[2] == "| iid-1x | 0.9 | 1 | 3.00x [3.00, 3.00] | 5.00x [5.00, 5.00] (1/2) | - |"
     assert "not run" in row[3]
+
+
+def test_make_bench_extra_runs_every_abs_and_gossip_comparison() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+    assert spec is not None and spec.loader is not None
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    assert set(run_all.GOSSIP) == {n for n in comparisons.COMPARISONS if n.startswith("gossip-")}
+    assert set(run_all.ABS) == {n for n in comparisons.COMPARISONS if n.startswith("abs-")}
+    assert set(run_all.GOSSIP) | set(run_all.ABS) <= comparisons.EXTRAS
