@@ -98,23 +98,22 @@ def gossip_table(names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def rounds_and_waste(name: str, report: dict[str, Any], method: str, target: float) -> tuple[float | None, float]:
-    """Mean model version at the first evaluation reaching ``target`` (runs that did), and mean wasted compute."""
-    waste = statistics.fmean(r["wasted_compute"] for r in report["methods"][method]["eval"])
+def rounds(name: str, method: str, target: float) -> float | None:
+    """Mean model version at the first evaluation reaching ``target``, over the evaluation runs that did."""
     db = OUT / f"{name}.db"
     if not db.is_file():
-        return None, waste
+        return None
     with sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True) as con:
-        ids = [r for (r,) in con.execute("SELECT run_id FROM comparison_runs WHERE role='eval' AND method=?",
-                                         (method,))]
-        versions = []
-        for run_id in ids:
-            row = con.execute("SELECT MIN(model_version) FROM evals WHERE run_id=? AND accuracy >= ? AND t = "
-                              "(SELECT MIN(t) FROM evals WHERE run_id=? AND accuracy >= ?)",
-                              (run_id, target, run_id, target)).fetchone()
-            if row and row[0] is not None:
-                versions.append(row[0])
-    return (statistics.fmean(versions) if versions else None), waste
+        versions = [v for (v,) in con.execute(
+            "SELECT (SELECT model_version FROM evals e WHERE e.run_id = c.run_id AND e.accuracy >= ? "
+            "ORDER BY e.t, e.model_version LIMIT 1) FROM comparison_runs c WHERE c.role = 'eval' AND c.method = ?",
+            (target, method)) if v is not None]
+    return statistics.fmean(versions) if versions else None
+
+
+def waste(report: dict[str, Any], method: str) -> float:
+    """Mean wasted compute (seconds) of the method's evaluation runs."""
+    return statistics.fmean(r["wasted_compute"] for r in report["methods"][method]["eval"])
 
 
 def abs_table(names: Sequence[str]) -> str:
@@ -135,12 +134,12 @@ def abs_table(names: Sequence[str]) -> str:
                 r, lo, hi = ratio_ci(mine, full[best])
                 ratio = f"{r:.2f} [{lo:.2f}, {hi:.2f}]" + ("" if len(mine) == runs else f" ({len(mine)}/{runs})")
                 verdict = "yes" if r <= 1.05 and len(mine) >= len(full[best]) else "no"
-            rounds = [rounds_and_waste(name, report, m, t)[0] for m in ("abs", "async-sgd", "k-async")]
-            waste = [rounds_and_waste(name, report, m, t)[1] for m in ("abs", "adasync")]
+            versions = [rounds(name, m, t) for m in ("abs", "async-sgd", "k-async")]
+            wasted = [waste(report, m) for m in ("abs", "adasync")]
             best_cell = f"{best} {_fmt_time(full[best], runs)}" if best else "none reached"
             lines.append(f"| {name.removeprefix('abs-')} | {target} | {_fmt_time(mine, runs)} | {best_cell} | "
-                         f"{ratio} | {verdict} | {', '.join('-' if v is None else f'{v:.0f}' for v in rounds)} | "
-                         f"{', '.join(f'{w:.2f}' for w in waste)} |")
+                         f"{ratio} | {verdict} | {', '.join('-' if v is None else f'{v:.0f}' for v in versions)} | "
+                         f"{', '.join(f'{w:.2f}' for w in wasted)} |")
     return "\n".join(lines)
 
 

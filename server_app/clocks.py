@@ -8,8 +8,10 @@ every outstanding task has a lower bound (download + compute + upload latency), 
 bounds are past it (conservative discrete-event simulation). Clients still run in parallel meanwhile. Star
 transfers also cross the server's own link (``server-bandwidth``, ``server-latency``; ``server_app/serverlink.py``):
 downloads queue for it at dispatch, uploads in the order they become ready, first come first served; an upload's
-completion is known once those queued ahead of it are. A gossip exchange holds its passive peer's model for its
-duration, so exchanges with the same peer queue for it the same way (``server_app/peerlocks.py``).
+completion is known once those queued ahead of it are. A gossip exchange holds both its nodes (the passive peer's
+model lock, both nodes' links) for its duration, so exchanges with a node in common queue for it the same way
+(``server_app/peerlocks.py``). A strategy that overlaps communication and computation has the last task's
+communication hidden behind the node's next compute (``server_app/overlap.py``).
 
 ``ScriptedClock``: a virtual clock whose compute times come from a function of (node index, task index) and
 whose links are instant (the server's too): for tests that need an exact schedule.
@@ -104,7 +106,7 @@ class VirtualClock:
         """The earliest known completion, unless an outstanding task could still complete before it.
 
         With the server's link, the result returned fixes its upload slot and those queued ahead of it; likewise
-        the slots of the gossip exchanges queued for a peer's model lock (``server_app/peerlocks.py``).
+        the slots of the gossip exchanges queued for their nodes (``server_app/peerlocks.py``).
         """
         found = self._head(state)
         if found is not None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server_app.localscores import SCORE_KEYS
+from server_app.localscores import SCORE_KEYS, score_sql
 
 WASTED_STATUSES = ("restarted", "failed", "rejected", "dropped")
 
@@ -70,12 +70,6 @@ class Outcome:
 def target_key(target: float) -> str:
     """A target as a JSON key: ``0.9`` -> ``"0.9"``."""
     return repr(float(target))
-
-
-def score_sql(score: str) -> str:
-    """The SQL expression of an ``evals`` row's accuracy under ``score``: its local score, else ``accuracy``."""
-    key = SCORE_KEYS[score]
-    return f"COALESCE(json_extract(metrics_json, '$.\"{key}\"'), accuracy)" if key else "accuracy"
 
 
 def read_outcome(path: str | Path, run_id: str, targets: Sequence[float], score: str = "local-mean") -> Outcome:

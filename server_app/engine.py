@@ -134,8 +134,8 @@ class Engine:
         c, s = self.cfg, self.state
         if c.max_updates and s.totals.applied >= c.max_updates:
             return "max-updates"
-        score = target_score(c.target_score, s.last_eval[2], s.last_local) if s.last_eval else 0.0
-        if c.target_accuracy and score >= c.target_accuracy:  # the accuracy target-score names (localscores.py)
+        if (c.target_accuracy and s.last_eval  # the accuracy target-score names (server_app/localscores.py)
+                and target_score(c.target_score, s.last_eval[2], s.last_local) >= c.target_accuracy):
             return "target-accuracy"
         return ""
 

@@ -58,12 +58,29 @@ def local_scores(cfg: RunConfig, strategy: Strategy, accuracy: float,
     return {"local-acc-mean": float(np.mean(accs)), "local-acc-min": float(min(accs)), "local-acc-nodes": len(accs)}
 
 
-def target_score(choice: str, accuracy: float, scores: Mapping[str, float] | None) -> float:
-    """The accuracy ``target-score = choice`` reads: the local score it names, else the published ``accuracy``.
+def local_score(choice: str, scores: Mapping[str, float] | None) -> float | None:
+    """The local score ``target-score = choice`` names, from one evaluation's ``scores``; None where it has none.
 
-    ``scores`` is what ``local_scores`` returned for the same evaluation ({} or None where there are none).
+    ``scores`` is what ``local_scores`` returned for that evaluation ({} or None where there are none).
     """
     key = SCORE_KEYS[choice]
     if key is None or not scores or key not in scores:
-        return accuracy
+        return None
     return float(scores[key])
+
+
+def target_score(choice: str, accuracy: float, scores: Mapping[str, float] | None) -> float:
+    """The accuracy ``target-score = choice`` reads: the local score it names, else the published ``accuracy``."""
+    local = local_score(choice, scores)
+    return accuracy if local is None else local
+
+
+def local_sql(choice: str) -> str:
+    """The SQL expression of an ``evals`` row's local score under ``choice`` (NULL where it has none, or average)."""
+    key = SCORE_KEYS[choice]
+    return f"json_extract(metrics_json, '$.\"{key}\"')" if key else "NULL"
+
+
+def score_sql(choice: str) -> str:
+    """The SQL expression of an ``evals`` row's accuracy under ``choice``: its local score, else ``accuracy``."""
+    return f"COALESCE({local_sql(choice)}, accuracy)" if SCORE_KEYS[choice] else "accuracy"

@@ -378,7 +378,8 @@ def _quotas(shares: list[float], num_nodes: int) -> list[int]:
 
 
 def _check_assign_args(
-    num_nodes: int, straggler_fraction: float, straggler_slowdown: float, dropout: float
+    num_nodes: int, straggler_fraction: float, straggler_slowdown: float, dropout: float,
+    slow_link_fraction: float = 0.0, slow_link_factor: float = 1.0,
 ) -> None:
     """Validate the scalar arguments of :func:`assign_profiles`, naming the offending argument."""
     if num_nodes < 1:
@@ -389,6 +390,10 @@ def _check_assign_args(
         raise ProfileError(f"straggler_slowdown must be a number >= 1, got {straggler_slowdown!r}")
     if not (0.0 <= dropout < 1.0):
         raise ProfileError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not (0.0 <= slow_link_fraction <= 1.0):
+        raise ProfileError(f"slow_link_fraction must be in [0, 1], got {slow_link_fraction!r}")
+    if not (math.isfinite(slow_link_factor) and slow_link_factor >= 1.0):
+        raise ProfileError(f"slow_link_factor must be a number >= 1, got {slow_link_factor!r}")
 
 
 def assign_profiles(
@@ -420,10 +425,12 @@ def assign_profiles(
     Raises
     ------
     ProfileError
-        If ``num_nodes < 1``, ``straggler_fraction`` is outside [0, 1], ``straggler_slowdown < 1``,
+        If ``num_nodes < 1``, ``straggler_fraction`` or ``slow_link_fraction`` is outside [0, 1],
+        ``straggler_slowdown < 1`` or ``slow_link_factor < 1``,
         ``dropout`` is outside [0, 1), the mix is invalid, or the profile file is.
     """
-    _check_assign_args(num_nodes, straggler_fraction, straggler_slowdown, dropout)
+    _check_assign_args(num_nodes, straggler_fraction, straggler_slowdown, dropout, slow_link_fraction,
+                       slow_link_factor)
     entries = parse_mix(mix)
     quotas = _quotas([share for _, _, share in entries], num_nodes)
     pairs = [(device, network) for (device, network, _), quota in zip(entries, quotas, strict=True)
@@ -450,10 +457,6 @@ def assign_profiles(
 
 def _slow_links(profiles: list[NodeProfile], seed: int, fraction: float, factor: float) -> list[NodeProfile]:
     """Step 4 of :func:`assign_profiles`: a seeded share of the nodes gets a link ``factor`` times slower."""
-    if not (0.0 <= fraction <= 1.0):
-        raise ProfileError(f"slow_link_fraction must be in [0, 1], got {fraction!r}")
-    if not (math.isfinite(factor) and factor >= 1.0):
-        raise ProfileError(f"slow_link_factor must be a number >= 1, got {factor!r}")
     n = len(profiles)
     slow = set(np.random.default_rng([seed, 0x5105]).choice(n, size=round(fraction * n), replace=False).tolist())
     out = []

@@ -304,14 +304,12 @@ def target_read(cfg: RunConfig, scores: Mapping[str, float] | None) -> tuple[str
 
     None without a target, with ``target-score = "average"``, and where the evaluation has no local scores.
     """
-    if not scores or not cfg.target_accuracy:
+    if not cfg.target_accuracy:
         return None
-    from server_app.localscores import SCORE_KEYS, SCORE_LABELS
+    from server_app.localscores import SCORE_LABELS, local_score
 
-    key = SCORE_KEYS[cfg.target_score]
-    if key is None or key not in scores:
-        return None
-    return SCORE_LABELS[cfg.target_score], float(scores[key])
+    value = local_score(cfg.target_score, scores)
+    return None if value is None else (SCORE_LABELS[cfg.target_score], value)
 
 
 # ------------------------------------------------------------------------------------------------ the summary
@@ -335,16 +333,14 @@ def run_stats(path: Path, run_id: str, target: float = 0.0, score: str = "averag
     The time to target reads the score ``target-score = score`` names, as the run's stop did: the local score where
     an evaluation has it, else its ``accuracy`` (server_app/localscores.py).
     """
-    from server_app.localscores import SCORE_KEYS, SCORE_LABELS
+    from server_app.localscores import SCORE_LABELS, local_sql, score_sql
 
-    key = SCORE_KEYS[score]
-    local = f"json_extract(metrics_json, '$.\"{key}\"')" if key else "NULL"
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             mean, top = db.execute("SELECT AVG(staleness), MAX(staleness) FROM updates WHERE run_id=? AND "
                                    "status='applied'", (run_id,)).fetchone()
             reached, scored = db.execute(
-                f"SELECT MIN(CASE WHEN COALESCE({local}, accuracy) >= ? THEN t END), COUNT({local}) FROM evals "
+                f"SELECT MIN(CASE WHEN {score_sql(score)} >= ? THEN t END), COUNT({local_sql(score)}) FROM evals "
                 "WHERE run_id=?", (target, run_id)).fetchone() if target else (None, 0)
     except sqlite3.Error:
         return RunStats()
