@@ -464,5 +464,5 @@ def test_the_start_up_design_spreads_every_key_over_its_whole_range() -> None:
     assert {x["k"] for x in many} == set(range(1, 17)) and {x["f"] for x in many} == {"polynomial", "hinge", "constant"}
     assert min(x["m"] for x in many) < 0.1 and max(x["m"] for x in many) > 1.9
     assert (IntRange(1, 16).at(0.0), IntRange(1, 16).at(0.9999)) == (1, 16)
-    assert (LogUniform(0.01, 1.0).at(0.0), LogUniform(0.01, 1.0).at(0.5)) == (0.01, pytest.approx(0.1))
+    assert (LogUniform(0.01, 1.0).at(0.0), LogUniform(0.01, 1.0).at(0.5)) == (pytest.approx(0.01), pytest.approx(0.1))
     assert compare.space_filling({"lr": LR}, 0, seed=0) == []
