@@ -60,12 +60,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy strategies server_app
 
-# make bench: the benchmarks and the tuned comparisons behind RESULTS.md (under 2 hours on 2 cores, BENCHMARKS.md);
+# make bench: the benchmarks and the tuned comparisons behind RESULTS.md (just under 2 hours on 2 cores, BENCHMARKS.md);
 # make bench-extra: the untuned reproductions RESULTS.md keeps and the extra D = 4 comparison (bench/run_all.py).
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE)
 	$(BIN)/python bench/run_all.py
 
-bench-extra: $(STAMP)
+bench-extra: $(STAMP) $(NATIVE)
 	$(BIN)/python bench/run_all.py --extra
 
 # The native executor under ThreadSanitizer (an instrumented build in its own cache folder; STRESS=1 for the

@@ -1,6 +1,7 @@
 """Leashed-SGD's sweeps on the native executor: threads, persistence, step size (BENCHMARKS.md, Leashed-SGD sweep).
 
-    python bench/leashed_sweep.py --json OUT [--markdown OUT.md] [--threads 1,2] [--repeats 2] [--steps 1000] [--quick]
+    python bench/leashed_sweep.py --json OUT [--markdown OUT.md] [--plot OUT.png] [--threads 1,2] [--repeats 2]
+                                  [--steps 1000] [--quick]
 
 The Leashed-SGD paper's MLP (784 -> 128 x 3 -> 10, 151,306 parameters; ``bench/local_executors.py``) on the first
 20,000 Fashion-MNIST training images (scikit-learn's digits when Fashion-MNIST is not installed), batch 64, no
@@ -18,7 +19,9 @@ Per configuration (medians over repeats; counts summed): updates/s; CPU millisec
 the target loss (0.3 x the initial model's held-out loss, reached when the mean of the last 50 batch losses in
 completion order falls below it); staleness mean / max and histogram (0 .. 7, 8+); compare-and-swap attempts per
 gradient (histogram 1, 2, 3, 4+; a dropped gradient counts 1 + B); dropped gradients; peak live vectors;
-divergences (runs whose final held-out loss is not finite or not below the initial loss). torch's intra-op pool
+divergences (runs whose final held-out loss is not finite or not below the initial loss). ``--plot``: one figure,
+a panel per sweep (updates/s against m; time to target and dropped gradients against B; final loss against the
+step size) and the staleness histograms at the largest m. torch's intra-op pool
 is one thread per worker. Also the milliseconds per update of one thread at batch 1 and 64: the sequential
 trainer, and the Python and native Leashed-SGD executors.
 """
@@ -41,7 +44,7 @@ if __package__ in (None, ""):  # `python bench/leashed_sweep.py`: make the repos
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import write_report  # noqa: E402
+from bench.common import pyplot, write_report  # noqa: E402
 from bench.local_executors import SEED, THRESHOLD_FRACTION, leashed_mlp, load, loss_of, time_to_threshold  # noqa: E402
 from client_app import native  # noqa: E402
 from client_app.executors import make_policy, run_executor  # noqa: E402
@@ -187,11 +190,70 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _label(r: dict[str, Any]) -> str:
+    return r["executor"] if r["impl"] == "native" else f"{r['executor']} (Python)"
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """The sweeps as four panels: threads, persistence, step size, staleness (see the module docstring)."""
+    plt = pyplot()
+    rows = report["results"]
+    lrs = sorted({r["lr"] for r in rows})
+    mid, top = lrs[len(lrs) // 2], max(r["threads"] for r in rows)
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.5))
+    # Threads: updates/s per executor at the middle step size (Leashed-SGD at B = infinity).
+    for name in dict.fromkeys(_label(r) for r in rows):
+        pts = sorted((r["threads"], r["updates_per_s"]) for r in rows if _label(r) == name and r["lr"] == mid
+                     and r["persistence"] in ("-", INF))
+        ax[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ms = sorted({r["threads"] for r in rows})
+    ax[0].set(xlabel="threads m", ylabel="updates/s", title=f"threads (lr {mid})")
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_xticks(ms, labels=[str(m) for m in ms])
+    # Persistence: native Leashed-SGD's time to target and dropped gradients against B, one line per m.
+    order = [str(b) for b in PERSISTENCE]
+    for m in ms:
+        pts = [r for r in rows if r["impl"] == "native" and r["executor"] == "leashed" and r["threads"] == m
+               and r["lr"] == mid]
+        pts.sort(key=lambda r: order.index(str(r["persistence"])))
+        xs = [order.index(str(r["persistence"])) for r in pts]
+        ax[1].plot(xs, [r["time_to_target_s"] or float("nan") for r in pts], marker="o", label=f"m = {m}")
+        for x, r in zip(xs, pts, strict=True):
+            ax[1].annotate(f"{r['dropped']} dropped", (x, r["time_to_target_s"] or 0), fontsize=7)
+    ax[1].set_xticks(range(len(order)), labels=order)
+    ax[1].set(xlabel="persistence B", ylabel="time to target (s)", title=f"persistence (Leashed-SGD, lr {mid})")
+    # Step size: final held-out loss per executor at the largest m; crosses mark divergences.
+    for name in dict.fromkeys(_label(r) for r in rows if r["impl"] == "native"):
+        pts = sorted((r["lr"], r["final_loss"], r["diverged"]) for r in rows if _label(r) == name
+                     and r["threads"] == top and r["persistence"] in ("-", INF))
+        ax[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax[2].scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], marker="x", color="red", s=80)
+    ax[2].set(xlabel="step size", ylabel="final held-out loss", title=f"step size (m = {top}; x: diverged)",
+              xscale="log")
+    ax[2].set_xticks(lrs, labels=[f"{v:g}" for v in lrs])
+    ax[2].minorticks_off()
+    # Staleness at the largest m, middle step size.
+    for r in rows:
+        if r["threads"] == top and r["lr"] == mid and r["persistence"] in ("-", INF):
+            hist = np.asarray(r["staleness_hist"], float)
+            ax[3].plot(range(len(hist)), hist / max(hist.sum(), 1), marker="o", label=_label(r))
+    ax[3].set_xticks(range(9), labels=[*map(str, range(8)), "8+"])
+    ax[3].set(xlabel="staleness", ylabel="share of updates", title=f"staleness (m = {top}, lr {mid})")
+    for a in ax:
+        a.legend(fontsize=7)
+    fig.suptitle(f"Leashed-SGD sweep, native executors ({report['machine']['cores']} cores, "
+                 f"{report['settings']['steps']} steps, {report['settings']['repeats']} repeats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the sweep; write ``--json`` (and ``--markdown``); print the table; return the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="output JSON file")
     parser.add_argument("--markdown", default="", help="also write the table here")
+    parser.add_argument("--plot", default="", help="also draw the sweeps into this PNG")
     parser.add_argument("--threads", default="", help="comma-separated m (default 1, 2, 4, ... up to the cores)")
     parser.add_argument("--lrs", default=",".join(map(str, LRS)), help="comma-separated step sizes")
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (default 2)")
@@ -233,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     table = markdown(report) + "\n\nms per update, one thread: " + json.dumps(overhead)
     write_report(report, table, args.json, args.markdown)
+    if args.plot:
+        plot(report, args.plot)
     return report
 
 

@@ -13,6 +13,7 @@
 - bench.fuzz_report: malformed inputs per target, rejected / accepted / crashes; the norm filter (RELIABILITY.md)
 - bench.byzantine: FedAvg, FedBuff and FedAsync against hostile nodes, per aggregation rule (RELIABILITY.md)
 - bench/local_executors.py: Leashed-SGD, HOGWILD!, lock-based and sequential local executors (BENCHMARKS.md)
+- bench/leashed_sweep.py: Leashed-SGD's sweeps on the native executor, threads x persistence x step size (BENCHMARKS.md)
 - bench.scale: 1,000 in-process nodes, memory over the run and updates/s (BENCHMARKS.md, RELIABILITY.md)
 - server_app.compare --quick: FedAvg, FedAsync and FedBuff tuned with 2 trials each and evaluated on 2 seeds, on the
   straggler scenario (results/compare_quick.*; README "Comparing strategies")
@@ -80,6 +81,8 @@ def main() -> int:
         ["-m", "bench.byzantine", *(["--quick"] if quick else []), "--json", "results/byzantine.json",
          "--markdown", "results/byzantine.md"],
         ["bench/local_executors.py", *(["--quick"] if quick else []), "--json", "results/local_executors.json"],
+        ["bench/leashed_sweep.py", *(["--quick"] if quick else []), "--json", "results/leashed_sweep.json",
+         "--markdown", "results/leashed_sweep.md"],
         ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
          "--markdown", "results/scale.md"],
         ["-m", "server_app.compare", *COMPARE_QUICK],

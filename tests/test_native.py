@@ -228,7 +228,8 @@ def test_sweep_benchmark_smoke(tmp_path):
     """`python bench/leashed_sweep.py --quick`: the configurations, the JSON's keys, the table."""
     from bench import leashed_sweep
 
-    report = leashed_sweep.main(["--quick", "--threads", "2", "--lrs", "0.05", "--json", str(tmp_path / "s.json")])
+    report = leashed_sweep.main(["--quick", "--threads", "2", "--lrs", "0.05", "--json", str(tmp_path / "s.json"),
+                                 "--plot", str(tmp_path / "s.png")])
     rows = {(r["impl"], r["executor"], r["persistence"]) for r in report["results"]}
     assert rows == {("native", "leashed", b) for b in leashed_sweep.PERSISTENCE} | {
         ("native", "locked", "-"), ("native", "hogwild", "-"), ("python", "leashed", "inf"),
@@ -237,3 +238,4 @@ def test_sweep_benchmark_smoke(tmp_path):
         assert sum(r["attempts_hist"]) == r["runs"] * 40  # every gradient, published or dropped, has one
         assert r["peak_live"] <= 5 and r["diverged"] in (0, 1)
     assert set(report["ms_per_update_one_thread"]) == {"batch 1", "batch 64"}
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
