@@ -35,7 +35,7 @@ from bench.common import write_report
 
 OUT = Path("results/compare")
 GOSSIP = [f"gossip-{p}-{t}" for p in ("iid", "dirichlet") for t in ("1x", "10x", "100x", "link10x")]
-ABS = ["abs-u4", "abs-u1", "abs-48-dirichlet", "abs-pareto", "abs-u4-interrupt"]
+ABS = ["abs-u4", "abs-u1", "abs-48-dirichlet", "abs-pareto", "abs-u4-interrupt", "abs-u1-interrupt"]
 RESAMPLES = 10_000
 
 
