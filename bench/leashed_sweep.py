@@ -172,6 +172,11 @@ def fmt(v: float | None, digits: int = 2) -> str:
     return "n/r" if v is None else f"{v:.{digits}f}"
 
 
+def _label(r: dict[str, Any]) -> str:
+    """A row's executor as the table and the plot name it: the Python ones marked."""
+    return r["executor"] if r["impl"] == "native" else f"{r['executor']} (Python)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The BENCHMARKS.md table."""
     lines = ["| m | lr | executor | B | updates/s | CPU ms / update | cores used | time to target (s), reached "
@@ -179,19 +184,14 @@ def markdown(report: dict[str, Any]) -> str:
              "| diverged |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in report["results"]:
-        name = r["executor"] if r["impl"] == "native" else f"{r['executor']} (Python)"
         lines.append(
-            f"| {r['threads']} | {r['lr']} | {name} | {r['persistence']} | {r['updates_per_s']:.0f} "
+            f"| {r['threads']} | {r['lr']} | {_label(r)} | {r['persistence']} | {r['updates_per_s']:.0f} "
             f"| {r['cpu_ms_per_update']:.2f} | {r['cores_used']:.2f} "
             f"| {fmt(r['time_to_target_s'])}, {r['reached']}/{r['runs']} "
             f"| {r['staleness_mean']:.2f} / {r['staleness_max']} | {' '.join(map(str, r['staleness_hist']))} "
             f"| {' '.join(map(str, r['attempts_hist']))} | {r['dropped']} | {r['peak_live']} "
             f"| {r['diverged']}/{r['runs']} |")
     return "\n".join(lines)
-
-
-def _label(r: dict[str, Any]) -> str:
-    return r["executor"] if r["impl"] == "native" else f"{r['executor']} (Python)"
 
 
 def plot(report: dict[str, Any], path: str) -> None:

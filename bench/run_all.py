@@ -82,7 +82,7 @@ def main() -> int:
          "--markdown", "results/byzantine.md"],
         ["bench/local_executors.py", *(["--quick"] if quick else []), "--json", "results/local_executors.json"],
         ["bench/leashed_sweep.py", *(["--quick"] if quick else []), "--json", "results/leashed_sweep.json",
-         "--markdown", "results/leashed_sweep.md"],
+         "--markdown", "results/leashed_sweep.md", "--plot", "results/leashed_sweep.png"],
         ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
          "--markdown", "results/scale.md"],
         ["-m", "server_app.compare", *COMPARE_QUICK],

@@ -32,10 +32,12 @@ from typing import Any
 import numpy as np
 
 from bench.common import write_report
+from bench.comparisons import COMPARISONS
 
 OUT = Path("results/compare")
-GOSSIP = [f"gossip-{p}-{t}" for p in ("iid", "dirichlet") for t in ("1x", "10x", "100x", "link10x")]
-ABS = ["abs-u4", "abs-u1", "abs-48-dirichlet", "abs-pareto", "abs-u4-interrupt", "abs-u1-interrupt"]
+# The comparisons summarised: every one bench/comparisons.py defines for the family, in its order.
+GOSSIP = [n for n in COMPARISONS if n.startswith("gossip-")]
+ABS = [n for n in COMPARISONS if n.startswith("abs-")]
 RESAMPLES = 10_000
 
 
