@@ -1,6 +1,7 @@
 """Scale (issue 9): the in-process runner with 1,000 nodes, 100 concurrent, on the virtual clock.
 
     python -m bench.scale [--nodes 1000] [--concurrency 100] [--updates 5000,20000] [--workers 2] [--quick]
+                          [--executor thread,process] [--client staleflower|noop]
                           [--json results/scale.json] [--markdown results/scale.md]
 
 Each run (FedBuff, logreg on digits, 2 local steps, every node its own partition of the 1,437 training images)
@@ -11,6 +12,15 @@ count and the wall time. The table reports RSS at 25 %, 50 % and 100 % of the ru
 100 %, the peak RSS (``ru_maxrss``), and applied updates per second of wall time between the first and the last
 evaluation (start-up, node discovery, the evaluations and the sampling excluded). Memory that did not depend on
 run length would show the same RSS at 25 % and 100 %, and the same peak for a run four times longer.
+
+``--executor`` runs each length once per executor (``LocalGrid``'s ``thread`` pool or ``process`` workers, both
+``--workers`` wide). With processes, each sample also sums the memory of the child's descendants (the forkserver
+and the workers): their RSS, which counts the pages they share with each other (torch, the forkserver's imports)
+once per process, and their PSS (``/proc/PID/smaps_rollup``), which splits shared pages between the sharers.
+The process rows also time the workers' start-up, before the run: the first start (the forkserver imports torch,
+Flower and the ClientApp, then forks the workers), a second one (forks only), and ``spawn`` workers for
+comparison (each imports everything itself). ``--client noop`` replaces staleflower's ClientApp by
+``bench.noop_client`` (a delta of zeros, no training): the engine alone.
 
 ``--quick`` (the smoke test): 20 nodes, 5 concurrent, 60 and 120 updates, 8 samples each. The machine's load
 average before and after is recorded: on a shared 2-core machine other processes take cores too, so updates/s
@@ -44,8 +54,58 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * PAGE / 2**20
 
 
-def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, samples_per_run: int = 40
-          ) -> dict[str, Any]:
+def descendants() -> list[int]:
+    """Pids of this process's children, their children, and so on (the forkserver and its workers)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    found, frontier = [], [os.getpid()]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in set(frontier)]
+        found.extend(frontier)
+    return found
+
+
+def descendants_mb() -> tuple[float, float, int]:
+    """``(RSS, PSS, processes)`` of this process's descendants, memory in MiB."""
+    rss = pss = 0.0
+    pids = descendants()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                rss += int(fh.read().split()[1]) * PAGE / 2**20
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                pss += sum(int(line.split()[1]) for line in fh if line.startswith("Pss:")) / 1024
+        except (OSError, IndexError, ValueError):
+            continue
+    return rss, pss, len(pids)
+
+
+CLIENTS = {"staleflower": "client_app.app:app", "noop": "bench.noop_client:app"}
+
+
+def startup(clientapp: str, nodes: int, workers: int) -> dict[str, float]:
+    """Seconds until ``workers`` client processes have imported the ClientApp: first, again, and with spawn."""
+    from server_app.client_processes import ClientProcesses
+
+    out: dict[str, float] = {}
+    for key, method in (("startup_cold_s", "forkserver"), ("startup_warm_s", "forkserver"),
+                        ("startup_spawn_s", "spawn")):
+        processes = ClientProcesses(clientapp, nodes, {}, run_id=1, workers=workers, start_method=method)
+        try:
+            out[key] = round(processes.wait_ready(timeout=300), 2)
+        finally:
+            processes.close()
+    return out
+
+
+def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, samples_per_run: int = 40,
+          executor: str = "thread", client: str = "staleflower") -> dict[str, Any]:
     """One run in this process; returns its samples and figures."""
     import torch
 
@@ -53,6 +113,8 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
     from server_app import engine as engine_module
     from server_app.simulate import merge_config, run_local
 
+    clientapp = CLIENTS[client]
+    starts = startup(clientapp, nodes, workers) if executor == "process" else {}
     samples: list[dict[str, float]] = []
     original = engine_module.Engine._evaluate
 
@@ -60,10 +122,13 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         t = time.perf_counter()
         result = original(self)
         gc.collect()
-        samples.append({"applied": self.state.totals.applied, "wall_s": t, "rss_mb": rss_mb(),
-                        "gc_objects": len(gc.get_objects()), "flights": len(self.state.flights),
-                        "versions": len(self.state.versions), "accuracy": result[1],
-                        "sampling_s": time.perf_counter() - t})  # evaluation + sampling: not counted as run time
+        sample = {"applied": self.state.totals.applied, "wall_s": t, "rss_mb": rss_mb(),
+                  "gc_objects": len(gc.get_objects()), "flights": len(self.state.flights),
+                  "versions": len(self.state.versions), "accuracy": result[1]}
+        if executor == "process":
+            sample["workers_rss_mb"], sample["workers_pss_mb"], sample["processes"] = descendants_mb()
+        sample["sampling_s"] = time.perf_counter() - t  # evaluation + sampling: not counted as run time
+        samples.append(sample)
         return result
 
     engine_module.Engine._evaluate = sampled  # type: ignore[method-assign]
@@ -73,7 +138,7 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         "min-nodes": nodes,
     })
     t0 = time.perf_counter()
-    summary = run_local(values, nodes=nodes, workers=workers)
+    summary = run_local(values, nodes=nodes, workers=workers, executor=executor, clientapp=clientapp)  # type: ignore[arg-type]
     total = time.perf_counter() - t0
     first, last = samples[0], samples[-1]
 
@@ -81,7 +146,14 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         return min(samples, key=lambda s: abs(s["applied"] - fraction * updates))
 
     engine_s = last["wall_s"] - first["wall_s"] - sum(s["sampling_s"] for s in samples[:-1])
+    workers_mem = {} if executor != "process" else {
+        **{f"workers_{kind}_mb_{p}": round(at(p / 100)[f"workers_{kind}_mb"], 1)
+           for kind in ("rss", "pss") for p in (25, 100)},
+        "worker_processes": int(last["processes"]),  # the forkserver and the workers
+    }
     return {
+        "executor": executor, "client": client, **starts, **workers_mem,
+        "startup_to_first_eval_s": round(first["wall_s"] - t0, 2),
         "nodes": nodes, "concurrency": concurrency, "workers": workers, "updates": updates,
         "applied": summary.applied, "tasks": sum(summary.statuses.values()), "statuses": summary.statuses,
         "accuracy": round(summary.accuracy, 4), "virtual_time_s": round(summary.time, 2),
@@ -99,15 +171,26 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
 
 def markdown(report: dict[str, Any]) -> str:
     """The table of BENCHMARKS.md."""
-    lines = ["| nodes | concurrent | applied updates | tasks | wall s | updates/s | RSS 25 % | RSS 50 % | RSS 100 % "
-             "| growth 25→100 % | peak RSS | tracked objects 25 % → 100 % | accuracy |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| executor | client | nodes | concurrent | applied updates | tasks | wall s | updates/s | RSS 25 % "
+             "| RSS 50 % | RSS 100 % | growth 25→100 % | peak RSS | workers' RSS (PSS) 25 % → 100 % "
+             "| tracked objects 25 % → 100 % | accuracy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
+        workers = "–" if "workers_rss_mb_25" not in r else (
+            f"{r['workers_rss_mb_25']:.0f} ({r['workers_pss_mb_25']:.0f}) → {r['workers_rss_mb_100']:.0f} "
+            f"({r['workers_pss_mb_100']:.0f}) MiB")
         lines.append(
-            f"| {r['nodes']:,} | {r['concurrency']} | {r['applied']:,} | {r['tasks']:,} | {r['wall_s']:.0f} | "
+            f"| {r.get('executor', 'thread')} | {r.get('client', 'staleflower')} | {r['nodes']:,} | "
+            f"{r['concurrency']} | {r['applied']:,} | {r['tasks']:,} | {r['wall_s']:.0f} | "
             f"{r['updates_per_s']:.1f} | {r['rss_mb_25']:.0f} MiB | {r['rss_mb_50']:.0f} MiB | "
             f"{r['rss_mb_100']:.0f} MiB | {r['rss_growth_25_to_100_mb']:+.1f} MiB | {r['peak_rss_mb']:.0f} MiB | "
-            f"{r['gc_objects_25']:,} → {r['gc_objects_100']:,} | {r['accuracy']:.3f} |")
+            f"{workers} | {r['gc_objects_25']:,} → {r['gc_objects_100']:,} | {r['accuracy']:.3f} |")
+    starts = [r for r in report["results"] if "startup_cold_s" in r]
+    if starts:
+        lines += ["", "| client | workers | first start (forkserver + forks) s | again (forks) s | spawn s |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['client']} | {r['workers']} | {r['startup_cold_s']:.2f} | {r['startup_warm_s']:.2f} | "
+                  f"{r['startup_spawn_s']:.2f} |" for r in starts]
     return "\n".join(lines)
 
 
@@ -117,7 +200,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--updates", default="5000,20000", help="comma-separated run lengths (applied updates)")
-    parser.add_argument("--workers", type=int, default=2, help="client threads of the in-process Grid")
+    parser.add_argument("--workers", type=int, default=2, help="client threads (or processes) of the in-process Grid")
+    parser.add_argument("--executor", default="thread", help="comma-separated: thread, process (rows for each)")
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="staleflower",
+                        help="staleflower's ClientApp, or noop (a delta of zeros: the engine alone)")
     parser.add_argument("--samples", type=int, default=40, help="evaluations (memory samples) per run")
     parser.add_argument("--quick", action="store_true", help="20 nodes, 5 concurrent, 60 and 120 updates")
     parser.add_argument("--json", default="results/scale.json")
@@ -125,8 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    executors = [e.strip() for e in args.executor.split(",") if e.strip()]
+    if not executors or any(e not in ("thread", "process") for e in executors):
+        parser.error(f"--executor takes thread, process or both (comma-separated), got {args.executor!r}")
     if args.child:
-        result = child(args.nodes, args.concurrency, int(args.updates), args.workers, args.db, args.samples)
+        result = child(args.nodes, args.concurrency, int(args.updates), args.workers, args.db, args.samples,
+                       executors[0], args.client)
         Path(args.json).write_text(json.dumps(result))
         return result
     if args.quick:
@@ -134,11 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        for updates in (int(u) for u in args.updates.split(",")):
-            out, db = Path(tmp) / f"{updates}.json", Path(tmp) / f"{updates}.db"
+        for updates, executor in ((int(u), e) for u in args.updates.split(",") for e in executors):
+            out, db = Path(tmp) / f"{updates}-{executor}.json", Path(tmp) / f"{updates}-{executor}.db"
             cmd = [sys.executable, "-m", "bench.scale", "--child", "--nodes", str(args.nodes), "--concurrency",
                    str(args.concurrency), "--updates", str(updates), "--workers", str(args.workers),
-                   "--samples", str(args.samples),
+                   "--samples", str(args.samples), "--executor", executor, "--client", args.client,
                    "--json", str(out), "--db", str(db)]
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -147,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.append(json.loads(out.read_text()))
     report = {
         "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "workload": "fedbuff (buffer 5), logreg on digits, 2 local steps, virtual clock, default fleet mix",
+        "workload": "fedbuff (buffer 5), logreg on digits, 2 local steps, virtual clock, default fleet mix"
+                    + (" (no-op clients: a delta of zeros, no training)" if args.client == "noop" else ""),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())},
         "results": results,

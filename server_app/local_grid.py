@@ -1,8 +1,11 @@
 """An in-process Flower ``Grid``: the real ServerApp and ClientApp code, no Ray, no SuperLink.
 
-Messages are handed to ``ClientApp(message, context)`` on a thread pool (torch releases the GIL, so clients run
-in parallel); each node keeps one ``Context`` for the run, as a SuperNode does. Like Flower's link state, a reply
-is returned by ``pull_messages`` once and then forgotten, and a client exception becomes an error reply.
+Messages are handed to ``ClientApp(message, context)`` on a thread pool (``executor="thread"``: torch releases the
+GIL, so clients run in parallel, but their Python code and the engine's take turns on one lock) or in worker
+processes (``executor="process"``, ``server_app/client_processes.py``: the message travels as Flower's protobuf
+bytes, and the engine keeps its interpreter to itself). Each node keeps one ``Context`` for the run, as a SuperNode
+does. Like Flower's link state, a reply is returned by ``pull_messages`` once and then forgotten, and a client
+exception becomes an error reply.
 
 ``reorder_seed`` holds finished replies back and releases them in a random order over several pulls: the engine
 must produce the same run whatever the arrival order (``tests/test_determinism.py``).
@@ -15,19 +18,29 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
-from flwr.app import Context, Error, Message, RecordDict, UserConfigValue
-from flwr.clientapp import ClientApp
+from flwr.app import Message, RecordDict, UserConfigValue
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from server_app.wire import message_sizes
+from server_app.client_processes import (
+    FIRST_NODE_ID,
+    ClientAppLike,
+    ClientProcesses,
+    load_client_app,
+    node_context,
+    run_client,
+)
 
-CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
+__all__ = ["EXECUTORS", "ClientAppLike", "LocalGrid"]
+
+#: How clients run: ``thread`` (a pool in this process) or ``process`` (worker processes).
+EXECUTORS = ("thread", "process")
+Executor = Literal["thread", "process"]
 
 
 def _serialise_ast_parse() -> None:
@@ -50,28 +63,38 @@ def _serialise_ast_parse() -> None:
     serialised._staleflower_serialised = True  # type: ignore[attr-defined]
     ast.parse = serialised
 
-#: What a node runs: a ``ClientApp``, or a plain function of (message, context) as tests and ``--clientapp`` give.
-ClientAppLike = ClientApp | Callable[[Message, Context], Message]
-
 
 class LocalGrid(Grid):
-    """A Grid over ``num_nodes`` in-process nodes running ``client_app``."""
+    """A Grid over ``num_nodes`` in-process nodes running ``client_app`` on ``workers`` threads or processes.
 
-    def __init__(self, client_app: ClientAppLike, num_nodes: int, run_config: Mapping[str, UserConfigValue], *,
-                 run_id: int = 1, workers: int = 2, reorder_seed: int | None = None) -> None:
+    ``client_app`` is a ClientApp, a function of (message, context), or an import path ``"module:attr"``. With
+    ``executor="process"`` the workers import it: a path, or a callable that pickles (a module-level one; a lambda
+    or closure is a ``ValueError``). Node state then lives in the workers, and ``contexts`` is empty.
+    """
+
+    def __init__(self, client_app: ClientAppLike | str, num_nodes: int, run_config: Mapping[str, UserConfigValue],
+                 *, run_id: int = 1, workers: int = 2, reorder_seed: int | None = None,
+                 executor: Executor = "thread") -> None:
         if num_nodes < 1:
             raise ValueError("num_nodes must be >= 1")
-        _serialise_ast_parse()
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
-        self.client_app = client_app
         self._run = Run.create_empty(run_id)
-        # Deterministic node ids, unlike Flower's random ones; partition ids 0..n-1 as in simulation.
-        self.contexts = {
-            1000 + i: Context(run_id=run_id, node_id=1000 + i, state=RecordDict(), run_config=dict(run_config),
-                              node_config={"partition-id": i, "num-partitions": num_nodes})
-            for i in range(num_nodes)
-        }
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="client")
+        # Deterministic node ids, unlike Flower's random ones.
+        self.node_ids = [FIRST_NODE_ID + i for i in range(num_nodes)]
+        self.known = set(self.node_ids)
+        self.executor = executor
+        self.processes: ClientProcesses | None = None
+        if executor == "process":
+            self.processes = ClientProcesses(client_app, num_nodes, run_config, run_id=run_id, workers=workers)
+        else:
+            _serialise_ast_parse()
+            self.client_app = load_client_app(client_app) if isinstance(client_app, str) else client_app
+        self.contexts = {} if self.processes else {
+            FIRST_NODE_ID + i: node_context(run_id, i, num_nodes, run_config) for i in range(num_nodes)}
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="client") if not self.processes \
+            else None
         self.pending: dict[str, Future[Message]] = {}
         self.held: dict[str, Message] = {}
         self.rng = random.Random(reorder_seed) if reorder_seed is not None else None
@@ -93,25 +116,37 @@ class LocalGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        """All nodes (they are always online)."""
-        return list(self.contexts)
+        """All nodes; with processes, those whose worker has not died (a SuperNode that is gone is offline)."""
+        if self.processes is None:
+            return list(self.contexts)
+        with self.lock:
+            self._collect()
+            return [n for n in self.node_ids if self.processes.alive(n)]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        """Start each message on the pool; unknown destinations are rejected (``None``), as Flower does."""
+        """Start each message; unknown destinations are rejected (``None``), as Flower does."""
         ids: list[str] = []
         for msg in messages:
-            if msg.metadata.dst_node_id not in self.contexts:
+            if msg.metadata.dst_node_id not in self.known:
                 ids.append(None)  # type: ignore[arg-type]  # Flower's Grid types say str; its grids return None too
                 continue
             mid = str(uuid.uuid4())
             msg.metadata.__dict__["_message_id"] = mid
-            self.pending[mid] = self.pool.submit(self._handle, msg)
+            if self.processes is not None:
+                with self.lock:
+                    self.processes.submit(msg)
+            else:
+                assert self.pool is not None
+                self.pending[mid] = self.pool.submit(self._handle, msg)
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """Replies that are ready, each returned once."""
         wanted = set(message_ids)
+        if self.processes is not None:
+            with self.lock:
+                self._collect()
         for mid in [m for m in wanted if m in self.pending and self.pending[m].done()]:
             self.held[mid] = self.pending.pop(mid).result()
         ready = [m for m in wanted if m in self.held]
@@ -133,17 +168,20 @@ class LocalGrid(Grid):
         return out
 
     def close(self) -> None:
-        """Stop the worker threads (waiting for running clients)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers: threads after their running clients; processes the same, terminated after a timeout."""
+        if self.processes is not None:
+            self.processes.close()
+        else:
+            assert self.pool is not None
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------------------------------------------------------
     def _handle(self, msg: Message) -> Message:
-        try:
-            reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-            if reply.has_content():
-                message_sizes(reply)  # serializes it as Flower's transport would (an int beyond int64 fails)
-        except Exception as exc:  # a ClientApp exception becomes an error reply, as in Flower's runtime
-            reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
-        reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-        return reply
+        return run_client(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
+
+    def _collect(self) -> None:
+        """Hold every reply the worker processes sent (caller holds ``lock``)."""
+        assert self.processes is not None
+        for reply in self.processes.collect():
+            self.held[reply.metadata.reply_to_message_id] = reply
 

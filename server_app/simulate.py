@@ -6,7 +6,8 @@ failed, 2 for a bad command line or run config, and 128 + the signal's number wh
 SIGTERM (143) or SIGHUP (129).
 
     python -m server_app.simulate [--run-config FILE|PAIRS ...] [--set key=value ...] [--nodes N]
-                                  [--clientapp MODULE:ATTR] [--resume RUN_ID] [--quiet] [--check]
+                                  [--clientapp MODULE:ATTR] [--workers N] [--executor thread|process]
+                                  [--resume RUN_ID] [--quiet] [--check]
 
 ``--run-config`` takes what ``flwr run --run-config`` takes, a TOML file or ``"key=value key=value"`` pairs, and
 may be repeated (later ones win): a preset and its overrides. ``--set`` values use the same TOML syntax
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from flwr.app import Context
 
-    from server_app.local_grid import ClientAppLike
+    from server_app.local_grid import ClientAppLike, Executor
     from server_app.progress import Reporter
     from server_app.state import RunSummary
     from strategies.config import ConfigValue, RunConfig
@@ -50,6 +51,8 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 MAX_SIM_NODES = 1000
 #: Client threads of the in-process runner: more than the nodes or the cores only adds contention.
 MAX_WORKERS = 256
+#: The ClientApp of a run that names none.
+DEFAULT_CLIENTAPP = "client_app.app:app"
 #: The largest run-config file read: presets are about 1 KB; a bigger file is a wrong path.
 MAX_RUN_CONFIG_BYTES = 1 << 20
 
@@ -214,14 +217,16 @@ def random_run_id() -> int:
     return 2**62 + secrets.randbits(62)
 
 
-def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: ClientAppLike | None = None,
+def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: ClientAppLike | str | None = None,
               workers: int = 2, reorder_seed: int | None = None, run_id: int | None = None,
-              reporter: Reporter | None = None, app: str | Path | None = None) -> RunSummary:
+              reporter: Reporter | None = None, app: str | Path | None = None,
+              executor: Executor = "thread") -> RunSummary:
     """Run one experiment in-process on a ``LocalGrid`` and return its summary.
 
     ``reporter`` shows its progress (``server_app/progress.py``); by default the run says nothing until its
     summary. ``app``: the user's Flower app directory whose ``[tool.flwr.app.config]`` declares the keys its
-    ClientApp reads (``merge_config``).
+    ClientApp reads (``merge_config``). ``executor``: clients on ``workers`` threads of this process, or in
+    ``workers`` processes (``clientapp`` then an import path ``"module:attr"`` or a picklable callable).
     """
     from server_app import progress
     from server_app.app import app as server_app
@@ -232,12 +237,10 @@ def run_local(values: Mapping[str, ConfigValue], *, nodes: int = 8, clientapp: C
 
     cfg = parse_config(values, app_keys(app_config(app)))
     if clientapp is None:
-        from client_app.app import app as default_app
-
-        clientapp = default_app
+        clientapp = DEFAULT_CLIENTAPP
     run_id = run_id if run_id is not None else random_run_id()
     grid = LocalGrid(clientapp, nodes, cfg.to_mapping(), run_id=run_id, workers=workers,
-                     reorder_seed=reorder_seed)
+                     reorder_seed=reorder_seed, executor=executor)
     context = server_context(run_id, cfg.to_mapping())
     try:
         with progress.reporting(reporter or progress.Reporter()):
@@ -383,7 +386,11 @@ def _main(args: argparse.Namespace) -> int:
 
         validate(cfg)
         # Not checked here: whatever calling it raises becomes an error reply (LocalGrid), as in Flower's runtime.
-        clientapp = cast("ClientAppLike", load_object(args.clientapp)) if args.clientapp else None
+        clientapp: ClientAppLike | str | None = None
+        if args.clientapp:
+            clientapp = cast("ClientAppLike", load_object(args.clientapp))
+            if args.executor == "process":
+                clientapp = args.clientapp  # imported here to check it, and by each client process to run it
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -395,7 +402,7 @@ def _main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # clients run on parallel threads; one intra-op thread each avoids oversubscription
     try:
         summary = run_local(values, nodes=args.nodes, clientapp=clientapp, workers=args.workers, reporter=reporter,
-                            app=args.app)
+                            app=args.app, executor=args.executor)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -479,7 +486,11 @@ def _parser(app: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--clientapp", metavar="MODULE:ATTR",
                    help="your own ClientApp instead of client_app.app:app (default with --app: its clientapp)")
     p.add_argument("--resume", metavar="RUN_ID", help="resume a checkpointed run (RELIABILITY.md)")
-    p.add_argument("--workers", type=int, default=2, help="threads running clients in parallel (default 2)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads (or processes, with --executor process) running clients in parallel (default 2)")
+    p.add_argument("--executor", choices=("thread", "process"), default="thread",
+                   help="run clients on threads of this process (default), or in --workers processes that do not "
+                        "share the engine's interpreter lock (faster with many small clients; see README)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
     p.add_argument("--check", action="store_true", help="validate the run config and the fleet, run nothing")
     p.add_argument("--print-run-config", action="store_true",

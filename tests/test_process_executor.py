@@ -1,0 +1,137 @@
+"""LocalGrid's process executor: the same run as with threads, the same replies, and dead workers cost only tasks.
+
+The first process grid of a test session starts Python's forkserver (it imports torch, Flower and the ClientApp:
+about 1.5 s on an idle 2-core machine); later grids fork from it in milliseconds. The determinism test comes first,
+so it pays that start and the others do not.
+"""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from server_app.client_processes import CLIENT_APP_CRASHED, CLIENT_APP_RAISED_EXCEPTION
+from server_app.local_grid import LocalGrid
+from server_app.simulate import merge_config, run_local
+from server_app.testing import FAST_DEFAULTS, SimRun
+from strategies.config import key_of
+from tests.golden.record import trace_of
+
+RUN_ID = 2**62 + 11  # a 9-byte varint, as random_run_id gives: the stored wire sizes do not depend on it
+
+
+# ClientApps of these tests: module-level functions, so that worker processes import them by name.
+def counting(msg: Message, context: Context) -> Message:
+    """Count the node's messages in its Context; ``query.boom`` raises; ``query.sleep`` sleeps (a stuck client)."""
+    if msg.metadata.message_type == "query.boom":
+        raise RuntimeError("boom")
+    if msg.metadata.message_type == "query.sleep":
+        time.sleep(60)
+    seen = int(context.state["count"]["n"]) + 1 if "count" in context.state else 1
+    context.state["count"] = MetricRecord({"n": seen})
+    return Message(RecordDict({"count": MetricRecord({"n": seen, "pid": os.getpid()})}), reply_to=msg)
+
+
+def ask(node: int, kind: str = "query.count") -> Message:
+    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=kind, group_id="7")
+
+
+def wait_for(grid: LocalGrid, ids: list[str], timeout: float = 20.0) -> dict[str, Message]:
+    """Pull until every id has its reply (fails the test after ``timeout`` s)."""
+    got: dict[str, Message] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < len(ids):
+        assert time.monotonic() < deadline, f"only {len(got)} of {len(ids)} replies after {timeout} s"
+        got.update((r.metadata.reply_to_message_id, r) for r in grid.pull_messages([i for i in ids if i not in got]))
+        time.sleep(0.002)
+    return got
+
+
+def run(executor: str, db) -> SimRun:
+    values = {key_of(k): v for k, v in FAST_DEFAULTS.items()}
+    values.update({"strategy": "fedbuff", "max-updates": 30, "metrics-db": str(db)})
+    summary = run_local(merge_config(overrides=values), nodes=6, executor=executor, run_id=RUN_ID)
+    return SimRun(summary, db)
+
+
+def test_thread_and_process_give_the_same_run(tmp_path):
+    """Same seed, same trace: who trained on which version, when on the virtual clock, the bytes, the model.
+
+    The final weights are compared bitwise: both executors run the same torch operations on this machine with
+    one intra-op thread (conftest.py sets it here, each worker process sets it for itself).
+    """
+    threads, processes = run("thread", tmp_path / "thread.db"), run("process", tmp_path / "process.db")
+    assert processes.summary.applied == 30
+    assert trace_of(processes) == trace_of(threads)
+    for a, b in zip(processes.summary.weights, threads.summary.weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_replies_and_node_state(executor):
+    """Replies carry the same metadata on both executors, a raising client is an error reply, and each node keeps
+    its Context across messages (with processes: in the one worker it is pinned to)."""
+    grid = LocalGrid(counting if executor == "thread" else "test_process_executor:counting", 4, {"a": 1},
+                     run_id=RUN_ID, workers=2, executor=executor)
+    try:
+        tasks = [ask(1000), ask(1001), ask(1000), ask(1002, "query.boom"), ask(1000)]
+        ids = grid.push_messages(tasks)
+        got = wait_for(grid, ids)
+    finally:
+        grid.close()
+    for task, mid in zip(tasks, ids, strict=True):
+        reply = got[mid].metadata
+        assert (reply.reply_to_message_id, reply.src_node_id, reply.dst_node_id, reply.run_id) == \
+               (mid, task.metadata.dst_node_id, 0, RUN_ID)
+        assert (reply.message_type, reply.group_id, reply.dst_task_id) == (task.metadata.message_type, "7", 1)
+        assert reply.message_id and reply.message_id != mid
+    counts = [int(got[m].content["count"]["n"]) for m in (ids[0], ids[1], ids[2], ids[4])]
+    assert counts == [1, 1, 2, 3]
+    assert got[ids[3]].error.code == CLIENT_APP_RAISED_EXCEPTION
+    assert got[ids[3]].error.reason == "RuntimeError: boom"
+    pids = {int(got[m].content["count"]["pid"]) for m in (ids[0], ids[2], ids[4])}
+    assert len(pids) == 1 and (executor == "thread") == (pids == {os.getpid()})
+
+
+def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
+    grid = LocalGrid("test_process_executor:counting", 4, {}, workers=2, executor="process")
+    assert grid.processes is not None
+    try:
+        stuck = grid.push_messages([ask(1000, "query.sleep")])  # worker 0 holds nodes 1000 and 1002
+        grid.processes.wait_ready(timeout=20)
+        time.sleep(0.05)  # let it start the task
+        os.kill(grid.processes.workers[0].process.pid, signal.SIGKILL)
+        lost = wait_for(grid, stuck)[stuck[0]]
+        assert lost.error.code == CLIENT_APP_CRASHED and "SIGKILL" in lost.error.reason
+        assert sorted(grid.get_node_ids()) == [1001, 1003]  # a SuperNode that is gone is offline
+        later = grid.push_messages([ask(1002), ask(1003)])
+        replies = wait_for(grid, later)
+        assert replies[later[0]].error.code == CLIENT_APP_CRASHED
+        assert replies[later[1]].content["count"]["n"] == 1
+        grid.push_messages([ask(1001, "query.sleep")])
+    finally:
+        t = time.monotonic()
+        grid.processes.close(timeout=0.3)  # worker 1 now sleeps in its client: killed after the timeout
+        assert time.monotonic() - t < 5
+    assert all(w.process.exitcode is not None for w in grid.processes.workers)
+
+
+def test_what_a_worker_cannot_import_is_refused_at_once():
+    with pytest.raises(ValueError, match="import path such as 'client_app.app:app'"):
+        LocalGrid(lambda msg, context: msg, 2, {}, executor="process")
+    with pytest.raises(ValueError, match="cannot load ClientApp 'no_such_module:app'"):
+        LocalGrid("no_such_module:app", 2, {}, executor="process")
+    with pytest.raises(ValueError, match="executor must be one of thread, process"):
+        LocalGrid(counting, 2, {}, executor="fork")  # type: ignore[arg-type]
+
+
+def test_the_command_line_takes_only_known_executors(capsys):
+    from server_app.simulate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--executor", "fork"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'fork'" in capsys.readouterr().err
