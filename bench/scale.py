@@ -20,7 +20,10 @@ once per process, and their PSS (``/proc/PID/smaps_rollup``), which splits share
 The process rows also time the workers' start-up, before the run: the first start (the forkserver imports torch,
 Flower and the ClientApp, then forks the workers), a second one (forks only), and ``spawn`` workers for
 comparison (each imports everything itself). ``--client noop`` replaces staleflower's ClientApp by
-``bench.noop_client`` (a delta of zeros, no training): the engine alone.
+``bench.noop_client`` (a delta of zeros, no training): the engine alone. Every row also gives the CPU time per
+applied update over the same span as updates/s (user + system, evaluations and sampling left out): of the runner's
+process (with threads, clients included) and, with processes, of the workers together. On a shared machine
+updates/s depends on what else runs; CPU per update much less, and it says what an idle machine would need.
 
 ``--quick`` (the smoke test): 20 nodes, 5 concurrent, 60 and 120 updates, 8 samples each. The machine's load
 average before and after is recorded: on a shared 2-core machine other processes take cores too, so updates/s
@@ -46,6 +49,7 @@ from bench.common import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb() -> float:
@@ -71,9 +75,9 @@ def descendants() -> list[int]:
     return found
 
 
-def descendants_mb() -> tuple[float, float, int]:
-    """``(RSS, PSS, processes)`` of this process's descendants, memory in MiB."""
-    rss = pss = 0.0
+def descendants_usage() -> tuple[float, float, float, int]:
+    """``(RSS, PSS, CPU seconds, processes)`` of this process's descendants, memory in MiB."""
+    rss = pss = cpu = 0.0
     pids = descendants()
     for pid in pids:
         try:
@@ -81,9 +85,12 @@ def descendants_mb() -> tuple[float, float, int]:
                 rss += int(fh.read().split()[1]) * PAGE / 2**20
             with open(f"/proc/{pid}/smaps_rollup") as fh:
                 pss += sum(int(line.split()[1]) for line in fh if line.startswith("Pss:")) / 1024
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
         except (OSError, IndexError, ValueError):
             continue
-    return rss, pss, len(pids)
+    return rss, pss, cpu, len(pids)
 
 
 CLIENTS = {"staleflower": "client_app.app:app", "noop": "bench.noop_client:app"}
@@ -119,15 +126,17 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
     original = engine_module.Engine._evaluate
 
     def sampled(self: Any) -> tuple[float, float]:
-        t = time.perf_counter()
+        t, cpu0 = time.perf_counter(), time.process_time()
         result = original(self)
         gc.collect()
-        sample = {"applied": self.state.totals.applied, "wall_s": t, "rss_mb": rss_mb(),
+        sample = {"applied": self.state.totals.applied, "wall_s": t, "rss_mb": rss_mb(), "cpu_s": cpu0,
                   "gc_objects": len(gc.get_objects()), "flights": len(self.state.flights),
                   "versions": len(self.state.versions), "accuracy": result[1]}
         if executor == "process":
-            sample["workers_rss_mb"], sample["workers_pss_mb"], sample["processes"] = descendants_mb()
+            (sample["workers_rss_mb"], sample["workers_pss_mb"], sample["workers_cpu_s"],
+             sample["processes"]) = descendants_usage()
         sample["sampling_s"] = time.perf_counter() - t  # evaluation + sampling: not counted as run time
+        sample["sampling_cpu_s"] = time.process_time() - cpu0
         samples.append(sample)
         return result
 
@@ -146,13 +155,21 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         return min(samples, key=lambda s: abs(s["applied"] - fraction * updates))
 
     engine_s = last["wall_s"] - first["wall_s"] - sum(s["sampling_s"] for s in samples[:-1])
+    done = last["applied"] - first["applied"]
+    # CPU per applied update between the first and the last sample, evaluations and sampling excluded as for
+    # updates/s: what a machine with nothing else to do would have to give. With threads the runner's figure
+    # includes the clients; with processes the workers' is theirs (and the forkserver's, which idles).
+    main_cpu = last["cpu_s"] - first["cpu_s"] - sum(s["sampling_cpu_s"] for s in samples[:-1])
+    cpu = {"main_cpu_ms_per_update": round(main_cpu / done * 1e3, 2)}
+    if executor == "process":
+        cpu["workers_cpu_ms_per_update"] = round((last["workers_cpu_s"] - first["workers_cpu_s"]) / done * 1e3, 2)
     workers_mem = {} if executor != "process" else {
         **{f"workers_{kind}_mb_{p}": round(at(p / 100)[f"workers_{kind}_mb"], 1)
            for kind in ("rss", "pss") for p in (25, 100)},
         "worker_processes": int(last["processes"]),  # the forkserver and the workers
     }
     return {
-        "executor": executor, "client": client, **starts, **workers_mem,
+        "executor": executor, "client": client, **starts, **workers_mem, **cpu,
         "startup_to_first_eval_s": round(first["wall_s"] - t0, 2),
         "nodes": nodes, "concurrency": concurrency, "workers": workers, "updates": updates,
         "applied": summary.applied, "tasks": sum(summary.statuses.values()), "statuses": summary.statuses,
@@ -171,18 +188,22 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
 
 def markdown(report: dict[str, Any]) -> str:
     """The table of BENCHMARKS.md."""
-    lines = ["| executor | client | nodes | concurrent | applied updates | tasks | wall s | updates/s | RSS 25 % "
+    lines = ["| executor | client | nodes | concurrent | applied updates | tasks | wall s | updates/s "
+             "| CPU ms/update: runner (workers) | RSS 25 % "
              "| RSS 50 % | RSS 100 % | growth 25→100 % | peak RSS | workers' RSS (PSS) 25 % → 100 % "
              "| tracked objects 25 % → 100 % | accuracy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         workers = "–" if "workers_rss_mb_25" not in r else (
             f"{r['workers_rss_mb_25']:.0f} ({r['workers_pss_mb_25']:.0f}) → {r['workers_rss_mb_100']:.0f} "
             f"({r['workers_pss_mb_100']:.0f}) MiB")
+        cpu = f"{r['main_cpu_ms_per_update']:.2f}" if "main_cpu_ms_per_update" in r else "–"
+        if "workers_cpu_ms_per_update" in r:
+            cpu += f" ({r['workers_cpu_ms_per_update']:.2f})"
         lines.append(
             f"| {r.get('executor', 'thread')} | {r.get('client', 'staleflower')} | {r['nodes']:,} | "
             f"{r['concurrency']} | {r['applied']:,} | {r['tasks']:,} | {r['wall_s']:.0f} | "
-            f"{r['updates_per_s']:.1f} | {r['rss_mb_25']:.0f} MiB | {r['rss_mb_50']:.0f} MiB | "
+            f"{r['updates_per_s']:.1f} | {cpu} | {r['rss_mb_25']:.0f} MiB | {r['rss_mb_50']:.0f} MiB | "
             f"{r['rss_mb_100']:.0f} MiB | {r['rss_growth_25_to_100_mb']:+.1f} MiB | {r['peak_rss_mb']:.0f} MiB | "
             f"{workers} | {r['gc_objects_25']:,} → {r['gc_objects_100']:,} | {r['accuracy']:.3f} |")
     starts = [r for r in report["results"] if "startup_cold_s" in r]

@@ -4,18 +4,28 @@ With client threads, the engine's thread and the clients take turns on one inter
 worker has its own. A node is pinned to one worker (node index % workers) for the whole run, so its ``Context``
 (the node state: error-feedback residuals, a downlink's model copy) lives in that worker from its first message
 to the last, as a SuperNode keeps it. What crosses the process boundary is what Flower's transport carries: the
-message as Flower's protobuf (``flwr.common.serde.message_to_proto``), serialized to bytes, one frame per message
-on a pipe. The ClientApp is named, not sent: an import path ``"module:attr"`` that every worker imports, or a
-picklable callable (a module-level function or ClientApp).
+message as Flower's protobuf (``flwr.common.serde.message_to_proto``), serialized, one length-prefixed frame per
+message on a pipe. The ClientApp is named, not sent: an import path ``"module:attr"`` that every worker imports,
+or a picklable callable (a module-level function or ClientApp).
+
+The engine's ends of the pipes are non-blocking: a task goes to an outbox that is written as far as the pipe
+takes it, now and at every ``collect``, and ``collect`` reads whatever replies have arrived in one read per worker.
+The engine so never waits on a worker, and a worker that blocks writing a reply is read at the next pull. A worker
+reads its pipe only when it has run every task it holds (one read for all that arrived), so it needs no reader
+thread of its own to share its interpreter lock with.
 
 Workers come from the ``forkserver`` start method: one clean server process imports torch, Flower and the
 ClientApp's module once, and each worker is forked from it (not from the engine's process, whose threads and
 torch state a fork would copy). The first grid of a process pays for the server's start (about as much as one
-``spawn`` worker, ``bench.scale`` reports it); later workers start in milliseconds.
+``spawn`` worker; ``bench.scale`` times both); later workers start in milliseconds. As with any ``spawn`` or
+``forkserver`` program, a script that starts a process grid must guard its entry point with
+``if __name__ == "__main__":`` (each worker imports the main module), and a worker sees the environment variables
+of the moment the forkserver started.
 
 A worker that dies costs its tasks: each in flight, and each sent to its nodes later, gets Flower's
 ``CLIENT_APP_CRASHED`` error reply, and its nodes leave ``get_node_ids`` (a SuperNode that is gone). ``close()``
-ends the input of every worker, waits for the task each is running, and terminates the ones that do not stop.
+drops the tasks not started, asks every worker to stop after the task it is running (SIGTERM), and kills the
+ones still running after a timeout.
 """
 
 from __future__ import annotations
