@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from server_app.client_processes import CLIENT_APP_CRASHED, CLIENT_APP_RAISED_EXCEPTION
 from server_app.local_grid import LocalGrid
@@ -19,20 +19,9 @@ from server_app.simulate import merge_config, run_local
 from server_app.testing import FAST_DEFAULTS, SimRun
 from strategies.config import key_of
 from tests.golden.record import trace_of
+from tests.process_clients import counting
 
 RUN_ID = 2**62 + 11  # a 9-byte varint, as random_run_id gives: the stored wire sizes do not depend on it
-
-
-# ClientApps of these tests: module-level functions, so that worker processes import them by name.
-def counting(msg: Message, context: Context) -> Message:
-    """Count the node's messages in its Context; ``query.boom`` raises; ``query.sleep`` sleeps (a stuck client)."""
-    if msg.metadata.message_type == "query.boom":
-        raise RuntimeError("boom")
-    if msg.metadata.message_type == "query.sleep":
-        time.sleep(60)
-    seen = int(context.state["count"]["n"]) + 1 if "count" in context.state else 1
-    context.state["count"] = MetricRecord({"n": seen})
-    return Message(RecordDict({"count": MetricRecord({"n": seen, "pid": os.getpid()})}), reply_to=msg)
 
 
 def ask(node: int, kind: str = "query.count") -> Message:
@@ -74,7 +63,7 @@ def test_thread_and_process_give_the_same_run(tmp_path):
 def test_replies_and_node_state(executor):
     """Replies carry the same metadata on both executors, a raising client is an error reply, and each node keeps
     its Context across messages (with processes: in the one worker it is pinned to)."""
-    grid = LocalGrid(counting if executor == "thread" else "test_process_executor:counting", 4, {"a": 1},
+    grid = LocalGrid(counting if executor == "thread" else "tests.process_clients:counting", 4, {"a": 1},
                      run_id=RUN_ID, workers=2, executor=executor)
     try:
         tasks = [ask(1000), ask(1001), ask(1000), ask(1002, "query.boom"), ask(1000)]
@@ -97,7 +86,7 @@ def test_replies_and_node_state(executor):
 
 
 def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
-    grid = LocalGrid("test_process_executor:counting", 4, {}, workers=2, executor="process")
+    grid = LocalGrid("tests.process_clients:counting", 4, {}, workers=2, executor="process")
     assert grid.processes is not None
     try:
         stuck = grid.push_messages([ask(1000, "query.sleep")])  # worker 0 holds nodes 1000 and 1002

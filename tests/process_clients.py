@@ -1,0 +1,18 @@
+"""A ClientApp function for tests/test_process_executor.py, in a module of its own so that worker processes import
+it by name (``tests.process_clients:counting``) without importing the test module and what it imports."""
+
+import os
+import time
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+
+def counting(msg: Message, context: Context) -> Message:
+    """Count the node's messages in its Context; ``query.boom`` raises; ``query.sleep`` sleeps (a stuck client)."""
+    if msg.metadata.message_type == "query.boom":
+        raise RuntimeError("boom")
+    if msg.metadata.message_type == "query.sleep":
+        time.sleep(60)
+    seen = int(context.state["count"]["n"]) + 1 if "count" in context.state else 1
+    context.state["count"] = MetricRecord({"n": seen})
+    return Message(RecordDict({"count": MetricRecord({"n": seen, "pid": os.getpid()})}), reply_to=msg)
