@@ -6,8 +6,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.batched import BATCHER
 from client_app.data import Dataset, load_dataset, load_partition
-from client_app.executors import ExecutorSpec, train_local
+from client_app.executors import BATCHED, ExecutorSpec, train_local
 from client_app.models import build_model
 from client_app.records import NodeState
 from client_app.trainer import LocalSGD, pick_device
@@ -24,6 +25,13 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Run the strategy's client half on the received model; reply with the delta and metrics."""
     cfg = RunConfig.from_mapping(context.run_config, lenient=True)  # Flower checked the keys
+    # local-executor = "batched": tell the process's batcher a node is on its way before decoding its task, so
+    # the batcher waits for it rather than starting a smaller batch (client_app/batched.py).
+    with BATCHER.session(cfg.local_executor == BATCHED):
+        return _train(msg, context, cfg)
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     task = msg.content.config_records["config"]
     data, (x, y) = _partition(cfg, context)
     model = build_model(cfg.model, data.input_shape, data.num_classes)

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from client_app.batched import train_batched
 from client_app.trainer import LocalSGD, Momentum
 from strategies import taskkeys as keys
 
@@ -99,6 +100,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 EXECUTORS = ("sequential", "leashed", "hogwild", "locked")
+#: Not a multi-thread policy: many nodes' local steps as one vmapped computation (``client_app/batched.py``).
+BATCHED = "batched"
 #: Staleness histogram in the reply metrics: ``exec-staleness-hist-0`` .. ``-7`` count updates of staleness 0..7,
 #: ``exec-staleness-hist-8+`` those of 8 or more.
 STALENESS_BUCKETS = 8
@@ -514,8 +517,8 @@ class ExecutorSpec:
 
     def __post_init__(self) -> None:
         """Reject unknown names and impossible counts."""
-        if self.name not in EXECUTORS:
-            raise ValueError(f"unknown local executor {self.name!r}; valid choices: {', '.join(EXECUTORS)}")
+        if self.name not in (*EXECUTORS, BATCHED):
+            raise ValueError(f"unknown local executor {self.name!r}; valid choices: {', '.join(EXECUTORS)}, {BATCHED}")
         if self.native not in NATIVE_SETTINGS:
             raise ValueError(f"native-executor must be one of {', '.join(NATIVE_SETTINGS)}, got {self.native!r}")
         if self.threads < 1 or self.persistence < 0:
@@ -658,14 +661,17 @@ def run_executor(policy: Policy, sgd: LocalSGD, model: torch.nn.Module, x: np.nd
 
 def train_local(sgd: LocalSGD, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device,
                 spec: ExecutorSpec) -> dict[str, float]:
-    """The ClientApp's local training: ``LocalSGD.run`` for ``sequential``, else ``spec``'s executor.
+    """The ClientApp's local training: ``LocalSGD.run``, the batcher (``batched``) or ``spec``'s executor.
 
     ``sequential`` adds no key to the metrics, so the default's replies (and their sizes, which the virtual
-    clock charges) are unchanged; the other executors add the ``exec-*`` keys of ``ExecReport.metrics`` and
-    ``exec-native`` (1 when the native C++ executor ran, 0 when the Python one did).
+    clock charges) are unchanged; ``batched`` adds ``exec-batched`` (``client_app.batched.train_batched``); the
+    other executors add the ``exec-*`` keys of ``ExecReport.metrics`` and ``exec-native`` (1 when the native C++
+    executor ran, 0 when the Python one did).
     """
     if spec.name == "sequential":
         return sgd.run(model, x, y, device)
+    if spec.name == BATCHED:  # local-threads and native-executor do not apply: the batch is the parallelism
+        return train_batched(sgd, model, x, y, device)
     start = time.perf_counter()
     report = _native_or_none(spec, sgd, model, x, y, device)
     native = report is not None

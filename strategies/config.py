@@ -152,8 +152,10 @@ class RunConfig:
     # every task's compute and communication one after the other.
     overlap: bool = True
     topology: str = field(default="ring", metadata=_choices("ring", "bipartite-exponential", "complete"))
-    # Multi-thread local training on the client (Leashed-SGD and its baselines).
-    local_executor: str = field(default="sequential", metadata=_choices("sequential", "leashed", "hogwild", "locked"))
+    # Multi-thread local training on the client (Leashed-SGD and its baselines), or "batched": the in-process
+    # runner's concurrent nodes trained as one vmapped computation (client_app/batched.py).
+    local_executor: str = field(default="sequential",
+                                metadata=_choices("sequential", "leashed", "hogwild", "locked", "batched"))
     local_threads: int = field(default=1, metadata=_range(1, 256))
     persistence: int = field(default=200, metadata=_range(0, MAX_LOCAL_STEPS))
     # C++ threads outside the GIL for leashed/hogwild/locked (client_app/native): auto falls back to Python.

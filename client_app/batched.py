@@ -1,0 +1,337 @@
+"""Many simulated nodes' local training as one batched computation (``torch.func``: ``vmap`` + ``functional_call``).
+
+Why: the in-process runner trains each node's ``local-steps`` on its own client thread, and for the small models
+of a simulation (logreg, the MLP) a step costs far more Python and dispatch than arithmetic. Stacking the
+parameters of K nodes along a new leading dimension and running one ``vmap``-ed gradient per step pays that
+overhead once for K nodes (``bench/batched_executor.py``).
+
+``train_many`` is the pure function; ``CoalescingBatcher`` (below; one per process, ``BATCHER``) feeds it the
+concurrent calls of the runner's client threads when the run config says ``local-executor = "batched"``
+(``executors.train_local`` -> ``train_batched``).
+
+Same arithmetic as ``LocalSGD.run`` node by node: the same index batches (``LocalSGD.batches``, same seeds), the
+mean cross-entropy of the batch plus the proximal term ``mu/2 ||w - w_received||^2``, ``torch.optim.SGD``'s
+momentum (``trainer.Momentum``) and the update ``p - lr * d``. The results are not bit-identical to ``LocalSGD.run``
+(a batched matmul rounds differently from a single one): ``tests/test_batched.py`` holds them to rtol 1e-4,
+atol 1e-5 on the weights after 20 steps, and the losses to rtol 1e-5.
+
+Unequal partitions. A node's batch size is ``min(batch_size, n)``; nodes are *grouped* by (steps, that batch
+size, lr, momentum, prox_mu), never padded with masked samples: padding would change the loss's arithmetic (a
+masked mean is not ``cross_entropy``'s mean) and make a node's result depend on how much padding its batch got.
+In a simulation nearly every partition holds at least ``batch_size`` samples, so there is one group.
+
+Determinism. The engine promises the same trace for the same seed whatever the arrival order, so a node's result
+must not depend on which nodes share its batch. It is made so by construction: every group is computed in chunks
+of exactly ``LANES`` nodes (the last chunk padded with copies of its first node, whose results are dropped), so
+each node's numbers always come out of kernels of the same shapes, whatever the batch's size; and nothing reduces
+across the node dimension (each node's gradient is that of its own loss). ``tests/test_batched.py`` checks a
+node's end weights are bitwise equal alone, among others, and in another lane. Without the fixed width they are
+not always: a batched matmul's kernel choice (MKL's on CPU, cuBLAS's on a GPU) depends on the batch count.
+So a batched run is reproducible bit for bit on one machine, and differs from a ``sequential`` run of the same
+seed within the tolerance above.
+
+Compute seconds. A chunk's wall time is divided evenly among its real (unpadded) nodes: the sum over a batch's
+nodes is the machine time the batch took, which is what the wall clock charges a simulated fleet for.
+
+What cannot be batched (``unbatchable`` says why, and the caller trains the node on its own): a model with
+buffers (BatchNorm's running statistics are updated in place, which ``vmap`` does not allow for unbatched
+buffers), and anything that is not a plain ``torch.nn.Module`` of parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from client_app.trainer import LocalSGD
+from strategies import taskkeys as keys
+
+__all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "group_key", "train_batched", "train_many",
+           "unbatchable"]
+
+#: Nodes per vmapped computation. Fixed, so a node's numbers never depend on how many nodes shared its batch
+#: (see the module docstring); 32 keeps the padding of a small batch cheap while a step's Python overhead is
+#: already shared by enough nodes (``bench/batched_executor.py --lanes`` measures the trade-off).
+LANES = 32
+
+Weights = list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class NodeJob:
+    """One node's local training: its start weights (the model's ``state_dict`` order), partition and SGD."""
+
+    start: Sequence[np.ndarray]
+    x: np.ndarray
+    y: np.ndarray
+    sgd: LocalSGD
+
+
+def group_key(sgd: LocalSGD, n: int) -> tuple[int, int, float, float, float]:
+    """What nodes in one vmapped computation must share: steps, the effective batch size, lr, momentum, prox_mu."""
+    return sgd.steps, min(sgd.batch_size, n), sgd.lr, sgd.momentum, sgd.prox_mu
+
+
+def unbatchable(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot be trained by ``train_many`` (None when it can)."""
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        return f"the model has buffers ({', '.join(buffers[:3])}), which vmap cannot update per node"
+    if list(model.state_dict()) != [n for n, _ in model.named_parameters()]:
+        return "the model's state_dict is not its parameters"
+    return None
+
+
+def train_many(model: torch.nn.Module, jobs: Sequence[NodeJob], device: torch.device,
+               *, lanes: int = LANES) -> list[tuple[Weights, dict[str, float]]]:
+    """Train every job's node from its start weights; return (end weights, metrics) per job, in order.
+
+    ``model`` is the architecture only (its own weights are not read or changed). The metrics are
+    ``LocalSGD.run``'s: train loss (mean over the steps), compute seconds (the node's share of its chunk's wall
+    time) and examples seen. Jobs are grouped by ``group_key`` and each group runs in chunks of ``lanes`` nodes.
+    """
+    reason = unbatchable(model)
+    if reason is not None:
+        raise ValueError(f"train_many cannot batch this model: {reason}")
+    if lanes < 1:
+        raise ValueError(f"lanes must be >= 1, got {lanes}")
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(group_key(job.sgd, len(job.y)), []).append(i)
+    out: list[tuple[Weights, dict[str, float]] | None] = [None] * len(jobs)
+    step_fn = _step_function(model)
+    for members in groups.values():
+        for c in range(0, len(members), lanes):
+            chunk = members[c:c + lanes]
+            for i, result in zip(chunk, _train_chunk(step_fn, model, [jobs[i] for i in chunk], device, lanes),
+                                 strict=True):
+                out[i] = result
+    return [r for r in out if r is not None]
+
+
+StepFn = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def _step_function(model: torch.nn.Module) -> StepFn:
+    """``vmap(grad_and_value(loss))`` over (params, x batch, y batch, anchor, prox_mu): one step for every lane."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss_of(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(functional_call(model, params, (xb,)), yb)
+        if mu:  # LocalSGD.run's arithmetic: mu/2 * sum over tensors of ||p - a||^2
+            drift = sum(((params[n] - anchor[n]) ** 2).sum() for n in names)
+            loss = loss + mu / 2 * drift
+        return loss
+
+    return vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0, None))
+
+
+def _train_chunk(step_fn: StepFn, model: torch.nn.Module, jobs: list[NodeJob], device: torch.device,
+                 lanes: int) -> list[tuple[Weights, dict[str, float]]]:
+    """One vmapped run of ``lanes`` nodes sharing a ``group_key`` (padded with copies of the first job)."""
+    start = time.perf_counter()
+    real = len(jobs)
+    jobs = jobs + [jobs[0]] * (lanes - real)
+    sgd = jobs[0].sgd
+    names = [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        params = {n: torch.from_numpy(np.stack([np.asarray(j.start[k]) for j in jobs])).to(device)
+                  for k, n in enumerate(names)}
+    anchor = {n: p.clone() for n, p in params.items()} if sgd.prox_mu else params
+    # One gather per step: the partitions back to back, each node's batches shifted by its offset.
+    sizes = [len(j.y) for j in jobs]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    x_all = torch.from_numpy(np.concatenate([j.x for j in jobs])).to(device)
+    y_all = torch.from_numpy(np.concatenate([j.y for j in jobs])).to(device)
+    index = np.stack([np.stack(j.sgd.batches(n)) + off for j, n, off in zip(jobs, sizes, offsets, strict=True)])
+    index_t = torch.from_numpy(index).to(device)  # (lanes, steps, batch)
+    buffers: dict[str, torch.Tensor] | None = None
+    losses = []
+    for s in range(sgd.steps):
+        rows = index_t[:, s]
+        grads, loss = step_fn(params, x_all[rows], y_all[rows], anchor, sgd.prox_mu)
+        with torch.no_grad():
+            direction = grads
+            if sgd.momentum:  # trainer.Momentum: buf = g (first step), then buf = m * buf + g
+                if buffers is None:
+                    buffers = {n: g.clone() for n, g in grads.items()}
+                else:
+                    for n, g in grads.items():
+                        buffers[n].mul_(sgd.momentum).add_(g)
+                direction = buffers
+            params = {n: torch.add(p, direction[n], alpha=-sgd.lr) for n, p in params.items()}
+        losses.append(loss.detach())
+    per_step = torch.stack(losses).cpu().numpy().astype(np.float64)  # (steps, lanes)
+    total = np.zeros(lanes)
+    for row in per_step:  # LocalSGD.run's running Python-float sum, step by step
+        total += row
+    weights = {n: p.cpu().numpy() for n, p in params.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    share = (time.perf_counter() - start) / real
+    return [([weights[n][k].copy() for n in names],
+             {keys.TRAIN_LOSS: float(total[k] / sgd.steps), keys.COMPUTE_S: share,
+              "examples-seen": float(sgd.steps * min(sgd.batch_size, sizes[k]))})
+            for k in range(real)]
+
+
+# ------------------------------------------------------------------------------------------------ the batcher
+_log = logging.getLogger(__name__)
+
+#: The most nodes one batch takes; the runner's ``--workers`` (at most 256 client threads) is the real bound.
+MAX_BATCH = 256
+#: How long a queued node waits for nodes still on their way (decoding their task) before its batch starts.
+WAIT_S = 0.1
+
+Result = tuple[Weights, dict[str, float]]
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A queued node: its job, what it trains on, and (once its batch ran) its result or the batch's error."""
+
+    model: torch.nn.Module
+    job: NodeJob
+    device: torch.device
+    key: tuple
+    taken: bool = False
+    done: bool = False
+    result: Result | None = None
+    error: BaseException | None = None
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class CoalescingBatcher:
+    """Coalesce concurrent ``train`` calls from many threads into ``train_many`` batches.
+
+    Leader/follower, no thread of its own: a caller queues its node and waits; the first waiting caller that sees
+    its batch ready takes its own node plus up to ``max_batch - 1`` queued nodes of the same model and device,
+    trains them outside the lock, and wakes the others with their results. A batch is ready when ``max_batch``
+    nodes are queued, when no node that announced itself (``session``) is still on its way, or when the caller
+    has waited ``wait_s``. ``session`` is how the ClientApp announces a node before it decodes its task, so the
+    batcher knows how many more to wait for; without it every call waits the full ``wait_s`` for company.
+
+    Which nodes share a batch changes nothing in their results (``train_many``'s fixed lanes), so the arrival
+    order, the thread count and ``wait_s`` affect only speed.
+    """
+
+    def __init__(self, max_batch: int = MAX_BATCH, wait_s: float = WAIT_S, lanes: int = LANES) -> None:
+        if max_batch < 1 or wait_s < 0:
+            raise ValueError(f"need max_batch >= 1 and wait_s >= 0, got {max_batch}, {wait_s}")
+        self.max_batch, self.wait_s, self.lanes = max_batch, wait_s, lanes
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._expected = 0
+        self._local = threading.local()
+        #: Size of every batch trained so far (for the bench and the tests; never in a reply: it depends on timing).
+        self.sizes: list[int] = []
+
+    @contextlib.contextmanager
+    def session(self, active: bool = True) -> Iterator[None]:
+        """Announce that this thread will call ``train`` once (a ClientApp handler wraps its task in this)."""
+        if not active:
+            yield
+            return
+        with self._cond:
+            self._expected += 1
+            self._local.expecting = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arrive()
+                self._cond.notify_all()
+
+    def train(self, model: torch.nn.Module, job: NodeJob, device: torch.device) -> Result:
+        """Train ``job``'s node in some batch; return its end weights and metrics (or raise the batch's error)."""
+        me = _Pending(model, job, device, key=(repr(model), _shapes(model), str(device)))
+        with self._cond:
+            self._arrive()
+            self._queue.append(me)
+            self._cond.notify_all()
+            batch: list[_Pending] = []
+            while not me.done:
+                if not me.taken:
+                    left = me.arrived + self.wait_s - time.monotonic()
+                    if len(self._queue) >= self.max_batch or self._expected == 0 or left <= 0:
+                        batch = self._take(me)
+                        break
+                    self._cond.wait(left)
+                else:
+                    self._cond.wait()
+        if batch:
+            self._run(batch)
+        if me.error is not None:
+            raise me.error
+        assert me.result is not None
+        return me.result
+
+    def _arrive(self) -> None:
+        """Count off the node this thread announced (it arrived, or its session ended without it). Under the lock."""
+        if getattr(self._local, "expecting", False):
+            self._local.expecting = False
+            self._expected -= 1
+
+    def _take(self, me: _Pending) -> list[_Pending]:
+        """``me`` and up to ``max_batch - 1`` queued nodes of its model and device, oldest first. Under the lock."""
+        batch = [me] + [p for p in self._queue if p is not me and p.key == me.key][: self.max_batch - 1]
+        taken = {id(p) for p in batch}
+        self._queue = [p for p in self._queue if id(p) not in taken]
+        for p in batch:
+            p.taken = True
+        self.sizes.append(len(batch))
+        return batch
+
+    def _run(self, batch: list[_Pending]) -> None:
+        """Train ``batch`` (outside the lock), then hand every node its result or the error."""
+        try:
+            results: list[Result] | None = train_many(batch[0].model, [p.job for p in batch], batch[0].device,
+                                                       lanes=self.lanes)
+        except BaseException as exc:  # every node of the batch fails with it, in its own thread
+            results = None
+            for p in batch:
+                p.error = exc
+        with self._cond:
+            for i, p in enumerate(batch):
+                if results is not None:
+                    p.result = results[i]
+                p.done = True
+            self._cond.notify_all()
+
+
+def _shapes(model: torch.nn.Module) -> tuple:
+    return tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
+
+
+#: The process's batcher: every client thread of the in-process runner shares it.
+BATCHER = CoalescingBatcher()
+_fallbacks_logged: set[str] = set()
+
+
+def train_batched(sgd: LocalSGD, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
+                  device: torch.device, batcher: CoalescingBatcher | None = None) -> dict[str, float]:
+    """``train_local`` for ``local-executor = "batched"``: train ``model`` in place through the batcher.
+
+    The metrics are ``LocalSGD.run``'s plus ``exec-batched`` (1; 0 when the model cannot be batched and the node
+    trained alone, which a warning says once per process). The batch's size is not a metric: it depends on
+    timing, and a reply must not.
+    """
+    reason = unbatchable(model)
+    if reason is not None:
+        if reason not in _fallbacks_logged:
+            _fallbacks_logged.add(reason)
+            _log.warning("local-executor = 'batched': %s; these nodes train one by one", reason)
+        return {**sgd.run(model, x, y, device), "exec-batched": 0.0}
+    start = [t.detach().cpu().numpy() for t in model.state_dict().values()]
+    weights, metrics = (batcher or BATCHER).train(model, NodeJob(start, x, y, sgd), device)
+    model.load_state_dict({n: torch.from_numpy(w) for n, w in zip(model.state_dict(), weights, strict=True)})
+    return {**metrics, "exec-batched": 1.0}
