@@ -21,14 +21,20 @@ masked mean is not ``cross_entropy``'s mean) and make a node's result depend on 
 In a simulation nearly every partition holds at least ``batch_size`` samples, so there is one group.
 
 Determinism. The engine promises the same trace for the same seed whatever the arrival order, so a node's result
-must not depend on which nodes share its batch. It is made so by construction: every group is computed in chunks
-of exactly ``LANES`` nodes (the last chunk padded with copies of its first node, whose results are dropped), so
-each node's numbers always come out of kernels of the same shapes, whatever the batch's size; and nothing reduces
-across the node dimension (each node's gradient is that of its own loss). ``tests/test_batched.py`` checks a
-node's end weights are bitwise equal alone, among others, and in another lane. Without the fixed width they are
-not always: a batched matmul's kernel choice (MKL's on CPU, cuBLAS's on a GPU) depends on the batch count.
-So a batched run is reproducible bit for bit on one machine, and differs from a ``sequential`` run of the same
-seed within the tolerance above.
+must not depend on which nodes share its batch. Nothing reduces across the node dimension (one backward pass of
+the sum of the nodes' losses gives each node the gradient of its own loss, exactly), so what is left is whether
+a kernel computes node k's slice the same way whatever the batch count and k's place in it:
+
+- CPU: it does, measured: ``tests/test_batched.py`` checks a node's end weights are bitwise equal trained
+  alone, in batches of 5 and 40 and at another place, for logreg and the MLP with momentum and prox_mu (MKL's
+  batched matmul, torch 2.13, AVX-512; intra-op threads 1 and 2). Chunks are not padded. (An earlier version
+  that used ``vmap(grad(loss))`` was *not*: its results changed with the batch count, at the last bits.)
+- GPU: cuBLAS chooses batched-matmul kernels by batch count, so chunks are padded to exactly ``lanes`` nodes
+  (copies of the chunk's first node, whose results are dropped): each node's numbers then come from kernels of
+  the same shapes whatever the batch. Written for, not yet run on, a GPU in this project.
+
+So a batched run is reproducible bit for bit on one machine (same seed, any arrival order, any ``--workers``),
+and differs from a ``sequential`` run of the same seed within the tolerance above.
 
 Compute seconds. A chunk's wall time is divided evenly among its real (unpadded) nodes: the sum over a batch's
 nodes is the machine time the batch took, which is what the wall clock charges a simulated fleet for.
@@ -49,18 +55,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from client_app.trainer import LocalSGD
 from strategies import taskkeys as keys
 
-__all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "group_key", "train_batched", "train_many",
-           "unbatchable"]
+__all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "batch_index", "group_key", "train_batched",
+           "train_many", "unbatchable"]
 
-#: Nodes per vmapped computation. Fixed, so a node's numbers never depend on how many nodes shared its batch
-#: (see the module docstring); 32 keeps the padding of a small batch cheap while a step's Python overhead is
-#: already shared by enough nodes (``bench/batched_executor.py --lanes`` measures the trade-off).
-LANES = 32
+#: Most nodes per vmapped computation (a chunk). On CPU 32-128 were about equally fast for logreg and the MLP
+#: (``bench/batched_executor.py --lanes``); larger chunks only grow the working set. On a GPU every chunk is padded
+#: to exactly this many nodes (module docstring).
+LANES = 64
 
 Weights = list[np.ndarray]
 
@@ -80,6 +86,20 @@ def group_key(sgd: LocalSGD, n: int) -> tuple[int, int, float, float, float]:
     return sgd.steps, min(sgd.batch_size, n), sgd.lr, sgd.momentum, sgd.prox_mu
 
 
+def batch_index(sgd: LocalSGD, n: int) -> np.ndarray:
+    """``LocalSGD.batches(n)`` as one (steps, batch) array, without its Python loop over the steps.
+
+    ``batches`` consumes back-to-back permutations of the partition (it draws the next one only when fewer than a
+    batch are left, and a batch is at most n), so its batches are consecutive slices of the concatenated
+    permutations, drawn in the same order from the same generator (``tests/test_batched.py`` checks equality).
+    """
+    size = min(sgd.batch_size, n)
+    need = sgd.steps * size
+    rng = np.random.default_rng(sgd.seed)
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])
+    return order[:need].reshape(sgd.steps, size)
+
+
 def unbatchable(model: torch.nn.Module) -> str | None:
     """Why ``model`` cannot be trained by ``train_many`` (None when it can)."""
     buffers = [n for n, _ in model.named_buffers()]
@@ -91,12 +111,13 @@ def unbatchable(model: torch.nn.Module) -> str | None:
 
 
 def train_many(model: torch.nn.Module, jobs: Sequence[NodeJob], device: torch.device,
-               *, lanes: int = LANES) -> list[tuple[Weights, dict[str, float]]]:
+               *, lanes: int = LANES, pad: bool | None = None) -> list[tuple[Weights, dict[str, float]]]:
     """Train every job's node from its start weights; return (end weights, metrics) per job, in order.
 
     ``model`` is the architecture only (its own weights are not read or changed). The metrics are
     ``LocalSGD.run``'s: train loss (mean over the steps), compute seconds (the node's share of its chunk's wall
-    time) and examples seen. Jobs are grouped by ``group_key`` and each group runs in chunks of ``lanes`` nodes.
+    time) and examples seen. Jobs are grouped by ``group_key`` and each group runs in chunks of ``lanes`` nodes,
+    padded to exactly ``lanes`` when ``pad`` (default: on any device but the CPU; see the module docstring).
     """
     reason = unbatchable(model)
     if reason is not None:
@@ -108,39 +129,53 @@ def train_many(model: torch.nn.Module, jobs: Sequence[NodeJob], device: torch.de
         groups.setdefault(group_key(job.sgd, len(job.y)), []).append(i)
     out: list[tuple[Weights, dict[str, float]] | None] = [None] * len(jobs)
     step_fn = _step_function(model)
+    width = lanes if (device.type != "cpu" if pad is None else pad) else 0
     for members in groups.values():
         for c in range(0, len(members), lanes):
             chunk = members[c:c + lanes]
-            for i, result in zip(chunk, _train_chunk(step_fn, model, [jobs[i] for i in chunk], device, lanes),
+            for i, result in zip(chunk, _train_chunk(step_fn, model, [jobs[i] for i in chunk], device, width),
                                  strict=True):
                 out[i] = result
     return [r for r in out if r is not None]
 
 
-StepFn = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]
+StepFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float],
+                  tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 def _step_function(model: torch.nn.Module) -> StepFn:
-    """``vmap(grad_and_value(loss))`` over (params, x batch, y batch, anchor, prox_mu): one step for every lane."""
+    """One step for every lane: (stacked params, x batches, y batches, anchor, prox_mu) -> (gradients, losses).
+
+    Only the forward is vmapped (``functional_call`` per lane); each lane's loss is its batch's mean
+    cross-entropy (plus its proximal term), and one backward pass of the *sum* of the lanes' losses gives every
+    lane the gradient of its own loss exactly (d sum / d loss_k = 1), without ``torch.func.grad``'s per-call
+    overhead, which was most of a small model's step.
+    """
     names = [n for n, _ in model.named_parameters()]
+    forward = vmap(lambda params, xb: functional_call(model, params, (xb,)))
 
-    def loss_of(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
-                anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
-        loss = torch.nn.functional.cross_entropy(functional_call(model, params, (xb,)), yb)
-        if mu:  # LocalSGD.run's arithmetic: mu/2 * sum over tensors of ||p - a||^2
-            drift = sum(((params[n] - anchor[n]) ** 2).sum() for n in names)
-            loss = loss + mu / 2 * drift
-        return loss
+    def step(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, anchor: dict[str, torch.Tensor],
+             mu: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        with torch.enable_grad():
+            logits = forward(leaves, xb)  # (lanes, batch, classes)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)
+            if mu:  # LocalSGD.run's proximal term, mu/2 * sum over tensors of ||p - a||^2, per lane
+                drift = sum(((leaves[n] - anchor[n]) ** 2).flatten(1).sum(1) for n in names)
+                loss = loss + mu / 2 * drift
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return dict(zip(names, grads, strict=True)), loss.detach()
 
-    return vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0, None))
+    return step
 
 
 def _train_chunk(step_fn: StepFn, model: torch.nn.Module, jobs: list[NodeJob], device: torch.device,
-                 lanes: int) -> list[tuple[Weights, dict[str, float]]]:
-    """One vmapped run of ``lanes`` nodes sharing a ``group_key`` (padded with copies of the first job)."""
+                 width: int) -> list[tuple[Weights, dict[str, float]]]:
+    """One vmapped run of nodes sharing a ``group_key``, padded to ``width`` with copies of the first job."""
     start = time.perf_counter()
     real = len(jobs)
-    jobs = jobs + [jobs[0]] * (lanes - real)
+    jobs = jobs + [jobs[0]] * (width - real)
+    lanes = len(jobs)
     sgd = jobs[0].sgd
     names = [n for n, _ in model.named_parameters()]
     with torch.no_grad():
@@ -152,7 +187,7 @@ def _train_chunk(step_fn: StepFn, model: torch.nn.Module, jobs: list[NodeJob], d
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     x_all = torch.from_numpy(np.concatenate([j.x for j in jobs])).to(device)
     y_all = torch.from_numpy(np.concatenate([j.y for j in jobs])).to(device)
-    index = np.stack([np.stack(j.sgd.batches(n)) + off for j, n, off in zip(jobs, sizes, offsets, strict=True)])
+    index = np.stack([batch_index(j.sgd, n) + off for j, n, off in zip(jobs, sizes, offsets, strict=True)])
     index_t = torch.from_numpy(index).to(device)  # (lanes, steps, batch)
     buffers: dict[str, torch.Tensor] | None = None
     losses = []
@@ -191,6 +226,10 @@ _log = logging.getLogger(__name__)
 MAX_BATCH = 256
 #: How long a queued node waits for nodes still on their way (decoding their task) before its batch starts.
 WAIT_S = 0.1
+#: How long a queued node waits when no other node has announced itself: long enough for client threads that
+#: have just been handed a task to reach the ClientApp and announce theirs (a thread that arrives first often
+#: holds the interpreter lock through its whole decode), short next to a task's own cost (milliseconds).
+GRACE_S = 0.002
 
 Result = tuple[Weights, dict[str, float]]
 
@@ -216,18 +255,20 @@ class CoalescingBatcher:
     Leader/follower, no thread of its own: a caller queues its node and waits; the first waiting caller that sees
     its batch ready takes its own node plus up to ``max_batch - 1`` queued nodes of the same model and device,
     trains them outside the lock, and wakes the others with their results. A batch is ready when ``max_batch``
-    nodes are queued, when no node that announced itself (``session``) is still on its way, or when the caller
-    has waited ``wait_s``. ``session`` is how the ClientApp announces a node before it decodes its task, so the
-    batcher knows how many more to wait for; without it every call waits the full ``wait_s`` for company.
+    nodes are queued, when no node that announced itself (``session``) is still on its way and the caller has
+    waited ``grace_s``, or when it has waited ``wait_s``. ``session`` is how the ClientApp announces a node
+    before it decodes its task, so the batcher knows how many more to wait for; a call outside any session waits
+    only ``grace_s`` for company (unless other sessions are open).
 
-    Which nodes share a batch changes nothing in their results (``train_many``'s fixed lanes), so the arrival
-    order, the thread count and ``wait_s`` affect only speed.
+    Which nodes share a batch changes nothing in their results (``train_many``'s module docstring), so the
+    arrival order, the thread count, ``grace_s`` and ``wait_s`` affect only speed.
     """
 
-    def __init__(self, max_batch: int = MAX_BATCH, wait_s: float = WAIT_S, lanes: int = LANES) -> None:
-        if max_batch < 1 or wait_s < 0:
-            raise ValueError(f"need max_batch >= 1 and wait_s >= 0, got {max_batch}, {wait_s}")
-        self.max_batch, self.wait_s, self.lanes = max_batch, wait_s, lanes
+    def __init__(self, max_batch: int = MAX_BATCH, wait_s: float = WAIT_S, grace_s: float = GRACE_S,
+                 lanes: int = LANES) -> None:
+        if max_batch < 1 or not 0 <= grace_s <= wait_s:
+            raise ValueError(f"need max_batch >= 1 and 0 <= grace_s <= wait_s, got {max_batch}, {grace_s}, {wait_s}")
+        self.max_batch, self.wait_s, self.grace_s, self.lanes = max_batch, wait_s, grace_s, lanes
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._expected = 0
@@ -261,11 +302,12 @@ class CoalescingBatcher:
             batch: list[_Pending] = []
             while not me.done:
                 if not me.taken:
-                    left = me.arrived + self.wait_s - time.monotonic()
-                    if len(self._queue) >= self.max_batch or self._expected == 0 or left <= 0:
+                    waited = time.monotonic() - me.arrived
+                    limit = self.grace_s if self._expected == 0 else self.wait_s
+                    if len(self._queue) >= self.max_batch or waited >= limit:
                         batch = self._take(me)
                         break
-                    self._cond.wait(left)
+                    self._cond.wait(limit - waited)
                 else:
                     self._cond.wait()
         if batch:
