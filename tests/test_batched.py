@@ -85,7 +85,10 @@ def test_a_model_with_buffers_trains_alone_and_says_so(caplog):
     assert unbatchable(build_model("mlp", SHAPE, 10)) is None
     _, jobs = fleet("logreg", [20])
     reference = copy.deepcopy(model)
-    metrics = train_batched(jobs[0].sgd, model, jobs[0].x, jobs[0].y, CPU)
+    batcher = CoalescingBatcher(wait_s=10.0)
+    with batcher.session():
+        metrics = train_batched(jobs[0].sgd, model, jobs[0].x, jobs[0].y, CPU, batcher)
+        assert batcher.expected == 0  # counted off at once: no batch waits for a node that trains alone
     reference_metrics = jobs[0].sgd.run(reference, jobs[0].x, jobs[0].y, CPU)
     assert metrics["exec-batched"] == 0.0
     assert metrics[keys.TRAIN_LOSS] == reference_metrics[keys.TRAIN_LOSS]
