@@ -61,10 +61,13 @@ does; in a real deployment, where each node is its own machine, there is nothing
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,32 +127,50 @@ def unbatchable(model: torch.nn.Module) -> str | None:
     return None
 
 
-def train_many(model: torch.nn.Module, jobs: Sequence[NodeJob], device: torch.device,
-               *, lanes: int = LANES, pad: bool | None = None) -> list[tuple[Weights, dict[str, float]]]:
+def train_many(model: torch.nn.Module, jobs: Sequence[NodeJob], device: torch.device, *, lanes: int = LANES,
+               pad: bool | None = None, threads: int = 1) -> list[tuple[Weights, dict[str, float]]]:
     """Train every job's node from its start weights; return (end weights, metrics) per job, in order.
 
     ``model`` is the architecture only (its own weights are not read or changed). The metrics are
     ``LocalSGD.run``'s: train loss (mean over the steps), compute seconds (the node's share of its chunk's wall
-    time) and examples seen. Jobs are grouped by ``group_key`` and each group runs in chunks of ``lanes`` nodes,
-    padded to exactly ``lanes`` when ``pad`` (default: on any device but the CPU; see the module docstring).
+    time) and examples seen. Jobs are grouped by ``group_key`` and each group runs in chunks of at most ``lanes``
+    nodes, padded to exactly ``lanes`` when ``pad`` (default: on any device but the CPU; module docstring).
+
+    ``threads`` > 1 (CPU only, unpadded) trains chunks on that many threads at once, each on its own copy of
+    ``model`` (``functional_call`` swaps a module's parameters while it runs), with the groups cut into at least
+    ``threads`` chunks: the batcher's whole batch otherwise runs on the one thread that leads it, while node by
+    node the runner's client threads share every core. Chunk sizes do not change a node's bits on the CPU.
     """
     reason = unbatchable(model)
     if reason is not None:
         raise ValueError(f"train_many cannot batch this model: {reason}")
-    if lanes < 1:
-        raise ValueError(f"lanes must be >= 1, got {lanes}")
+    if lanes < 1 or threads < 1:
+        raise ValueError(f"lanes and threads must be >= 1, got {lanes}, {threads}")
+    padded = device.type != "cpu" if pad is None else pad
+    threads = 1 if padded else threads
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(group_key(job.sgd, len(job.y)), []).append(i)
-    out: list[tuple[Weights, dict[str, float]] | None] = [None] * len(jobs)
-    step_fn = _step_function(model)
-    width = lanes if (device.type != "cpu" if pad is None else pad) else 0
+    chunks = []
     for members in groups.values():
-        for c in range(0, len(members), lanes):
-            chunk = members[c:c + lanes]
-            for i, result in zip(chunk, _train_chunk(step_fn, model, [jobs[i] for i in chunk], device, width),
-                                 strict=True):
+        size = min(lanes, -(-len(members) // threads))
+        chunks += [members[c:c + size] for c in range(0, len(members), size)]
+    out: list[tuple[Weights, dict[str, float]] | None] = [None] * len(jobs)
+
+    def work(mine: list[list[int]], replica: torch.nn.Module) -> None:
+        step_fn = _step_function(replica)
+        for chunk in mine:
+            results = _train_chunk(step_fn, replica, [jobs[i] for i in chunk], device, lanes if padded else 0)
+            for i, result in zip(chunk, results, strict=True):
                 out[i] = result
+
+    workers = min(threads, len(chunks))
+    if workers <= 1:
+        work(chunks, model)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batched") as pool:
+            for done in [pool.submit(work, chunks[w::workers], copy.deepcopy(model)) for w in range(workers)]:
+                done.result()
     return [r for r in out if r is not None]
 
 
@@ -279,10 +300,12 @@ class CoalescingBatcher:
     """
 
     def __init__(self, max_batch: int = MAX_BATCH, wait_s: float = WAIT_S, grace_s: float = GRACE_S,
-                 lanes: int = LANES) -> None:
+                 lanes: int = LANES, threads: int | None = None) -> None:
         if max_batch < 1 or not 0 <= grace_s <= wait_s:
             raise ValueError(f"need max_batch >= 1 and 0 <= grace_s <= wait_s, got {max_batch}, {grace_s}, {wait_s}")
         self.max_batch, self.wait_s, self.grace_s, self.lanes = max_batch, wait_s, grace_s, lanes
+        #: Threads a batch trains on (``train_many``'s ``threads``): every core, as the client threads would use.
+        self.threads = threads or os.cpu_count() or 1
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._expected = 0
@@ -362,7 +385,7 @@ class CoalescingBatcher:
         """Train ``batch`` (outside the lock), then hand every node its result or the error."""
         try:
             results: list[Result] | None = train_many(batch[0].model, [p.job for p in batch], batch[0].device,
-                                                       lanes=self.lanes)
+                                                       lanes=self.lanes, threads=self.threads)
         except BaseException as exc:  # every node of the batch fails with it, in its own thread
             results = None
             for p in batch:
