@@ -17,7 +17,9 @@ median of the ratios within a repeat, so both saw about the same load.
 End to end. ``run_local`` (the in-process runner, the real ServerApp and ClientApp) with ``--e2e-nodes`` nodes and
 as many client threads (``--workers``), ``local-executor`` sequential against batched, for FedAvg (a round
 dispatches every node at once) and FedBuff (concurrency = all nodes; the engine replaces each finished task).
-``updates_per_s`` is applied updates per wall second; ``mean_batch`` is the batcher's mean batch size.
+``updates_per_s`` is applied updates per wall second; ``mean_batch`` is the batcher's mean batch size;
+``compute_s_sum`` is the tasks' ``compute-s`` summed: the seconds spent in local training (per node: its own
+run; batched: its share of its chunk), the rest of the wall time is decoding, encoding and the engine.
 
 torch uses one intra-op thread (as the runner does), so both sides use one core for the arithmetic. The machine's
 ``os.getloadavg()`` before and after is recorded: on a shared 2-core machine other processes take cores too.
@@ -26,12 +28,14 @@ torch uses one intra-op thread (as the runner does), so both sides use one core 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ from client_app.batched import BATCHER, LANES, NodeJob, train_many  # noqa: E402
 from client_app.data import load_dataset  # noqa: E402
 from client_app.models import build_model  # noqa: E402
 from client_app.trainer import LocalSGD  # noqa: E402
+from strategies import taskkeys as keys  # noqa: E402
 
 SEED = 7
 STEPS, BATCH, LR = 10, 32, 0.05
@@ -112,6 +117,26 @@ def local_rows(models: list[str], sizes: list[int], args: argparse.Namespace) ->
     return rows
 
 
+@contextlib.contextmanager
+def compute_seconds() -> Iterator[list[float]]:
+    """The ``compute-s`` of every local training the ClientApp runs meanwhile (its ``train_local``, wrapped)."""
+    from client_app import app
+
+    seen: list[float] = []
+    original = app.train_local
+
+    def timed(*args: Any, **kwargs: Any) -> dict[str, float]:
+        metrics = original(*args, **kwargs)
+        seen.append(metrics[keys.COMPUTE_S])
+        return metrics
+
+    app.train_local = timed  # type: ignore[assignment]
+    try:
+        yield seen
+    finally:
+        app.train_local = original  # type: ignore[assignment]
+
+
 def e2e_rows(nodes: int, updates: int, model: str) -> list[dict[str, Any]]:
     """``run_local`` with ``nodes`` client threads, sequential against batched, FedAvg and FedBuff."""
     from server_app.simulate import merge_config, run_local
@@ -125,13 +150,14 @@ def e2e_rows(nodes: int, updates: int, model: str) -> list[dict[str, Any]]:
                     "eval-every": 0, "concurrency": nodes, "min-nodes": 1, "checkpoint-every": 0,
                     "metrics-db": str(Path(tmp) / "metrics.db")})
                 before = len(BATCHER.sizes)
-                start = time.perf_counter()
-                summary = run_local(values, nodes=nodes, workers=nodes)
-                seconds = time.perf_counter() - start
+                with compute_seconds() as compute:
+                    start = time.perf_counter()
+                    summary = run_local(values, nodes=nodes, workers=nodes)
+                    seconds = time.perf_counter() - start
             sizes = BATCHER.sizes[before:]
             rows.append({"strategy": strategy, "executor": executor, "nodes": nodes, "workers": nodes,
                          "model": model, "applied": summary.applied, "seconds": seconds,
-                         "updates_per_s": summary.applied / seconds,
+                         "updates_per_s": summary.applied / seconds, "compute_s_sum": sum(compute),
                          "mean_batch": statistics.fmean(sizes) if sizes else None, "batches": len(sizes)})
             print(f"e2e {strategy} {executor}: {rows[-1]['updates_per_s']:.1f} updates/s", file=sys.stderr,
                   flush=True)
@@ -150,12 +176,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['nodes']:,} | {r['per_node_updates_per_s']:,.0f} | "
                      f"{r['batched_updates_per_s']:,.0f} | {r['speedup']:.1f}x |")
     if report["e2e"]:
-        lines += ["", "| run_local | executor | nodes = workers | applied | wall s | updates/s | mean batch |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| run_local | executor | nodes = workers | applied | wall s | updates/s | mean batch | "
+                  "local training s (sum of compute-s) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in report["e2e"]:
             batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
             lines.append(f"| {r['strategy']} | {r['executor']} | {r['nodes']} | {r['applied']} | "
-                         f"{r['seconds']:.1f} | {r['updates_per_s']:.1f} | {batch} |")
+                         f"{r['seconds']:.1f} | {r['updates_per_s']:.1f} | {batch} | {r['compute_s_sum']:.1f} |")
     return "\n".join(lines)
 
 

@@ -84,6 +84,9 @@ __all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "batch_index", "g
 #: (``bench/batched_executor.py --lanes``); larger chunks only grow the working set. On a GPU every chunk is padded
 #: to exactly this many nodes (module docstring).
 LANES = 64
+#: Fewest nodes per chunk when a batch is cut up for several threads: below this a chunk's fixed Python cost per
+#: step is shared by too few nodes to be worth another core.
+MIN_CHUNK = 8
 
 Weights = list[np.ndarray]
 
@@ -137,9 +140,10 @@ def train_many(model: torch.nn.Module, jobs: Sequence[NodeJob], device: torch.de
     nodes, padded to exactly ``lanes`` when ``pad`` (default: on any device but the CPU; module docstring).
 
     ``threads`` > 1 (CPU only, unpadded) trains chunks on that many threads at once, each on its own copy of
-    ``model`` (``functional_call`` swaps a module's parameters while it runs), with the groups cut into at least
-    ``threads`` chunks: the batcher's whole batch otherwise runs on the one thread that leads it, while node by
-    node the runner's client threads share every core. Chunk sizes do not change a node's bits on the CPU.
+    ``model`` (``functional_call`` swaps a module's parameters while it runs), with the groups cut into up to
+    ``threads`` chunks (of ``MIN_CHUNK`` nodes or more): the batcher's whole batch otherwise runs on the one
+    thread that leads it, while node by node the runner's client threads share every core. Chunk sizes do not
+    change a node's bits on the CPU.
     """
     reason = unbatchable(model)
     if reason is not None:
@@ -153,7 +157,7 @@ def train_many(model: torch.nn.Module, jobs: Sequence[NodeJob], device: torch.de
         groups.setdefault(group_key(job.sgd, len(job.y)), []).append(i)
     chunks = []
     for members in groups.values():
-        size = min(lanes, -(-len(members) // threads))
+        size = min(lanes, max(MIN_CHUNK, -(-len(members) // threads)))
         chunks += [members[c:c + size] for c in range(0, len(members), size)]
     out: list[tuple[Weights, dict[str, float]] | None] = [None] * len(jobs)
 
@@ -309,6 +313,7 @@ class CoalescingBatcher:
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._expected = 0
+        self._last_event = 0.0  # when a node last announced itself or arrived
         self._local = threading.local()
         #: Size of every batch trained so far (for the bench and the tests; never in a reply: it depends on timing).
         self.sizes: list[int] = []
@@ -322,6 +327,7 @@ class CoalescingBatcher:
         with self._cond:
             self._expected += 1
             self._local.expecting = True
+            self._last_event = time.monotonic()
         try:
             yield
         finally:
@@ -334,17 +340,20 @@ class CoalescingBatcher:
         me = _Pending(model, job, device, key=(repr(model), _shapes(model), str(device)))
         with self._cond:
             self._arrive()
+            self._last_event = time.monotonic()
             self._queue.append(me)
             self._cond.notify_all()
             batch: list[_Pending] = []
             while not me.done:
                 if not me.taken:
-                    waited = time.monotonic() - me.arrived
-                    limit = self.grace_s if self._expected == 0 else self.wait_s
-                    if len(self._queue) >= self.max_batch or waited >= limit:
+                    now = time.monotonic()
+                    left = me.arrived + self.wait_s - now
+                    if self._expected == 0:  # nobody announced: start once arrivals have been quiet for grace_s
+                        left = min(left, self._last_event + self.grace_s - now)
+                    if len(self._queue) >= self.max_batch or left <= 0:
                         batch = self._take(me)
                         break
-                    self._cond.wait(limit - waited)
+                    self._cond.wait(left)
                 else:
                     self._cond.wait()
         if batch:
