@@ -3,9 +3,12 @@
 Why: the in-process runner trains each node's ``local-steps`` on its own client thread, and for the small models
 of a simulation a step costs more Python and dispatch than arithmetic. Stacking the parameters of K nodes along a
 new leading dimension and running one vmapped forward and one backward per step pays that overhead once for K
-nodes. On one CPU core that is worth about 7-10x for logreg and 1.3-2.8x for the MLP, whose steps are mostly
-matrix products already (``bench/batched_executor.py``; a GPU, where a step's kernels are tiny next to its launch
-overhead, is where the MLP should gain; not yet measured here).
+nodes. On one busy CPU core that was worth 6-9x for logreg and 1.1-2.7x for the MLP, local training alone
+(``bench/batched_executor.py``, two runs): what is left is MKL's batched matmul on tiny matrices, which the MLP's
+steps are mostly made of. A GPU, where such kernels cost little next to their launch, is where the MLP should
+gain; not measured here (no GPU was lent). End to end, in the in-process runner on 2 busy cores, batched runs
+were no faster than per-node ones: there the per-task Python of the ClientApp and the engine, serialised by the
+interpreter lock, outweighs local training (``CoalescingBatcher``).
 
 ``train_many`` is the pure function; ``CoalescingBatcher`` (below; one per process, ``BATCHER``) feeds it the
 concurrent calls of the runner's client threads when the run config says ``local-executor = "batched"``
@@ -80,9 +83,9 @@ from strategies import taskkeys as keys
 __all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "batch_index", "group_key", "train_batched",
            "train_many", "unbatchable"]
 
-#: Most nodes per vmapped computation (a chunk). On CPU 32-128 were about equally fast for logreg and the MLP
-#: (``bench/batched_executor.py --lanes``); larger chunks only grow the working set. On a GPU every chunk is padded
-#: to exactly this many nodes (module docstring).
+#: Most nodes per vmapped computation (a chunk). In one sweep on CPU (1,024 nodes, ``bench/batched_executor.py
+#: --lanes N`` reruns it) logreg was fastest at 64-256 and the MLP at 32-64 (a third slower at 128). On a GPU every
+#: chunk is padded to exactly this many nodes (module docstring).
 LANES = 64
 #: Fewest nodes per chunk when a batch is cut up for several threads: below this a chunk's fixed Python cost per
 #: step is shared by too few nodes to be worth another core.
