@@ -2,7 +2,7 @@
 
     python bench/batched_executor.py --json results/batched_executor.json --markdown results/batched_executor.md
         [--nodes 100 1000 10000] [--models logreg mlp] [--lanes 64] [--per-node-cap 1000] [--repeats 2]
-        [--e2e-nodes 100] [--e2e-updates 400] [--quick]
+        [--e2e-nodes 100] [--e2e-updates 400] [--e2e-steps 10 50] [--quick]
 
 Local training alone. Each node holds ``--samples`` (64) images drawn (seeded) from scikit-learn's digits, the
 runner's default dataset (1x8x8, 10 classes), and trains the runner's defaults: 10 steps of batch 32, lr 0.05,
@@ -16,7 +16,8 @@ median of the ratios within a repeat, so both saw about the same load.
 
 End to end. ``run_local`` (the in-process runner, the real ServerApp and ClientApp) with ``--e2e-nodes`` nodes and
 as many client threads (``--workers``), ``local-executor`` sequential against batched, for FedAvg (a round
-dispatches every node at once) and FedBuff (concurrency = all nodes; the engine replaces each finished task).
+dispatches every node at once) and FedBuff (concurrency = all nodes; the engine replaces each finished task), at
+each of ``--e2e-steps`` local steps (the more steps, the larger local training's share of a task).
 ``updates_per_s`` is applied updates per wall second; ``mean_batch`` is the batcher's mean batch size;
 ``compute_s_sum`` is the tasks' ``compute-s`` summed: the seconds spent in local training (per node: its own
 run; batched: its share of its chunk), the rest of the wall time is decoding, encoding and the engine.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import platform
 import statistics
@@ -137,30 +139,29 @@ def compute_seconds() -> Iterator[list[float]]:
         app.train_local = original  # type: ignore[assignment]
 
 
-def e2e_rows(nodes: int, updates: int, model: str) -> list[dict[str, Any]]:
+def e2e_rows(nodes: int, updates: int, model: str, steps: list[int]) -> list[dict[str, Any]]:
     """``run_local`` with ``nodes`` client threads, sequential against batched, FedAvg and FedBuff."""
     from server_app.simulate import merge_config, run_local
 
     rows = []
-    for strategy in ("fedavg", "fedbuff"):
-        for executor in ("sequential", "batched"):
-            with tempfile.TemporaryDirectory() as tmp:
-                values = merge_config(overrides={
-                    "strategy": strategy, "model": model, "local-executor": executor, "max-updates": updates,
-                    "eval-every": 0, "concurrency": nodes, "min-nodes": 1, "checkpoint-every": 0,
-                    "metrics-db": str(Path(tmp) / "metrics.db")})
-                before = len(BATCHER.sizes)
-                with compute_seconds() as compute:
-                    start = time.perf_counter()
-                    summary = run_local(values, nodes=nodes, workers=nodes)
-                    seconds = time.perf_counter() - start
-            sizes = BATCHER.sizes[before:]
-            rows.append({"strategy": strategy, "executor": executor, "nodes": nodes, "workers": nodes,
-                         "model": model, "applied": summary.applied, "seconds": seconds,
-                         "updates_per_s": summary.applied / seconds, "compute_s_sum": sum(compute),
-                         "mean_batch": statistics.fmean(sizes) if sizes else None, "batches": len(sizes)})
-            print(f"e2e {strategy} {executor}: {rows[-1]['updates_per_s']:.1f} updates/s", file=sys.stderr,
-                  flush=True)
+    for strategy, local_steps, executor in itertools.product(("fedavg", "fedbuff"), steps, ("sequential", "batched")):
+        with tempfile.TemporaryDirectory() as tmp:
+            values = merge_config(overrides={
+                "strategy": strategy, "model": model, "local-executor": executor, "max-updates": updates,
+                "local-steps": local_steps, "eval-every": 0, "concurrency": nodes, "min-nodes": 1,
+                "checkpoint-every": 0, "metrics-db": str(Path(tmp) / "metrics.db")})
+            before = len(BATCHER.sizes)
+            with compute_seconds() as compute:
+                start = time.perf_counter()
+                summary = run_local(values, nodes=nodes, workers=nodes)
+                seconds = time.perf_counter() - start
+        sizes = BATCHER.sizes[before:]
+        rows.append({"strategy": strategy, "local_steps": local_steps, "executor": executor, "nodes": nodes,
+                     "workers": nodes, "model": model, "applied": summary.applied, "seconds": seconds,
+                     "updates_per_s": summary.applied / seconds, "compute_s_sum": sum(compute),
+                     "mean_batch": statistics.fmean(sizes) if sizes else None, "batches": len(sizes)})
+        print(f"e2e {strategy} {local_steps} steps {executor}: {rows[-1]['updates_per_s']:.1f} updates/s",
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -176,11 +177,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['nodes']:,} | {r['per_node_updates_per_s']:,.0f} | "
                      f"{r['batched_updates_per_s']:,.0f} | {r['speedup']:.1f}x |")
     if report["e2e"]:
-        lines += ["", "| run_local | executor | nodes = workers | applied | wall s | updates/s | mean batch | "
-                  "local training s (sum of compute-s) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| run_local | local steps | executor | nodes = workers | applied | wall s | updates/s | "
+                  "mean batch | local training s (sum of compute-s) |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in report["e2e"]:
             batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
-            lines.append(f"| {r['strategy']} | {r['executor']} | {r['nodes']} | {r['applied']} | "
+            lines.append(f"| {r['strategy']} | {r['local_steps']} | {r['executor']} | {r['nodes']} | "
+                         f"{r['applied']} | "
                          f"{r['seconds']:.1f} | {r['updates_per_s']:.1f} | {batch} | {r['compute_s_sum']:.1f} |")
     return "\n".join(lines)
 
@@ -197,17 +200,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--e2e-nodes", type=int, default=100, help="0: no end-to-end rows")
     parser.add_argument("--e2e-updates", type=int, default=400)
     parser.add_argument("--e2e-model", default="mlp")
+    parser.add_argument("--e2e-steps", type=int, nargs="+", default=[10, 50], help="local steps of the e2e runs")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 nodes, one repeat, a tiny e2e")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     if args.quick:
         args.nodes, args.repeats, args.per_node_cap, args.e2e_nodes, args.e2e_updates = [40], 1, 40, 4, 8
+        args.e2e_steps = [10]
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     started = time.time()
     local = local_rows(args.models, args.nodes, args)
-    e2e = e2e_rows(args.e2e_nodes, args.e2e_updates, args.e2e_model) if args.e2e_nodes else []
+    e2e = e2e_rows(args.e2e_nodes, args.e2e_updates, args.e2e_model, args.e2e_steps) if args.e2e_nodes else []
     report = {
         "command": "python bench/batched_executor.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cores": os.cpu_count(), "loadavg_before": list(load_before),
