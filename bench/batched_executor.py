@@ -19,8 +19,9 @@ as many client threads (``--workers``), ``local-executor`` sequential against ba
 dispatches every node at once) and FedBuff (concurrency = all nodes; the engine replaces each finished task), at
 each of ``--e2e-steps`` local steps (the more steps, the larger local training's share of a task).
 ``updates_per_s`` is applied updates per wall second; ``mean_batch`` is the batcher's mean batch size;
-``compute_s_sum`` is the tasks' ``compute-s`` summed: the seconds spent in local training (per node: its own
-run; batched: its share of its chunk), the rest of the wall time is decoding, encoding and the engine.
+``compute_s_sum`` is the tasks' ``compute-s`` summed, what the wall clock would charge: per node, each task's
+wall time in ``LocalSGD.run`` (with 100 client threads on a few cores, mostly waiting for a core, so the sum far
+exceeds the run's wall time); batched, each node's share of its chunk's wall time.
 
 torch uses one intra-op thread (as the runner does), so both sides use one core for the arithmetic. The machine's
 ``os.getloadavg()`` before and after is recorded: on a shared 2-core machine other processes take cores too.
@@ -178,13 +179,16 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['batched_updates_per_s']:,.0f} | {r['speedup']:.1f}x |")
     if report["e2e"]:
         lines += ["", "| run_local | local steps | executor | nodes = workers | applied | wall s | updates/s | "
-                  "mean batch | local training s (sum of compute-s) |",
+                  "mean batch | sum of the tasks' compute-s |",
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in report["e2e"]:
             batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
             lines.append(f"| {r['strategy']} | {r['local_steps']} | {r['executor']} | {r['nodes']} | "
                          f"{r['applied']} | "
                          f"{r['seconds']:.1f} | {r['updates_per_s']:.1f} | {batch} | {r['compute_s_sum']:.1f} |")
+        lines += ["", "compute-s is what the wall clock charges a task: per node, the wall time of its training, "
+                  "which with 100 client threads on a few cores is mostly waiting for a core; batched, the node's "
+                  "share of its chunk's wall time."]
     return "\n".join(lines)
 
 
