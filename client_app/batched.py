@@ -4,11 +4,12 @@ Why: the in-process runner trains each node's ``local-steps`` on its own client 
 of a simulation a step costs more Python and dispatch than arithmetic. Stacking the parameters of K nodes along a
 new leading dimension and running one vmapped forward and one backward per step pays that overhead once for K
 nodes. On one busy CPU core that was worth 6-9x for logreg and 1.1-2.7x for the MLP, local training alone
-(``bench/batched_executor.py``, two runs): what is left is MKL's batched matmul on tiny matrices, which the MLP's
+(``bench/batched_executor.py``, three runs): what is left is MKL's batched matmul on tiny matrices, which the MLP's
 steps are mostly made of. A GPU, where such kernels cost little next to their launch, is where the MLP should
-gain; not measured here (no GPU was lent). End to end, in the in-process runner on 2 busy cores, batched runs
-were no faster than per-node ones: there the per-task Python of the ClientApp and the engine, serialised by the
-interpreter lock, outweighs local training (``CoalescingBatcher``).
+gain; not measured here (no GPU was lent). End to end, in the in-process runner with 100 nodes and client threads
+on 2 busy cores, batched runs were about as fast as per-node ones (FedAvg 1.0-1.1x; FedBuff 0.76x at 10 local
+steps, 1.13x at 50): there the per-task Python of the ClientApp and the engine, serialised by the interpreter
+lock, weighs as much as local training (``CoalescingBatcher``).
 
 ``train_many`` is the pure function; ``CoalescingBatcher`` (below; one per process, ``BATCHER``) feeds it the
 concurrent calls of the runner's client threads when the run config says ``local-executor = "batched"``
@@ -305,8 +306,8 @@ class CoalescingBatcher:
 
     In the in-process runner, client threads reach the ClientApp one every few milliseconds (the interpreter
     lock) and spend milliseconds decoding their task, so a FedAvg round of 100 nodes arrives over about half a
-    second; gathering while a batch trains is what makes its batches large (mean 2.8 nodes without, 38-50 with,
-    ``bench/batched_executor.py``).
+    second; gathering while a batch trains is what makes its batches large (FedAvg: a mean of 2.8 nodes without,
+    44-50 with; FedBuff 13-23; ``bench/batched_executor.py``).
 
     Which nodes share a batch changes nothing in their results (``train_many``'s module docstring), so the
     arrival order, the thread count, ``grace_s`` and ``wait_s`` affect only speed.
