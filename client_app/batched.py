@@ -377,6 +377,11 @@ class CoalescingBatcher:
         return me.result
 
     @property
+    def queued(self) -> int:
+        """Nodes waiting for a batch."""
+        return len(self._queue)
+
+    @property
     def expected(self) -> int:
         """Nodes announced (``session``) that have not arrived yet."""
         return self._expected

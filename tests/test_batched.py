@@ -3,6 +3,7 @@ batch a node lands in, the coalescing batcher, the fallback, and a batched run t
 
 import copy
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +118,33 @@ def test_concurrent_calls_coalesce_into_one_batch_with_train_manys_results():
     for k, (weights, _) in enumerate(train_many(model, jobs, CPU)):
         for got, want in zip(results[k][0], weights, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_nodes_that_arrive_while_a_batch_trains_form_the_next_batch():
+    class Gated(CoalescingBatcher):
+        """Holds the first batch in training until the test opens the gate."""
+
+        gate = threading.Event()
+
+        def _run(self, batch):
+            if len(self.sizes) == 1:
+                self.gate.wait(timeout=30)
+            super()._run(batch)
+
+    model, jobs = fleet("logreg", [20] * 3)
+    batcher = Gated(wait_s=10.0, grace_s=0.0)
+    threads = [threading.Thread(target=batcher.train, args=(copy.deepcopy(model), job, CPU)) for job in jobs]
+    threads[0].start()
+    while not batcher.sizes:  # the first node started a batch of its own (nobody else announced)
+        time.sleep(0.001)
+    for t in threads[1:]:
+        t.start()
+    while batcher.queued < 2:  # both wait for the running batch rather than start their own
+        time.sleep(0.001)
+    Gated.gate.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert batcher.sizes == [1, 2]
 
 
 def test_a_failing_batch_raises_in_every_caller():
