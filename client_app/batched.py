@@ -44,8 +44,10 @@ a kernel computes node k's slice the same way whatever the batch count and k's p
 So a batched run is reproducible bit for bit on one machine (same seed, any arrival order, any ``--workers``),
 and differs from a ``sequential`` run of the same seed within the tolerance above.
 
-Compute seconds. A chunk's wall time is divided evenly among its real (unpadded) nodes: the sum over a batch's
-nodes is the machine time the batch took, which is what the wall clock charges a simulated fleet for.
+Compute seconds. A chunk's wall time is divided evenly among its real (unpadded) nodes, so the sum over a
+batch's nodes is the thread-seconds the batch took: what the fleet cost the machine, not how long a node waited
+for its result (its chunk's whole wall time). Per node (``LocalSGD.run``) compute-s is the task's wall time in
+training, which with many client threads on few cores is mostly waiting for a core.
 
 What is not batched (the node trains alone with ``LocalSGD.run``, the reply says ``exec-batched = 0`` and a
 warning says why once per process): a model with buffers (BatchNorm's running statistics are updated in place,
