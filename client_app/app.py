@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.batched import BATCHER
@@ -17,6 +17,7 @@ from strategies import taskkeys as keys
 from strategies.client import ClientJob, decode_received, downlink_model
 from strategies.codecs import CodecSpec, from_record
 from strategies.config import RunConfig
+from strategies.flower_arrays import record_of
 
 app = ClientApp()
 
@@ -62,7 +63,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     # Echo the task's seq and model version: the server rejects a reply meant for another task (server_app/guard.py).
     echo = {k: int(task[k]) for k in keys.ECHO if k in task}
     metrics = {**metrics, keys.NUM_EXAMPLES: len(y), **echo}
-    delta = ArrayRecord(dict(zip(names, arrays, strict=True)))
+    delta = record_of(dict(zip(names, arrays, strict=True)))
     return Message(RecordDict({"delta": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

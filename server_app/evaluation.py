@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from client_app.data import load_dataset
@@ -25,7 +25,7 @@ from client_app.models import ModelError, build_model, count_params, flops_per_s
 from client_app.trainer import LocalSGD
 from server_app.intake import delta_norm
 from server_app.state import ModelSpec
-from server_app.wire import finite_number, num_examples, shown
+from server_app.wire import finite_number, num_examples, shown, to_record
 from strategies.config import ConfigError, RunConfig
 
 log = logging.getLogger("staleflower")
@@ -146,7 +146,7 @@ REFERENCE_STEPS = 20
 
 def as_record(names: list[str], weights: list[np.ndarray]) -> ArrayRecord:
     """The model as Flower's ``ArrayRecord`` keyed by its state-dict names (``to_torch_state_dict`` restores it)."""
-    return ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, weights, strict=True)})
+    return to_record(names, weights)
 
 
 def server_evaluator(cfg: RunConfig, names: list[str]) -> Evaluator | UserEvaluator | None:

@@ -23,6 +23,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 
 from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
+from strategies.flower_arrays import record_of
 from strategies.taskkeys import COMPUTE_S, MODEL_VERSION, NUM_EXAMPLES, TASK_SEQ, TRAIN_LOSS
 
 __all__ = ["KNOWN_METRICS", "RejectedUpdate", "check_known_metrics", "finite_number", "message_sizes",
@@ -42,7 +43,7 @@ def payload_record(names: Sequence[str], payload: Payload) -> ArrayRecord:
     codec has ``Encoded`` travel as they are; an empty payload is an empty record (the task sends no model).
     """
     if isinstance(payload, Encoded):
-        return ArrayRecord(dict(zip(names, payload.arrays, strict=True)))
+        return record_of(dict(zip(names, payload.arrays, strict=True)))
     return to_record(names, payload) if payload else ArrayRecord({})
 
 

@@ -46,6 +46,8 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from strategies.flower_arrays import npy_array, record_of
+
 __all__ = ["CODECS", "CodecError", "CodecSpec", "ErrorFeedback", "all_finite", "decode", "encode", "encoded_bytes",
            "from_record", "npy_view", "parse_npy_header", "roundtrip", "to_record"]
 
@@ -161,8 +163,11 @@ class ErrorFeedback:
 
 
 def to_record(names: Sequence[str], weights: Sequence[np.ndarray]) -> ArrayRecord:
-    """Weights as an ArrayRecord keyed by ``state_dict`` names, as Flower's own apps expect (codec ``none``)."""
-    return ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, weights, strict=True)})
+    """Weights as an ArrayRecord keyed by ``state_dict`` names, as Flower's own apps expect (codec ``none``).
+
+    The arrays are Flower's ``Array(ndarray)`` to the bit, built without its extra copies (``npy_array``).
+    """
+    return record_of({n: npy_array(np.ascontiguousarray(w)) for n, w in zip(names, weights, strict=True)})
 
 
 def from_record(record: ArrayRecord, names: Sequence[str]) -> list[np.ndarray]:
@@ -226,7 +231,7 @@ def _encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: CodecState | No
 
 def _enc_none(x: np.ndarray) -> Array:
     _require(all_finite(x), "none: input has NaN/Inf")
-    return Array(x)
+    return npy_array(x)
 
 
 def _enc_fp16(x: np.ndarray) -> Array:

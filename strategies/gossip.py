@@ -37,6 +37,7 @@ from strategies.base import EngineView, Exchange, Status, Strategy, Task, Update
 from strategies.client import ClientJob, Weights
 from strategies.codecs import CodecSpec, encoded_bytes
 from strategies.config import ConfigError, RunConfig
+from strategies.flower_arrays import npy_array
 from strategies.links import LinkCompressor
 from strategies.registry import register
 from strategies.sums import weighted_sum
@@ -120,7 +121,7 @@ class Decentralized(Strategy):
         so it is not compressed (the codec applies to the models the nodes exchange).
         """
         trained, metrics = job.train(job.received)
-        return [Array(np.ascontiguousarray(w - t)) for w, t in zip(job.received, trained, strict=True)], metrics
+        return [npy_array(np.ascontiguousarray(w - t)) for w, t in zip(job.received, trained, strict=True)], metrics
 
 
 @register

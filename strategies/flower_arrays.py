@@ -1,0 +1,77 @@
+"""Flower's ``Array(ndarray)``, built in one copy of the values and with its chunks' ids taken in one hashing pass.
+
+A model version goes out in hundreds of messages, and every reply of a plain ClientApp carries a model-sized
+record: how an ``Array`` is built is on the engine's hot path. Flower's ``Array.from_numpy_ndarray`` writes the
+values through ``np.save`` into a ``BytesIO`` and copies them out (three passes over the data), and the first
+``slice_array`` deflates each chunk, header and data concatenated twice, only to hash it. ``npy_array`` writes the
+same ``.npy`` bytes with one copy (``b"".join`` of the header and the array's buffer) and hashes each chunk's
+header and data incrementally, without concatenating them, then leaves the ``(id, chunk)`` list where
+``Array.slice_array`` caches its own. The bytes and ids are Flower's to the bit (``tests/test_wire.py``), so a
+record built here travels, dedups and is sized exactly like one Flower built; only the copies are gone.
+
+Anything ``np.lib.format`` would not write as a version 1.0 header (object or structured dtypes with non-ASCII
+names, headers past 64 KiB) takes Flower's own path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.app.message.arraychunk import ArrayChunk
+from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, SType
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
+
+__all__ = ["chunk_header", "npy_array", "npy_bytes", "record_of"]
+
+#: Where ``Array.slice_array`` caches its ``[(chunk id, ArrayChunk), ...]`` (flwr 1.41).
+_CHUNKS_KEY = "_chunks"
+
+
+def npy_bytes(values: np.ndarray) -> bytes | None:
+    """``np.save(values)``'s bytes for a C-contiguous array, in one copy; None where only ``np.save`` knows."""
+    if values.dtype.hasobject or not values.flags.c_contiguous:
+        return None
+    header = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    except ValueError:  # a header that needs format 2.0 or 3.0
+        return None
+    return b"".join((header.getvalue(), memoryview(values.reshape(-1)).cast("B") if values.size else b""))
+
+
+def chunk_header(size: int) -> bytes:
+    """What Flower puts before an ``ArrayChunk``'s ``size`` bytes of data when it deflates it."""
+    return f"{ArrayChunk.__qualname__}{HEAD_VALUE_DIVIDER}{HEAD_VALUE_DIVIDER}{size}".encode() + HEAD_BODY_DIVIDER
+
+
+def npy_array(values: np.ndarray) -> Array:
+    """``Array(values)``: the same bytes and ids, built with one copy and one hash pass (C-contiguous arrays)."""
+    data = npy_bytes(values)
+    if data is None:
+        return Array(values)
+    array = Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
+    view = memoryview(data)
+    chunks: list[tuple[str, ArrayChunk]] = []
+    for start in range(0, len(view), FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE):
+        piece = view[start:start + FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE]
+        digest = hashlib.sha256(chunk_header(len(piece)))
+        digest.update(piece)
+        chunks.append((digest.hexdigest(), ArrayChunk(piece)))
+    array.__dict__[_CHUNKS_KEY] = chunks
+    return array
+
+
+def record_of(arrays: Mapping[str, Array]) -> ArrayRecord:
+    """An ``ArrayRecord`` holding these very ``Array`` objects.
+
+    ``ArrayRecord(dict_of_arrays)`` rebuilds every ``Array`` from its fields, which drops the chunks and ids cached
+    on it; setting them one by one keeps them (Flower's ``__setitem__`` stores the object it is given).
+    """
+    record = ArrayRecord()
+    for name, array in arrays.items():
+        record[name] = array
+    return record
