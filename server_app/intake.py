@@ -63,6 +63,7 @@ from strategies.base import Update
 from strategies.client import Weights
 from strategies.codecs import all_finite
 from strategies.config import RunConfig
+from strategies.sums import BLOCK
 
 __all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "client_compute_s", "delta_norm", "join_reasons",
            "read_describe"]
@@ -169,11 +170,7 @@ class UpdateGuard:
         self._measured = measured
 
         def finite(i: int, values: np.ndarray, is_delta: bool) -> bool:
-            if is_delta:
-                norm = _tensor_norm(values)
-            else:
-                np.subtract(base[i], values, out=scratch[i], dtype=base[i].dtype)
-                norm = _tensor_norm(scratch[i])
+            norm = _tensor_norm(values) if is_delta else _diff_tensor_norm(base[i], values, scratch[i])
             measured[i] = (values, norm)
             return math.isfinite(norm) or all_finite(values)
 
@@ -181,17 +178,17 @@ class UpdateGuard:
 
     def _work(self, base: Weights) -> list[np.ndarray]:
         scratch = self._scratch
-        if scratch is None or [(s.shape, s.dtype) for s in scratch] != [(b.shape, b.dtype) for b in base]:
-            scratch = self._scratch = [np.empty(b.shape, b.dtype) for b in base]
+        if scratch is None or [(s.size, s.dtype) for s in scratch] != [(min(b.size, BLOCK), b.dtype) for b in base]:
+            scratch = self._scratch = work_space(base)
         return scratch
 
     def _norm(self, update: Update) -> float:
         """The norm of the update's delta, without making ``update.delta`` of a reply that sent weights.
 
         ``update.delta`` is cached on the update, and a strategy that holds its updates (FedAvg's round) would
-        then hold a second model-sized copy of each; the difference is taken into one reused buffer instead, and
-        is the same to the bit (``diff_norm``). A tensor's norm taken while validating it (``finite_check``) is
-        reused. A strategy that needs the delta makes it when it does.
+        then hold a second model-sized copy of each; the difference is taken a block at a time in a small reused
+        buffer instead, and is the same to the bit (``diff_norm``). A tensor's norm taken while validating it
+        (``finite_check``) is reused. A strategy that needs the delta makes it when it does.
         """
         measured, self._measured = self._measured or {}, None
         if not update.sent_is_delta and "delta" in update.__dict__:
@@ -205,8 +202,7 @@ class UpdateGuard:
             elif scratch is None:
                 norm = _tensor_norm(x)
             else:
-                np.subtract(update.base[i], x, out=scratch[i], dtype=update.base[i].dtype)
-                norm = _tensor_norm(scratch[i])
+                norm = _diff_tensor_norm(update.base[i], x, scratch[i])
             total = math.hypot(total, norm)
         return total
 
@@ -250,25 +246,67 @@ def delta_norm(delta: Sequence[np.ndarray]) -> float:
 
 
 def diff_norm(base: Sequence[np.ndarray], trained: Sequence[np.ndarray], scratch: Sequence[np.ndarray]) -> float:
-    """``delta_norm([b - t ...])``, each difference written into ``scratch`` instead of a new array.
+    """``delta_norm([b - t ...])`` without making the differences: each is taken a block at a time in ``scratch``.
 
-    ``scratch``: arrays of ``base``'s shapes and dtypes. The same subtraction, then the same norm: the same float
-    to the bit, without a model-sized allocation per call.
+    ``scratch``: one work array per tensor, of its dtype, with at least ``min(size, BLOCK)`` entries (``work_space``
+    makes them). The same subtraction, then the same blocks of the same norm: the same float to the bit.
     """
     total = 0.0
     for b, t, s in zip(base, trained, scratch, strict=True):
-        np.subtract(b, t, out=s, dtype=b.dtype)
-        total = math.hypot(total, _tensor_norm(s))
+        total = math.hypot(total, _diff_tensor_norm(b, t, s))
     return total
 
 
+def work_space(base: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``diff_norm``'s scratch for tensors like ``base``: a block of each one's dtype (small, reused)."""
+    return [np.empty(min(b.size, BLOCK), b.dtype) for b in base]
+
+
 def _tensor_norm(d: np.ndarray) -> float:
-    with np.errstate(over="ignore"):
-        n = float(np.linalg.norm(d.reshape(-1)))
-    if not math.isfinite(n) and d.size:  # float32 squares overflow past ~1.8e19: rescale in float64
+    """The L2 norm of one tensor: float64 sum of float32 dot products over blocks (see ``strategies.sums.BLOCK``)."""
+    flat = d.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = 0.0
+        for start in range(0, flat.size, BLOCK):
+            squares += _squares(flat[start:start + BLOCK])
+    return _checked_norm(math.sqrt(squares) if squares == squares else squares, d)
+
+
+def _diff_tensor_norm(b: np.ndarray, t: np.ndarray, scratch: np.ndarray) -> float:
+    """``_tensor_norm(b - t)`` with the difference taken a block at a time in ``scratch``: no model-sized write."""
+    flat_b, flat_t, work = b.reshape(-1), np.ascontiguousarray(t).reshape(-1), scratch.reshape(-1)
+    if flat_t.size != flat_b.size or work.size < min(flat_b.size, BLOCK):
+        raise ValueError(f"diff_norm: shapes {b.shape} and {t.shape}, scratch of {work.size}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = 0.0
+        for start in range(0, flat_b.size, BLOCK):
+            part = work[:min(BLOCK, flat_b.size - start)]
+            np.subtract(flat_b[start:start + BLOCK], flat_t[start:start + BLOCK], out=part, dtype=b.dtype)
+            squares += _squares(part)
+    norm = math.sqrt(squares) if squares == squares else squares
+    if math.isfinite(norm):
+        return norm
+    return _checked_norm(norm, np.subtract(b, t, dtype=b.dtype))  # rare: overflow, NaN or Inf; the slow way
+
+
+def _squares(part: np.ndarray) -> float:
+    """Sum of squares of a 1-D block: a BLAS dot for floats; integers in float64 (their dot would wrap around)."""
+    if part.dtype.kind == "c":
+        return float(np.vdot(part, part).real)
+    if part.dtype.kind != "f":
+        part = part.astype(np.float64)
+    return float(np.dot(part, part))
+
+
+def _checked_norm(n: float, d: np.ndarray) -> float:
+    """``n`` when finite; else the norm again in float64 after rescaling (squares overflow float32 past ~1.8e19)."""
+    if math.isfinite(n) or not d.size:
+        return n
+    with np.errstate(over="ignore", invalid="ignore"):
         peak = float(np.max(np.abs(d)))
-        n = peak * float(np.linalg.norm(d.reshape(-1).astype(np.float64) / peak)) if math.isfinite(peak) else n
-    return n
+        if not math.isfinite(peak):
+            return peak if peak == peak else math.nan  # NaN or Inf in the tensor: not finite, as before
+        return peak * float(np.linalg.norm(d.reshape(-1).astype(np.float64) / peak)) if peak else 0.0
 
 
 def join_reasons(*parts: str) -> str:

@@ -18,7 +18,6 @@ from server_app.wire import payload_record
 from strategies import taskkeys as keys
 from strategies.base import Payload, Task
 from strategies.config import RunConfig
-from strategies.flower_arrays import record_of
 
 
 class Outbox:
@@ -38,7 +37,7 @@ class Outbox:
             extra, compressed = state.downlink.payload(node, task.version, version.weights, config[keys.TASK_SEED])
             config.update(extra)
             if compressed is not None:
-                arrays = record_of(dict(zip(self.names, compressed, strict=True)))
+                arrays = ArrayRecord(dict(zip(self.names, compressed, strict=True)))
         return RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
 
     def task_config(self, state: EngineState, seq: int, node: int, task: Task) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from flwr.supercore.inflatable.inflatable_object import (
 
 from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
-from strategies.flower_arrays import record_of
 from strategies.taskkeys import COMPUTE_S, MODEL_VERSION, NUM_EXAMPLES, TASK_SEQ, TRAIN_LOSS
 
 __all__ = ["KNOWN_METRICS", "RejectedUpdate", "check_known_metrics", "finite_number", "message_sizes",
@@ -40,10 +39,12 @@ def payload_record(names: Sequence[str], payload: Payload) -> ArrayRecord:
     """A strategy's ``Task.payload`` as the "arrays" record of its train message, keyed by the model's names.
 
     Numpy arrays travel as Flower's own ``Array(ndarray)`` (codec ``none``, what ``to_record`` writes); arrays a
-    codec has ``Encoded`` travel as they are; an empty payload is an empty record (the task sends no model).
+    codec has ``Encoded`` travel as they are, in copies (``ArrayRecord(dict)`` rebuilds them): sizing a message
+    caches memoryviews of its chunks on its Arrays, and the strategy's own, which a checkpoint pickles, must not
+    hold them. An empty payload is an empty record (the task sends no model).
     """
     if isinstance(payload, Encoded):
-        return record_of(dict(zip(names, payload.arrays, strict=True)))
+        return ArrayRecord(dict(zip(names, payload.arrays, strict=True)))
     return to_record(names, payload) if payload else ArrayRecord({})
 
 

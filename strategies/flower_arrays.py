@@ -6,8 +6,11 @@ values through ``np.save`` into a ``BytesIO`` and copies them out (three passes 
 ``slice_array`` deflates each chunk, header and data concatenated twice, only to hash it. ``npy_array`` writes the
 same ``.npy`` bytes with one copy (``b"".join`` of the header and the array's buffer) and hashes each chunk's
 header and data incrementally, without concatenating them, then leaves the ``(id, chunk)`` list where
-``Array.slice_array`` caches its own. The bytes and ids are Flower's to the bit (``tests/test_wire.py``), so a
-record built here travels, dedups and is sized exactly like one Flower built; only the copies are gone.
+``Array.slice_array`` caches its own. That is done for arrays of one chunk (up to 5 MB: every tensor of the
+models here), whose chunk holds the data itself and so pickles with the array (a checkpoint holds some);
+larger arrays are sliced by Flower, on first use, as before. The bytes and ids are Flower's to the bit
+(``tests/test_wire.py``), so a record built here travels, dedups and is sized exactly like one Flower built;
+only the copies are gone.
 
 Anything ``np.lib.format`` would not write as a version 1.0 header (object or structured dtypes with non-ASCII
 names, headers past 64 KiB) takes Flower's own path.
@@ -40,7 +43,7 @@ def npy_bytes(values: np.ndarray) -> bytes | None:
         np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
     except ValueError:  # a header that needs format 2.0 or 3.0
         return None
-    return b"".join((header.getvalue(), memoryview(values.reshape(-1)).cast("B") if values.size else b""))
+    return b"".join((header.getvalue(), values.reshape(-1).view(np.uint8).data))
 
 
 def chunk_header(size: int) -> bytes:
@@ -54,14 +57,10 @@ def npy_array(values: np.ndarray) -> Array:
     if data is None:
         return Array(values)
     array = Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
-    view = memoryview(data)
-    chunks: list[tuple[str, ArrayChunk]] = []
-    for start in range(0, len(view), FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE):
-        piece = view[start:start + FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE]
-        digest = hashlib.sha256(chunk_header(len(piece)))
-        digest.update(piece)
-        chunks.append((digest.hexdigest(), ArrayChunk(piece)))
-    array.__dict__[_CHUNKS_KEY] = chunks
+    if 0 < len(data) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:  # one chunk: the data itself (no view, so it pickles)
+        digest = hashlib.sha256(chunk_header(len(data)))
+        digest.update(data)
+        array.__dict__[_CHUNKS_KEY] = [(digest.hexdigest(), ArrayChunk(data))]  # type: ignore[arg-type]
     return array
 
 

@@ -34,25 +34,31 @@ class Update(Protocol):
         ...
 
 
+#: Entries per block of the streaming operations below: 64 Ki float32 (256 KiB) stay in a core's L2 cache, so a
+#: scaled term or a difference is never written to memory as a model-sized temporary. On the engine's thread
+#: these passes over model-sized arrays were most of an update's cost, and the temporaries doubled their traffic.
+BLOCK = 1 << 16
+
+
 class Accumulator:
-    """A running ``sum_i c_i * x_i`` in the arrays' own dtype, through one reused scratch buffer per tensor.
+    """A running ``sum_i c_i * x_i`` in the arrays' own dtype, a block at a time through one small scratch buffer.
 
     float32 accumulation over the few hundred terms of an aggregation step loses well under 1e-6 relative; it
     is also what Flower's own aggregation does, and three times faster than a float64 accumulator here.
-    Adding terms as they arrive (rather than keeping every update until a flush) bounds memory at two copies
-    of the model whatever the buffer size.
+    Adding terms as they arrive (rather than keeping every update until a flush) bounds memory at one copy of
+    the model whatever the buffer size. Each element is computed as ``total += coef * x`` in the dtype, exactly as
+    whole-array numpy would: blocks change the memory traffic, not a bit of the result.
     """
 
     def __init__(self, like: Sequence[np.ndarray]) -> None:
         self.total = [np.zeros(a.shape, dtype=a.dtype) for a in like]
-        self.scratch = [np.empty(a.shape, dtype=a.dtype) for a in like]
+        self.scratch = [np.empty(min(a.size, BLOCK), dtype=a.dtype) for a in like]
         self.bases: dict[int, tuple[Sequence[np.ndarray], float]] = {}
 
     def add(self, arrays: Sequence[np.ndarray], coef: float) -> None:
         """``total += coef * arrays``."""
         for acc, tmp, x in zip(self.total, self.scratch, arrays, strict=True):
-            np.multiply(x, coef, out=tmp, casting="unsafe")
-            acc += tmp
+            axpy(acc, x, coef, tmp)
 
     def add_update_delta(self, update: Update, coef: float) -> None:
         """``total += coef * update.delta`` without materialising the delta of a client that sent weights.
@@ -73,6 +79,21 @@ class Accumulator:
             self.add(base, coef)
         self.bases.clear()
         return self.total
+
+
+def axpy(acc: np.ndarray, x: np.ndarray, coef: float, tmp: np.ndarray) -> None:
+    """``acc += coef * x`` in ``acc``'s dtype, a ``tmp``-sized block at a time (``tmp``: 1-D, at least 1 entry).
+
+    The same two roundings per element as ``acc += np.multiply(x, coef)``; ``acc`` must be C-contiguous.
+    """
+    flat, values, n = acc.reshape(-1), np.ascontiguousarray(x).reshape(-1), tmp.size
+    if flat.size != values.size:
+        raise ValueError(f"cannot add {x.shape} into {acc.shape}")
+    for start in range(0, flat.size, n):
+        part = values[start:start + n]
+        scaled = tmp[:part.size]
+        np.multiply(part, coef, out=scaled, casting="unsafe")
+        flat[start:start + n] += scaled
 
 
 def weighted_sum(parts: Sequence[tuple[float, Sequence[np.ndarray]]]) -> Weights:

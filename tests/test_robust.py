@@ -8,6 +8,7 @@ from its very first task is survived by a default run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 
 import numpy as np
@@ -199,10 +200,17 @@ def test_the_norm_of_a_weights_reply_is_delta_norm_to_the_bit_and_leaves_no_delt
     from server_app.intake import diff_norm
 
     rng = np.random.default_rng(3)
-    base = [rng.normal(size=(300, 41)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
-    trained = [b - rng.normal(scale=1e-3, size=b.shape).astype(np.float32) for b in base]
-    scratch = [np.empty_like(b) for b in base]
-    assert diff_norm(base, trained, scratch) == delta_norm([b - t for b, t in zip(base, trained, strict=True)])
+    from server_app.intake import work_space
+
+    # 300 x 410 spans two blocks and a short third: the blocks of diff_norm and delta_norm must be the same ones
+    base = [rng.normal(size=(300, 410)).astype(np.float32), rng.normal(size=7).astype(np.float32),
+            rng.integers(-2**40, 2**40, size=5), rng.normal(size=70_000)]
+    trained = [b - rng.normal(scale=1e-3, size=b.shape).astype(b.dtype) for b in base]
+    trained[2] = base[2] + 2**40  # int64 squares past 2**63: in float64, not wrapped around
+    want = delta_norm([b - t for b, t in zip(base, trained, strict=True)])
+    assert diff_norm(base, trained, work_space(base)) == want
+    whole = math.sqrt(sum(float(np.sum((b.astype(np.float64) - t) ** 2)) for b, t in zip(base, trained, strict=True)))
+    assert want == pytest.approx(whole, rel=1e-5)  # float32 blocks, float64 total: ~1e-7 relative here
     guard = UpdateGuard(RunConfig(), base)
     update = Update(0, 1, 0, 0, trained, base, 1, sent_is_delta=False)
     guard.screen(update)
@@ -228,3 +236,21 @@ def test_the_finiteness_check_through_the_norm_answers_as_all_finite_and_the_nor
     assert guard._norm(update) == delta_norm([b - t for b, t in zip(base, trained, strict=True)])
     assert guard.finite_check(base) is not None and UpdateGuard(
         RunConfig(update_filter="none"), base).finite_check(base) is None
+
+
+def test_the_blockwise_sum_is_whole_array_numpy_to_the_bit():
+    """Blocks change the memory traffic, not the arithmetic: each element is the same two roundings."""
+    from strategies.sums import BLOCK, Accumulator
+
+    rng = np.random.default_rng(5)
+    like = [np.zeros((3, BLOCK + 17), np.float32), np.zeros(5, np.float16), np.zeros((2, 2))]
+    terms = [(float(rng.normal()), [rng.normal(size=a.shape).astype(a.dtype) for a in like]) for _ in range(4)]
+    acc = Accumulator(like)
+    want = [np.zeros_like(a) for a in like]
+    for coef, xs in terms:
+        acc.add(xs, coef)
+        for w, x in zip(want, xs, strict=True):
+            w += np.multiply(x, coef, dtype=w.dtype)
+    for got, w in zip(acc.result(), want, strict=True):
+        assert got.dtype == w.dtype and np.array_equal(got, w)
+    assert all(s.size <= BLOCK for s in acc.scratch)  # no model-sized work space
