@@ -36,6 +36,7 @@ saying what is unfair about it, the extra tuned comparison at D = 4, and the tun
   hour), then bench.speedups gossip (RESULTS.md)
 - bench.comparisons abs-*: ABS against seven methods, six scenarios, tuned (about three hours), then bench.speedups
   abs (RESULTS.md)
+- bench/batched_executor.py: vmapped fleets against node-by-node training, local and end to end (BENCHMARKS.md)
 
 ``--quick`` runs every benchmark of both small, and only the quick form of the comparisons.
 """
@@ -103,6 +104,8 @@ def main() -> int:
                             ["-m", "bench.speedups", "gossip", "--out", "results/compare/gossip-speedups.md"],
                             ["-m", "bench.comparisons", *ABS],
                             ["-m", "bench.speedups", "abs", "--out", "results/compare/abs-summary.md"]]),
+        ["bench/batched_executor.py", *(["--quick"] if quick else ["--nodes", "100", "1000", "10000"]), "--json",
+         "results/batched_executor.json", "--markdown", "results/batched_executor.md"],
     ]
     runs = extras if extra else [*core, *extras] if quick else core
     if not extra:
