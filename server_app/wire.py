@@ -12,12 +12,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import (
     InflatableObject,
+    _get_computed_object_ids,
     get_all_nested_objects,
+    get_object_id,
     no_object_id_recompute,
 )
 
@@ -89,16 +91,43 @@ def message_sizes(msg: Message) -> tuple[int, int]:
                 assert isinstance(chunk, ArrayChunk)  # what slice_array makes (typed as any InflatableObject)
                 into.setdefault(chunk_id, _chunk_bytes(len(chunk.data)))
         else:
-            for child in (obj.children or {}).values():
+            for child in _parts(obj):
                 visit(child, into)
-        if (oid := obj.object_id) not in into:
-            into[oid] = len(obj.deflate())
+        oid, size = _identify(obj)
+        into.setdefault(oid, size)
 
     with no_object_id_recompute():  # Flower's own cache of object ids for the duration of one serialization
         if msg.has_content():
             visit(msg.content, seen)
         content = sum(seen.values())
         return content + len(msg.deflate()), content
+
+
+def _parts(obj: InflatableObject) -> list[InflatableObject]:
+    """The objects ``obj``'s deflated form refers to, without taking their ids (``children`` would hash each)."""
+    if isinstance(obj, RecordDict | ArrayRecord):
+        return list(obj.values())
+    if isinstance(obj, Message):
+        return [obj.content] if obj.has_content() else []
+    return list((obj.children or {}).values())
+
+
+def _identify(obj: InflatableObject) -> tuple[str, int]:
+    """``(obj.object_id, len(obj.deflate()))`` from one deflate, inside ``no_object_id_recompute``.
+
+    ``object_id`` deflates the object to hash it and keeps only the hash, so sizing a message deflated each
+    record twice. Here the bytes are hashed and measured once, and the id is left where Flower's own cache for the
+    current serialization looks (``_object_id`` and the context's set of computed ids), with the dirty flag that
+    ``Array.object_id`` and ``ArrayRecord.object_id`` clear, so that a parent's deflate reuses it; the ids are
+    Flower's (``tests/test_wire.py`` compares the sizes with ``reference_wire_bytes``).
+    """
+    data = obj.deflate()
+    oid = get_object_id(data)
+    obj.__dict__["_object_id"] = oid
+    _get_computed_object_ids().add(oid)
+    if isinstance(obj, Array | ArrayRecord):
+        obj.is_dirty = False
+    return oid, len(data)
 
 
 #: Where ``message_sizes`` keeps an ArrayRecord's sizes on the record itself: ``(its object id then, {object id:

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,3 +144,21 @@ def test_npy_array_is_flowers_array_to_the_bit(values):
     assert [bytes(c.data) for _, c in ours.slice_array()] == [bytes(c.data) for _, c in flowers.slice_array()]
     assert ours.object_id == flowers.object_id
     np.testing.assert_array_equal(ours.numpy(), values)
+
+
+def test_sizes_of_messages_with_repeated_records_and_arrays_are_the_deflated_tree():
+    """Identical records and arrays travel once: one deflate per object must keep Flower's ids and its dedup."""
+    from strategies.flower_arrays import npy_array
+
+    same = np.arange(50, dtype=np.float32)
+    arrays = {"a": npy_array(same), "b": Array(same.copy()), "c": npy_array(np.zeros(7, np.float32))}
+    content = RecordDict({
+        "delta": ArrayRecord(arrays), "copy": ArrayRecord(dict(arrays)),
+        "metrics": MetricRecord({"num-examples": 3, "loss": 0.25, "big": 2**62, "neg": -7, "list": [1.0, 2.0]}),
+        "m2": MetricRecord({"num-examples": 3, "loss": 0.25, "big": 2**62, "neg": -7, "list": [1.0, 2.0]}),
+        "config": ConfigRecord({"s": "é" * 30, "b": True, "x": b"\x00\x01", "u": 2**63 + 5, "f": -0.0}),
+        "empty": ConfigRecord({}),
+    })
+    for msg in (reply_with(content), instruction()):
+        assert wire_bytes(msg) == reference_wire_bytes(msg)
+        assert wire_bytes(msg) == reference_wire_bytes(msg)  # again, from the record's memo
