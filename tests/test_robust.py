@@ -202,8 +202,8 @@ def test_the_norm_of_a_weights_reply_is_delta_norm_to_the_bit_and_leaves_no_delt
     rng = np.random.default_rng(3)
     from server_app.intake import work_space
 
-    # 300 x 410 spans two blocks and a short third: the blocks of diff_norm and delta_norm must be the same ones
-    base = [rng.normal(size=(300, 410)).astype(np.float32), rng.normal(size=7).astype(np.float32),
+    # 1300 x 410 spans two blocks and a short third: the blocks of diff_norm and delta_norm must be the same ones
+    base = [rng.normal(size=(1300, 410)).astype(np.float32), rng.normal(size=7).astype(np.float32),
             rng.integers(-2**40, 2**40, size=5), rng.normal(size=70_000)]
     trained = [b - rng.normal(scale=1e-3, size=b.shape).astype(b.dtype) for b in base]
     trained[2] = base[2] + 2**40  # int64 squares past 2**63: in float64, not wrapped around
