@@ -1,12 +1,13 @@
 """Scale (issue 9): the in-process runner with 1,000 nodes, 100 concurrent, on the virtual clock.
 
     python -m bench.scale [--nodes 1000] [--concurrency 100] [--updates 5000,20000] [--workers 2] [--quick]
-                          [--executor thread,process] [--client staleflower|noop]
+                          [--executor thread,process] [--client staleflower|noop] [--model logreg|mlp]
+                          [--local-executor sequential|batched]
                           [--json results/scale.json] [--markdown results/scale.md]
 
-Each run (FedBuff, logreg on digits, 2 local steps, every node its own partition of the 1,437 training images)
-goes in a fresh child process, so its peak RSS is its own. The child wraps ``Engine._evaluate`` (an evaluation
-every 1/40 of the run, ``--samples``) to sample, after a ``gc.collect()``, the resident set size
+Each run (FedBuff, logreg (``--model``) on digits, 2 local steps, every node its own partition of the 1,437
+training images) goes in a fresh child process, so its peak RSS is its own. The child wraps ``Engine._evaluate``
+(an evaluation every 1/40 of the run, ``--samples``) to sample, after a ``gc.collect()``, the resident set size
 (``/proc/self/statm``) and the number of objects the garbage collector tracks, together with the applied-update
 count and the wall time. The table reports RSS at 25 %, 50 % and 100 % of the run, the growth from 25 % to
 100 %, the peak RSS (``ru_maxrss``), and applied updates per second of wall time between the first and the last
@@ -24,6 +25,9 @@ comparison (each imports everything itself). ``--client noop`` replaces staleflo
 applied update over the same span as updates/s (user + system, evaluations and sampling left out): of the runner's
 process (with threads, clients included) and, with processes, of the workers together. On a shared machine
 updates/s depends on what else runs; CPU per update much less, and it says what an idle machine would need.
+``--model`` trains the runner's ``mlp`` instead of ``logreg``; ``--local-executor batched`` trains the nodes of
+concurrent tasks as one vmapped computation (``client_app/batched.py``; give it ``--workers`` as large as the
+concurrency, so that the tasks in flight are on client threads at once).
 
 ``--quick`` (the smoke test): 20 nodes, 5 concurrent, 60 and 120 updates, 8 samples each. The machine's load
 average before and after is recorded: on a shared 2-core machine other processes take cores too, so updates/s
@@ -112,7 +116,8 @@ def startup(clientapp: str, nodes: int, workers: int) -> dict[str, float]:
 
 
 def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, samples_per_run: int = 40,
-          executor: str = "thread", client: str = "staleflower") -> dict[str, Any]:
+          executor: str = "thread", client: str = "staleflower", model: str = "logreg",
+          local_executor: str = "sequential") -> dict[str, Any]:
     """One run in this process; returns its samples and figures."""
     import torch
 
@@ -142,9 +147,9 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
 
     engine_module.Engine._evaluate = sampled  # type: ignore[method-assign]
     values = merge_config(overrides={
-        "strategy": "fedbuff", "dataset": "digits", "model": "logreg", "local-steps": 2, "max-updates": updates,
+        "strategy": "fedbuff", "dataset": "digits", "model": model, "local-steps": 2, "max-updates": updates,
         "concurrency": concurrency, "eval-every": max(updates // samples_per_run, 1), "metrics-db": db,
-        "min-nodes": nodes,
+        "min-nodes": nodes, "local-executor": local_executor,
     })
     t0 = time.perf_counter()
     summary = run_local(values, nodes=nodes, workers=workers, executor=executor, clientapp=clientapp)  # type: ignore[arg-type]
@@ -169,7 +174,8 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         "worker_processes": int(last["processes"]),  # the forkserver and the workers
     }
     return {
-        "executor": executor, "client": client, **starts, **workers_mem, **cpu,
+        "executor": executor, "client": client, "model": model, "local_executor": local_executor,
+        **starts, **workers_mem, **cpu,
         "startup_to_first_eval_s": round(first["wall_s"] - t0, 2),
         "nodes": nodes, "concurrency": concurrency, "workers": workers, "updates": updates,
         "applied": summary.applied, "tasks": sum(summary.statuses.values()), "statuses": summary.statuses,
@@ -188,11 +194,11 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
 
 def markdown(report: dict[str, Any]) -> str:
     """The table of BENCHMARKS.md."""
-    lines = ["| executor | client | nodes | concurrent | applied updates | tasks | wall s | updates/s "
+    lines = ["| executor | client | model | nodes | concurrent | applied updates | tasks | wall s | updates/s "
              "| CPU ms/update: runner (workers) | RSS 25 % "
              "| RSS 50 % | RSS 100 % | growth 25→100 % | peak RSS | workers' RSS (PSS) 25 % → 100 % "
              "| tracked objects 25 % → 100 % | accuracy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         workers = "–" if "workers_rss_mb_25" not in r else (
             f"{r['workers_rss_mb_25']:.0f} ({r['workers_pss_mb_25']:.0f}) → {r['workers_rss_mb_100']:.0f} "
@@ -200,8 +206,11 @@ def markdown(report: dict[str, Any]) -> str:
         cpu = f"{r['main_cpu_ms_per_update']:.2f}" if "main_cpu_ms_per_update" in r else "–"
         if "workers_cpu_ms_per_update" in r:
             cpu += f" ({r['workers_cpu_ms_per_update']:.2f})"
+        executor = r.get("executor", "thread")
+        if r.get("local_executor", "sequential") != "sequential":
+            executor += f" + {r['local_executor']} ({r['workers']} threads)"
         lines.append(
-            f"| {r.get('executor', 'thread')} | {r.get('client', 'staleflower')} | {r['nodes']:,} | "
+            f"| {executor} | {r.get('client', 'staleflower')} | {r.get('model', 'logreg')} | {r['nodes']:,} | "
             f"{r['concurrency']} | {r['applied']:,} | {r['tasks']:,} | {r['wall_s']:.0f} | "
             f"{r['updates_per_s']:.1f} | {cpu} | {r['rss_mb_25']:.0f} MiB | {r['rss_mb_50']:.0f} MiB | "
             f"{r['rss_mb_100']:.0f} MiB | {r['rss_growth_25_to_100_mb']:+.1f} MiB | {r['peak_rss_mb']:.0f} MiB | "
@@ -225,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--executor", default="thread", help="comma-separated: thread, process (rows for each)")
     parser.add_argument("--client", choices=sorted(CLIENTS), default="staleflower",
                         help="staleflower's ClientApp, or noop (a delta of zeros: the engine alone)")
+    parser.add_argument("--model", choices=["logreg", "mlp"], default="logreg", help="the runner's model to train")
+    parser.add_argument("--local-executor", choices=["sequential", "batched"], default="sequential",
+                        help="how staleflower's ClientApp runs its local steps (batched: client_app/batched.py)")
     parser.add_argument("--samples", type=int, default=40, help="evaluations (memory samples) per run")
     parser.add_argument("--quick", action="store_true", help="20 nodes, 5 concurrent, 60 and 120 updates")
     parser.add_argument("--json", default="results/scale.json")
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--executor takes thread, process or both (comma-separated), got {args.executor!r}")
     if args.child:
         result = child(args.nodes, args.concurrency, int(args.updates), args.workers, args.db, args.samples,
-                       executors[0], args.client)
+                       executors[0], args.client, args.model, args.local_executor)
         Path(args.json).write_text(json.dumps(result))
         return result
     if args.quick:
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cmd = [sys.executable, "-m", "bench.scale", "--child", "--nodes", str(args.nodes), "--concurrency",
                    str(args.concurrency), "--updates", str(updates), "--workers", str(args.workers),
                    "--samples", str(args.samples), "--executor", executor, "--client", args.client,
-                   "--json", str(out), "--db", str(db)]
+                   "--model", args.model, "--local-executor", args.local_executor, "--json", str(out), "--db", str(db)]
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -258,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.append(json.loads(out.read_text()))
     report = {
         "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "workload": "fedbuff (buffer 5), logreg on digits, 2 local steps, virtual clock, default fleet mix"
+        "workload": f"fedbuff (buffer 5), {args.model} on digits, 2 local steps ({args.local_executor}), "
+                    "virtual clock, default fleet mix"
                     + (" (no-op clients: a delta of zeros, no training)" if args.client == "noop" else ""),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())},
