@@ -2,7 +2,7 @@
 
     python -m bench.scale [--nodes 1000] [--concurrency 100] [--updates 5000,20000] [--workers 2] [--quick]
                           [--executor thread,process] [--client staleflower|noop] [--model logreg|mlp]
-                          [--local-executor sequential|batched]
+                          [--local-executor sequential|batched] [--dataset digits|fashion-mnist]
                           [--json results/scale.json] [--markdown results/scale.md]
 
 Each run (FedBuff, logreg (``--model``) on digits, 2 local steps, every node its own partition of the 1,437
@@ -25,7 +25,8 @@ comparison (each imports everything itself). ``--client noop`` replaces staleflo
 applied update over the same span as updates/s (user + system, evaluations and sampling left out): of the runner's
 process (with threads, clients included) and, with processes, of the workers together. On a shared machine
 updates/s depends on what else runs; CPU per update much less, and it says what an idle machine would need.
-``--model`` trains the runner's ``mlp`` instead of ``logreg``; ``--local-executor batched`` trains the nodes of
+``--model`` trains the runner's ``mlp`` instead of ``logreg``, ``--dataset fashion-mnist`` on Fashion-MNIST's 60,000
+training images (enough for 10,000 nodes; digits has 1,437); ``--local-executor batched`` trains the nodes of
 concurrent tasks as one vmapped computation (``client_app/batched.py``; give it ``--workers`` as large as the
 concurrency, so that the tasks in flight are on client threads at once).
 
@@ -117,7 +118,7 @@ def startup(clientapp: str, nodes: int, workers: int) -> dict[str, float]:
 
 def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, samples_per_run: int = 40,
           executor: str = "thread", client: str = "staleflower", model: str = "logreg",
-          local_executor: str = "sequential") -> dict[str, Any]:
+          local_executor: str = "sequential", dataset: str = "digits") -> dict[str, Any]:
     """One run in this process; returns its samples and figures."""
     import torch
 
@@ -147,7 +148,7 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
 
     engine_module.Engine._evaluate = sampled  # type: ignore[method-assign]
     values = merge_config(overrides={
-        "strategy": "fedbuff", "dataset": "digits", "model": model, "local-steps": 2, "max-updates": updates,
+        "strategy": "fedbuff", "dataset": dataset, "model": model, "local-steps": 2, "max-updates": updates,
         "concurrency": concurrency, "eval-every": max(updates // samples_per_run, 1), "metrics-db": db,
         "min-nodes": nodes, "local-executor": local_executor,
     })
@@ -174,7 +175,7 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         "worker_processes": int(last["processes"]),  # the forkserver and the workers
     }
     return {
-        "executor": executor, "client": client, "model": model, "local_executor": local_executor,
+        "executor": executor, "client": client, "model": model, "local_executor": local_executor, "dataset": dataset,
         **starts, **workers_mem, **cpu,
         "startup_to_first_eval_s": round(first["wall_s"] - t0, 2),
         "nodes": nodes, "concurrency": concurrency, "workers": workers, "updates": updates,
@@ -190,6 +191,12 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
         "samples": [{k: round(v, 3) if isinstance(v, float) else v for k, v in s.items() if k != "wall_s"}
                     | {"t_s": round(s["wall_s"] - first["wall_s"], 2)} for s in samples],
     }
+
+
+def _model(row: dict[str, Any]) -> str:
+    """A row's model, with its dataset when it is not digits."""
+    dataset = row.get("dataset", "digits")
+    return row.get("model", "logreg") + ("" if dataset == "digits" else f" ({dataset})")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -210,7 +217,7 @@ def markdown(report: dict[str, Any]) -> str:
         if r.get("local_executor", "sequential") != "sequential":
             executor += f" + {r['local_executor']} ({r['workers']} threads)"
         lines.append(
-            f"| {executor} | {r.get('client', 'staleflower')} | {r.get('model', 'logreg')} | {r['nodes']:,} | "
+            f"| {executor} | {r.get('client', 'staleflower')} | {_model(r)} | {r['nodes']:,} | "
             f"{r['concurrency']} | {r['applied']:,} | {r['tasks']:,} | {r['wall_s']:.0f} | "
             f"{r['updates_per_s']:.1f} | {cpu} | {r['rss_mb_25']:.0f} MiB | {r['rss_mb_50']:.0f} MiB | "
             f"{r['rss_mb_100']:.0f} MiB | {r['rss_growth_25_to_100_mb']:+.1f} MiB | {r['peak_rss_mb']:.0f} MiB | "
@@ -237,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", choices=["logreg", "mlp"], default="logreg", help="the runner's model to train")
     parser.add_argument("--local-executor", choices=["sequential", "batched"], default="sequential",
                         help="how staleflower's ClientApp runs its local steps (batched: client_app/batched.py)")
+    parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--samples", type=int, default=40, help="evaluations (memory samples) per run")
     parser.add_argument("--quick", action="store_true", help="20 nodes, 5 concurrent, 60 and 120 updates")
     parser.add_argument("--json", default="results/scale.json")
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--executor takes thread, process or both (comma-separated), got {args.executor!r}")
     if args.child:
         result = child(args.nodes, args.concurrency, int(args.updates), args.workers, args.db, args.samples,
-                       executors[0], args.client, args.model, args.local_executor)
+                       executors[0], args.client, args.model, args.local_executor, args.dataset)
         Path(args.json).write_text(json.dumps(result))
         return result
     if args.quick:
@@ -262,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cmd = [sys.executable, "-m", "bench.scale", "--child", "--nodes", str(args.nodes), "--concurrency",
                    str(args.concurrency), "--updates", str(updates), "--workers", str(args.workers),
                    "--samples", str(args.samples), "--executor", executor, "--client", args.client,
-                   "--model", args.model, "--local-executor", args.local_executor, "--json", str(out), "--db", str(db)]
+                   "--model", args.model, "--local-executor", args.local_executor, "--dataset", args.dataset,
+                   "--json", str(out), "--db", str(db)]
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.append(json.loads(out.read_text()))
     report = {
         "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "workload": f"fedbuff (buffer 5), {args.model} on digits, 2 local steps ({args.local_executor}), "
+        "workload": f"fedbuff (buffer 5), {args.model} on {args.dataset}, 2 local steps ({args.local_executor}), "
                     "virtual clock, default fleet mix"
                     + (" (no-op clients: a delta of zeros, no training)" if args.client == "noop" else ""),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
