@@ -131,7 +131,8 @@ def test_scale_smoke(tmp_path, capsys):
     assert [r["updates"] for r in data["results"]] == [60, 120]
     for r in data["results"]:
         assert r["nodes"] == 20 and r["applied"] >= r["updates"] and r["updates_per_s"] > 0
-        assert r["peak_rss_mb"] >= r["rss_mb_100"] > 0 and len(r["samples"]) >= 8
+        # the peak (ru_maxrss, KiB) and the last sample (statm, pages) are each rounded to 0.1 MiB
+        assert r["peak_rss_mb"] >= r["rss_mb_100"] - 0.2 and r["rss_mb_100"] > 0 and len(r["samples"]) >= 8
         assert all(s["flights"] <= 5 for s in r["samples"])
     table = capsys.readouterr().out
     assert "| 20 | 5 |" in table and md.read_text().strip() in table
