@@ -178,7 +178,7 @@ class ScriptedClock(VirtualClock):
 
     def draw(self, state: EngineState, node: int, payload_down: int, exchange: Exchange | None) -> TaskTiming:
         """The scripted compute time of this node's current task; no download, upload or failure."""
-        compute = float(self.script(state.nodes.index(node), state.node_tasks.get(node, 0)))
+        compute = float(self.script(state.position(node), state.node_tasks.get(node, 0)))
         return TaskTiming(down_s=0.0, compute_s=compute, up_latency_s=0.0, up_bps=math.inf, fail_after_s=None)
 
 

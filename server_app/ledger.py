@@ -63,7 +63,7 @@ class Ledger:
     def nodes(self, state: EngineState, nodes: Sequence[tuple[int, Mapping[str, object]]]) -> None:
         """``nodes`` rows: where each node is in the fleet, its profile, and what it said of itself."""
         self.store.record_nodes(
-            (n, state.nodes.index(n), info.get("partition-id"), state.profiles[n].device.name,
+            (n, state.position(n), info.get("partition-id"), state.profiles[n].device.name,
              state.profiles[n].network.name, state.profiles[n].slowdown, state.profiles[n].dropout,
              info.get("torch-device"))
             for n, info in nodes)

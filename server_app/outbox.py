@@ -52,7 +52,7 @@ class Outbox:
 
     def _task_seed(self, state: EngineState, node: int) -> int:
         n = state.node_tasks[node] = state.node_tasks.get(node, -1) + 1
-        return int(np.random.SeedSequence([self.cfg.seed, state.nodes.index(node), n]).generate_state(1)[0])
+        return int(np.random.SeedSequence([self.cfg.seed, state.position(node), n]).generate_state(1)[0])
 
     def _payload_record(self, payload: Payload) -> ArrayRecord:
         """A payload as its record (``wire.payload_record``); the same object is serialized (and hashed) once."""

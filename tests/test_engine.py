@@ -239,3 +239,19 @@ def test_every_strategy_takes_a_codec_and_bytes_shrink(simulate, shared_run, cod
     up_plain = sum(r["bytes_up"] for r in plain.updates()) / len(plain.updates())
     up_packed = sum(r["bytes_up"] for r in packed.updates()) / len(packed.updates())
     assert up_packed < up_plain / {"fp16": 1.9, "qsgd": 3}.get(codec, 5)
+
+
+def test_a_nodes_position_is_its_place_in_the_fleet_after_joins_and_a_checkpoint():
+    """``EngineState.position`` (task seeds, scripted clocks, the nodes table) answers as ``nodes.index``."""
+    import pickle
+
+    from server_app.state import EngineState
+
+    state = EngineState(nodes=[2**40 + 7, 3, 2**63 - 1], profiles={}, rng=np.random.default_rng(0), cap=1,
+                        fleet_online=3, guard=None, downlink=None)  # type: ignore[arg-type]
+    assert [state.position(n) for n in state.nodes] == [0, 1, 2]
+    state.nodes.append(99)  # a late join
+    assert state.position(99) == 3 and state.position(3) == 1
+    restored = pickle.loads(pickle.dumps(state))
+    assert "_positions" not in restored.__dict__
+    assert [restored.position(n) for n in restored.nodes] == [restored.nodes.index(n) for n in restored.nodes]
