@@ -144,11 +144,6 @@ class Evaluator:
 REFERENCE_STEPS = 20
 
 
-def as_record(names: list[str], weights: list[np.ndarray]) -> ArrayRecord:
-    """The model as Flower's ``ArrayRecord`` keyed by its state-dict names (``to_torch_state_dict`` restores it)."""
-    return to_record(names, weights)
-
-
 def server_evaluator(cfg: RunConfig, names: list[str]) -> Evaluator | UserEvaluator | None:
     """The run's server-side evaluation: ``evaluate-fn`` when set, else the test split.
 
@@ -174,7 +169,7 @@ class UserEvaluator:
 
     def __call__(self, weights: list[np.ndarray]) -> tuple[float, float]:
         """Return ``(loss, accuracy)``."""
-        arrays = as_record(self.names, weights)
+        arrays = to_record(self.names, weights)
         result = self.fn(self.round, arrays)
         self.round += 1
         if not isinstance(result, Mapping):
@@ -202,7 +197,8 @@ class FederatedEvaluator:
     def __call__(self, weights: list[np.ndarray]) -> tuple[float, float]:
         """Return the examples-weighted ``(loss, accuracy)`` of the nodes that answered."""
         nodes = self._sample()
-        msgs = [Message(RecordDict({"arrays": as_record(self.names, weights),
+        arrays = to_record(self.names, weights)  # one record for every node: serialized and hashed once
+        msgs = [Message(RecordDict({"arrays": arrays,
                                     "config": ConfigRecord({"server-round": self.round})}),
                         dst_node_id=n, message_type="evaluate", ttl=self.cfg.task_ttl) for n in nodes]
         self.round += 1
