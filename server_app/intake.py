@@ -270,7 +270,7 @@ def _tensor_norm(d: np.ndarray) -> float:
         squares = 0.0
         for start in range(0, flat.size, BLOCK):
             squares += _squares(flat[start:start + BLOCK])
-    return _checked_norm(math.sqrt(squares) if squares == squares else squares, d)
+    return _checked_norm(math.sqrt(squares), d)  # NaN and Inf pass through sqrt
 
 
 def _diff_tensor_norm(b: np.ndarray, t: np.ndarray, scratch: np.ndarray) -> float:
@@ -284,7 +284,7 @@ def _diff_tensor_norm(b: np.ndarray, t: np.ndarray, scratch: np.ndarray) -> floa
             part = work[:min(BLOCK, flat_b.size - start)]
             np.subtract(flat_b[start:start + BLOCK], flat_t[start:start + BLOCK], out=part, dtype=b.dtype)
             squares += _squares(part)
-    norm = math.sqrt(squares) if squares == squares else squares
+    norm = math.sqrt(squares)
     if math.isfinite(norm):
         return norm
     return _checked_norm(norm, np.subtract(b, t, dtype=b.dtype))  # rare: overflow, NaN or Inf; the slow way

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
-from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import (
     InflatableObject,
     _get_computed_object_ids,
@@ -25,6 +24,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 
 from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
+from strategies.flower_arrays import chunk_header
 from strategies.taskkeys import COMPUTE_S, MODEL_VERSION, NUM_EXAMPLES, TASK_SEQ, TRAIN_LOSS
 
 __all__ = ["KNOWN_METRICS", "RejectedUpdate", "check_known_metrics", "finite_number", "message_sizes",
@@ -141,8 +141,8 @@ def reference_wire_bytes(msg: Message) -> int:
 
 
 def _chunk_bytes(n: int) -> int:
-    """``len(ArrayChunk(data).deflate())`` for ``n`` bytes of data: a ``type  length`` header, a divider, data."""
-    return len(f"ArrayChunk{HEAD_VALUE_DIVIDER}{HEAD_VALUE_DIVIDER}{n}".encode()) + len(HEAD_BODY_DIVIDER) + n
+    """``len(ArrayChunk(data).deflate())`` for ``n`` bytes of data: its header (``chunk_header``), then the data."""
+    return len(chunk_header(n)) + n
 
 
 def read_reply(
