@@ -22,9 +22,9 @@ from flwr.supercore.inflatable.inflatable_object import (
     no_object_id_recompute,
 )
 
+from server_app.wire_sizes import chunk_bytes, sizes
 from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
-from strategies.flower_arrays import chunk_header
 from strategies.taskkeys import COMPUTE_S, MODEL_VERSION, NUM_EXAMPLES, TASK_SEQ, TRAIN_LOSS
 
 __all__ = ["KNOWN_METRICS", "RejectedUpdate", "check_known_metrics", "finite_number", "message_sizes",
@@ -61,17 +61,21 @@ def payload_bytes(msg: Message) -> int:
 
 
 def message_sizes(msg: Message) -> tuple[int, int]:
-    """``(wire bytes, content bytes)`` of a message, in one walk of its object tree.
+    """``(wire bytes, content bytes)`` of a message.
 
-    Wire bytes equal ``sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())`` (the test checks
-    it), but an array chunk's size is computed from its length instead of deflating it again: chunks are the
-    model's bytes, their ids are cached by ``Array.slice_array`` (hashed once per array), and deflating them a
-    second time only to count bytes cost most of the engine's time on large models.
+    Wire bytes equal ``sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())`` (the tests check
+    it). The messages the engine sends and receives are sized from their objects' signatures, without deflating
+    them (``server_app/wire_sizes.py``); any other is deflated, in one walk of its object tree: an array chunk's
+    size is computed from its length instead of deflating it again (chunks are the model's bytes, their ids are
+    cached by ``Array.slice_array``, hashed once per array).
 
     Content bytes leave out the message object itself, whose metadata has varints of the run id and node ids:
     random 64-bit numbers that differ between runs of the same seed. The virtual clock charges content bytes, so
     that a run's timing, hence its event order, does not depend on them.
     """
+    found = sizes(msg)
+    if found is not None:
+        return found
     seen: dict[str, int] = {}
 
     def visit(obj: InflatableObject, into: dict[str, int]) -> None:
@@ -89,7 +93,7 @@ def message_sizes(msg: Message) -> tuple[int, int]:
         if isinstance(obj, Array):
             for chunk_id, chunk in obj.slice_array():
                 assert isinstance(chunk, ArrayChunk)  # what slice_array makes (typed as any InflatableObject)
-                into.setdefault(chunk_id, _chunk_bytes(len(chunk.data)))
+                into.setdefault(chunk_id, chunk_bytes(len(chunk.data)))
         else:
             for child in _parts(obj):
                 visit(child, into)
@@ -138,11 +142,6 @@ _SIZES_KEY = "_staleflower_sizes"
 def reference_wire_bytes(msg: Message) -> int:
     """The definition ``wire_bytes`` implements faster: every unique object of the tree, deflated."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
-
-
-def _chunk_bytes(n: int) -> int:
-    """``len(ArrayChunk(data).deflate())`` for ``n`` bytes of data: its header (``chunk_header``), then the data."""
-    return len(chunk_header(n)) + n
 
 
 def read_reply(
