@@ -197,8 +197,10 @@ class Engine:
             head = self.clock.head(self.state)
             if head is not None:
                 return head
+            self.ledger.store.commit()  # waiting for a client: what happened so far is committed first
             time.sleep(pause)
             pause = min(pause * 2, self.poll_s * 10)
+        self.ledger.store.commit()
         return None
 
     def _complete(self, f: Flight) -> None:
@@ -270,6 +272,7 @@ class Engine:
 
     def _evaluate(self) -> tuple[float, float]:
         s = self.state
+        self.ledger.store.commit()  # an evaluation may take seconds: no group holds the store's write lock meanwhile
         loss, acc = self.evaluate(s.policy.weights)
         s.last_eval = (s.totals.applied, loss, acc)
         s.last_local = local_scores(self.cfg, s.policy, acc, self.evaluate)

@@ -148,6 +148,8 @@ def test_reader_never_blocks_the_writer(tmp_path: Path) -> None:
         return UpdateRow(seq, 7, seq * 0.1, seq * 0.1 + 0.05, 0, 1, 0, 100, 200, 0.01, 0.04, "applied")
 
     writer.record_update(row(0))
+    writer.commit()  # task outcomes are committed in groups (server_app/store.py); here one commit per row
+
     def tasks(con: sqlite3.Connection) -> int:
         queries.stage(con, ["r1"], 1.0)
         return int(queries.summary(con).tasks.iloc[0])
@@ -157,6 +159,7 @@ def test_reader_never_blocks_the_writer(tmp_path: Path) -> None:
         t0 = time.monotonic()
         for seq in range(1, 51):  # commits while the reader's transaction is open
             writer.record_update(row(seq))
+            writer.commit()
         assert time.monotonic() - t0 < 5.0
         assert tasks(con) == before == 1  # the reader's snapshot is stable
     # and a reader while the writer holds an open write transaction is not blocked either
@@ -384,6 +387,7 @@ def test_a_running_run_shows_its_progress_toward_its_stop(tmp_path: Path) -> Non
         w.record_update(UpdateRow(seq, 3, 0.0, 0.4 + seq, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
     w.db.execute("INSERT INTO evals(run_id, t, model_version, updates_applied, bytes_up_total, bytes_down_total, "
                  "loss, accuracy) VALUES ('live', 1.4, 2, 2, 200, 600, 1.0, 0.45)")
+    w.commit()
     at = _app(db)
     assert not at.exception and not at.error
     bar = at.get("progress")[0]
@@ -829,6 +833,7 @@ def test_run_with_no_evaluation_and_no_task_yet(tmp_path: Path) -> None:
     text = _messages(at)
     assert "No evaluation yet" in text and "No task has completed yet" in text
     w.record_update(UpdateRow(0, 3, 0.0, 0.4, 0, 1, 0, 100, 300, 0.1, 0.3, "applied"))
+    w.commit()
     at.run()
     assert not at.exception and not at.error
     assert "No evaluation yet" in _messages(at) and "No task has completed yet" not in _messages(at)

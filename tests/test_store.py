@@ -1,10 +1,15 @@
 """The metrics store keeps DESIGN.md's schema, in WAL mode, readable while a run writes."""
 
 import sqlite3
+import time
 
 import pytest
 
+from client_app.app import app as staleflower_client
+from server_app import store as store_module
+from server_app.simulate import merge_config, run_local
 from server_app.store import MetricsStore, UpdateRow, unsigned_node_id
+from strategies.taskkeys import TASK_SEQ
 
 CONTRACT = {
     "runs": ["run_id", "started_at", "finished_at", "status", "strategy", "config_json"],
@@ -35,6 +40,7 @@ def test_rows_are_visible_to_a_reader_while_the_writer_is_open(tmp_path):
     store.record_update(row(0))
     store.record_update(row(1))
     store.mark_applied([0, 1], version=3)
+    store.commit()  # task outcomes are committed in groups (see the next test)
     reader = sqlite3.connect(tmp_path / "m.db")
     assert reader.execute("SELECT status, applied_version FROM updates ORDER BY seq").fetchall() == [
         ("applied", 3), ("applied", 3)]
@@ -42,6 +48,67 @@ def test_rows_are_visible_to_a_reader_while_the_writer_is_open(tmp_path):
     store.finish_run("completed")
     assert reader.execute("SELECT status, finished_at > started_at FROM runs").fetchone() == ("completed", 1)
     store.close()
+
+
+def count(path, table="updates"):
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as reader:
+        return reader.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_task_outcomes_are_committed_in_groups_and_never_rolled_back_by_another_write(tmp_path, monkeypatch):
+    """A group is committed when it is old enough, by any other write, on close; a failing write keeps it."""
+    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
+    store = MetricsStore(tmp_path / "m.db")
+    store.start_run("r1", "fedbuff", {})
+    store.record_update(row(0))
+    store.record_task_metrics(0, 7, {"train-loss": 0.5})
+    assert count(tmp_path / "m.db") == 0  # still in the open group
+    store.commit()
+    assert (count(tmp_path / "m.db"), count(tmp_path / "m.db", "task_metrics")) == (1, 1)
+
+    store.record_update(row(1))
+    with pytest.raises(RuntimeError, match="seal failed"):  # a write of its own fails and is rolled back...
+        store.save_checkpoint(1, lambda extent: (_ for _ in ()).throw(RuntimeError("seal failed")))
+    assert count(tmp_path / "m.db") == 2  # ...after the group was committed: the group stays
+    assert count(tmp_path / "m.db", "checkpoints") == 0
+
+    store.record_update(row(2))
+    store.record_eval(1.0, 1, 2, 10, 20, 0.5, 0.9)  # an evaluation commits the group with it
+    assert count(tmp_path / "m.db") == 3
+    store.record_update(row(3))
+    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 0.0)  # old enough: the next row commits the group
+    store.record_update(row(4))
+    assert count(tmp_path / "m.db") == 5
+    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
+    store.record_update(row(5))
+    store.close()  # closing commits the open group (sqlite3 alone would roll it back)
+    assert count(tmp_path / "m.db") == 6
+
+
+def test_rows_are_committed_before_the_engine_waits_for_a_client(tmp_path, monkeypatch):
+    """A busy engine commits by age; one that waits for a slow client commits first, so a reader sees the run.
+
+    One node's task waits until a reader sees rows; groups never age here, so only the commit before waiting
+    lets the run go on (without it the task gives up after 20 s and the test fails).
+    """
+    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
+    db, seen = tmp_path / "m.db", []
+
+    def slow_client(msg, context):
+        if msg.metadata.message_type == "train" and msg.content["config"][TASK_SEQ] == 6:
+            deadline = time.monotonic() + 20
+            while not seen and time.monotonic() < deadline:
+                if (rows := count(db)) > 0:
+                    seen.append(rows)
+                time.sleep(0.01)
+        return staleflower_client(msg, context)
+
+    values = merge_config(overrides={"strategy": "fedbuff", "model": "logreg", "local-steps": 1, "max-updates": 10,
+                                     "eval-every": 0, "metrics-db": str(db), "min-nodes": 3})
+    summary = run_local(values, nodes=3, clientapp=slow_client)
+    assert summary.applied >= 10
+    assert seen and seen[0] >= 1
+    assert count(db) >= 10  # and the run's end committed the rest
 
 
 def test_unknown_statuses_are_refused(tmp_path):
