@@ -54,7 +54,12 @@ def registered() -> dict[str, type[Strategy]]:
 
 
 def lookup(name: str) -> type[Strategy]:
-    """The strategy class for a run-config ``strategy`` value (a registered name or ``module:Class``)."""
+    """The strategy class for a run-config ``strategy`` value (a registered name or ``module:Class``).
+
+    A registered name is answered without listing the package (a ClientApp looks its strategy up for every task).
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
     _load_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
@@ -101,8 +106,8 @@ def _import(path: str) -> type[Strategy]:
 def _load_builtins() -> None:
     """Import every module of this package not imported yet, so that their ``@register`` decorators have run.
 
-    One directory listing per look-up (a run looks up its strategy a few times), so a module added while the
-    process runs (a test's temporary strategy file) is found too.
+    One directory listing per call (``registered()``, and a look-up of a name not registered yet), so a module
+    added while the process runs (a test's temporary strategy file) is found too.
     """
     package = sys.modules["strategies"]
     for info in pkgutil.iter_modules(package.__path__):
