@@ -66,7 +66,10 @@ class ClientJob:
         else:
             arrays = [encode(self.codec, d, seed=s, state=st)
                       for d, s, st in zip(delta, seeds, codec_states, strict=True)]
-            pairs = [(a, decode(a, shape=d.shape, dtype=d.dtype)) for a, d in zip(arrays, delta, strict=True)]
+            if self.codec.name == "none":  # lossless (encode refuses NaN/Inf): what the server decodes is the delta
+                pairs = [(a, np.array(d, dtype=d.dtype, order="C")) for a, d in zip(arrays, delta, strict=True)]
+            else:
+                pairs = [(a, decode(a, shape=d.shape, dtype=d.dtype)) for a, d in zip(arrays, delta, strict=True)]
         if self.codec.name == "powersgd":
             self.state[_q_key(memory_to)] = [st.get("q", np.zeros(0, np.float32)) for st in codec_states]
         return [a for a, _ in pairs], [s for _, s in pairs]

@@ -6,7 +6,7 @@ from flwr.app import RecordDict
 
 from client_app.records import NodeState
 from strategies.client import POWERSGD_KEY, RESIDUAL_KEY, ClientJob
-from strategies.codecs import CodecSpec, decode
+from strategies.codecs import CodecSpec, decode, roundtrip
 
 
 def job(state, codec="topk", ef=True, seed=0):
@@ -36,3 +36,15 @@ def test_without_error_feedback_nothing_is_kept():
     state = RecordDict()
     job(state, ef=False).compress([np.ones((10, 10), np.float32)])
     assert RESIDUAL_KEY not in NodeState(state)
+
+
+@pytest.mark.parametrize("delta", [np.arange(12, dtype=np.float32).reshape(3, 4).T, np.full((), 2.5),
+                                   np.linspace(-1, 1, 7).astype(np.float16)])
+def test_without_a_codec_what_the_server_decodes_is_the_delta_without_decoding_it(delta):
+    """codec = "none" is lossless: the pair's second half is the delta (a C-ordered copy), as decoding gives it."""
+    arrays, decoded = job(RecordDict(), codec="none", ef=False).compress([delta])
+    expected = roundtrip(CodecSpec("none"), delta, seed=0)
+    assert decoded[0].dtype == expected.dtype and decoded[0].shape == expected.shape
+    assert decoded[0].flags.c_contiguous and decoded[0] is not delta
+    assert np.array_equal(decoded[0], expected)  # the same bytes: npy round trips exactly
+    assert np.array_equal(decode(arrays[0], shape=delta.shape, dtype=delta.dtype), decoded[0])
