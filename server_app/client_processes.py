@@ -4,9 +4,10 @@ With client threads, the engine's thread and the clients take turns on one inter
 worker has its own. A node is pinned to one worker (node index % workers) for the whole run, so its ``Context``
 (the node state: error-feedback residuals, a downlink's model copy) lives in that worker from its first message
 to the last, as a SuperNode keeps it. What crosses the process boundary is what Flower's transport carries: the
-message as Flower's protobuf (``flwr.common.serde.message_to_proto``), serialized, one length-prefixed frame per
-message on a pipe. The ClientApp is named, not sent: an import path ``"module:attr"`` that every worker imports,
-or a picklable callable (a module-level function or ClientApp).
+message's metadata, records and arrays (``server_app/pipe_codec.py``: a JSON head and the arrays' bytes, rebuilt
+with the constructors Flower's own deserializer uses), one length-prefixed frame per message on a pipe. The
+ClientApp is named, not sent: an import path ``"module:attr"`` that every worker imports, or a picklable callable
+(a module-level function or ClientApp).
 
 The engine's ends of the pipes are non-blocking: a task goes to an outbox that is written as far as the pipe
 takes it, now and at every ``collect``, and ``collect`` reads whatever replies have arrived in one read per worker.
@@ -52,10 +53,9 @@ from typing import Literal
 
 from flwr.app import Context, Error, Message, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 from flwr.supercore.task_identity import TaskIdentity
 
+from server_app import pipe_codec
 from server_app.wire import message_sizes
 
 # flwr.common.constant.ErrorCode
@@ -112,13 +112,13 @@ def run_client(client_app: ClientAppLike, msg: Message, context: Context) -> Mes
 
 
 def to_bytes(msg: Message) -> bytes:
-    """The message as Flower's protobuf, serialized."""
-    return bytes(message_to_proto(msg).SerializeToString())
+    """The message as it crosses the pipe (``server_app/pipe_codec.py``)."""
+    return pipe_codec.encode(msg)
 
 
 def from_bytes(data: bytes) -> Message:
     """A message from ``to_bytes``."""
-    return message_from_proto(ProtoMessage.FromString(data))
+    return pipe_codec.decode(data)
 
 
 def app_spec(client_app: ClientAppLike | str) -> str | bytes:
@@ -260,7 +260,7 @@ def serve(setup: WorkerSetup, tasks: Connection, replies: Connection) -> None:
                 reply = run_client(app, msg, contexts[node])
             try:
                 data = to_bytes(reply)
-            except Exception as exc:  # noqa: BLE001 - message_sizes passed, protobuf did not: still a reply
+            except Exception as exc:  # noqa: BLE001 - message_sizes passed, the pipe's encoder did not: still a reply
                 failed = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"reply cannot be serialized: {exc}"),
                                  reply_to=msg)
                 failed.metadata.__dict__["_message_id"] = str(uuid.uuid4())

@@ -2,10 +2,10 @@
 
 Messages are handed to ``ClientApp(message, context)`` on a thread pool (``executor="thread"``: torch releases the
 GIL, so clients run in parallel, but their Python code and the engine's take turns on one lock) or in worker
-processes (``executor="process"``, ``server_app/client_processes.py``: the message travels as Flower's protobuf
-bytes, and the engine keeps its interpreter to itself). Each node keeps one ``Context`` for the run, as a SuperNode
-does. Like Flower's link state, a reply is returned by ``pull_messages`` once and then forgotten, and a client
-exception becomes an error reply.
+processes (``executor="process"``, ``server_app/client_processes.py``: the message travels as bytes,
+``server_app/pipe_codec.py``, and the engine keeps its interpreter to itself). Each node keeps one ``Context`` for
+the run, as a SuperNode does. Like Flower's link state, a reply is returned by ``pull_messages`` once and then
+forgotten, and a client exception becomes an error reply.
 
 ``reorder_seed`` holds finished replies back and releases them in a random order over several pulls: the engine
 must produce the same run whatever the arrival order (``tests/test_determinism.py``).
