@@ -23,6 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
+from strategies.flower_arrays import record_of
+
 __all__ = ["decode", "encode"]
 
 _HEAD = 4  # bytes of the head's length, little-endian
@@ -104,8 +106,8 @@ def _restored(value: Any, blobs: list[bytes]) -> Any:
 
 def _build(kind: str, items: list[Any], blobs: list[bytes]) -> ArrayRecord | ConfigRecord | MetricRecord:
     if kind == "arrays":
-        return ArrayRecord(array_dict={key: Array(dtype=dtype, shape=tuple(shape), stype=stype, data=blobs[index])
-                                       for key, dtype, shape, stype, index in items}, keep_input=False)
+        return record_of({key: Array(dtype=dtype, shape=tuple(shape), stype=stype, data=blobs[index])
+                          for key, dtype, shape, stype, index in items})  # ArrayRecord(array_dict): 3x longer
     values: dict[str, Any] = {key: _restored(value, blobs) for key, value in items}
     if kind == "config":
         return ConfigRecord(config_dict=values, keep_input=False)
