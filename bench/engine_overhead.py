@@ -18,8 +18,8 @@ Rows:
 
 Our rows time the whole ServerApp, and so include work Flower's row does not do: loading the dataset and building
 the model twice (weights + evaluator), a node-discovery round (``query.describe``, answered with an error by this
-ClientApp), two server-side evaluations (start and end), one committed SQLite row per update, and measuring each
-message's serialized size. Flower's row times ``start()`` only (its INFO logging silenced).
+ClientApp), two server-side evaluations (start and end), one SQLite row per update (committed in groups), and
+measuring each message's serialized size. Flower's row times ``start()`` only (its INFO logging silenced).
 
 Every engine first does one untimed warm-up run (1 round), then the timed runs are repeated ``--repeats`` times
 in rotating order (interleaved) and the median is reported. ``ratio_vs_flower_fedavg`` is our FedAvg's median
@@ -179,7 +179,7 @@ def benchmark(nodes: int, rounds: int, model: str, repeats: int, engines: tuple[
             "warmup": "one untimed 1-round run per engine" if warmup else "none",
             "torch_threads": torch.get_num_threads(),
             "ours_includes": "dataset load + 2 model builds, query.describe discovery, 2 server evaluations "
-                             "(start, end), one committed SQLite row per update, wire-size measurement",
+                             "(start, end), one SQLite row per update (committed in groups), wire-size measurement",
             "flower_includes": "FedAvg.start() only (INFO logging silenced)",
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         },
