@@ -43,6 +43,8 @@ _ALLOWED: dict[type, tuple[type, ...]] = {ConfigRecord: (bool, int, float, str, 
 #: metric names are its own choice: the memo must not hold what one reply sent).
 _MEMO_ENTRIES, _MEMO_KEY_CHARS = 2048, 2048
 _memo: dict[Hashable, int] = {}
+#: Where ``Array.slice_array`` caches its ``[(chunk id, ArrayChunk), ...]`` (flwr 1.41).
+_CHUNKS_KEY = "_chunks"
 
 
 def chunk_bytes(n: int) -> int:
@@ -110,8 +112,8 @@ def _array_record(record: ArrayRecord) -> int | None:
         if type(name) is not str or type(array) is not Array:
             return None
         data = array.data
-        if type(data) is not bytes or len(data) > FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:
-            return None  # several chunks (or a view): Flower slices and names them
+        if type(data) is not bytes or len(data) > FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE or not _natural(array, data):
+            return None  # several chunks, a view, or chunks cached that are not the data: Flower's deflate tells
         signature = _array_signature(array, len(data) > 0)
         if signature is None:
             return None
@@ -123,6 +125,23 @@ def _array_record(record: ArrayRecord) -> int | None:
         if data and _first(chunks, len(data), data):
             total += chunk_bytes(len(data))
     return total + _length(("ArrayRecord", tuple(names), distinct), record, _short(names))
+
+
+def _natural(array: Array, data: bytes) -> bool:
+    """Whether the chunks Flower has cached on ``array``, if any, are the ones it would make: the data itself.
+
+    Flower deflates an array from that cache (``Array.slice_array``); an in-process ClientApp could hand back an
+    array whose cache says something else, and the deflated tree would follow the cache, not the data.
+    """
+    chunks = array.__dict__.get(_CHUNKS_KEY)
+    if chunks is None:
+        return True
+    if not data:
+        return not chunks
+    if len(chunks) != 1:
+        return False
+    held = getattr(chunks[0][1], "data", None)
+    return held is data or (isinstance(held, memoryview) and held.obj is data and len(held) == len(data))
 
 
 def _first(seen: dict[Hashable, Any], key: Hashable, data: bytes) -> bool:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from server_app import wire_sizes
 from server_app.wire import message_sizes, reference_wire_bytes
 from strategies.codecs import to_record
-from strategies.flower_arrays import npy_array
+from strategies.flower_arrays import npy_array, record_of
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -161,3 +161,18 @@ def test_a_client_cannot_grow_the_memo_without_bound():
     assert not any(isinstance(k, tuple) and k[:1] == ("MetricRecord",) and len(k[1]) == 1
                    and len(k[1][0][0]) > wire_sizes._MEMO_KEY_CHARS for k in wire_sizes._memo)
     assert len(wire_sizes._memo) <= before + 2  # the record dict and the message may be new; the record is not
+
+
+def test_an_array_whose_cached_chunks_are_not_its_data_is_sized_as_flower_would_send_it():
+    """Flower deflates an array from its chunk cache: a forged cache (an in-process ClientApp's) is what travels."""
+    from flwr.app.message.arraychunk import ArrayChunk
+
+    natural = npy_array(np.ones(6, np.float32))
+    natural.slice_array()  # Flower's own cache: the data itself
+    forged = Array(np.ones(6, np.float32))
+    piece = ArrayChunk(b"\x00" * 3)
+    forged.__dict__["_chunks"] = [(piece.object_id, piece)] * 4
+    for array, fast in ((natural, True), (forged, False)):
+        msg = Message(RecordDict({"arrays": record_of({"a": array})}), dst_node_id=3, message_type="train")
+        assert (wire_sizes.sizes(msg) is not None) == fast  # (ArrayRecord(dict) would rebuild it, cache dropped)
+        assert_sized_as_deflated(msg)
