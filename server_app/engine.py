@@ -145,7 +145,7 @@ class Engine:
         s, members = self.state, self.membership
         if members is not None:
             self._apply_fleet(members.sync())
-        waiting: deque[int] = deque()
+        waiting: list[int] = []
         while s.idle and len(s.flights) < s.cap:
             node = s.idle.popleft()
             task = s.policy.task_for(node) if members is None or members.usable(node) else None
@@ -153,8 +153,7 @@ class Engine:
                 waiting.append(node)
             else:
                 self._dispatch(node, task)
-        waiting.extend(s.idle)
-        s.idle = waiting
+        s.idle.extendleft(reversed(waiting))  # still first, in their order (not a copy of the whole queue)
 
     def _dispatch(self, node: int, task: Task) -> None:
         s = self.state
