@@ -4,12 +4,15 @@ The schema is DESIGN.md's contract (tables ``runs``, ``updates``, ``evals``); ex
 ``evals.metrics_json`` carries strategy-specific numbers. WAL lets the dashboard read while a run writes;
 ``synchronous=NORMAL`` in WAL mode keeps every committed row across a crash of the writer process.
 
-The rows of task outcomes (``updates``, ``task_metrics``, rows marked applied) are committed in groups
+The rows of task outcomes (``updates``, ``task_metrics``, rows marked applied) are written in groups
 (``GROUP_COMMIT_S``): a commit per event cost more than the row itself (25 us against 3 us), a tenth of the engine's
-time per update with small models. A group is committed before the engine waits for a client, with every
-evaluation, checkpoint and change of the run's status, and at the latest ``GROUP_COMMIT_S`` after its first row; a
-group is never rolled back by another write. What the store says was applied was applied, and what a crash can
-take is rows of the last fraction of a second, all after the last checkpoint, which a resume rolls back anyway.
+time per update with small models. A group's statements wait in order in this process and are written in one
+transaction, so the store's write lock is held for milliseconds, not for the group's half second (the runs of a
+comparison write one store from several processes at once). A group is written before the engine waits for a
+client, with every evaluation, checkpoint and change of the run's status, and at the latest ``GROUP_COMMIT_S``
+after its first row; a write that fails leaves the group waiting for the next. What the store says was applied
+was applied, and what a crash can take is rows of the last fraction of a second, all after the last checkpoint,
+which a resume rolls back anyway.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def checkpoint_extent(run_id: str, applied: object, updates_rowid: object, evals
     return json.dumps([run_id, applied, updates_rowid, evals_rowid, buffered_json])
 
 
+_INSERT_UPDATE = f"INSERT INTO updates({', '.join(UPDATE_COLUMNS)}) VALUES ({', '.join('?' * len(UPDATE_COLUMNS))})"
+
 #: Longest the rows of a group of task outcomes wait for their commit while the engine is busy (module docstring):
 #: the dashboard's view of a busy run lags by at most this.
 GROUP_COMMIT_S = 0.5
@@ -155,26 +160,40 @@ class MetricsStore:
         self.db.executescript(SCHEMA)
         self._add_columns()
         self.run_id = ""
-        self._group_since = 0.0  # when the open group's first row was written
+        self._group: list[tuple[str, list[tuple[Any, ...]]]] = []  # statements waiting, in order, with their rows
+        self._group_since = 0.0  # when the group's first statement came
 
     def commit(self) -> None:
-        """Commit the open group of task outcomes, if any (the engine calls it before it waits for a client)."""
-        if self.db.in_transaction:
-            self.db.commit()
+        """Write the waiting group of task outcomes in one transaction (the engine calls it before it waits).
 
-    @contextlib.contextmanager
-    def _grouped(self) -> Iterator[None]:
-        """Write into the open group (opened here if none): committed later, together (module docstring)."""
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN")
+        If the write fails (a signal, a full disk) the group waits on, whole, for the next commit, which recording
+        the run's end makes.
+        """
+        if not self._group:
+            return
+        group, self._group = self._group, []
+        try:
+            with self.db:
+                for sql, rows in group:
+                    self.db.executemany(sql, rows)
+        except BaseException:
+            self._group = group + self._group
+            raise
+
+    def _grouped(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Add a statement to the group (module docstring); written when the group is old enough, or before."""
+        if not self._group:
             self._group_since = time.monotonic()
-        yield
+        if self._group and self._group[-1][0] == sql:
+            self._group[-1][1].extend(rows)  # the same statement again: one executemany
+        else:
+            self._group.append((sql, rows))
         if time.monotonic() - self._group_since >= GROUP_COMMIT_S:
             self.commit()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One transaction of its own, after the open group is committed (a failure here rolls back only this)."""
+        """One transaction of its own, after the group is written (a failure here rolls back only this)."""
         self.commit()
         with self.db:
             yield
@@ -217,22 +236,18 @@ class MetricsStore:
         """Insert one task outcome (committed with its group: module docstring)."""
         if row.status not in UPDATE_STATUSES:
             raise ValueError(f"unknown update status {row.status!r}")
-        with self._grouped():
-            self.db.execute(
-                f"INSERT INTO updates({', '.join(UPDATE_COLUMNS)}) VALUES ({', '.join('?' * len(UPDATE_COLUMNS))})",
-                (self.run_id, row.seq, sql_node_id(row.node_id), row.dispatched_at, row.completed_at, row.base_version,
-                 row.applied_version, row.staleness, row.bytes_up, row.bytes_down, row.compute_s, row.comm_s,
-                 row.status, row.reason, None if row.peer_id is None else sql_node_id(row.peer_id),
-                 row.transport_bytes_up, row.transport_bytes_down),
-            )
+        self._grouped(
+            _INSERT_UPDATE,
+            [(self.run_id, row.seq, sql_node_id(row.node_id), row.dispatched_at, row.completed_at, row.base_version,
+              row.applied_version, row.staleness, row.bytes_up, row.bytes_down, row.compute_s, row.comm_s,
+              row.status, row.reason, None if row.peer_id is None else sql_node_id(row.peer_id),
+              row.transport_bytes_up, row.transport_bytes_down)],
+        )
 
     def record_task_metrics(self, seq: int, node_id: int, metrics: Mapping[str, float]) -> None:
         """The numbers of a task's reply ``metrics`` record (``train-loss``, ``exec-*``...), one row per key."""
-        with self._grouped():
-            self.db.executemany(
-                "INSERT OR REPLACE INTO task_metrics VALUES (?,?,?,?,?)",
-                [(self.run_id, seq, sql_node_id(node_id), k, float(v)) for k, v in metrics.items()],
-            )
+        self._grouped("INSERT OR REPLACE INTO task_metrics VALUES (?,?,?,?,?)",
+                      [(self.run_id, seq, sql_node_id(node_id), k, float(v)) for k, v in metrics.items()])
 
     def mark_applied(self, seqs: Iterable[int], version: int) -> None:
         """Buffered updates went into the model as ``version``.
@@ -240,12 +255,11 @@ class MetricsStore:
         The strategy's reason ("buffer 3/5") is cleared; the update guard's note ("clipped from X to Y (...)",
         always first, ``; ``-separated) stays: it says what was applied.
         """
-        with self._grouped():
-            self.db.executemany(
-                "UPDATE updates SET status='applied', applied_version=?, reason=CASE WHEN reason LIKE 'clipped from %'"
-                " THEN substr(reason, 1, instr(reason || '; ', '; ') - 1) ELSE '' END WHERE run_id=? AND seq=?",
-                [(version, self.run_id, s) for s in seqs],
-            )
+        self._grouped(
+            "UPDATE updates SET status='applied', applied_version=?, reason=CASE WHEN reason LIKE 'clipped from %'"
+            " THEN substr(reason, 1, instr(reason || '; ', '; ') - 1) ELSE '' END WHERE run_id=? AND seq=?",
+            [(version, self.run_id, s) for s in seqs],
+        )
 
     def record_eval(self, t: float, version: int, applied: int, bytes_up: int, bytes_down: int,
                     loss: float, accuracy: float, extra: Mapping[str, float] | None = None) -> None:

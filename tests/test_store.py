@@ -62,7 +62,7 @@ def test_task_outcomes_are_committed_in_groups_and_never_rolled_back_by_another_
     store.start_run("r1", "fedbuff", {})
     store.record_update(row(0))
     store.record_task_metrics(0, 7, {"train-loss": 0.5})
-    assert count(tmp_path / "m.db") == 0  # still in the open group
+    assert count(tmp_path / "m.db") == 0  # still waiting in the group
     store.commit()
     assert (count(tmp_path / "m.db"), count(tmp_path / "m.db", "task_metrics")) == (1, 1)
 
@@ -81,8 +81,29 @@ def test_task_outcomes_are_committed_in_groups_and_never_rolled_back_by_another_
     assert count(tmp_path / "m.db") == 5
     monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
     store.record_update(row(5))
-    store.close()  # closing commits the open group (sqlite3 alone would roll it back)
+    store.close()  # closing writes the waiting group
     assert count(tmp_path / "m.db") == 6
+
+
+def test_a_group_does_not_hold_the_write_lock_and_a_failed_write_keeps_it(tmp_path, monkeypatch):
+    """Another process's writer is never kept waiting by a group; a group whose write fails is written later."""
+    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
+    store = MetricsStore(tmp_path / "m.db")
+    store.start_run("r1", "fedbuff", {})
+    store.record_update(row(0))
+    other = sqlite3.connect(tmp_path / "m.db", timeout=0.0)  # fails at once if the lock is held
+    other.execute("INSERT INTO evals(run_id, t) VALUES ('other', 0.0)")
+    other.commit()
+    blocker = sqlite3.connect(tmp_path / "m.db", timeout=0.0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the group cannot be written now
+    store.db.execute("PRAGMA busy_timeout = 0")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.commit()
+    blocker.execute("COMMIT")
+    store.record_update(row(1))
+    store.commit()
+    assert count(tmp_path / "m.db") == 2  # the failed group was written with the next commit, in order
+    store.close()
 
 
 def test_rows_are_committed_before_the_engine_waits_for_a_client(tmp_path, monkeypatch):
