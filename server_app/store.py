@@ -110,7 +110,10 @@ def checkpoint_extent(run_id: str, applied: object, updates_rowid: object, evals
     return json.dumps([run_id, applied, updates_rowid, evals_rowid, buffered_json])
 
 
-_INSERT_UPDATE = f"INSERT INTO updates({', '.join(UPDATE_COLUMNS)}) VALUES ({', '.join('?' * len(UPDATE_COLUMNS))})"
+#: ``OR REPLACE``: a group written again after a failure it did not see the end of (a signal between the commit
+#: and the bookkeeping) writes the same rows, not an error.
+_INSERT_UPDATE = (f"INSERT OR REPLACE INTO updates({', '.join(UPDATE_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(UPDATE_COLUMNS))})")
 
 #: Longest the rows of a group of task outcomes wait for their commit while the engine is busy (module docstring):
 #: the dashboard's view of a busy run lags by at most this.

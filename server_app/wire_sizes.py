@@ -54,16 +54,19 @@ def chunk_bytes(n: int) -> int:
 
 def sizes(msg: Message) -> tuple[int, int] | None:
     """``(wire bytes, content bytes)`` as ``wire.message_sizes`` defines them, or None where only deflating tells."""
-    signature = _message_signature(msg)
-    if signature is None:
-        return None
-    content = 0
-    if msg.has_content():
-        found = _record_dict(msg.content)
-        if found is None:
+    try:
+        signature = _message_signature(msg)
+        if signature is None:
             return None
-        content = found
-    return content + _length(signature, msg), content
+        content = 0
+        if msg.has_content():
+            found = _record_dict(msg.content)
+            if found is None:
+                return None
+            content = found
+        return content + _length(signature, msg), content
+    except Exception:  # noqa: BLE001 - a first deflate that fails: the caller's deflating path raises it again
+        return None
 
 
 def _length(signature: Hashable, obj: InflatableObject, remember: bool = True) -> int:
@@ -262,7 +265,8 @@ def _message_signature(msg: Message) -> tuple[Any, ...] | None:
         code, reason = msg.error.code, msg.error.reason or ""
         if type(code) is not int or type(reason) is not str:
             return None
-        error = (_int_signature(code) if code else 0, _string(reason))
+        error = (_int_signature(code) if code and _INT64_MIN <= code <= _INT64_MAX else None if code else 0,
+                 _string(reason))  # an error code is a sint64 only
         if error[0] is None or error[1] is None:
             return None
     return ("Message", fields, error, msg.has_content())

@@ -162,3 +162,21 @@ def test_flower_node_ids_beyond_2_63_are_stored_losslessly(tmp_path):
     (stored,) = con.execute("SELECT node_id FROM updates").fetchone()
     assert unsigned_node_id(stored) == big
     assert con.execute("SELECT node_id FROM nodes").fetchone() == (stored,)
+
+
+def test_a_group_written_again_after_an_interrupted_commit_writes_the_same_rows(tmp_path, monkeypatch):
+    """A signal may land after the commit but before the group is let go: writing it again changes nothing."""
+    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
+    store = MetricsStore(tmp_path / "m.db")
+    store.start_run("r1", "fedbuff", {})
+    store.record_update(row(0))
+    store.record_task_metrics(0, 7, {"train-loss": 0.5})
+    store.mark_applied([0], version=2)
+    group = [(sql, list(rows)) for sql, rows in store._group]
+    store.commit()
+    store._group = group  # as the commit's failure path leaves it when the signal came after the commit
+    store.commit()
+    with sqlite3.connect(tmp_path / "m.db") as reader:
+        assert reader.execute("SELECT seq, status, applied_version FROM updates").fetchall() == [(0, "applied", 2)]
+        assert reader.execute("SELECT COUNT(*) FROM task_metrics").fetchone() == (1,)
+    store.close()
