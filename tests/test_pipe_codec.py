@@ -39,7 +39,7 @@ def through_protobuf(msg: Message) -> Message | None:
         return None
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(messages())
 def test_a_message_crosses_the_pipe_as_it_crosses_flowers_protobuf(msg):
     expected = through_protobuf(msg)
