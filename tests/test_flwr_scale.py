@@ -43,7 +43,8 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from deploy_local import Proc, tail  # noqa: E402  (the deployment kit's process handle: group + descendants, by pid)
 
-pytestmark = pytest.mark.slow
+# A Ray cluster and a SuperLink of its own, about 70 s: with the real deployment, so `make test` stays under 4 min.
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
 NODES = 100
 UPDATES = 150
