@@ -53,9 +53,9 @@ def task_model(cfg: RunConfig, data: Dataset) -> torch.nn.Module:
     every task loads, so a task cannot tell a reused model from a new one; a user's ``module:Class`` may keep
     state elsewhere, so it is built for every task, as before.
     """
-    key = (cfg.model, tuple(data.input_shape), data.num_classes)
     if cfg.model not in MODELS:
         return build_model(cfg.model, data.input_shape, data.num_classes)
+    key = (cfg.model, tuple(data.input_shape), data.num_classes)
     cache = _MODELS.__dict__.setdefault("models", {})
     model = cache.get(key)
     if model is None:

@@ -32,7 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 from flwr.supercore.inflatable.inflatable_object import InflatableObject
 
-from strategies.flower_arrays import chunk_header
+from strategies.flower_arrays import CHUNKS_KEY, chunk_header
 
 __all__ = ["chunk_bytes", "sizes"]
 
@@ -43,8 +43,6 @@ _ALLOWED: dict[type, tuple[type, ...]] = {ConfigRecord: (bool, int, float, str, 
 #: metric names are its own choice: the memo must not hold what one reply sent).
 _MEMO_ENTRIES, _MEMO_KEY_CHARS = 2048, 2048
 _memo: dict[Hashable, int] = {}
-#: Where ``Array.slice_array`` caches its ``[(chunk id, ArrayChunk), ...]`` (flwr 1.41).
-_CHUNKS_KEY = "_chunks"
 
 
 def chunk_bytes(n: int) -> int:
@@ -136,7 +134,7 @@ def _natural(array: Array, data: bytes) -> bool:
     Flower deflates an array from that cache (``Array.slice_array``); an in-process ClientApp could hand back an
     array whose cache says something else, and the deflated tree would follow the cache, not the data.
     """
-    chunks = array.__dict__.get(_CHUNKS_KEY)
+    chunks = array.__dict__.get(CHUNKS_KEY)
     if chunks is None:
         return True
     if not data:
@@ -191,7 +189,8 @@ def _value_signature(value: object, allowed: tuple[type, ...]) -> tuple[Any, ...
             if t is int:
                 return _int_signature(value)  # type: ignore[arg-type]
             if t is str:
-                return _text("str", value)  # type: ignore[arg-type]
+                length = _utf8_length(value)  # type: ignore[arg-type]
+                return None if length is None else ("str", length)
             return (t.__name__, len(value)) if t is bytes else (t.__name__,)  # type: ignore[arg-type]
         if isinstance(value, list) and all(isinstance(item, t) for item in value):
             return _list_signature(value, t)
@@ -209,10 +208,8 @@ def _list_signature(values: list[Any], t: type) -> tuple[Any, ...] | None:
             return None
         return ("sint_list", sum(_varint_length(_zigzag(v)) for v in values))
     if t is str:
-        try:
-            return ("str_list", tuple(len(v.encode()) for v in values))
-        except UnicodeEncodeError:
-            return None
+        lengths = tuple(_utf8_length(v) for v in values)
+        return None if None in lengths else ("str_list", lengths)
     if t is bytes:
         return ("bytes_list", tuple(len(v) for v in values))
     return (t.__name__ + "_list", len(values))  # bool and float: fixed width
@@ -235,9 +232,10 @@ def _varint_length(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def _text(kind: str, value: str) -> tuple[str, int] | None:
+def _utf8_length(value: str) -> int | None:
+    """Bytes of ``value`` in UTF-8; None for a string Flower cannot encode (a lone surrogate)."""
     try:
-        return (kind, len(value.encode()))
+        return len(value.encode())
     except UnicodeEncodeError:
         return None
 
@@ -263,11 +261,10 @@ def _message_signature(msg: Message) -> tuple[Any, ...] | None:
     error: tuple[Any, ...] | None = None
     if msg.has_error():
         code, reason = msg.error.code, msg.error.reason or ""
-        if type(code) is not int or type(reason) is not str:
+        if type(code) is not int or not _INT64_MIN <= code <= _INT64_MAX:  # an error code is a sint64 only
             return None
-        error = (_int_signature(code) if code and _INT64_MIN <= code <= _INT64_MAX else None if code else 0,
-                 _string(reason))  # an error code is a sint64 only
-        if error[0] is None or error[1] is None:
+        error = (_int_signature(code) if code else 0, _string(reason))
+        if error[1] is None:
             return None
     return ("Message", fields, error, msg.has_content())
 
@@ -283,10 +280,7 @@ def _optional_uint(value: object) -> int | None:
 
 
 def _string(value: object) -> int | None:
-    if type(value) is not str:
-        return None
-    found = _text("str", value)
-    return None if found is None else found[1]
+    return _utf8_length(value) if type(value) is str else None
 
 
 def _double(value: object) -> int | None:

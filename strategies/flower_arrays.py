@@ -28,10 +28,10 @@ from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, SType
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 
-__all__ = ["chunk_header", "npy_array", "npy_bytes", "record_of"]
+__all__ = ["CHUNKS_KEY", "chunk_header", "npy_array", "npy_bytes", "record_of"]
 
 #: Where ``Array.slice_array`` caches its ``[(chunk id, ArrayChunk), ...]`` (flwr 1.41).
-_CHUNKS_KEY = "_chunks"
+CHUNKS_KEY = "_chunks"
 
 
 def npy_bytes(values: np.ndarray) -> bytes | None:
@@ -60,7 +60,7 @@ def npy_array(values: np.ndarray) -> Array:
     if 0 < len(data) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:  # one chunk: the data itself (no view, so it pickles)
         digest = hashlib.sha256(chunk_header(len(data)))
         digest.update(data)
-        array.__dict__[_CHUNKS_KEY] = [(digest.hexdigest(), ArrayChunk(data))]  # type: ignore[arg-type]
+        array.__dict__[CHUNKS_KEY] = [(digest.hexdigest(), ArrayChunk(data))]  # type: ignore[arg-type]
     return array
 
 

@@ -55,12 +55,18 @@ def count(path, table="updates"):
         return reader.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
 
-def test_task_outcomes_are_committed_in_groups_and_never_rolled_back_by_another_write(tmp_path, monkeypatch):
-    """A group is committed when it is old enough, by any other write, on close; a failing write keeps it."""
+def waiting_store(tmp_path, monkeypatch):
+    """A store whose groups never age (only an explicit write commits them), a run, and task 0 in its group."""
     monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
     store = MetricsStore(tmp_path / "m.db")
     store.start_run("r1", "fedbuff", {})
     store.record_update(row(0))
+    return store
+
+
+def test_task_outcomes_are_committed_in_groups_and_never_rolled_back_by_another_write(tmp_path, monkeypatch):
+    """A group is committed when it is old enough, by any other write, on close; a failing write keeps it."""
+    store = waiting_store(tmp_path, monkeypatch)
     store.record_task_metrics(0, 7, {"train-loss": 0.5})
     assert count(tmp_path / "m.db") == 0  # still waiting in the group
     store.commit()
@@ -87,10 +93,7 @@ def test_task_outcomes_are_committed_in_groups_and_never_rolled_back_by_another_
 
 def test_a_group_does_not_hold_the_write_lock_and_a_failed_write_keeps_it(tmp_path, monkeypatch):
     """Another process's writer is never kept waiting by a group; a group whose write fails is written later."""
-    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
-    store = MetricsStore(tmp_path / "m.db")
-    store.start_run("r1", "fedbuff", {})
-    store.record_update(row(0))
+    store = waiting_store(tmp_path, monkeypatch)
     other = sqlite3.connect(tmp_path / "m.db", timeout=0.0)  # fails at once if the lock is held
     other.execute("INSERT INTO evals(run_id, t) VALUES ('other', 0.0)")
     other.commit()
@@ -166,10 +169,7 @@ def test_flower_node_ids_beyond_2_63_are_stored_losslessly(tmp_path):
 
 def test_a_group_written_again_after_an_interrupted_commit_writes_the_same_rows(tmp_path, monkeypatch):
     """A signal may land after the commit but before the group is let go: writing it again changes nothing."""
-    monkeypatch.setattr(store_module, "GROUP_COMMIT_S", 3600.0)
-    store = MetricsStore(tmp_path / "m.db")
-    store.start_run("r1", "fedbuff", {})
-    store.record_update(row(0))
+    store = waiting_store(tmp_path, monkeypatch)
     store.record_task_metrics(0, 7, {"train-loss": 0.5})
     store.mark_applied([0], version=2)
     group = [(sql, list(rows)) for sql, rows in store._group]
