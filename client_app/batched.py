@@ -1,15 +1,15 @@
-"""Many simulated nodes' local training as one batched computation (``torch.func``: ``vmap`` + ``functional_call``).
+"""Many simulated nodes' local training as one batched computation (batched matmuls, or ``vmap`` + ``functional_call``).
 
 Why: the in-process runner trains each node's ``local-steps`` on its own client thread, and for the small models
 of a simulation a step costs more Python and dispatch than arithmetic. Stacking the parameters of K nodes along a
-new leading dimension and running one vmapped forward and one backward per step pays that overhead once for K
-nodes. On one busy CPU core that was worth 6-9x for logreg and 1.1-2.7x for the MLP, local training alone
-(``bench/batched_executor.py``, three runs): what is left is MKL's batched matmul on tiny matrices, which the MLP's
-steps are mostly made of. A GPU, where such kernels cost little next to their launch, is where the MLP should
-gain; not measured here (no GPU was lent). End to end, in the in-process runner with 100 nodes and client threads
-on 2 busy cores, batched runs were about as fast as per-node ones (FedAvg 1.0-1.1x; FedBuff 0.76x at 10 local
-steps, 1.13x at 50): there the per-task Python of the ClientApp and the engine, serialised by the interpreter
-lock, weighs as much as local training (``CoalescingBatcher``).
+new leading dimension and running one batched forward and one backward per step pays that overhead once for K
+nodes. On one CPU core that is worth 14-16x for logreg and 1.6-1.8x for the MLP, local training alone, 1,000
+nodes (``bench/batched_executor.py``): the MLP's steps are mostly arithmetic, which per-node training already runs
+at more than half the speed of batched kernels of its shapes. A GPU, where small kernels cost little next to their
+launch, is where the MLP should gain; not measured here (no GPU was lent). End to end, in the in-process runner
+with 100 nodes and client threads on 2 cores (MLP), batched runs were 1.5-1.7x per-node ones at 10 local steps
+and 3.1-3.3x at 50, for FedAvg and FedBuff: the per-task Python of the ClientApp and the engine, serialised by
+the interpreter lock, is what is left (``CoalescingBatcher``).
 
 ``train_many`` is the pure function; ``CoalescingBatcher`` (below; one per process, ``BATCHER``) feeds it the
 concurrent calls of the runner's client threads when the run config says ``local-executor = "batched"``
@@ -86,9 +86,10 @@ from strategies import taskkeys as keys
 __all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "batch_index", "group_key", "train_batched",
            "train_many", "unbatchable"]
 
-#: Most nodes per vmapped computation (a chunk). In one sweep on CPU (1,024 nodes, ``bench/batched_executor.py
-#: --lanes N`` reruns it) logreg was fastest at 64-256 and the MLP at 32-64 (a third slower at 128). On a GPU every
-#: chunk is padded to exactly this many nodes (module docstring).
+#: Most nodes per batched computation (a chunk). In one sweep on CPU (1,000 nodes, ``bench/batched_executor.py
+#: --lanes N`` reruns it) logreg trained 7,000, 8,900, 9,500, 11,600 and 7,600 nodes/s at 32, 64, 128, 256 and
+#: 1,000 lanes, the MLP about 385 at 32-128 and 250 at 256 and above. On a GPU every chunk is padded to exactly
+#: this many nodes (module docstring).
 LANES = 64
 #: Fewest nodes per chunk when a batch is cut up for several threads: below this a chunk's fixed Python cost per
 #: step is shared by too few nodes to be worth another core.
@@ -191,20 +192,21 @@ StepFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str
 def _step_function(model: torch.nn.Module) -> StepFn:
     """One step for every lane: (stacked params, x batches, y batches, anchor, prox_mu) -> (gradients, losses).
 
-    Only the forward is vmapped (``functional_call`` per lane); each lane's loss is its batch's mean
-    cross-entropy (plus its proximal term), and one backward pass of the *sum* of the lanes' losses gives every
-    lane the gradient of its own loss exactly (d sum / d loss_k = 1), without ``torch.func.grad``'s per-call
-    overhead, which was most of a small model's step.
+    Each lane's loss is its batch's mean cross-entropy (plus its proximal term), and one backward pass of the
+    *sum* of the lanes' losses gives every lane the gradient of its own loss exactly (d sum / d loss_k = 1),
+    without ``torch.func.grad``'s per-call overhead, which was most of a small model's step. The forward is
+    ``_dense_forward`` for a stack of linear layers (the built-in logreg and MLP) and ``functional_call`` vmapped
+    over the lanes for any other model.
     """
     names = [n for n, _ in model.named_parameters()]
-    forward = vmap(lambda params, xb: functional_call(model, params, (xb,)))
+    forward = _dense_forward(model) or _vmapped_forward(model)
 
     def step(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, anchor: dict[str, torch.Tensor],
              mu: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         with torch.enable_grad():
-            logits = forward(leaves, xb)  # (lanes, batch, classes)
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)
+            logits = forward(leaves, xb)  # (lanes, classes, batch): cross_entropy's (N, C, d) layout
+            loss = torch.nn.functional.cross_entropy(logits, yb, reduction="none").mean(1)
             if mu:  # LocalSGD.run's proximal term, mu/2 * sum over tensors of ||p - a||^2, per lane
                 drift = sum(((leaves[n] - anchor[n]) ** 2).flatten(1).sum(1) for n in names)
                 loss = loss + mu / 2 * drift
@@ -212,6 +214,56 @@ def _step_function(model: torch.nn.Module) -> StepFn:
         return dict(zip(names, grads, strict=True)), loss.detach()
 
     return step
+
+
+Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def _vmapped_forward(model: torch.nn.Module) -> Forward:
+    """Any model: ``functional_call`` vmapped over the lanes, logits turned to (lanes, classes, batch)."""
+    forward = vmap(lambda params, xb: functional_call(model, params, (xb,)))
+    return lambda params, xb: forward(params, xb).transpose(1, 2)
+
+
+def _dense_forward(model: torch.nn.Module) -> Forward | None:
+    """A ``Sequential`` of ``Flatten`` then ``Linear`` and ``ReLU`` layers as batched matmuls; None for others.
+
+    Why not vmap: vmapping ``Linear`` multiplies (batch, in) activations by the transposed weights, and its
+    backward then computes each weight's gradient as a (lanes, in, out) batched matmul, a shape that MKL runs
+    several times slower than the (lanes, out, in) one. Here activations stay feature-major, (lanes, features,
+    batch): a layer is ``baddbmm(bias, W, a)``, its weight gradient ``g @ a^T`` comes out in the weight's own
+    layout, and the logits come out in cross-entropy's (N, C, d) layout. Logreg's step at 256 lanes: 5.9 ms
+    vmapped, 1.2 ms here; the MLP's 1.1-1.25x (it is bound by its arithmetic). The same numbers within rounding
+    (``tests/test_batched.py``), and, as with vmap, nothing mixes lanes.
+    """
+    if not isinstance(model, torch.nn.Sequential) or len(model) < 2:
+        return None
+    first, *rest = list(model.named_children())
+    if not (isinstance(first[1], torch.nn.Flatten) and first[1].start_dim == 1 and first[1].end_dim == -1):
+        return None
+    plan: list[tuple[str, str | None] | None] = []  # (weight, bias) names for a Linear, None for a ReLU
+    for name, layer in rest:
+        if isinstance(layer, torch.nn.Linear):
+            plan.append((f"{name}.weight", f"{name}.bias" if layer.bias is not None else None))
+        elif isinstance(layer, torch.nn.ReLU):
+            plan.append(None)
+        else:
+            return None
+    if plan[-1] is None:
+        return None
+
+    def forward(params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        a = xb.flatten(2).transpose(1, 2)  # (lanes, features, batch)
+        for linear in plan:
+            if linear is None:
+                a = torch.relu(a)
+            else:
+                weight, bias = linear
+                a = (torch.baddbmm(params[bias].unsqueeze(2), params[weight], a) if bias is not None
+                     else torch.bmm(params[weight], a))
+        return a
+
+    return forward
 
 
 def _train_chunk(step_fn: StepFn, model: torch.nn.Module, jobs: list[NodeJob], device: torch.device,
@@ -234,11 +286,13 @@ def _train_chunk(step_fn: StepFn, model: torch.nn.Module, jobs: list[NodeJob], d
     y_all = torch.from_numpy(np.concatenate([j.y for j in jobs])).to(device)
     index = np.stack([batch_index(j.sgd, n) + off for j, n, off in zip(jobs, sizes, offsets, strict=True)])
     index_t = torch.from_numpy(index).to(device)  # (lanes, steps, batch)
+    x_flat = x_all.view(len(x_all), -1)
     buffers: dict[str, torch.Tensor] | None = None
     losses = []
     for s in range(sgd.steps):
-        rows = index_t[:, s]
-        grads, loss = step_fn(params, x_all[rows], y_all[rows], anchor, sgd.prox_mu)
+        rows = index_t[:, s].reshape(-1)  # index_select of flat rows: a plain gather, 8x faster than x_all[rows]
+        xb = x_flat.index_select(0, rows).view(lanes, -1, *x_all.shape[1:])
+        grads, loss = step_fn(params, xb, y_all.index_select(0, rows).view(lanes, -1), anchor, sgd.prox_mu)
         with torch.no_grad():
             direction = grads
             if sgd.momentum:  # trainer.Momentum: buf = g (first step), then buf = m * buf + g

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from client_app.batched import CoalescingBatcher, NodeJob, batch_index, train_batched, train_many, unbatchable
+from client_app.batched import (
+    CoalescingBatcher,
+    NodeJob,
+    _dense_forward,
+    _vmapped_forward,
+    batch_index,
+    train_batched,
+    train_many,
+    unbatchable,
+)
 from client_app.executors import ExecutorSpec, train_local
 from client_app.models import build_model
 from client_app.trainer import LocalSGD
@@ -73,6 +82,38 @@ def test_a_nodes_result_is_bitwise_the_same_whatever_batch_it_is_in(model_name):
     padded = train_many(model, jobs[4:7], CPU, lanes=4, pad=True)[1][0]  # the GPU's fixed lanes, on the CPU
     for got, want in zip(padded, solo, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def _linear_stack(*layers: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("model", [
+    build_model("logreg", SHAPE, 10, seed=0), build_model("mlp", SHAPE, 10, seed=0),
+    _linear_stack(torch.nn.Flatten(), torch.nn.Linear(64, 7, bias=False), torch.nn.ReLU(), torch.nn.Linear(7, 10))],
+    ids=["logreg", "mlp", "no-bias"])
+def test_the_dense_forward_is_the_vmapped_forward_within_rounding(model):
+    """Stacks of Linear and ReLU layers skip vmap for feature-major batched matmuls: the same logits per lane, to
+    float32 rounding (different kernels, so not bitwise), in the (lanes, classes, batch) layout."""
+    lanes, rng = 5, np.random.default_rng(3)
+    params = {n: torch.from_numpy(np.stack([(p.detach().numpy() + rng.normal(0, 0.1, p.shape)).astype(np.float32)
+                                            for _ in range(lanes)])) for n, p in model.named_parameters()}
+    xb = torch.from_numpy(rng.random((lanes, 16, *SHAPE), dtype=np.float32))
+    dense = _dense_forward(model)
+    assert dense is not None
+    got, want = dense(params, xb), _vmapped_forward(model)(params, xb)
+    assert got.shape == want.shape == (lanes, 10, 16)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_other_models_take_the_vmapped_forward():
+    for model in (build_model("cnn", SHAPE, 10, seed=0),
+                  _linear_stack(torch.nn.Linear(8, 10)),  # no Flatten first: Linear on the last axis
+                  _linear_stack(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.ReLU()),  # ends in a ReLU
+                  _linear_stack(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10)),
+                  _linear_stack(torch.nn.Flatten(start_dim=2), torch.nn.Linear(8, 10))):
+        assert _dense_forward(model) is None
 
 
 @pytest.mark.parametrize(("n", "batch"), [(1, 16), (9, 16), (16, 16), (40, 16), (33, 7)])
