@@ -77,8 +77,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     task = msg.content.config_records["config"]
     data, (x, y) = _partition(cfg, context)
     model = task_model(cfg, data)
-    shapes = [t.detach().cpu().numpy() for t in model.state_dict().values()]
-    names = list(model.state_dict())
+    state = model.state_dict()
+    shapes = [t.detach().cpu().numpy() for t in state.values()]
+    names = list(state)
     sgd = LocalSGD(steps=int(task[keys.LOCAL_STEPS]), batch_size=int(task[keys.BATCH_SIZE]), lr=float(task[keys.LR]),
                    momentum=float(task[keys.MOMENTUM]), prox_mu=float(task[keys.PROX_MU]),
                    seed=int(task[keys.TASK_SEED]))

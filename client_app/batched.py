@@ -83,7 +83,7 @@ from torch.func import functional_call, vmap
 from client_app.trainer import LocalSGD
 from strategies import taskkeys as keys
 
-__all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "batch_index", "group_key", "train_batched",
+__all__ = ["BATCHER", "LANES", "CoalescingBatcher", "NodeJob", "group_key", "train_batched",
            "train_many", "unbatchable"]
 
 #: Most nodes per batched computation (a chunk). In one sweep on CPU (1,000 nodes, ``bench/batched_executor.py
@@ -111,20 +111,6 @@ class NodeJob:
 def group_key(sgd: LocalSGD, n: int) -> tuple[int, int, float, float, float]:
     """What nodes in one vmapped computation must share: steps, the effective batch size, lr, momentum, prox_mu."""
     return sgd.steps, min(sgd.batch_size, n), sgd.lr, sgd.momentum, sgd.prox_mu
-
-
-def batch_index(sgd: LocalSGD, n: int) -> np.ndarray:
-    """``LocalSGD.batches(n)`` as one (steps, batch) array, without its Python loop over the steps.
-
-    ``batches`` consumes back-to-back permutations of the partition (it draws the next one only when fewer than a
-    batch are left, and a batch is at most n), so its batches are consecutive slices of the concatenated
-    permutations, drawn in the same order from the same generator (``tests/test_batched.py`` checks equality).
-    """
-    size = min(sgd.batch_size, n)
-    need = sgd.steps * size
-    rng = np.random.default_rng(sgd.seed)
-    order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])
-    return order[:need].reshape(sgd.steps, size)
 
 
 def unbatchable(model: torch.nn.Module) -> str | None:
@@ -284,7 +270,7 @@ def _train_chunk(step_fn: StepFn, model: torch.nn.Module, jobs: list[NodeJob], d
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     x_all = torch.from_numpy(np.concatenate([j.x for j in jobs])).to(device)
     y_all = torch.from_numpy(np.concatenate([j.y for j in jobs])).to(device)
-    index = np.stack([batch_index(j.sgd, n) + off for j, n, off in zip(jobs, sizes, offsets, strict=True)])
+    index = np.stack([j.sgd.batches(n) + off for j, n, off in zip(jobs, sizes, offsets, strict=True)])
     index_t = torch.from_numpy(index).to(device)  # (lanes, steps, batch)
     x_flat = x_all.view(len(x_all), -1)
     buffers: dict[str, torch.Tensor] | None = None

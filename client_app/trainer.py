@@ -65,30 +65,33 @@ class LocalSGD:
     prox_mu: float = 0.0
     seed: int = 0
 
-    def batches(self, n: int) -> list[np.ndarray]:
-        """Index batches: reshuffled passes over the partition, seeded per task, so a task is reproducible."""
-        rng = np.random.default_rng(self.seed)
+    def batches(self, n: int) -> np.ndarray:
+        """Index batches, one row per step: reshuffled passes over the partition, seeded per task (reproducible).
+
+        A pass is drawn when fewer than a batch are left of the previous ones, and a batch is at most ``n``, so
+        the batches are consecutive slices of back-to-back permutations drawn from one generator: one reshape
+        instead of a Python loop over the steps (``tests/test_trainer.py`` holds it to that loop).
+        """
         size = min(self.batch_size, n)
-        order: list[int] = []
-        out = []
-        for _ in range(self.steps):
-            if len(order) < size:
-                order.extend(rng.permutation(n).tolist())
-            out.append(np.asarray(order[:size]))
-            del order[:size]
-        return out
+        if size == 0:
+            return np.zeros((self.steps, 0), np.int64)
+        need = self.steps * size
+        rng = np.random.default_rng(self.seed)
+        order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])
+        return order[:need].reshape(self.steps, size)
 
     def run(self, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> dict[str, float]:
         """Train ``model`` in place; return metrics (mean loss, compute seconds, examples seen)."""
         start = time.perf_counter()
-        model.to(device).train()
-        xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
-        anchor = [p.detach().clone() for p in model.parameters()] if self.prox_mu else []
         params = list(model.parameters())
+        if any(t.device != device for t in (*params, *model.buffers())):
+            model.to(device)
+        model.train()
+        xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
+        anchor = [p.detach().clone() for p in params] if self.prox_mu else []
         momentum = Momentum(self.momentum)
         total = 0.0
-        for idx in self.batches(len(y)):
-            i = torch.from_numpy(idx).to(device)
+        for i in torch.from_numpy(self.batches(len(y))).to(device):
             loss = torch.nn.functional.cross_entropy(model(xt[i]), yt[i])
             if anchor:  # FedAsync / FedProx proximal term: mu/2 ||w - w_received||^2
                 drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))

@@ -413,7 +413,11 @@ def parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...
     header_len = int.from_bytes(head[8 : 8 + size_len], "little")
     start = 8 + size_len
     _require(header_len <= 65536 and len(data) >= start + header_len, "none: truncated or oversized .npy header")
-    match = _NPY_HEADER.fullmatch(bytes(data[start : start + header_len]).decode("latin-1"))
+    text = bytes(data[start : start + header_len])
+    key = (head[6], text)
+    if key in _PARSED:
+        return _PARSED[key]
+    match = _NPY_HEADER.fullmatch(text.decode("latin-1"))
     if match is None:
         raise CodecError("none: malformed .npy header")
     descr, fortran, dims = match.groups()
@@ -423,7 +427,19 @@ def parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...
         raise CodecError(f"none: unknown .npy dtype {descr!r}") from exc
     _require(not dtype.hasobject, "none: object arrays are not accepted")
     shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)
-    return dtype, shape, fortran == "True", start + header_len
+    parsed = dtype, shape, fortran == "True", start + header_len
+    if header_len <= _PARSED_HEADER_MAX:  # a model has a few headers; a client's long ones are not remembered
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = parsed
+    return parsed
+
+
+#: Headers already parsed (every reply repeats the model's few): the regular expression and ``np.dtype`` cost more
+#: than a small tensor's decode. Only valid headers are remembered; bounded in entries and in header length.
+_PARSED: dict[tuple[int, bytes], tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+_PARSED_MAX = 1024
+_PARSED_HEADER_MAX = 256
 
 
 def npy_view(data: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -38,12 +38,33 @@ def npy_bytes(values: np.ndarray) -> bytes | None:
     """``np.save(values)``'s bytes for a C-contiguous array, in one copy; None where only ``np.save`` knows."""
     if values.dtype.hasobject or not values.flags.c_contiguous:
         return None
-    header = io.BytesIO()
+    header = _npy_header(values)
+    return None if header is None else b"".join((header, values.reshape(-1).view(np.uint8).data))
+
+
+#: ``.npy`` headers by (dtype, shape) for plain dtypes: numpy writes a header through a dict's repr, its dtype's
+#: descr and padding, which cost more than copying a small model's values. Bounded; models have few shapes.
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes | None] = {}
+_HEADERS_MAX = 1024
+
+
+def _npy_header(values: np.ndarray) -> bytes | None:
+    """What ``np.save`` writes before a C-contiguous array's data; None for headers past format 1.0."""
+    plain = values.dtype.fields is None and values.dtype.metadata is None and values.dtype.subdtype is None
+    key = (values.dtype.str, values.shape)
+    if plain and key in _HEADERS:
+        return _HEADERS[key]
+    out = io.BytesIO()
     try:
-        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+        np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(values))
+        header: bytes | None = out.getvalue()
     except ValueError:  # a header that needs format 2.0 or 3.0
-        return None
-    return b"".join((header.getvalue(), values.reshape(-1).view(np.uint8).data))
+        header = None
+    if plain:
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[key] = header
+    return header
 
 
 def chunk_header(size: int) -> bytes:

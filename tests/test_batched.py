@@ -14,7 +14,6 @@ from client_app.batched import (
     NodeJob,
     _dense_forward,
     _vmapped_forward,
-    batch_index,
     train_batched,
     train_many,
     unbatchable,
@@ -114,12 +113,6 @@ def test_other_models_take_the_vmapped_forward():
                   _linear_stack(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10)),
                   _linear_stack(torch.nn.Flatten(start_dim=2), torch.nn.Linear(8, 10))):
         assert _dense_forward(model) is None
-
-
-@pytest.mark.parametrize(("n", "batch"), [(1, 16), (9, 16), (16, 16), (40, 16), (33, 7)])
-def test_batch_index_is_local_sgds_batches(n, batch):
-    sgd = LocalSGD(13, batch, 0.1, seed=n)
-    np.testing.assert_array_equal(batch_index(sgd, n), np.stack(sgd.batches(n)))
 
 
 def test_a_model_with_buffers_trains_alone_and_says_so(caplog):

@@ -370,8 +370,9 @@ def test_npy_headers_parse_without_ast_and_match_numpy():
 
     from strategies.codecs import parse_npy_header
 
-    for arr in (np.zeros((3, 4), np.float32), np.zeros(5, np.float64), np.zeros((), np.float16),
-                np.asfortranarray(np.zeros((2, 3), np.float32)), np.zeros((0, 7), np.int64)):
+    arrays = (np.zeros((3, 4), np.float32), np.zeros(5, np.float64), np.zeros((), np.float16),
+              np.asfortranarray(np.zeros((2, 3), np.float32)), np.zeros((0, 7), np.int64), np.zeros((4, 3), np.float32))
+    for arr in arrays + arrays:  # the second time from the parser's memo
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         dtype, shape, fortran, offset = parse_npy_header(buf.getvalue())

@@ -21,6 +21,28 @@ from client_app.trainer import LocalSGD
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _stepwise_batches(sgd: LocalSGD, n: int) -> list[np.ndarray]:
+    """The batches' definition, step by step: take a batch off the front, drawing a new pass when too few are left."""
+    rng = np.random.default_rng(sgd.seed)
+    size = min(sgd.batch_size, n)
+    order: list[int] = []
+    out = []
+    for _ in range(sgd.steps):
+        if len(order) < size:
+            order.extend(rng.permutation(n).tolist())
+        out.append(np.asarray(order[:size], dtype=np.int64))
+        del order[:size]
+    return out
+
+
+@pytest.mark.parametrize(("n", "batch"), [(1, 16), (9, 16), (16, 16), (40, 16), (33, 7), (0, 4)])
+def test_batches_are_the_stepwise_reshuffled_passes(n, batch):
+    sgd = LocalSGD(13, batch, 0.1, seed=n)
+    got = sgd.batches(n)
+    assert got.shape == (13, min(batch, n)) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, np.stack(_stepwise_batches(sgd, n)))
+
+
 def _reference(sgd: LocalSGD, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     xt, yt = torch.tensor(x), torch.tensor(y)
     anchor = [p.detach().clone() for p in model.parameters()] if sgd.prox_mu else []

@@ -146,6 +146,20 @@ def test_npy_array_is_flowers_array_to_the_bit(values):
     np.testing.assert_array_equal(ours.numpy(), values)
 
 
+def test_npy_headers_remembered_by_dtype_and_shape_are_np_saves():
+    """Headers are memoised per (dtype, shape): a second array of each, other byte orders and shapes, and two
+    structured dtypes that share ``dtype.str`` ('|V6') but not their field names, each get ``np.save``'s bytes."""
+    from strategies.flower_arrays import npy_bytes
+
+    arrays = [np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32), np.ones((3, 2), np.float32),
+              np.ones(4, ">f4"), np.ones(4, "<f4"), np.zeros(2, [("a", "<f4"), ("b", "<i2")]),
+              np.zeros(2, [("x", "<f4"), ("y", "<i2")]), np.zeros(2, np.dtype("<f8", metadata={"k": 1}))]
+    for values in arrays + arrays:
+        out = io.BytesIO()
+        np.save(out, values)
+        assert npy_bytes(values) == out.getvalue()
+
+
 def test_sizes_of_messages_with_repeated_records_and_arrays_are_the_deflated_tree():
     """Identical records and arrays travel once: one deflate per object must keep Flower's ids and its dedup."""
     from strategies.flower_arrays import npy_array

@@ -263,7 +263,7 @@ def run_native(name: str, sgd: LocalSGD, model: nn.Module, x: np.ndarray, y: np.
     model.train()
     params = [p.detach() for p in model.parameters()]
     anchor = [p.clone() for p in params] if sgd.prox_mu else []
-    batches = torch.from_numpy(np.stack(sgd.batches(len(y))).astype(np.int64))
+    batches = torch.from_numpy(sgd.batches(len(y)).astype(np.int64))
     xt, yt = torch.tensor(x), torch.tensor(y)
     with _intra_op_threads(threads):
         final, rep = ext.run(name, ops, params, xt, yt, batches, anchor, float(sgd.lr), float(sgd.momentum),
