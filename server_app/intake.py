@@ -55,7 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 
 from server_app.inflation import is_refused
 from server_app.wire import RejectedUpdate, numeric_metrics, shown, validate_reply
@@ -64,6 +64,7 @@ from strategies.base import Update
 from strategies.client import Weights
 from strategies.codecs import all_finite
 from strategies.config import RunConfig
+from strategies.flower_arrays import named_record
 from strategies.sums import BLOCK
 
 __all__ = ["ECHO_KEYS", "Intake", "RejectedUpdate", "UpdateGuard", "client_compute_s", "delta_norm", "join_reasons",
@@ -123,7 +124,7 @@ class UpdateGuard:
                                  f"{SIZE_SLACK})")
         if not reply.has_content():
             raise RejectedUpdate("reply has neither content nor an error")
-        metrics = reply.content.metric_records.get("metrics")
+        metrics = named_record(reply.content, "metrics", MetricRecord)
         if metrics is None:
             return
         for key, expected in zip(ECHO_KEYS, (seq, version), strict=True):
@@ -375,7 +376,7 @@ def client_compute_s(reply: Message | None) -> float:
     try:
         if reply is None or reply.has_error() or not reply.has_content():
             return 0.0
-        value = numeric_metrics(reply.content.metric_records.get("metrics")).get(keys.COMPUTE_S, 0.0)
+        value = numeric_metrics(named_record(reply.content, "metrics", MetricRecord)).get(keys.COMPUTE_S, 0.0)
     except Exception:  # the reply's own row says what is wrong with it (Intake.read); its timing only loses this
         log.exception("reading compute-s of a reply raised; charging 0 s of compute")
         return 0.0

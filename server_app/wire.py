@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.supercore.inflatable.inflatable_object import (
     InflatableObject,
@@ -25,6 +25,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 from server_app.wire_sizes import chunk_bytes, sizes
 from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
+from strategies.flower_arrays import named_record
 from strategies.taskkeys import COMPUTE_S, MODEL_VERSION, NUM_EXAMPLES, TASK_SEQ, TRAIN_LOSS
 
 __all__ = ["KNOWN_METRICS", "RejectedUpdate", "check_known_metrics", "finite_number", "message_sizes",
@@ -184,15 +185,14 @@ def validate_reply(
     exactly what ``all_finite`` would.
     """
     content = msg.content
-    records = content.array_records
-    if "delta" in records:
-        arrays, is_delta = records["delta"], True
-    elif "arrays" in records:
-        arrays, is_delta = records["arrays"], False
-    else:
-        raise RejectedUpdate(f"reply has no 'delta' or 'arrays' ArrayRecord (has: {sorted(records) or 'none'})")
+    delta = named_record(content, "delta", ArrayRecord)
+    arrays = delta if delta is not None else named_record(content, "arrays", ArrayRecord)
+    if arrays is None:
+        has = sorted(content.array_records) or "none"
+        raise RejectedUpdate(f"reply has no 'delta' or 'arrays' ArrayRecord (has: {has})")
+    is_delta = delta is not None
     values = _decode(arrays, names, base, is_delta, finite)
-    record = content.metric_records.get("metrics")
+    record = named_record(content, "metrics", MetricRecord)
     check_known_metrics(record)
     metrics = numeric_metrics(record)
     return values, is_delta, num_examples(metrics), metrics

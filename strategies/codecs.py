@@ -36,6 +36,7 @@ Rules worth knowing:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -124,9 +125,13 @@ def decode(arr: Array, *, shape: tuple[int, ...], dtype: np.dtype | str) -> np.n
     decoder = _DECODERS.get(stype)
     if decoder is None:
         raise CodecError(f"unknown stype {stype!r}; expected one of {', '.join(_DECODERS)}")
-    _require(a_dtype in FLOAT_DTYPES, f"dtype {a_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    _require(a_dtype == want_dtype.name, f"dtype {a_dtype} does not match the expected {want_dtype.name}")
-    _require(a_shape == want_shape, f"shape {a_shape} does not match the expected shape {want_shape}")
+    # Each check formats its message only when it fails: on this hot path, formatting costs more than checking.
+    if a_dtype not in FLOAT_DTYPES:
+        raise CodecError(f"dtype {a_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    if a_dtype != _dtype_name(want_dtype):
+        raise CodecError(f"dtype {a_dtype} does not match the expected {want_dtype.name}")
+    if a_shape != want_shape:
+        raise CodecError(f"shape {a_shape} does not match the expected shape {want_shape}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected by explicit finiteness checks
         return decoder(data, want_shape, numel, want_dtype)
 
@@ -222,9 +227,11 @@ def encoded_bytes(spec: CodecSpec, like: Sequence[np.ndarray]) -> int:
 
 
 def _encode(spec: CodecSpec, x: np.ndarray, *, seed: int, state: CodecState | None, unbiased: bool) -> Array:
-    _require(isinstance(spec, CodecSpec), f"spec must be a CodecSpec, got {type(spec).__name__}")
+    if not isinstance(spec, CodecSpec):
+        raise CodecError(f"spec must be a CodecSpec, got {type(spec).__name__}")
     x = _as_input(x)
-    _require(_is_int(seed) and 0 <= seed < 2**64, f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if not (_is_int(seed) and 0 <= seed < 2**64):
+        raise CodecError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected by explicit finiteness checks
         return _ENCODERS[spec.name](x, spec, seed, {} if state is None else state, unbiased)
 
@@ -566,10 +573,13 @@ def _is_int(value: object) -> bool:
 
 def _as_input(x: np.ndarray) -> np.ndarray:
     """A C-contiguous, native-endian float tensor, or CodecError: codecs work on flat views of the tensor."""
-    ok = isinstance(x, np.ndarray) and x.dtype.name in FLOAT_DTYPES
-    _require(ok, f"can only encode float16/32/64 numpy arrays, got {type(x).__name__} {getattr(x, 'dtype', '')}")
-    _require(x.size <= MAX_NUMEL, f"tensor of {x.size} entries exceeds {MAX_NUMEL}")
-    return np.asarray(x, dtype=x.dtype.name, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
+    ok = isinstance(x, np.ndarray) and _dtype_name(x.dtype) in FLOAT_DTYPES
+    if not ok:
+        what = f"{type(x).__name__} {getattr(x, 'dtype', '')}"
+        raise CodecError(f"can only encode float16/32/64 numpy arrays, got {what}")
+    if x.size > MAX_NUMEL:
+        raise CodecError(f"tensor of {x.size} entries exceeds {MAX_NUMEL}")
+    return np.asarray(x, dtype=_dtype_name(x.dtype), order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
 
 
 def _work(x: np.ndarray) -> np.ndarray:
@@ -578,7 +588,7 @@ def _work(x: np.ndarray) -> np.ndarray:
 
 
 def _array(x: np.ndarray, codec: str, data: bytes) -> Array:
-    return Array(dtype=x.dtype.name, shape=tuple(x.shape), stype=STYPES[codec], data=data)
+    return Array(dtype=_dtype_name(x.dtype), shape=tuple(x.shape), stype=STYPES[codec], data=data)
 
 
 def _kept(ratio: float, numel: int) -> int:
@@ -650,11 +660,19 @@ def _signed(data: bytes, offset: int, numel: int, value: np.ndarray, codec: str)
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     ok = isinstance(shape, tuple | list) and all(_is_int(n) and n >= 0 for n in shape)
-    _require(ok, f"shape must be a tuple of non-negative integers, got {shape!r}")
+    if not ok:
+        raise CodecError(f"shape must be a tuple of non-negative integers, got {shape!r}")
     shape = tuple(int(n) for n in shape)
     numel = math.prod(shape)
-    _require(numel <= MAX_NUMEL, f"shape {shape} has {numel} entries, more than {MAX_NUMEL}")
+    if numel > MAX_NUMEL:
+        raise CodecError(f"shape {shape} has {numel} entries, more than {MAX_NUMEL}")
     return shape, numel
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, remembered: numpy computes it in Python, and a task asks for it a dozen times."""
+    return dtype.name
 
 
 def _check_dtype(dtype: np.dtype | str) -> np.dtype:
@@ -662,7 +680,8 @@ def _check_dtype(dtype: np.dtype | str) -> np.dtype:
         dt = np.dtype(dtype)
     except (TypeError, ValueError) as exc:
         raise CodecError(f"dtype {dtype!r} is not a numpy dtype") from exc
-    _require(dt.name in FLOAT_DTYPES and dt.isnative, f"dtype {dt} is not one of {', '.join(FLOAT_DTYPES)}")
+    if _dtype_name(dt) not in FLOAT_DTYPES or not dt.isnative:
+        raise CodecError(f"dtype {dt} is not one of {', '.join(FLOAT_DTYPES)}")
     return dt
 
 

@@ -18,17 +18,19 @@ names, headers past 64 KiB) takes Flower's own path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, SType
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 
-__all__ = ["CHUNKS_KEY", "chunk_header", "npy_array", "npy_bytes", "record_of"]
+__all__ = ["CHUNKS_KEY", "chunk_header", "named_record", "npy_array", "npy_bytes", "record_of"]
 
 #: Where ``Array.slice_array`` caches its ``[(chunk id, ArrayChunk), ...]`` (flwr 1.41).
 CHUNKS_KEY = "_chunks"
@@ -67,6 +69,16 @@ def _npy_header(values: np.ndarray) -> bytes | None:
     return header
 
 
+def _dtype_str(dtype: np.dtype) -> str:
+    """``str(dtype)`` as ``Array(ndarray)`` writes it, remembered for plain dtypes (numpy builds it in Python)."""
+    return _plain_dtype_str(dtype) if dtype.fields is None and dtype.metadata is None else str(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_dtype_str(dtype: np.dtype) -> str:
+    return str(dtype)
+
+
 def chunk_header(size: int) -> bytes:
     """What Flower puts before an ``ArrayChunk``'s ``size`` bytes of data when it deflates it."""
     return f"{ArrayChunk.__qualname__}{HEAD_VALUE_DIVIDER}{HEAD_VALUE_DIVIDER}{size}".encode() + HEAD_BODY_DIVIDER
@@ -77,7 +89,7 @@ def npy_array(values: np.ndarray) -> Array:
     data = npy_bytes(values)
     if data is None:
         return Array(values)
-    array = Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
+    array = Array(dtype=_dtype_str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
     if 0 < len(data) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:  # one chunk: the data itself (no view, so it pickles)
         digest = hashlib.sha256(chunk_header(len(data)))
         digest.update(data)
@@ -95,3 +107,16 @@ def record_of(arrays: Mapping[str, Array]) -> ArrayRecord:
     for name, array in arrays.items():
         record[name] = array
     return record
+
+
+R = TypeVar("R", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def named_record(content: RecordDict, name: str, kind: type[R]) -> R | None:
+    """``content.array_records.get(name)`` (or config, metric): the record of that name if it is of that kind.
+
+    Flower's ``array_records``, ``config_records`` and ``metric_records`` build a new filtered dictionary, checking
+    every entry, on every access; a task reads two records and a reply two more.
+    """
+    value = content.get(name)
+    return value if isinstance(value, kind) else None
