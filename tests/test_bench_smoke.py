@@ -161,3 +161,15 @@ def test_contention_cost_smoke_and_the_locks_come_back(tmp_path):
     assert [r["row"] for r in data["results"]] == ["contention off", "contention on"]
     assert all(r["updates_per_s"] > 0 and r["virtual_s"] > 0 for r in data["results"]) and data["on_over_off"] > 0
     assert PeerLocks.schedule is schedule  # the what-if never outlives its run
+
+
+def test_client_task_smoke(tmp_path, capsys):
+    """`python -m bench.client_task`: real training tasks recorded from a run, replayed through the ClientApp."""
+    from bench import client_task
+
+    out, md = tmp_path / "task.json", tmp_path / "task.md"
+    report = client_task.main(["--tasks", "5", "--repeats", "2", "--json", str(out), "--markdown", str(md)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["tasks"] == 5 and len(report["passes_us"]) == 2
+    assert 0 < report["us_per_task_min"] <= report["us_per_task_median"]
+    assert md.read_text().strip() in capsys.readouterr().out
