@@ -422,8 +422,9 @@ def parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...
     _require(header_len <= 65536 and len(data) >= start + header_len, "none: truncated or oversized .npy header")
     text = bytes(data[start : start + header_len])
     key = (head[6], text)
-    if key in _PARSED:
-        return _PARSED[key]
+    known = _PARSED.get(key)  # one lookup: another thread may clear the memo between two
+    if known is not None:
+        return known
     match = _NPY_HEADER.fullmatch(text.decode("latin-1"))
     if match is None:
         raise CodecError("none: malformed .npy header")

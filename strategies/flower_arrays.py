@@ -46,7 +46,7 @@ def npy_bytes(values: np.ndarray) -> bytes | None:
 
 #: ``.npy`` headers by (dtype, shape) for plain dtypes: numpy writes a header through a dict's repr, its dtype's
 #: descr and padding, which cost more than copying a small model's values. Bounded; models have few shapes.
-_HEADERS: dict[tuple[str, tuple[int, ...]], bytes | None] = {}
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}  # b"": no version 1.0 header (``np.save`` writes 2.0)
 _HEADERS_MAX = 1024
 
 
@@ -54,19 +54,20 @@ def _npy_header(values: np.ndarray) -> bytes | None:
     """What ``np.save`` writes before a C-contiguous array's data; None for headers past format 1.0."""
     plain = values.dtype.fields is None and values.dtype.metadata is None and values.dtype.subdtype is None
     key = (values.dtype.str, values.shape)
-    if plain and key in _HEADERS:
-        return _HEADERS[key]
+    known = _HEADERS.get(key) if plain else None  # one lookup: another thread may clear the memo between two
+    if known is not None:
+        return known or None
     out = io.BytesIO()
     try:
         np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(values))
-        header: bytes | None = out.getvalue()
+        header = out.getvalue()
     except ValueError:  # a header that needs format 2.0 or 3.0
-        header = None
+        header = b""
     if plain:
         if len(_HEADERS) >= _HEADERS_MAX:
             _HEADERS.clear()
         _HEADERS[key] = header
-    return header
+    return header or None
 
 
 def _dtype_str(dtype: np.dtype) -> str:

@@ -111,8 +111,20 @@ def test_other_models_take_the_vmapped_forward():
                   _linear_stack(torch.nn.Linear(8, 10)),  # no Flatten first: Linear on the last axis
                   _linear_stack(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.ReLU()),  # ends in a ReLU
                   _linear_stack(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10)),
-                  _linear_stack(torch.nn.Flatten(start_dim=2), torch.nn.Linear(8, 10))):
+                  _linear_stack(torch.nn.Flatten(start_dim=2), torch.nn.Linear(8, 10)),
+                  _linear_stack(torch.nn.Flatten(), _ScaledLinear(64, 10)),  # a subclass with its own forward
+                  _hooked(build_model("logreg", SHAPE, 10, seed=0))):
         assert _dense_forward(model) is None
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def _hooked(model: torch.nn.Module) -> torch.nn.Module:
+    model[1].register_forward_hook(lambda module, args, out: out * 0)
+    return model
 
 
 def test_a_model_with_buffers_trains_alone_and_says_so(caplog):
