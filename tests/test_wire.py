@@ -57,6 +57,20 @@ def test_weights_reply_is_turned_into_a_delta():
         np.testing.assert_allclose(d, 0.5)
 
 
+def test_records_are_found_by_name_and_kind_only():
+    """Replies are read by record name (not through Flower's filtered ``*_records`` copies): a record of the
+    wrong kind under a known name is not taken for the right one."""
+    trained = [w - 0.5 for w in BASE]
+    content = RecordDict({"delta": MetricRecord({"num-examples": 3}), "arrays": to_record(NAMES, trained),
+                          "metrics": ConfigRecord({"num-examples": 5})})
+    values, is_delta, n, metrics = read_reply(reply_with(content), NAMES, BASE)
+    assert not is_delta and n == 1 and metrics == {}  # "delta" is not arrays, "metrics" not a MetricRecord
+    np.testing.assert_array_equal(values[0], trained[0])
+    with pytest.raises(RejectedUpdate, match=r"no 'delta' or 'arrays' ArrayRecord \(has: \['weights'\]\)"):
+        read_reply(reply_with(RecordDict({"weights": to_record(NAMES, BASE), "arrays": ConfigRecord({"a": 1})})),
+                   NAMES, BASE)
+
+
 def test_missing_num_examples_counts_as_one():
     reply = reply_with(RecordDict({"delta": to_record(NAMES, BASE)}))
     assert read_reply(reply, NAMES, BASE)[2] == 1
