@@ -20,7 +20,7 @@ from strategies import taskkeys as keys
 from strategies.client import ClientJob, decode_received, downlink_model
 from strategies.codecs import CodecSpec, from_record
 from strategies.config import RunConfig
-from strategies.flower_arrays import R, named_record, record_of
+from strategies.flower_arrays import record_of, required_record
 
 app = ClientApp()
 
@@ -74,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    task = _required(msg.content, "config", ConfigRecord)
+    task = required_record(msg.content, "config", ConfigRecord)
     data, (x, y) = _partition(cfg, context)
     model = task_model(cfg, data)
     state = model.state_dict()
@@ -91,7 +91,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         metrics = train_local(sgd, model, x, y, device, executor)
         return [t.detach().cpu().numpy() for t in model.state_dict().values()], metrics
 
-    record = _required(msg.content, "arrays", ArrayRecord)
+    record = required_record(msg.content, "arrays", ArrayRecord)
     received = decode_received(record, names, shapes) if len(record) else []
     if keys.DOWNLINK in task:  # two-way compression of the broadcast model
         received = downlink_model(NodeState(context.state), task, received)
@@ -116,7 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     data, (x, y) = _partition(cfg, context)
     model = task_model(cfg, data).eval()
     names = list(model.state_dict())
-    weights = from_record(_required(msg.content, "arrays", ArrayRecord), names)
+    weights = from_record(required_record(msg.content, "arrays", ArrayRecord), names)
     model.load_state_dict({n: torch.from_numpy(w) for n, w in zip(names, weights, strict=True)})
     with torch.no_grad():
         logits = model(torch.from_numpy(x))
@@ -139,14 +139,6 @@ def describe(msg: Message, context: Context) -> Message:
     if torch.cuda.is_available():
         info["cuda-device"] = torch.cuda.get_device_name(0)
     return Message(RecordDict({"describe": ConfigRecord(info)}), reply_to=msg)
-
-
-def _required(content: RecordDict, name: str, kind: type[R]) -> R:
-    """The task's record of that name and kind; a ``KeyError`` naming it, as Flower's ``*_records[name]`` raises."""
-    record = named_record(content, name, kind)
-    if record is None:
-        raise KeyError(name)
-    return record
 
 
 def _partition(cfg: RunConfig, context: Context) -> tuple[Dataset, tuple]:

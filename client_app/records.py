@@ -8,6 +8,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from strategies.codecs import array_of
+from strategies.flower_arrays import required_record
 
 
 class NodeState(MutableMapping[str, list[np.ndarray]]):
@@ -23,7 +24,7 @@ class NodeState(MutableMapping[str, list[np.ndarray]]):
         self.state = state
 
     def __getitem__(self, key: str) -> list[np.ndarray]:
-        record = self.state.array_records[self.PREFIX + key]
+        record = required_record(self.state, self.PREFIX + key, ArrayRecord)
         return [array_of(record[str(i)]) for i in range(len(record))]
 
     def __setitem__(self, key: str, value: list[np.ndarray]) -> None:

@@ -30,7 +30,7 @@ from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, SType
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 
-__all__ = ["CHUNKS_KEY", "chunk_header", "named_record", "npy_array", "npy_bytes", "record_of"]
+__all__ = ["CHUNKS_KEY", "chunk_header", "named_record", "npy_array", "npy_bytes", "record_of", "required_record"]
 
 #: Where ``Array.slice_array`` caches its ``[(chunk id, ArrayChunk), ...]`` (flwr 1.41).
 CHUNKS_KEY = "_chunks"
@@ -121,3 +121,11 @@ def named_record(content: RecordDict, name: str, kind: type[R]) -> R | None:
     """
     value = content.get(name)
     return value if isinstance(value, kind) else None
+
+
+def required_record(content: RecordDict, name: str, kind: type[R]) -> R:
+    """``named_record``, or the ``KeyError`` naming it that Flower's ``content.array_records[name]`` raises."""
+    record = named_record(content, name, kind)
+    if record is None:
+        raise KeyError(name)
+    return record
