@@ -4,12 +4,12 @@ Why: the in-process runner trains each node's ``local-steps`` on its own client 
 of a simulation a step costs more Python and dispatch than arithmetic. Stacking the parameters of K nodes along a
 new leading dimension and running one batched forward and one backward per step pays that overhead once for K
 nodes. On one CPU core that is worth 14-16x for logreg and 1.6-1.8x for the MLP, local training alone, 1,000
-nodes (``bench/batched_executor.py``): the MLP's steps are mostly arithmetic, which per-node training already runs
-at more than half the speed of batched kernels of its shapes. A GPU, where small kernels cost little next to their
-launch, is where the MLP should gain; not measured here (no GPU was lent). End to end, in the in-process runner
-with 100 nodes and client threads on 2 cores (MLP), batched runs were 1.5-1.7x per-node ones at 10 local steps
-and 3.1-3.3x at 50, for FedAvg and FedBuff: the per-task Python of the ClientApp and the engine, serialised by
-the interpreter lock, is what is left (``CoalescingBatcher``).
+nodes (``bench/batched_executor.py``): the MLP's steps are mostly arithmetic, which per-node training already
+runs at 40 % of the speed of batched kernels of its shapes (BENCHMARKS.md). A GPU, where small kernels cost little
+next to their launch, is where the MLP should gain; not measured here (no GPU was lent). End to end, in the
+in-process runner with 100 nodes and client threads on 2 cores (MLP), batched runs were 1.5-1.7x per-node ones at
+10 local steps and 3.1-3.3x at 50, for FedAvg and FedBuff: the per-task Python of the ClientApp and the engine,
+serialised by the interpreter lock, is what is left (``CoalescingBatcher``).
 
 ``train_many`` is the pure function; ``CoalescingBatcher`` (below; one per process, ``BATCHER``) feeds it the
 concurrent calls of the runner's client threads when the run config says ``local-executor = "batched"``
