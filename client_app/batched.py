@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
+from client_app.dense import dense_plan
 from client_app.trainer import LocalSGD
 from strategies import taskkeys as keys
 
@@ -222,23 +223,8 @@ def _dense_forward(model: torch.nn.Module) -> Forward | None:
     vmapped, 1.2 ms here; the MLP's 1.1-1.25x (it is bound by its arithmetic). The same numbers within rounding
     (``tests/test_batched.py``), and, as with vmap, nothing mixes lanes.
     """
-    # Exact types, no hooks: a subclass may compute something else in its forward, and a hook sees its module run.
-    if type(model) is not torch.nn.Sequential or len(model) < 2:
-        return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return None
-    first, *rest = list(model.named_children())
-    if not (type(first[1]) is torch.nn.Flatten and first[1].start_dim == 1 and first[1].end_dim == -1):
-        return None
-    plan: list[tuple[str, str | None] | None] = []  # (weight, bias) names for a Linear, None for a ReLU
-    for name, layer in rest:
-        if type(layer) is torch.nn.Linear:
-            plan.append((f"{name}.weight", f"{name}.bias" if layer.bias is not None else None))
-        elif type(layer) is torch.nn.ReLU:
-            plan.append(None)
-        else:
-            return None
-    if plan[-1] is None:
+    plan = dense_plan(model)  # exact types, no hooks (client_app/dense.py)
+    if plan is None:
         return None
 
     def forward(params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from client_app.dense import dense_step
 from strategies import taskkeys as keys
 
 
@@ -90,14 +91,18 @@ class LocalSGD:
         xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
         anchor = [p.detach().clone() for p in params] if self.prox_mu else []
         momentum = Momentum(self.momentum)
+        dense = dense_step(model, params, self.prox_mu)  # autograd's kernels without its graph (client_app/dense.py)
         total = 0.0
         for i in torch.from_numpy(self.batches(len(y))).to(device):
-            loss = torch.nn.functional.cross_entropy(model(xt[i]), yt[i])
-            if anchor:  # FedAsync / FedProx proximal term: mu/2 ||w - w_received||^2
-                drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-                loss = loss + self.prox_mu / 2 * drift
-            grads = torch.autograd.grad(loss, params)
-            sgd_step(params, momentum.direction(list(grads)), self.lr)
+            if dense is not None:
+                loss, grads = dense(xt[i], yt[i])
+            else:
+                loss = torch.nn.functional.cross_entropy(model(xt[i]), yt[i])
+                if anchor:  # FedAsync / FedProx proximal term: mu/2 ||w - w_received||^2
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                    loss = loss + self.prox_mu / 2 * drift
+                grads = list(torch.autograd.grad(loss, params))
+            sgd_step(params, momentum.direction(grads), self.lr)
             total += float(loss.detach())
         if device.type == "cuda":
             torch.cuda.synchronize()
