@@ -10,7 +10,9 @@ their nodes' Contexts; each is then handed to ``run_client`` (what both executor
 check that its reply can travel) ``--repeats`` times over. Reported: CPU microseconds per task, the minimum over
 the repeats (the least disturbed by other processes), and the median. No pipe, no engine: only the client's side.
 ``--profile N`` prints cProfile's N most expensive functions of one more pass (cProfile inflates Python-heavy
-rows; compare within a row).
+rows; compare within a row). ``--against-autograd`` alternates each pass with one that trains through autograd
+(``client_app/dense.py`` switched off), in turn first and second, and adds the median of the paired ratios: on a
+shared machine whose speed drifts, pairs of passes a second apart compare where separate runs cannot.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tasks", type=int, default=200, help="training tasks recorded and replayed")
     parser.add_argument("--repeats", type=int, default=15, help="passes over the tasks (the minimum is reported)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print cProfile's N costliest rows")
+    parser.add_argument("--against-autograd", action="store_true",
+                        help="alternate passes with local steps through autograd; report the paired ratio")
     parser.add_argument("--json", default="results/client_task.json")
     parser.add_argument("--markdown", default="results/client_task.md")
     args = parser.parse_args(argv)
@@ -74,12 +78,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks = record_tasks(args.model, args.tasks)
     for msg, context in tasks:  # warm-up: caches, first-call costs
         run_client(app, msg, context)
-    passes = []
-    for _ in range(args.repeats):
-        start = time.process_time()
-        for msg, context in tasks:
-            run_client(app, msg, context)
-        passes.append((time.process_time() - start) / len(tasks) * 1e6)
+    import client_app.trainer as trainer
+
+    dense_step = trainer.dense_step
+
+    def one_pass(dense: bool = True) -> float:
+        trainer.dense_step = dense_step if dense else (lambda *args: None)
+        try:
+            start = time.process_time()
+            for msg, context in tasks:
+                run_client(app, msg, context)
+            return (time.process_time() - start) / len(tasks) * 1e6
+        finally:
+            trainer.dense_step = dense_step
+
+    passes, autograd = [], []
+    for rep in range(args.repeats):
+        if args.against_autograd and rep % 2:
+            autograd.append(one_pass(dense=False))
+        passes.append(one_pass())
+        if args.against_autograd and not rep % 2:
+            autograd.append(one_pass(dense=False))
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -94,6 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     least, median = min(passes), statistics.median(passes)
     table = ("| model | tasks | repeats | CPU us per task (min) | median |\n|---|---:|---:|---:|---:|\n"
              f"| {args.model} | {len(tasks)} | {args.repeats} | {least:,.0f} | {median:,.0f} |")
+    if autograd:
+        ratio = statistics.median(a / d for a, d in zip(autograd, passes, strict=True))
+        report.update(autograd_us_per_task_min=min(autograd), autograd_us_per_task_median=statistics.median(autograd),
+                      autograd_passes_us=autograd, autograd_over_dense_paired_median=ratio)
+        table += (f"\n| {args.model}, local steps through autograd | {len(tasks)} | {args.repeats} | "
+                  f"{min(autograd):,.0f} | {statistics.median(autograd):,.0f} |\n\nAutograd over the dense step, "
+                  f"median of {len(autograd)} paired passes: {ratio:.3f}x")
     write_report(report, table, args.json, args.markdown)
     return report
 

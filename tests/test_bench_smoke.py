@@ -173,3 +173,37 @@ def test_client_task_smoke(tmp_path, capsys):
     assert report["tasks"] == 5 and len(report["passes_us"]) == 2
     assert 0 < report["us_per_task_min"] <= report["us_per_task_median"]
     assert md.read_text().strip() in capsys.readouterr().out
+    assert "autograd_passes_us" not in report
+
+
+def test_client_task_against_autograd(tmp_path, monkeypatch):
+    """`--against-autograd` adds passes with the dense step off: the replays ask for it exactly as often as without
+    the flag, and it is back in place afterwards."""
+    import client_app.trainer as trainer
+    from bench import client_task
+
+    asked: list[int] = []
+    real = trainer.dense_step
+
+    def counting(*args):
+        asked.append(1)
+        return real(*args)
+
+    def recorded(*args, **kwargs):
+        tasks = record_tasks(*args, **kwargs)
+        asked.clear()  # count the replays only
+        return tasks
+
+    record_tasks = client_task.record_tasks
+    monkeypatch.setattr(client_task, "record_tasks", recorded)
+    monkeypatch.setattr(trainer, "dense_step", counting)
+    common = ["--tasks", "3", "--repeats", "3",
+              "--json", str(tmp_path / "t.json"), "--markdown", str(tmp_path / "t.md")]
+    plain = client_task.main(common)
+    assert len(asked) == 3 * (1 + 3)  # a warm-up pass and 3 timed passes over 3 tasks, one training each
+    report = client_task.main([*common, "--against-autograd"])
+    assert len(asked) == 3 * (1 + 3)  # the same: the 3 autograd passes never asked for it
+    assert trainer.dense_step is counting
+    assert "autograd_passes_us" not in plain
+    assert len(report["passes_us"]) == len(report["autograd_passes_us"]) == 3
+    assert report["autograd_over_dense_paired_median"] > 0
