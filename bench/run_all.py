@@ -15,7 +15,7 @@
 - bench/local_executors.py: Leashed-SGD, HOGWILD!, lock-based and sequential local executors (BENCHMARKS.md)
 - bench/leashed_sweep.py: Leashed-SGD's sweeps on the native executor, threads x persistence x step size (BENCHMARKS.md)
 - bench.scale: 1,000 in-process nodes, memory over the run and updates/s (BENCHMARKS.md, RELIABILITY.md)
-- bench.client_task: a ClientApp training task's CPU, real tasks replayed (BENCHMARKS.md)
+- bench.client_task: a ClientApp training task's CPU, real tasks replayed, against local steps through autograd
 - server_app.compare --quick: FedAvg, FedAsync and FedBuff tuned with 2 trials each and evaluated on 2 seeds, on the
   straggler scenario (results/compare_quick.*; README "Comparing strategies")
 - bench.comparisons: the tuned comparisons behind RESULTS.md, stragglers and the OLCO3 family, IID and
@@ -87,8 +87,8 @@ def main() -> int:
          "--markdown", "results/leashed_sweep.md", "--plot", "results/leashed_sweep.png"],
         ["-m", "bench.scale", "--updates", "1000,4000" if quick else "5000,20000", "--json", "results/scale.json",
          "--markdown", "results/scale.md"],
-        ["-m", "bench.client_task", *(["--tasks", "20", "--repeats", "3"] if quick else []), "--json",
-         "results/client_task.json", "--markdown", "results/client_task.md"],
+        ["-m", "bench.client_task", "--against-autograd", *(["--tasks", "20", "--repeats", "3"] if quick else []),
+         "--json", "results/client_task.json", "--markdown", "results/client_task.md"],
         ["-m", "server_app.compare", *COMPARE_QUICK],
         *([] if quick else [["-m", "bench.comparisons"], ["-m", "bench.olco3_plateau"]]),
     ]
