@@ -31,6 +31,7 @@ from typing import Protocol
 
 from server_app.links import exchange_seconds
 from server_app.overlap import hide
+from server_app.peerlocks import held
 from server_app.profiles import TaskTiming, sample_task
 from server_app.serverlink import ServerLink, due, earliest, ready_at, timing_of
 from server_app.state import EngineState, Flight
@@ -79,6 +80,7 @@ class VirtualClock:
         self._queue_key: tuple[int, int] | None = None
         self._order: list[tuple[float, int, Flight]] = []  # see _queue
         self._dropouts: list[Flight] = []
+        self._locking: dict[int, Flight] = {}  # seq -> a task in flight whose exchange holds node locks
 
     def now(self, state: EngineState) -> float:
         """The virtual time of the last applied result."""
@@ -110,22 +112,26 @@ class VirtualClock:
         """
         found = self._head(state)
         if found is not None:
-            state.locks.commit(state.flights.values(), found[0])
+            state.locks.commit(self._locking.values(), found[0])
         return found
 
     def _head(self, state: EngineState) -> tuple[float, Flight] | None:
-        state.locks.schedule(state.flights.values())
         link = state.link if self.server_link else None
+        queue = self._queue(state, link)
+        state.locks.schedule(self._locking.values())  # only exchanges that hold locks have a wait to compute
         if link is not None:
-            found = link.head(self._queue(state, link), self._dropouts)
+            found = link.head(queue, self._dropouts)
             if found is not None:
                 link.commit(found[1])
             return found
         # Without the server's link: the same walk, every completion on the task's own timing.
-        return earliest(self._queue(state, None), self._dropouts, lambda ready, seq, f: due(f))
+        return earliest(queue, self._dropouts, lambda ready, seq, f: due(f))
 
     def _queue(self, state: EngineState, link: ServerLink | None) -> list[tuple[float, int, Flight]]:
         """The tasks in flight by (ready time, seq), sorted again only when tasks were dispatched or left.
+
+        Kept alongside: the tasks whose exchanges hold node locks (``server_app/peerlocks.py``), so that the locks'
+        schedule walks those, not every task in flight, each time the engine looks.
 
         The engine looks for the next result many times while replies come in; only a dispatch or a departure
         changes this order (ready times are fixed at dispatch).
@@ -135,14 +141,18 @@ class VirtualClock:
         if key == self._queue_key:
             return self._order
         if self._queue_key is None:  # the first look (or the first after a resume)
-            self._order, self._dropouts = [], []
+            self._order, self._dropouts, self._locking = [], [], {}
             new = list(flights)
         else:  # drop those gone, insert those dispatched since the last look
             self._order = [e for e in self._order if e[1] in flights]
             self._dropouts = [f for f in self._dropouts if f.seq in flights]
+            if self._locking:
+                self._locking = {seq: f for seq, f in self._locking.items() if seq in flights}
             new = [seq for seq in range(self._queue_key[0], state.seq) if seq in flights]
         for seq in new:
             f = flights[seq]
+            if held(f):  # fixed at dispatch, like the ready time
+                self._locking[seq] = f
             if f.timing is not None and f.timing.fail_after_s is not None:
                 self._dropouts.append(f)  # may end before its ready time: kept out of the ready-time order
             else:

@@ -25,7 +25,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 from server_app.wire_sizes import chunk_bytes, sizes
 from strategies.base import Encoded, Payload
 from strategies.codecs import STYPE_NONE, CodecError, all_finite, decode, npy_view, to_record
-from strategies.flower_arrays import named_record
+from strategies.flower_arrays import dtype_str, named_record
 from strategies.taskkeys import COMPUTE_S, MODEL_VERSION, NUM_EXAMPLES, TASK_SEQ, TRAIN_LOSS
 
 __all__ = ["KNOWN_METRICS", "RejectedUpdate", "check_known_metrics", "finite_number", "message_sizes",
@@ -201,7 +201,8 @@ def validate_reply(
 def _decode(record: ArrayRecord, names: Sequence[str], base: Sequence[np.ndarray], is_delta: bool = True,
             finite: FiniteCheck | None = None) -> list[np.ndarray]:
     missing = [n for n in names if n not in record]
-    extra = [k for k in record if k not in set(names)]
+    known = set(names)
+    extra = [k for k in record if k not in known]
     if missing or extra:
         raise RejectedUpdate(f"array keys do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     out = []
@@ -218,7 +219,7 @@ def _decode_one(name: str, arr: Array, ref: np.ndarray,
             return decode(arr, shape=ref.shape, dtype=ref.dtype)
         except CodecError as exc:
             raise RejectedUpdate(f"{name}: {exc}") from exc
-    if arr.dtype != str(ref.dtype) or tuple(arr.shape) != ref.shape:
+    if arr.dtype != dtype_str(ref.dtype) or tuple(arr.shape) != ref.shape:  # numpy's str(dtype) is Python code
         raise RejectedUpdate(
             f"{name}: got {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}"
         )

@@ -30,7 +30,8 @@ from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, SType
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 
-__all__ = ["CHUNKS_KEY", "chunk_header", "named_record", "npy_array", "npy_bytes", "record_of", "required_record"]
+__all__ = ["CHUNKS_KEY", "chunk_header", "dtype_str", "named_record", "npy_array", "npy_bytes", "record_of",
+           "required_record"]
 
 #: Where ``Array.slice_array`` caches its ``[(chunk id, ArrayChunk), ...]`` (flwr 1.41).
 CHUNKS_KEY = "_chunks"
@@ -70,7 +71,7 @@ def _npy_header(values: np.ndarray) -> bytes | None:
     return header or None
 
 
-def _dtype_str(dtype: np.dtype) -> str:
+def dtype_str(dtype: np.dtype) -> str:
     """``str(dtype)`` as ``Array(ndarray)`` writes it, remembered for plain dtypes (numpy builds it in Python)."""
     return _plain_dtype_str(dtype) if dtype.fields is None and dtype.metadata is None else str(dtype)
 
@@ -90,7 +91,7 @@ def npy_array(values: np.ndarray) -> Array:
     data = npy_bytes(values)
     if data is None:
         return Array(values)
-    array = Array(dtype=_dtype_str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
+    array = Array(dtype=dtype_str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
     if 0 < len(data) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:  # one chunk: the data itself (no view, so it pickles)
         digest = hashlib.sha256(chunk_header(len(data)))
         digest.update(data)
