@@ -147,9 +147,9 @@ class LocalGrid(Grid):
         if self.processes is not None:
             with self.lock:
                 self._collect()
-        for mid in [m for m in wanted if m in self.pending and self.pending[m].done()]:
+        for mid in [m for m, future in self.pending.items() if m in wanted and future.done()]:
             self.held[mid] = self.pending.pop(mid).result()
-        ready = [m for m in wanted if m in self.held]
+        ready = [m for m in self.held if m in wanted]  # what arrived (a few), not what is asked for (all in flight)
         if self.rng is not None:  # release a random subset, in a random order
             self.rng.shuffle(ready)
             ready = ready[: self.rng.randint(0, len(ready))]
