@@ -1,14 +1,15 @@
 """Stacks of ``Linear`` and ``ReLU`` layers (the built-in logreg and MLP): recognised once, stepped without a graph.
 
 A simulated node's model is tiny (logreg has 650 parameters) and its batch a handful of images, so a local step
-under autograd is mostly bookkeeping: recording the graph, running the engine, wrapping every result (about 90 us
-a step for logreg on one core, against 40 here). ``DenseStep`` computes the same mean cross-entropy and the same
-gradients by calling, in order, the kernels autograd's backward formulas call for these layers (PyTorch's
-``derivatives.yaml``): ``nll_loss_backward``, ``_log_softmax_backward_data``, ``threshold_backward`` for a ReLU,
-and for a ``Linear`` (``addmm(bias, x, W^T)``) ``mm_mat1_backward`` / ``mm_mat2_backward``'s products, layout
-branches included, and ``sum_to`` for the bias. Same kernels on the same operands give the same bits:
-``tests/test_dense.py`` holds the gradients and weights to autograd's bit for bit, and the executors' bitwise
-tests against ``LocalSGD.run`` (HOGWILD! with one thread, the native executors) run through it.
+under autograd is mostly bookkeeping: recording the graph, running the engine, wrapping every result (a step of
+logreg costs about twice what it does here, on one CPU core: BENCHMARKS.md). The function ``dense_step`` returns
+computes the same mean cross-entropy and the same gradients by calling, in order, the kernels autograd's
+backward formulas call for these layers (PyTorch's ``derivatives.yaml``): ``nll_loss_backward``,
+``_log_softmax_backward_data``, ``threshold_backward`` for a ReLU, and for a ``Linear`` (``addmm(bias, x, W^T)``)
+the products of ``mm_mat1_backward`` / ``mm_mat2_backward``, layout branches included, and ``sum_to`` for the
+bias. Same kernels on the same operands give the same bits: ``tests/test_dense.py`` holds the gradients and
+weights to autograd's bit for bit, and the executors' bitwise tests against ``LocalSGD.run`` (HOGWILD! with one
+thread, the native executors) run through it.
 
 Only an exact ``Sequential`` of a ``Flatten(1, -1)`` then ``Linear``/``ReLU`` layers ending in a ``Linear``, with no
 hooks anywhere (a subclass may compute something else; a hook must see its module run), every parameter requiring
