@@ -90,7 +90,7 @@ def axpy(acc: np.ndarray, x: np.ndarray, coef: float, tmp: np.ndarray) -> None:
     flat, values, n = acc.reshape(-1), np.ascontiguousarray(x).reshape(-1), tmp.size
     if flat.size != values.size:
         raise ValueError(f"cannot add {x.shape} into {acc.shape}")
-    for start in range(0, flat.size, n):
+    for start in range(0, flat.size, max(n, 1)):  # an empty tensor (tmp of 0 entries) has no block to add
         part = values[start:start + n]
         scaled = tmp[:part.size]
         np.multiply(part, coef, out=scaled, casting="unsafe")

@@ -254,3 +254,11 @@ def test_the_blockwise_sum_is_whole_array_numpy_to_the_bit():
     for got, w in zip(acc.result(), want, strict=True):
         assert got.dtype == w.dtype and np.array_equal(got, w)
     assert all(s.size <= BLOCK for s in acc.scratch)  # no model-sized work space
+
+
+def test_an_empty_tensor_sums_to_an_empty_tensor():
+    """A model may hold a zero-size parameter: its block loop has nothing to add, rather than a step of 0."""
+    empty, full = np.zeros((0, 3), np.float32), np.ones(2, np.float32)
+    got = weighted_sum([(0.5, [empty, full]), (0.25, [empty, full])])
+    assert got[0].shape == (0, 3) and got[0].dtype == np.float32
+    np.testing.assert_array_equal(got[1], np.full(2, 0.75, np.float32))
