@@ -87,6 +87,7 @@ class LocalSGD:
         params = list(model.parameters())
         if any(t.device != device for t in (*params, *model.buffers())):
             model.to(device)
+            params = list(model.parameters())  # .to may replace them (torch.__future__'s conversion settings)
         model.train()
         xt, yt = torch.tensor(x, device=device), torch.tensor(y, device=device)
         anchor = [p.detach().clone() for p in params] if self.prox_mu else []
