@@ -1,6 +1,6 @@
 """``client_app.dense``: a dense stack's step without autograd's graph gives autograd's loss and gradients.
 
-``DenseStep`` calls the backward kernels autograd's formulas call, on the same operands, so on one machine both
+``dense_step``'s step calls the backward kernels autograd's formulas call, on the same operands, so on one machine both
 runs are the same computation and the results are compared bit for bit. The shapes cover both layout branches of
 ``mm_mat2_backward`` (a weight stored transposed takes the other one; taking the wrong one fails here) and the
 column-major branch of ``mm_mat1_backward`` (batch 1 through a width-1 layer, the only column-major activation
