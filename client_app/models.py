@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import operator
 import re
+import threading
 
 import torch
 from torch import nn
@@ -33,6 +34,10 @@ class ModelError(ValueError):
 # ``package.module:ClassName`` (the attribute may be dotted, e.g. ``pkg.mod:Outer.Net``).
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _MLP_HIDDEN = 200
+#: Seeded builds reset torch's one global generator (forked, so the caller's stream is kept): two threads doing
+#: that at once (the in-process runner's client threads) would draw from each other's seeds, and a model's initial
+#: weights would depend on timing. One seeded build at a time (reentrant: a user model may build another).
+_SEEDED_BUILD = threading.RLock()
 _CNN_CHANNELS = (16, 32)
 _CNN_HIDDEN = 64
 # Training costs about three forward passes: the forward itself, then gradients with respect to the
@@ -74,7 +79,9 @@ def build_model(
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
     # Fork only when seeding: an unseeded build must advance the caller's RNG like any torch module would,
     # or two unseeded builds in a row would come out identical.
-    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+    seeded = seed is not None
+    with _SEEDED_BUILD if seeded else contextlib.nullcontext(), \
+            torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
         if ":" in name:

@@ -21,8 +21,17 @@ SHAPE = (1, 8, 8)
 
 
 def _stack(*layers: torch.nn.Module) -> torch.nn.Sequential:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*layers)
+    """The layers, with weights from a generator of their own rather than torch's global one.
+
+    Seeding the global generator here once gave, in a full parallel run only, a stack whose ReLUs were all off for
+    one sample: another thread in the worker process can draw from that generator between the seed and the draws.
+    """
+    model = torch.nn.Sequential(*layers)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.uniform(-0.3, 0.3, p.shape).astype(np.float32)))
+    return model
 
 
 def _transposed_weight() -> torch.nn.Sequential:

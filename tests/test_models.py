@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -45,6 +47,29 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone(name):
     assert all(torch.equal(first[k], second[k]) for k in first)
     other = build_model(name, (1, 8, 8), 10, seed=8).state_dict()
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_seeded_builds_in_several_threads_at_once_get_their_own_seeds_weights():
+    """Client threads build models at the same time: each seeded build must draw from its own seed only.
+
+    A million-parameter model: torch releases the interpreter lock while it draws, so without one seeded build at
+    a time the threads reseed the one global generator under each other.
+    """
+    want = {seed: build_model("bench.models:Big", (1, 8, 8), 10, seed=seed).state_dict() for seed in (0, 1)}
+    got: dict[int, list[dict[str, torch.Tensor]]] = {0: [], 1: []}
+
+    def builds(seed: int) -> None:
+        for _ in range(4):
+            got[seed].append(build_model("bench.models:Big", (1, 8, 8), 10, seed=seed).state_dict())
+
+    threads = [threading.Thread(target=builds, args=(seed,)) for seed in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed, states in got.items():
+        assert len(states) == 4
+        assert all(torch.equal(state[k], want[seed][k]) for state in states for k in want[seed])
 
 
 def test_unseeded_init_uses_the_global_rng():

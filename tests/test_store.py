@@ -109,6 +109,30 @@ def test_a_group_does_not_hold_the_write_lock_and_a_failed_write_keeps_it(tmp_pa
     store.close()
 
 
+def test_a_group_is_one_transaction_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A statement failing in the middle of a group leaves none of the group's rows; the next commit writes all.
+
+    The connection is in autocommit mode, where ``with db`` alone opens no transaction: without its ``BEGIN``
+    the rows before the failure would be committed one by one (and each commit would cost more than its row).
+    """
+    store = waiting_store(tmp_path, monkeypatch)
+    for seq in range(1, 10):
+        store.record_update(row(seq))
+    store.mark_applied(range(10), version=1)
+    store.db.execute("CREATE TRIGGER no_five BEFORE INSERT ON updates WHEN NEW.seq = 5 "
+                     "BEGIN SELECT RAISE(ABORT, 'seq 5 refused'); END")
+    with pytest.raises(sqlite3.Error, match="seq 5 refused"):
+        store.commit()
+    assert count(tmp_path / "m.db") == 0  # rows 0-4 came before the failure: rolled back with it
+    assert not store.db.in_transaction
+    store.db.execute("DROP TRIGGER no_five")
+    store.commit()
+    with sqlite3.connect(f"file:{tmp_path / 'm.db'}?mode=ro", uri=True) as reader:
+        assert reader.execute("SELECT seq, status, applied_version FROM updates ORDER BY seq").fetchall() == [
+            (seq, "applied", 1) for seq in range(10)]
+    store.close()
+
+
 def test_rows_are_committed_before_the_engine_waits_for_a_client(tmp_path, monkeypatch):
     """A busy engine commits by age; one that waits for a slow client commits first, so a reader sees the run.
 
