@@ -36,7 +36,8 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-
 _MLP_HIDDEN = 200
 #: Seeded builds reset torch's one global generator (forked, so the caller's stream is kept): two threads doing
 #: that at once (the in-process runner's client threads) would draw from each other's seeds, and a model's initial
-#: weights would depend on timing. One seeded build at a time (reentrant: a user model may build another).
+#: weights would depend on timing. One seeded build at a time (reentrant: a user model may build another); the
+#: FLOP count's forked generator, restored on exit, takes the same lock.
 _SEEDED_BUILD = threading.RLock()
 _CNN_CHANNELS = (16, 32)
 _CNN_HIDDEN = 64
@@ -238,7 +239,8 @@ def flops_per_sample(model: nn.Module, input_shape: tuple[int, int, int]) -> flo
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # The forked generator is restored on exit: never in the middle of another thread's seeded build.
+        with _SEEDED_BUILD, torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(torch.zeros((1, *shape), device=_device_of(model)))
     finally:
         model.train(was_training)
