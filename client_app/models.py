@@ -34,13 +34,14 @@ class ModelError(ValueError):
 # ``package.module:ClassName`` (the attribute may be dotted, e.g. ``pkg.mod:Outer.Net``).
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _MLP_HIDDEN = 200
+_CNN_CHANNELS = (16, 32)
+_CNN_HIDDEN = 64
 #: Seeded builds reset torch's one global generator (forked, so the caller's stream is kept): two threads doing
 #: that at once (the in-process runner's client threads) would draw from each other's seeds, and a model's initial
 #: weights would depend on timing. One seeded build at a time (reentrant: a user model may build another); the
 #: FLOP count's forked generator, restored on exit, takes the same lock.
 _SEEDED_BUILD = threading.RLock()
-_CNN_CHANNELS = (16, 32)
-_CNN_HIDDEN = 64
+
 # Training costs about three forward passes: the forward itself, then gradients with respect to the
 # activations and with respect to the weights, each about as expensive as the forward.
 _TRAIN_FACTOR = 3.0
@@ -83,7 +84,7 @@ def build_model(
     seeded = seed is not None
     with _SEEDED_BUILD if seeded else contextlib.nullcontext(), \
             torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
-        if seed is not None:
+        if seeded:
             torch.manual_seed(seed)
         if ":" in name:
             model = _import_model(name)
