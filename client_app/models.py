@@ -36,11 +36,11 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-
 _MLP_HIDDEN = 200
 _CNN_CHANNELS = (16, 32)
 _CNN_HIDDEN = 64
-#: Seeded builds reset torch's one global generator (forked, so the caller's stream is kept): two threads doing
-#: that at once (the in-process runner's client threads) would draw from each other's seeds, and a model's initial
-#: weights would depend on timing. One seeded build at a time (reentrant: a user model may build another); the
-#: FLOP count's forked generator, restored on exit, takes the same lock.
-_SEEDED_BUILD = threading.RLock()
+#: Seeded builds reset torch's one global generator (forked, so the caller's stream is kept): another thread
+#: drawing from it meanwhile (a seeded or unseeded build in the in-process runner's client threads) would shift
+#: the seeded stream, and a model's initial weights would depend on timing. One build at a time (reentrant: a user
+#: model may build another); the FLOP count's forked generator, restored on exit, takes the same lock.
+_BUILD_LOCK = threading.RLock()
 
 # Training costs about three forward passes: the forward itself, then gradients with respect to the
 # activations and with respect to the weights, each about as expensive as the forward.
@@ -82,8 +82,7 @@ def build_model(
     # Fork only when seeding: an unseeded build must advance the caller's RNG like any torch module would,
     # or two unseeded builds in a row would come out identical.
     seeded = seed is not None
-    with _SEEDED_BUILD if seeded else contextlib.nullcontext(), \
-            torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
         if seeded:
             torch.manual_seed(seed)
         if ":" in name:
@@ -241,7 +240,7 @@ def flops_per_sample(model: nn.Module, input_shape: tuple[int, int, int]) -> flo
     model.eval()
     try:
         # The forked generator is restored on exit: never in the middle of another thread's seeded build.
-        with _SEEDED_BUILD, torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with _BUILD_LOCK, torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(torch.zeros((1, *shape), device=_device_of(model)))
     finally:
         model.train(was_training)

@@ -50,7 +50,7 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone(name):
 
 
 def test_seeded_builds_in_several_threads_at_once_get_their_own_seeds_weights():
-    """Client threads build models and count their FLOPs at once: each seeded build draws from its own seed only.
+    """Threads build models, seeded or not, and count FLOPs at once: each seeded build draws from its seed only.
 
     A million-parameter model: torch releases the interpreter lock while it draws, so without one seeded build at
     a time the threads reseed the one global generator under each other.
@@ -66,7 +66,12 @@ def test_seeded_builds_in_several_threads_at_once_get_their_own_seeds_weights():
         for _ in range(200):
             flops_per_sample(build_model("mlp", (1, 8, 8), 10, seed=3), (1, 8, 8))
 
-    threads = [threading.Thread(target=builds, args=(seed,)) for seed in (0, 1)] + [threading.Thread(target=counts)]
+    def unseeded() -> None:  # draws from the global generator, as a client thread's build does
+        for _ in range(4):
+            build_model("bench.models:Big", (1, 8, 8), 10)
+
+    threads = [threading.Thread(target=builds, args=(seed,)) for seed in (0, 1)]
+    threads += [threading.Thread(target=counts), threading.Thread(target=unseeded)]
     for t in threads:
         t.start()
     for t in threads:
