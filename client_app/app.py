@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from client_app.batched import BATCHER
 from client_app.data import Dataset, load_dataset, load_partition
 from client_app.executors import BATCHED, ExecutorSpec, train_local
-from client_app.models import MODELS, build_model
+from client_app.models import MODELS, build_model, task_rng
 from client_app.records import NodeState
 from client_app.trainer import LocalSGD, pick_device
 from strategies import get_strategy
@@ -88,7 +88,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
     def local_train(start: list) -> tuple[list, dict[str, float]]:
         model.load_state_dict({n: torch.from_numpy(w) for n, w in zip(names, start, strict=True)})
-        metrics = train_local(sgd, model, x, y, device, executor)
+        with task_rng(model, sgd.seed):  # dropout's masks from the task's seed, not from the tasks before it
+            metrics = train_local(sgd, model, x, y, device, executor)
         return [t.detach().cpu().numpy() for t in model.state_dict().values()], metrics
 
     record = required_record(msg.content, "arrays", ArrayRecord)

@@ -18,11 +18,12 @@ import importlib
 import operator
 import re
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "ModelError", "build_model", "count_params", "flops_per_sample"]
+__all__ = ["MODELS", "RANDOM_LAYERS", "ModelError", "build_model", "count_params", "flops_per_sample", "task_rng"]
 
 MODELS = ("logreg", "mlp", "cnn")
 
@@ -91,6 +92,31 @@ def build_model(
                 _check_output(model, name, shape, classes)
             return model
         return _build_builtin(name, shape, classes)
+
+
+#: Layers that draw from torch's global generator while training: each task seeds it (``task_rng``).
+RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                 nn.RReLU)
+
+
+@contextlib.contextmanager
+def task_rng(model: nn.Module, seed: int) -> Iterator[None]:
+    """Inside: torch's global generator seeded with the task's ``seed``, when ``model`` has a random layer.
+
+    Dropout and RReLU draw from the one global generator, which a client process keeps from task to task and
+    client threads share: a model with them would train differently depending on which tasks a process ran
+    before, or on how the threads interleaved, and a run would no longer be a function of its seed. A model with
+    a random layer (``RANDOM_LAYERS``, in training mode) trains under the task's own seed, forked (the caller's
+    stream is kept), one such task at a time in a process (the build lock: threads share the generator). A model
+    without one is left alone, at no cost. Random draws a model makes in its ``forward`` by other means
+    (``torch.rand``, ``F.dropout``) are not seen; put them in a module to be seeded, or use client processes.
+    """
+    if not any(isinstance(m, RANDOM_LAYERS) and m.training for m in model.modules()):
+        yield
+        return
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _positive_int(value: object) -> int | None:

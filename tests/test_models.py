@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from client_app.models import MODELS, ModelError, build_model, count_params, flops_per_sample
+from client_app.models import MODELS, ModelError, build_model, count_params, flops_per_sample, task_rng
 
 SHAPES = [(1, 8, 8), (1, 28, 28)]
 
@@ -79,6 +79,38 @@ def test_seeded_builds_in_several_threads_at_once_get_their_own_seeds_weights():
     for seed, states in got.items():
         assert len(states) == 4
         assert all(torch.equal(state[k], want[seed][k]) for state in states for k in want[seed])
+
+
+def test_a_random_layer_trains_under_its_tasks_seed_whatever_the_generator_held_before():
+    """Dropout's masks come from the task's seed: the same task trains the same after any other tasks or draws."""
+    import numpy as np
+
+    from client_app.trainer import LocalSGD
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, 40).astype(np.int64)
+
+    def trained(model_name: str, task_seed: int, global_seed: int) -> list[torch.Tensor]:
+        model = build_model(model_name, (1, 8, 8), 10, seed=1).train()
+        torch.manual_seed(global_seed)  # what earlier tasks left in the generator
+        before = torch.get_rng_state()
+        with task_rng(model, task_seed):
+            LocalSGD(steps=5, batch_size=8, lr=0.1, seed=task_seed).run(model, x, y, torch.device("cpu"))
+        if model_name.endswith("DropoutNet"):
+            assert torch.equal(torch.get_rng_state(), before)  # forked: the caller's stream goes on as it was
+        return [t.detach().clone() for t in model.state_dict().values()]
+
+    dropout = "tests.user_models:DropoutNet"
+    first, again = trained(dropout, 7, global_seed=1), trained(dropout, 7, global_seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other = trained(dropout, 8, global_seed=1)
+    assert any(not torch.equal(a, b) for a, b in zip(first, other, strict=True))  # the masks do follow the seed
+    model = build_model("mlp", (1, 8, 8), 10, seed=1)
+    torch.manual_seed(3)
+    with task_rng(model, 7):  # nothing random to seed: the generator is not touched
+        after_seed_3 = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after_seed_3, torch.rand(1))
 
 
 def test_unseeded_init_uses_the_global_rng():

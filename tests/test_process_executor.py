@@ -39,20 +39,26 @@ def wait_for(grid: LocalGrid, ids: list[str], timeout: float = 20.0) -> dict[str
     return got
 
 
-def run(executor: str, db) -> SimRun:
+def run(executor: str, db, model: str | None = None) -> SimRun:
     values = {key_of(k): v for k, v in FAST_DEFAULTS.items()}
     values.update({"strategy": "fedbuff", "max-updates": 30, "metrics-db": str(db)})
+    if model is not None:
+        values["model"] = model
     summary = run_local(merge_config(overrides=values), nodes=6, executor=executor, run_id=RUN_ID)
     return SimRun(summary, db)
 
 
-def test_thread_and_process_give_the_same_run(tmp_path):
+@pytest.mark.parametrize("model", [None, "tests.user_models:DropoutNet"], ids=["default", "dropout"])
+def test_thread_and_process_give_the_same_run(tmp_path, model):
     """Same seed, same trace: who trained on which version, when on the virtual clock, the bytes, the model.
 
     The final weights are compared bitwise: both executors run the same torch operations on this machine with
-    one intra-op thread (conftest.py sets it here, each worker process sets it for itself).
+    one intra-op thread (conftest.py sets it here, each worker process sets it for itself). A model with dropout
+    too: its masks come from each task's seed (``client_app.models.task_rng``), not from whichever tasks the
+    thread or the process ran before.
     """
-    threads, processes = run("thread", tmp_path / "thread.db"), run("process", tmp_path / "process.db")
+    threads = run("thread", tmp_path / "thread.db", model)
+    processes = run("process", tmp_path / "process.db", model)
     assert processes.summary.applied == 30
     assert trace_of(processes) == trace_of(threads)
     for a, b in zip(processes.summary.weights, threads.summary.weights, strict=True):

@@ -64,3 +64,14 @@ class NotAModule:
 def make_net() -> Net:
     """A factory function: not a class, so rejected."""
     return Net()
+
+
+class DropoutNet(nn.Module):
+    """A user model with a random layer: its training draws from torch's generator (client_app.models.task_rng)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
