@@ -107,7 +107,8 @@ def task_rng(model: nn.Module, seed: int) -> Iterator[None]:
     client threads share: a model with them would train differently depending on which tasks a process ran
     before, or on how the threads interleaved, and a run would no longer be a function of its seed. A model with
     a random layer (``RANDOM_LAYERS``, in training mode) trains under the task's own seed, forked (the caller's
-    stream is kept), one such task at a time in a process (the build lock: threads share the generator). A model
+    CPU stream is kept; a CUDA device's generator is seeded too, not restored), one such task at a time in a
+    process (the build lock: threads share the generator). A model
     without one is left alone, at no cost. Random draws a model makes in its ``forward`` by other means
     (``torch.rand``, ``F.dropout``) are not seen; put them in a module to be seeded, or use client processes.
     """
