@@ -40,7 +40,8 @@ _CNN_HIDDEN = 64
 #: Seeded builds reset torch's one global generator (forked, so the caller's stream is kept): another thread
 #: drawing from it meanwhile (a seeded or unseeded build in the in-process runner's client threads) would shift
 #: the seeded stream, and a model's initial weights would depend on timing. One build at a time (reentrant: a user
-#: model may build another); the FLOP count's forked generator, restored on exit, takes the same lock.
+#: model may build another); the FLOP count's forked generator, restored on exit, and a random model's seeded
+#: training (``task_rng``) take the same lock.
 _BUILD_LOCK = threading.RLock()
 
 # Training costs about three forward passes: the forward itself, then gradients with respect to the
@@ -108,9 +109,9 @@ def task_rng(model: nn.Module, seed: int) -> Iterator[None]:
     before, or on how the threads interleaved, and a run would no longer be a function of its seed. A model with
     a random layer (``RANDOM_LAYERS``, in training mode) trains under the task's own seed, forked (the caller's
     CPU stream is kept; a CUDA device's generator is seeded too, not restored), one such task at a time in a
-    process (the build lock: threads share the generator). A model
-    without one is left alone, at no cost. Random draws a model makes in its ``forward`` by other means
-    (``torch.rand``, ``F.dropout``) are not seen; put them in a module to be seeded, or use client processes.
+    process (the build lock: threads share the generator). A model without one is left alone, at no cost. Random
+    draws a model makes in its ``forward`` by other means (``torch.rand``, ``F.dropout``) are not seen and stay
+    unseeded, with either executor: put them in a module of ``RANDOM_LAYERS`` to have them seeded.
     """
     if not any(isinstance(m, RANDOM_LAYERS) and m.training for m in model.modules()):
         yield
