@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from client_app.data import load_dataset
-from client_app.models import ModelError, build_model, count_params, flops_per_sample
+from client_app.models import ModelError, build_model, count_params, flops_per_sample, task_rng
 from client_app.trainer import LocalSGD
 from server_app.intake import delta_norm
 from server_app.state import ModelSpec
@@ -131,10 +131,11 @@ class Evaluator:
         only measures a norm here; the model it trains is thrown away.
         """
         steps = min(cfg.local_steps, REFERENCE_STEPS)
-        model = copy.deepcopy(self.model)
+        model = copy.deepcopy(self.model).train()  # training mode first: task_rng looks for active random layers
         model.load_state_dict({n: torch.from_numpy(w.copy()) for n, w in zip(self.names, weights, strict=True)})
-        LocalSGD(steps, cfg.batch_size, cfg.lr, cfg.momentum, seed=cfg.seed).run(
-            model, self.x.numpy(), self.y.numpy(), torch.device("cpu"))
+        with task_rng(model, cfg.seed):  # a dropout model's masks from the run's seed, as a client's from its task's
+            LocalSGD(steps, cfg.batch_size, cfg.lr, cfg.momentum, seed=cfg.seed).run(
+                model, self.x.numpy(), self.y.numpy(), torch.device("cpu"))
         trained = [t.detach().numpy() for t in model.state_dict().values()]
         norm = delta_norm([w - t for w, t in zip(weights, trained, strict=True)])
         return norm * cfg.local_steps / steps

@@ -175,6 +175,21 @@ def test_reference_norm_is_the_scale_of_an_honest_first_delta(tmp_path: object) 
     assert ev.reference_norm(spec.initial, dataclasses.replace(cfg, lr=0.1)) == pytest.approx(2 * ref, rel=0.3)
 
 
+def test_a_dropout_models_reference_norm_follows_the_runs_seed_not_the_generators_state() -> None:
+    """The filter's prior trains a copy of the evaluator's model (kept in eval mode) under the run's seed."""
+    import torch
+
+    from server_app.evaluation import Evaluator, model_spec
+    cfg = RunConfig(dataset="digits", model="tests.user_models:DropoutNet", local_steps=10, lr=0.05)
+    spec = model_spec(cfg)
+    ev = Evaluator(cfg, spec.names)
+    torch.manual_seed(1)
+    ref = ev.reference_norm(spec.initial, cfg)
+    torch.manual_seed(2)  # whatever the server drew before: the same masks, the same norm
+    assert ev.reference_norm(spec.initial, cfg) == ref
+    assert ev.reference_norm(spec.initial, dataclasses.replace(cfg, seed=cfg.seed + 1)) != ref  # they follow it
+
+
 @pytest.mark.parametrize(("strategy", "settings", "message"), [
     ("fedasync", {"aggregation": "median"}, "applies each update alone"),
     ("async-sgd", {"aggregation": "krum"}, "applies each update alone"),
