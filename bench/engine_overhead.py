@@ -6,7 +6,7 @@ so the client side costs (almost) nothing and what is timed is the server: dispa
 aggregating updates.
 
     python -m bench.engine_overhead [--nodes 100] [--rounds 5] [--model bench.models:Big]
-                                    [--repeats 3] [--json OUT] [--profile OUT.prof]
+                                    [--repeats 3] [--set KEY=VALUE ...] [--json OUT] [--profile OUT.prof | --timers]
 
 Rows:
     ``flower-fedavg``       ``flwr.serverapp.strategy.FedAvg(fraction_train=1, fraction_evaluate=0,
@@ -24,6 +24,13 @@ measuring each message's serialized size. Flower's row times ``start()`` only (i
 Every engine first does one untimed warm-up run (1 round), then the timed runs are repeated ``--repeats`` times
 in rotating order (interleaved) and the median is reported. ``ratio_vs_flower_fedavg`` is our FedAvg's median
 updates/s over Flower's (goal: >= 1.5; FedBuff's own ratio, in its row: >= 1.0).
+
+``--set KEY=VALUE`` (repeatable) changes a run-config key of our rows (``update-filter=none``: what the update
+filter costs); the benchmark's own keys above win. ``--timers``, instead of benchmarking, wraps the engine's
+phases (dispatching, reading a reply, the update filter's norm, the weighted sum, ...) in ``time.perf_counter``
+timers over ``--repeats`` runs of the first of ``--engines`` (ours) after a warm-up, and prints each one's calls,
+median and mean microseconds per call and seconds per run: the breakdown of an update without a profiler's
+overhead.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from server_app.local_grid import LocalGrid  # noqa: E402
 from server_app.simulate import load_object, merge_config, run_local  # noqa: E402
+from strategies.config import ConfigError  # noqa: E402
 
 FLOWER = "flower-fedavg"
 OURS = "staleflower-fedavg"
@@ -108,8 +116,11 @@ def run_flower(nodes: int, rounds: int, model: str) -> tuple[int, float]:
     return rounds * nodes, seconds
 
 
-def run_ours(nodes: int, rounds: int, model: str, strategy: str) -> tuple[int, float]:
-    """Our ServerApp via run_local on a LocalGrid; returns (applied updates, seconds of run_local())."""
+def run_ours(nodes: int, rounds: int, model: str, strategy: str, sets: list[str] | None = None) -> tuple[int, float]:
+    """Our ServerApp via run_local on a LocalGrid; returns (applied updates, seconds of run_local()).
+
+    ``sets``: ``KEY=VALUE`` run-config settings, under the benchmark's own keys.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         overrides: dict[str, Any] = {
             "strategy": strategy, "model": model, "max-updates": rounds * nodes, "eval-every": 0,
@@ -118,7 +129,7 @@ def run_ours(nodes: int, rounds: int, model: str, strategy: str) -> tuple[int, f
         }
         if strategy == "fedbuff":
             overrides["buffer-size"] = BUFFER_SIZE
-        values = merge_config(overrides=overrides)
+        values = merge_config(sets=sets, overrides=overrides)
         with contextlib.redirect_stdout(io.StringIO()):  # the ServerApp prints its summary
             t0 = time.perf_counter()
             summary = run_local(values, nodes=nodes, clientapp=app, workers=WORKERS)
@@ -128,16 +139,17 @@ def run_ours(nodes: int, rounds: int, model: str, strategy: str) -> tuple[int, f
     return summary.applied, seconds
 
 
-def _runner(engine: str) -> Callable[[int, int, str], tuple[int, float]]:
+def _runner(engine: str, sets: list[str] | None = None) -> Callable[[int, int, str], tuple[int, float]]:
     if engine == FLOWER:
         return run_flower
     strategy = "fedavg" if engine == OURS else "fedbuff"
-    return lambda nodes, rounds, model: run_ours(nodes, rounds, model, strategy)
+    return lambda nodes, rounds, model: run_ours(nodes, rounds, model, strategy, sets)
 
 
 # ----------------------------------------------------------------------------------------------------- main
 def benchmark(nodes: int, rounds: int, model: str, repeats: int, engines: tuple[str, ...] = ENGINES,
-              warmup: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+              warmup: bool = True, log: Callable[[str], None] = print, sets: list[str] | None = None
+              ) -> dict[str, Any]:
     """Run the benchmark and return the JSON-able report."""
     if repeats < 1 or rounds < 1 or nodes < 1:
         raise ValueError("nodes, rounds and repeats must be >= 1")
@@ -145,13 +157,13 @@ def benchmark(nodes: int, rounds: int, model: str, repeats: int, engines: tuple[
     samples: dict[str, list[tuple[int, float]]] = {e: [] for e in engines}
     if warmup:
         for engine in engines:
-            _runner(engine)(nodes, 1, model)
+            _runner(engine, sets)(nodes, 1, model)
             log(f"warm-up {engine}: done")
     for rep in range(repeats):
         order = engines[rep % len(engines):] + engines[: rep % len(engines)]
         for engine in order:
             gc.collect()
-            updates, seconds = _runner(engine)(nodes, rounds, model)
+            updates, seconds = _runner(engine, sets)(nodes, rounds, model)
             samples[engine].append((updates, seconds))
             log(f"run {rep + 1}/{repeats} {engine}: {updates} updates in {seconds:.2f} s")
     results = []
@@ -180,7 +192,7 @@ def benchmark(nodes: int, rounds: int, model: str, repeats: int, engines: tuple[
             "torch_threads": torch.get_num_threads(),
             "ours_includes": "dataset load + 2 model builds, query.describe discovery, 2 server evaluations "
                              "(start, end), one SQLite row per update (committed in groups), wire-size measurement",
-            "flower_includes": "FedAvg.start() only (INFO logging silenced)",
+            "flower_includes": "FedAvg.start() only (INFO logging silenced)", "ours_settings": list(sets or []),
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         },
         "results": results,
@@ -224,6 +236,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--markdown", metavar="OUT", help="also write the markdown table here")
     p.add_argument("--profile", metavar="OUT", help="instead of benchmarking, cProfile one run of the first of "
                                                     "--engines (after a warm-up) into OUT; print the top functions")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run-config setting of our rows, e.g. update-filter=none (repeatable)")
+    p.add_argument("--timers", action="store_true", help="instead of benchmarking, time the engine's phases over "
+                                                         "--repeats runs of the first of --engines (ours)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     flwr_log, level, threads = logging.getLogger("flwr"), logging.getLogger("flwr").level, torch.get_num_threads()
@@ -241,10 +257,18 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown or not engines:
         p.error(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+    try:
+        merge_config(sets=args.set)
+    except ConfigError as exc:
+        p.error(str(exc))
+    if args.timers:
+        if engines[0] == FLOWER:
+            p.error("--timers times our engine: put staleflower-fedavg or staleflower-fedbuff first in --engines")
+        return timers(engines[0], args.nodes, args.rounds, args.model, args.repeats, args.set)
     if args.profile:
         return profile(engines[0], args.nodes, args.rounds, args.model, args.profile)
     log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = benchmark(args.nodes, args.rounds, args.model, args.repeats, engines, not args.no_warmup, log)
+    report = benchmark(args.nodes, args.rounds, args.model, args.repeats, engines, not args.no_warmup, log, args.set)
     table = markdown(report)
     print(table)
     if args.json:
@@ -270,6 +294,65 @@ def profile(engine: str, nodes: int, rounds: int, model: str, out: str) -> dict[
     for key in ("cumulative", "tottime"):
         stats.sort_stats(key).print_stats(30)
     return {"engine": engine, "updates": updates, "seconds": seconds, "profile": out}
+
+
+def _phases() -> list[tuple[object, str, str]]:
+    """(owner, attribute, label) of what ``--timers`` wraps; module functions where their callers look them up."""
+    from server_app import engine, intake, mailbox, outbox, state
+    from strategies import fedbuff, robust, sums
+
+    return [
+        (engine.Engine, "_dispatch", "dispatch a task"), (outbox.Outbox, "content", "  its content"),
+        (engine, "message_sizes", "  size its message"), (mailbox.Mailbox, "send", "  send it"),
+        (engine.Engine, "_next", "wait for and pull the next result"),
+        (engine.Engine, "_complete", "complete a task"), (intake.Intake, "read", "  read its reply"),
+        (intake, "_diff_tensor_norm", "    the filter's norm of a tensor"),
+        (robust, "weighted_sum", "  a round's weighted sum"),
+        (sums.Accumulator, "add_update_delta", "  add it to a running sum"),
+        (sums.Accumulator, "result", "  a running sum's result, bases folded"),
+        (fedbuff, "step", "  step the model (FedBuff)"),
+        (intake.UpdateGuard, "screen", "  screen it"),
+        (state, "to_record", "serialize a new model version"),
+    ]
+
+
+def timers(engine: str, nodes: int, rounds: int, model: str, repeats: int, sets: list[str]) -> dict[str, Any]:
+    """Time the engine's phases with ``time.perf_counter`` over ``repeats`` runs (after a warm-up); print them."""
+    run = _runner(engine, sets)
+    run(nodes, 1, model)
+    spent: dict[str, list[float]] = {}
+    originals = [(owner, name, getattr(owner, name), label) for owner, name, label in _phases()]
+
+    def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        calls = spent.setdefault(label, [])
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                calls.append(time.perf_counter() - start)
+        return wrapper
+
+    for owner, name, fn, label in originals:
+        setattr(owner, name, timed(fn, label))
+    try:
+        seconds = [run(nodes, rounds, model)[1] for _ in range(repeats)]
+    finally:
+        for owner, name, fn, _ in originals:
+            setattr(owner, name, fn)
+    print(f"{engine}: {repeats} runs of {rounds * nodes} updates, {statistics.median(seconds):.3f} s median "
+          f"({', '.join(f'{s:.3f}' for s in seconds)}); settings {sets or 'default'}")
+    print(f"{'phase':40s} {'calls/run':>10s} {'median us':>10s} {'mean us':>10s} {'s/run':>8s}")
+    rows = {}
+    for label, calls in spent.items():
+        if calls:
+            rows[label] = {"calls_per_run": len(calls) / repeats, "median_us": statistics.median(calls) * 1e6,
+                           "mean_us": sum(calls) / len(calls) * 1e6, "seconds_per_run": sum(calls) / repeats}
+            r = rows[label]
+            print(f"{label:40s} {r['calls_per_run']:10.0f} {r['median_us']:10.1f} {r['mean_us']:10.1f} "
+                  f"{r['seconds_per_run']:8.3f}")
+    return {"engine": engine, "seconds": seconds, "phases": rows}
 
 
 if __name__ == "__main__":

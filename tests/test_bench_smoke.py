@@ -26,6 +26,29 @@ def test_engine_overhead_smoke(tmp_path, capsys):
     assert md.read_text().strip() == table.strip()
 
 
+def test_engine_overhead_settings_and_timers(tmp_path, capsys):
+    """``--set`` reaches our rows (and a bad key exits 2); ``--timers`` times every phase and puts it all back."""
+    import pytest
+
+    from server_app import engine, intake
+
+    small = ["--nodes", "4", "--rounds", "1", "--model", "bench.models:Small", "--repeats", "1", "--quiet"]
+    report = engine_overhead.main([*small, "--no-warmup", "--engines", "staleflower-fedavg", "--set",
+                                   "update-filter=none", "--json", str(tmp_path / "o.json"),
+                                   "--markdown", str(tmp_path / "o.md")])
+    assert report["workload"]["ours_settings"] == ["update-filter=none"]
+    with pytest.raises(SystemExit) as exit_info:
+        engine_overhead.main([*small, "--set", "update-filtr=none"])
+    assert exit_info.value.code == 2 and "update-filter" in capsys.readouterr().err  # the did-you-mean hint
+    before = (engine.Engine._dispatch, intake._diff_tensor_norm)
+    timed = engine_overhead.main([*small, "--engines", "staleflower-fedavg", "--timers"])
+    phases = timed["phases"]
+    assert phases["dispatch a task"]["calls_per_run"] >= 4 and phases["  read its reply"]["median_us"] > 0
+    assert phases["    the filter's norm of a tensor"]["calls_per_run"] > 0  # the default filter takes norms
+    assert (engine.Engine._dispatch, intake._diff_tensor_norm) == before  # unwrapped again
+    assert "wait for and pull the next result" in capsys.readouterr().out
+
+
 def test_olco3_delay_reproduction_smoke(tmp_path):
     from bench import olco3_delay
 
