@@ -11,8 +11,10 @@ training images) goes in a fresh child process, so its peak RSS is its own. The 
 (``/proc/self/statm``) and the number of objects the garbage collector tracks, together with the applied-update
 count and the wall time. The table reports RSS at 25 %, 50 % and 100 % of the run, the growth from 25 % to
 100 %, the peak RSS (``ru_maxrss``), and applied updates per second of wall time between the first and the last
-evaluation (start-up, node discovery, the evaluations and the sampling excluded). Memory that did not depend on
-run length would show the same RSS at 25 % and 100 %, and the same peak for a run four times longer.
+evaluation: start-up and node discovery excluded, the evaluations included (a run's own work; clients keep
+training meanwhile), the sampling excluded, with the client processes stopped (SIGSTOP) while it lasts so that
+they do no work off the clock. Memory that did not depend on run length would show the same RSS at 25 % and
+100 %, and the same peak for a run four times longer.
 
 ``--executor`` runs each length once per executor (``LocalGrid``'s ``thread`` pool or ``process`` workers, both
 ``--workers`` wide). With processes, each sample also sums the memory of the child's descendants (the forkserver
@@ -22,7 +24,7 @@ The process rows also time the workers' start-up, before the run: the first star
 Flower and the ClientApp, then forks the workers), a second one (forks only), and ``spawn`` workers for
 comparison (each imports everything itself). ``--client noop`` replaces staleflower's ClientApp by
 ``bench.noop_client`` (a delta of zeros, no training): the engine alone. Every row also gives the CPU time per
-applied update over the same span as updates/s (user + system, evaluations and sampling left out): of the runner's
+applied update over the same span as updates/s (user + system, the sampling left out): of the runner's
 process (with threads, clients included) and, with processes, of the workers together. On a shared machine
 updates/s depends on what else runs; CPU per update much less, and it says what an idle machine would need.
 ``--model`` trains the runner's ``mlp`` instead of ``logreg``, ``--dataset fashion-mnist`` on Fashion-MNIST's 60,000
@@ -38,15 +40,18 @@ is a floor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +83,25 @@ def descendants() -> list[int]:
         frontier = [pid for pid, ppid in parent.items() if ppid in set(frontier)]
         found.extend(frontier)
     return found
+
+
+@contextlib.contextmanager
+def stopped(pids: list[int]) -> Iterator[None]:
+    """``pids`` stopped (SIGSTOP) for the block, continued (SIGCONT) after it, even when it raises.
+
+    While the benchmark samples memory its clock is stopped; client processes left running would meanwhile train
+    the tasks queued for them (up to ``--concurrency``), work the clock never sees, and updates/s would count it
+    for free. (Client threads need no stopping: ``gc.collect`` and the object count hold the interpreter lock.)
+    """
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def descendants_usage() -> tuple[float, float, float, int]:
@@ -131,18 +155,23 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
     samples: list[dict[str, float]] = []
     original = engine_module.Engine._evaluate
 
+    clients: list[int] = []  # the forkserver and the client processes, found at the first sample
+
     def sampled(self: Any) -> tuple[float, float]:
+        result = original(self)  # the evaluation is the run's own work: on the clock, clients training meanwhile
         t, cpu0 = time.perf_counter(), time.process_time()
-        result = original(self)
-        gc.collect()
-        sample = {"applied": self.state.totals.applied, "wall_s": t, "rss_mb": rss_mb(), "cpu_s": cpu0,
-                  "gc_objects": len(gc.get_objects()), "flights": len(self.state.flights),
-                  "versions": len(self.state.versions), "accuracy": result[1]}
-        if executor == "process":
-            (sample["workers_rss_mb"], sample["workers_pss_mb"], sample["workers_cpu_s"],
-             sample["processes"]) = descendants_usage()
-        sample["sampling_s"] = time.perf_counter() - t  # evaluation + sampling: not counted as run time
-        sample["sampling_cpu_s"] = time.process_time() - cpu0
+        if executor == "process" and not clients:
+            clients.extend(descendants())
+        with stopped(clients):  # what the benchmark itself does is off the clock: so is every client process
+            gc.collect()
+            sample = {"applied": self.state.totals.applied, "wall_s": t, "rss_mb": rss_mb(), "cpu_s": cpu0,
+                      "gc_objects": len(gc.get_objects()), "flights": len(self.state.flights),
+                      "versions": len(self.state.versions), "accuracy": result[1]}
+            if executor == "process":
+                (sample["workers_rss_mb"], sample["workers_pss_mb"], sample["workers_cpu_s"],
+                 sample["processes"]) = descendants_usage()
+            sample["sampling_s"] = time.perf_counter() - t  # sampling: not counted as run time
+            sample["sampling_cpu_s"] = time.process_time() - cpu0
         samples.append(sample)
         return result
 
@@ -162,7 +191,7 @@ def child(nodes: int, concurrency: int, updates: int, workers: int, db: str, sam
 
     engine_s = last["wall_s"] - first["wall_s"] - sum(s["sampling_s"] for s in samples[:-1])
     done = last["applied"] - first["applied"]
-    # CPU per applied update between the first and the last sample, evaluations and sampling excluded as for
+    # CPU per applied update between the first and the last sample, the sampling excluded as for
     # updates/s: what a machine with nothing else to do would have to give. With threads the runner's figure
     # includes the clients; with processes the workers' is theirs (and the forkserver's, which idles).
     main_cpu = last["cpu_s"] - first["cpu_s"] - sum(s["sampling_cpu_s"] for s in samples[:-1])

@@ -1,6 +1,9 @@
 """Smoke test of bench/engine_overhead.py: tiny sizes, checks the report's shape, times nothing."""
 
 import json
+import time
+
+import pytest
 
 from bench import engine_overhead
 
@@ -159,6 +162,37 @@ def test_scale_smoke(tmp_path, capsys):
         assert all(s["flights"] <= 5 for s in r["samples"])
     table = capsys.readouterr().out
     assert "| 20 | 5 |" in table and md.read_text().strip() in table
+
+
+def test_scale_stops_client_processes_while_it_samples():
+    """The scale benchmark's clock stops while it samples memory: client processes must not work meanwhile."""
+    import subprocess
+
+    from bench import scale
+
+    def state(pid):
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        pids = [p.pid for p in procs]
+        with pytest.raises(RuntimeError), scale.stopped(pids):
+            deadline = time.monotonic() + 5
+            while any(state(pid) != "T" for pid in pids) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [state(pid) for pid in pids] == ["T", "T"]
+            raise RuntimeError("the sampling failed")  # continued all the same
+        deadline = time.monotonic() + 5
+        while any(state(pid) == "T" for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(state(pid) != "T" for pid in pids)
+        with scale.stopped([procs[0].pid, 2**22 + 7]):  # a pid that is gone is no error
+            pass
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_server_link_cost_smoke(tmp_path, capsys):
