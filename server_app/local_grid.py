@@ -157,12 +157,13 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push, then wait for every reply (or the timeout)."""
-        ids = [i for i in self.push_messages(messages) if i]
+        waiting = {i for i in self.push_messages(messages) if i}
         out: list[Message] = []
         deadline = None if timeout is None else time.monotonic() + timeout
-        while len(out) < len(ids) and (deadline is None or time.monotonic() < deadline):
-            got = self.pull_messages(i for i in ids if i not in {r.metadata.reply_to_message_id for r in out})
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            got = self.pull_messages(waiting)
             out.extend(got)
+            waiting.difference_update(r.metadata.reply_to_message_id for r in got)
             if not got:
                 time.sleep(0.001)
         return out

@@ -91,6 +91,21 @@ def test_replies_and_node_state(executor):
     assert len(pids) == 1 and (executor == "thread") == (pids == {os.getpid()})
 
 
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_send_and_receive_returns_each_reply_once(executor):
+    """Flower's strategies call ``send_and_receive``: every message's reply, once, whatever order they come in."""
+    grid = LocalGrid(counting if executor == "thread" else "tests.process_clients:counting", 4, {},
+                     run_id=RUN_ID, workers=2, executor=executor, reorder_seed=3)
+    try:
+        tasks = [ask(1000 + i % 4) for i in range(12)]
+        replies = grid.send_and_receive(tasks, timeout=60)
+    finally:
+        grid.close()
+    sent = [t.metadata.message_id for t in tasks]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(sent)
+    assert all(not r.has_error() for r in replies)
+
+
 def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
     grid = LocalGrid("tests.process_clients:counting", 4, {}, workers=2, executor="process")
     assert grid.processes is not None
