@@ -1,4 +1,4 @@
-"""The sweep behind ABS's defaults (issue 4): initial K, how fast K doubles, and the initial staleness bound.
+"""The sweep behind ABS's defaults: initial K, how fast K doubles, and the initial staleness bound.
 
     python -m bench.abs_sweep [--seed 0] [--out results/abs_sweep.md]
 

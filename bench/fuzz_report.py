@@ -1,4 +1,4 @@
-"""Fuzz report (issue 9): random malformed inputs per target, counted; crashes must be 0.
+"""Fuzz report: random malformed inputs per target, counted; crashes must be 0.
 
     python -m bench.fuzz_report [--n 2000] [--seed 0] [--quick]
                                 [--json results/fuzz_report.json] [--markdown results/fuzz_report.md]

@@ -1,4 +1,4 @@
-"""Local executors (issue 6): Leashed-SGD against lock-based AsyncSGD, HOGWILD! and sequential SGD on one client.
+"""Local executors: Leashed-SGD against lock-based AsyncSGD, HOGWILD! and sequential SGD on one client.
 
     python bench/local_executors.py --json OUT [--quick] [--repeats 3] [--markdown OUT.md]
 

@@ -1,4 +1,4 @@
-"""Scale (issue 9): the in-process runner with 1,000 nodes, 100 concurrent, on the virtual clock.
+"""Scale: the in-process runner with 1,000 nodes, 100 concurrent, on the virtual clock.
 
     python -m bench.scale [--nodes 1000] [--concurrency 100] [--updates 5000,20000] [--workers 2] [--quick]
                           [--executor thread,process] [--client staleflower|noop] [--model logreg|mlp]

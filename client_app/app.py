@@ -84,7 +84,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                    momentum=float(task[keys.MOMENTUM]), prox_mu=float(task[keys.PROX_MU]),
                    seed=int(task[keys.TASK_SEED]))
     device = pick_device(cfg.device)
-    executor = ExecutorSpec.from_config(cfg)  # local-executor, local-threads, persistence (issue 6)
+    executor = ExecutorSpec.from_config(cfg)  # local-executor, local-threads, persistence
 
     def local_train(start: list) -> tuple[list, dict[str, float]]:
         model.load_state_dict({n: torch.from_numpy(w) for n, w in zip(names, start, strict=True)})

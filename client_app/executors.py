@@ -1,4 +1,4 @@
-"""Multi-thread local training on one shared model: Leashed-SGD and its baselines (issue 6).
+"""Multi-thread local training on one shared model: Leashed-SGD and its baselines.
 
 Bäckström, Walulya, Papatriantafilou and Tsigas, "Consistent Lock-free Parallel Stochastic Gradient Descent for
 Fast and Stable Convergence", IPDPS 2021 (arXiv 2102.09032); ``docs/algorithms.md``
