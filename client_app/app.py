@@ -20,7 +20,7 @@ from strategies import taskkeys as keys
 from strategies.client import ClientJob, decode_received, downlink_model
 from strategies.codecs import CodecSpec, from_record
 from strategies.config import RunConfig
-from strategies.flower_arrays import record_of, required_record
+from strategies.flower_arrays import checked_record, record_of, required_record
 
 app = ClientApp()
 
@@ -107,7 +107,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     echo = {k: int(task[k]) for k in keys.ECHO if k in task}
     metrics = {**metrics, keys.NUM_EXAMPLES: len(y), **echo}
     delta = record_of(dict(zip(names, arrays, strict=True)))
-    return Message(RecordDict({"delta": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(checked_record(RecordDict, {"delta": delta, "metrics": checked_record(MetricRecord, metrics)}),
+                   reply_to=msg)
 
 
 @app.evaluate()

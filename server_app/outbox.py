@@ -18,6 +18,7 @@ from server_app.wire import payload_record
 from strategies import taskkeys as keys
 from strategies.base import Payload, Task
 from strategies.config import RunConfig
+from strategies.flower_arrays import checked_record
 
 
 class Outbox:
@@ -38,7 +39,7 @@ class Outbox:
             config.update(extra)
             if compressed is not None:
                 arrays = ArrayRecord(dict(zip(self.names, compressed, strict=True)))
-        return RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        return checked_record(RecordDict, {"arrays": arrays, "config": checked_record(ConfigRecord, config)})
 
     def task_config(self, state: EngineState, seq: int, node: int, task: Task) -> dict[str, Any]:
         """The run's training settings, the task's identity and seed, then the strategy's own settings."""

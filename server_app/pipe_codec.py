@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
-from strategies.flower_arrays import record_of
+from strategies.flower_arrays import checked_record, record_of
 
 __all__ = ["decode", "encode"]
 
@@ -61,9 +61,8 @@ def decode(data: bytes) -> Message:
                         ttl=float(ttl), message_type=kind, src_task_id=src_task, dst_task_id=dst_task)
     records = None
     if content is not None:
-        records = RecordDict()
-        for name, record_kind, items in content:
-            records[name] = _build(record_kind, items, blobs)
+        records = checked_record(RecordDict, {name: _build(record_kind, items, blobs)
+                                              for name, record_kind, items in content})
     failure = None if error is None else Error(code=error[0], reason=error[1] or None)  # "" is None, as in protobuf
     return make_message(metadata, records, failure)
 
@@ -110,7 +109,7 @@ def _build(kind: str, items: list[Any], blobs: list[bytes]) -> ArrayRecord | Con
                           for key, dtype, shape, stype, index in items})  # ArrayRecord(array_dict): 3x longer
     values: dict[str, Any] = {key: _restored(value, blobs) for key, value in items}
     if kind == "config":
-        return ConfigRecord(config_dict=values, keep_input=False)
+        return checked_record(ConfigRecord, values)
     if kind == "metrics":
-        return MetricRecord(metric_dict=values, keep_input=False)
+        return checked_record(MetricRecord, values)
     raise ValueError(f"pipe message: unknown record kind {kind!r}")

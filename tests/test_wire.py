@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from server_app.wire import RejectedUpdate, read_reply, reference_wire_bytes, wire_bytes
 from strategies.base import Update
 from strategies.codecs import to_record
+from strategies.flower_arrays import checked_record
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 NAMES = ["w", "b"]
@@ -190,3 +191,23 @@ def test_sizes_of_messages_with_repeated_records_and_arrays_are_the_deflated_tre
     for msg in (reply_with(content), instruction()):
         assert wire_bytes(msg) == reference_wire_bytes(msg)
         assert wire_bytes(msg) == reference_wire_bytes(msg)  # again, from the record's memo
+
+
+@pytest.mark.parametrize(("kind", "good", "bad"), [
+    (ConfigRecord, {"lr": 0.1, "n": 3, "flag": True, "s": "é", "b": b"\x00", "l": [1, 2], "e": [], "bl": [b"x"]},
+     [{1: 2}, {"k": object()}, {"k": [1, "a"]}, {"k": {"a": 1}}, {"k": None}]),
+    (MetricRecord, {"loss": 0.5, "n": 3, "l": [0.1, 0.2], "e": []},
+     [{1: 0.5}, {"k": "str"}, {"k": [0.1, 2]}, {"k": b"x"}, {"k": None}]),
+    (RecordDict, {"a": ArrayRecord(), "m": MetricRecord({"x": 1}), "c": ConfigRecord({"y": "z"})},
+     [{2: MetricRecord()}, {"k": {"a": 1}}, {"k": None}]),
+], ids=["config", "metrics", "recorddict"])
+def test_checked_record_is_the_record_flower_builds(kind, good, bad):
+    """The fast constructor of the hot path: the same record, the same refusals, as Flower's own constructor."""
+    built = checked_record(kind, good)
+    assert type(built) is kind and built == kind(dict(good)) and list(built) == list(good)
+    for items in bad:
+        with pytest.raises(Exception) as flowers:  # noqa: PT011 - whatever Flower raises, ours must raise too
+            kind(dict(items))
+        with pytest.raises(type(flowers.value)) as ours:
+            checked_record(kind, items)
+        assert str(ours.value) == str(flowers.value)
