@@ -24,7 +24,9 @@ torch state a fork would copy). The first grid of a process pays for the server'
 of the moment the forkserver started.
 
 A worker that dies costs its tasks: each in flight, and each sent to its nodes later, gets Flower's
-``CLIENT_APP_CRASHED`` error reply, and its nodes leave ``get_node_ids`` (a SuperNode that is gone). ``close()``
+``CLIENT_APP_CRASHED`` error reply, and its nodes leave ``get_node_ids`` (a SuperNode that is gone). So does one
+that writes a reply ``pipe_codec`` cannot decode, which only a ClientApp tampering with its worker can make: the
+engine kills it, since neither the task that reply answers nor what follows it on the pipe can be known. ``close()``
 drops the tasks not started, asks every worker to stop after the task it is running (SIGTERM), and kills the
 ones still running after a timeout.
 """
@@ -361,10 +363,14 @@ class ClientProcesses:
                         if frame == READY:
                             worker.ready_at = time.monotonic()
                             continue
-                        reply = from_bytes(frame)
+                        try:
+                            reply = from_bytes(frame)
+                        except Exception as exc:  # noqa: BLE001 - not what serve() writes: the worker is broken
+                            worker.dead = self._broken(worker, f"{type(exc).__name__}: {exc}")
+                            break
                         worker.pending.pop(reply.metadata.reply_to_message_id, None)
                         out.append(reply)
-                    if len(chunk) < READ_CHUNK:
+                    if worker.dead or len(chunk) < READ_CHUNK:
                         break
             except BlockingIOError:
                 pass  # nothing more for now
@@ -429,6 +435,17 @@ class ClientProcesses:
                 worker.dead = self._why(worker)
                 return
             del worker.outbox[:done]
+
+    @staticmethod
+    def _broken(worker: Worker, why: str) -> str:
+        """Kill a worker whose reply cannot be decoded: the task it answers is unknown, what follows it untrusted.
+
+        Only a ClientApp that tampers with its worker (``serve``'s encoder, the pipe) gets here; it costs that
+        worker's tasks, as a crash does, never the run.
+        """
+        worker.process.kill()  # SIGKILL by its own pid
+        worker.process.join(1.0)
+        return f"client process {worker.index} (pid {worker.process.pid}) sent a reply that cannot be decoded ({why})"
 
     @staticmethod
     def _why(worker: Worker) -> str:

@@ -16,3 +16,12 @@ def counting(msg: Message, context: Context) -> Message:
     seen = int(context.state["count"]["n"]) + 1 if "count" in context.state else 1
     context.state["count"] = MetricRecord({"n": seen})
     return Message(RecordDict({"count": MetricRecord({"n": seen, "pid": os.getpid()})}), reply_to=msg)
+
+
+def garbling(msg: Message, context: Context) -> Message:
+    """Answer ``query.garble`` as ``counting`` does, but make its worker write the reply as bytes no decoder takes."""
+    if msg.metadata.message_type == "query.garble":
+        import server_app.client_processes as worker  # noqa: PLC0415 - this worker's own module, patched in place
+
+        worker.to_bytes = lambda reply: b"\xff not a message"
+    return counting(msg, context)

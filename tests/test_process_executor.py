@@ -129,6 +129,25 @@ def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
     assert all(w.process.exitcode is not None for w in grid.processes.workers)
 
 
+def test_a_reply_that_cannot_be_decoded_costs_its_workers_tasks_not_the_run():
+    """A ClientApp that makes its worker write garbage: that worker is killed, its tasks fail, the grid goes on."""
+    grid = LocalGrid("tests.process_clients:garbling", 4, {}, workers=2, executor="process")
+    assert grid.processes is not None
+    try:
+        ids = grid.push_messages([ask(1000, "query.garble"), ask(1001)])  # worker 0 holds 1000 and 1002
+        replies = wait_for(grid, ids)
+        lost = replies[ids[0]]
+        assert lost.error.code == CLIENT_APP_CRASHED and "cannot be decoded" in lost.error.reason
+        assert replies[ids[1]].content["count"]["n"] == 1
+        assert sorted(grid.get_node_ids()) == [1001, 1003]
+        later = grid.push_messages([ask(1002), ask(1003)])
+        again = wait_for(grid, later)
+        assert again[later[0]].error.code == CLIENT_APP_CRASHED and again[later[1]].content["count"]["n"] == 1
+    finally:
+        grid.close()
+    assert grid.processes.workers[0].process.exitcode == -signal.SIGKILL
+
+
 def test_what_a_worker_cannot_import_is_refused_at_once():
     with pytest.raises(ValueError, match="import path such as 'client_app.app:app'"):
         LocalGrid(lambda msg, context: msg, 2, {}, executor="process")
