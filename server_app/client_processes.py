@@ -99,6 +99,10 @@ def load_client_app(path: str) -> ClientAppLike:
 def run_client(client_app: ClientAppLike, msg: Message, context: Context) -> Message:
     """``client_app(msg, context)`` as Flower's runtime runs it: an exception becomes an error reply.
 
+    ``sys.exit()`` (or another ``BaseException``) in a ClientApp ends its process under Flower's runtime, which
+    reports ``CLIENT_APP_CRASHED``; here it is that reply too. Without this, on a client thread it would reach the
+    engine's thread through the task's future and end the run.
+
     The reply is sized as Flower's transport serializes it (``message_sizes``): what cannot travel (an int beyond
     int64) fails here, in the client, as it would on a SuperNode. Both executors call this, so a thread and a
     process give the same reply.
@@ -109,6 +113,8 @@ def run_client(client_app: ClientAppLike, msg: Message, context: Context) -> Mes
             message_sizes(reply)
     except Exception as exc:  # a ClientApp exception becomes an error reply, as in Flower's runtime
         reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    except BaseException as exc:  # noqa: BLE001 - sys.exit() in a ClientApp ends its process in Flower, not the run
+        reply = Message(Error(CLIENT_APP_CRASHED, f"{type(exc).__name__}: {exc}"), reply_to=msg)
     reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
     return reply
 

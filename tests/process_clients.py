@@ -2,17 +2,21 @@
 it by name (``tests.process_clients:counting``) without importing the test module and what it imports."""
 
 import os
+import sys
 import time
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 
 def counting(msg: Message, context: Context) -> Message:
-    """Count the node's messages in its Context; ``query.boom`` raises; ``query.sleep`` sleeps (a stuck client)."""
+    """Count the node's messages in its Context; ``query.boom`` raises; ``query.sleep`` sleeps (a stuck client);
+    ``query.exit`` calls ``sys.exit(3)``."""
     if msg.metadata.message_type == "query.boom":
         raise RuntimeError("boom")
     if msg.metadata.message_type == "query.sleep":
         time.sleep(60)
+    if msg.metadata.message_type == "query.exit":
+        sys.exit(3)
     seen = int(context.state["count"]["n"]) + 1 if "count" in context.state else 1
     context.state["count"] = MetricRecord({"n": seen})
     return Message(RecordDict({"count": MetricRecord({"n": seen, "pid": os.getpid()})}), reply_to=msg)

@@ -92,6 +92,22 @@ def test_replies_and_node_state(executor):
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
+def test_a_clientapp_that_calls_sys_exit_costs_its_task_only(executor):
+    """``sys.exit()`` in a ClientApp is Flower's "ClientApp crashed" for that task, on either executor; the node
+    and the grid go on (on client threads it used to end the run with the exit code)."""
+    grid = LocalGrid(counting if executor == "thread" else "tests.process_clients:counting", 4, {},
+                     run_id=RUN_ID, workers=2, executor=executor)
+    try:
+        ids = grid.push_messages([ask(1000), ask(1000, "query.exit"), ask(1000)])
+        got = wait_for(grid, ids)
+        assert sorted(grid.get_node_ids()) == [1000, 1001, 1002, 1003]
+    finally:
+        grid.close()
+    assert got[ids[1]].error.code == CLIENT_APP_CRASHED and got[ids[1]].error.reason == "SystemExit: 3"
+    assert [int(got[m].content["count"]["n"]) for m in (ids[0], ids[2])] == [1, 2]
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
 def test_send_and_receive_returns_each_reply_once(executor):
     """Flower's strategies call ``send_and_receive``: every message's reply, once, whatever order they come in."""
     grid = LocalGrid(counting if executor == "thread" else "tests.process_clients:counting", 4, {},
