@@ -157,10 +157,11 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push, then wait for every reply (or the timeout)."""
-        waiting = {i for i in self.push_messages(messages) if i}
-        out: list[Message] = []
+        ids = [i for i in self.push_messages(messages) if i]
+        waiting, out = set(ids), list[Message]()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while waiting and (deadline is None or time.monotonic() < deadline):
+        # Each task gives one reply; counting them ends the wait even when a reply names another message.
+        while waiting and len(out) < len(ids) and (deadline is None or time.monotonic() < deadline):
             got = self.pull_messages(waiting)
             out.extend(got)
             waiting.difference_update(r.metadata.reply_to_message_id for r in got)

@@ -10,7 +10,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 def counting(msg: Message, context: Context) -> Message:
     """Count the node's messages in its Context; ``query.boom`` raises; ``query.sleep`` sleeps (a stuck client);
-    ``query.exit`` calls ``sys.exit(3)``."""
+    ``query.exit`` calls ``sys.exit(3)``; ``query.spoof`` replies naming another message."""
     if msg.metadata.message_type == "query.boom":
         raise RuntimeError("boom")
     if msg.metadata.message_type == "query.sleep":
@@ -19,7 +19,10 @@ def counting(msg: Message, context: Context) -> Message:
         sys.exit(3)
     seen = int(context.state["count"]["n"]) + 1 if "count" in context.state else 1
     context.state["count"] = MetricRecord({"n": seen})
-    return Message(RecordDict({"count": MetricRecord({"n": seen, "pid": os.getpid()})}), reply_to=msg)
+    reply = Message(RecordDict({"count": MetricRecord({"n": seen, "pid": os.getpid()})}), reply_to=msg)
+    if msg.metadata.message_type == "query.spoof":  # a reply that names another message
+        reply.metadata.__dict__["_reply_to_message_id"] = "another-message"
+    return reply
 
 
 def garbling(msg: Message, context: Context) -> Message:

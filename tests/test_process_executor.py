@@ -122,6 +122,17 @@ def test_send_and_receive_returns_each_reply_once(executor):
     assert all(not r.has_error() for r in replies)
 
 
+def test_send_and_receive_is_not_held_up_by_a_reply_that_names_another_message():
+    grid = LocalGrid(counting, 2, {}, run_id=RUN_ID, workers=2)
+    try:
+        t = time.monotonic()
+        replies = grid.send_and_receive([ask(1000), ask(1001, "query.spoof")], timeout=30)
+        assert time.monotonic() - t < 10
+    finally:
+        grid.close()
+    assert len(replies) == 2 and "another-message" in {r.metadata.reply_to_message_id for r in replies}
+
+
 def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
     grid = LocalGrid("tests.process_clients:counting", 4, {}, workers=2, executor="process")
     assert grid.processes is not None
