@@ -1,25 +1,26 @@
 """An in-process Flower ``Grid``: the real ServerApp and ClientApp code, no Ray, no SuperLink.
 
-Messages are handed to ``ClientApp(message, context)`` on a thread pool (``executor="thread"``: torch releases the
-GIL, so clients run in parallel, but their Python code and the engine's take turns on one lock) or in worker
-processes (``executor="process"``, ``server_app/client_processes.py``: the message travels as bytes,
-``server_app/pipe_codec.py``, and the engine keeps its interpreter to itself). Each node keeps one ``Context`` for
-the run, as a SuperNode does. Like Flower's link state, a reply is returned by ``pull_messages`` once and then
-forgotten, and a client exception becomes an error reply.
+Messages are handed to ``ClientApp(message, context)`` on client threads (``executor="thread"``,
+``server_app/client_threads.py``: torch releases the GIL, so clients run in parallel, but their Python code and the
+engine's take turns on one lock) or in worker processes (``executor="process"``, ``server_app/client_processes.py``:
+the message travels as bytes, ``server_app/pipe_codec.py``, and the engine keeps its interpreter to itself). Each
+node keeps one ``Context`` for the run, as a SuperNode does. Like Flower's link state, a reply is returned by
+``pull_messages`` once and then forgotten, and a client exception becomes an error reply.
 
 ``reorder_seed`` holds finished replies back and releases them in a random order over several pulls: the engine
-must produce the same run whatever the arrival order (``tests/test_determinism.py``).
+must produce the same run whatever the arrival order (``tests/test_engine.py``).
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import random
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from flwr.app import Message, RecordDict, UserConfigValue
@@ -28,6 +29,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from server_app.client_processes import (
+    CLOSE_TIMEOUT_S,
     FIRST_NODE_ID,
     ClientAppLike,
     ClientProcesses,
@@ -35,8 +37,11 @@ from server_app.client_processes import (
     node_context,
     run_client,
 )
+from server_app.client_threads import ClientThreads
 
 __all__ = ["EXECUTORS", "ClientAppLike", "LocalGrid"]
+
+log = logging.getLogger("staleflower")
 
 #: How clients run: ``thread`` (a pool in this process) or ``process`` (worker processes).
 EXECUTORS = ("thread", "process")
@@ -93,8 +98,7 @@ class LocalGrid(Grid):
             self.client_app = load_client_app(client_app) if isinstance(client_app, str) else client_app
         self.contexts = {} if self.processes else {
             FIRST_NODE_ID + i: node_context(run_id, i, num_nodes, run_config) for i in range(num_nodes)}
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="client") if not self.processes \
-            else None
+        self.pool = ClientThreads(workers) if not self.processes else None
         self.pending: dict[str, Future[Message]] = {}
         self.held: dict[str, Message] = {}
         self.rng = random.Random(reorder_seed) if reorder_seed is not None else None
@@ -169,13 +173,20 @@ class LocalGrid(Grid):
                 time.sleep(0.001)
         return out
 
-    def close(self) -> None:
-        """Stop the workers: threads after their running clients; processes the same, terminated after a timeout."""
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the clients after the tasks they are running, waiting up to ``timeout`` s for them.
+
+        A worker process still running then is killed; a client thread cannot be, so it is left behind (a daemon
+        thread: the process can still exit), with a warning naming it.
+        """
         if self.processes is not None:
-            self.processes.close()
+            self.processes.close(timeout)
         else:
             assert self.pool is not None
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            stuck = self.pool.close(timeout)
+            if stuck:
+                log.warning("%s still running a ClientApp %g s after the grid closed; left behind", ", ".join(stuck),
+                            timeout)
 
     # ---------------------------------------------------------------------------------------------------------
     def _handle(self, msg: Message) -> Message:

@@ -7,7 +7,10 @@ so it pays that start and the others do not.
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from server_app.testing import FAST_DEFAULTS, SimRun
 from strategies.config import key_of
 from tests.golden.record import trace_of
 from tests.process_clients import counting
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RUN_ID = 2**62 + 11  # a 9-byte varint, as random_run_id gives: the stored wire sizes do not depend on it
 
@@ -173,6 +178,26 @@ def test_a_reply_that_cannot_be_decoded_costs_its_workers_tasks_not_the_run():
     finally:
         grid.close()
     assert grid.processes.workers[0].process.exitcode == -signal.SIGKILL
+
+
+def test_a_clientapp_that_never_returns_does_not_keep_the_runner_from_exiting(tmp_path):
+    """A real ``simulate`` whose ClientApp hangs on one node: the run completes (task-ttl fails that node's tasks),
+    the grid leaves the stuck client thread behind after its close timeout, and the process exits."""
+    app = tmp_path / "hanging.py"
+    app.write_text("import time\nfrom tests.process_clients import counting\n\n"
+                   "def app(msg, context):\n"
+                   "    if msg.metadata.message_type == 'train' and context.node_id == 1001:\n"
+                   "        time.sleep(600)\n"
+                   "    from client_app.app import app as ours\n"
+                   "    return ours(msg, context)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "server_app.simulate", "--quiet", "--nodes", "3", "--clientapp",
+                           "hanging:app", "--set", "max-updates=6", "--set", "task-ttl=2", "--set", "clock=wall",
+                           "--set", f"metrics-db={tmp_path / 'm.db'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "still running a ClientApp" in proc.stderr and time.monotonic() - t < 60
 
 
 def test_what_a_worker_cannot_import_is_refused_at_once():
