@@ -162,13 +162,13 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push, then wait for every reply (or the timeout)."""
         ids = [i for i in self.push_messages(messages) if i]
-        waiting, out = set(ids), list[Message]()
+        wanted, out = set(ids), list[Message]()
         deadline = None if timeout is None else time.monotonic() + timeout
-        # Each task gives one reply; counting them ends the wait even when a reply names another message.
-        while waiting and len(out) < len(ids) and (deadline is None or time.monotonic() < deadline):
-            got = self.pull_messages(waiting)
+        # A pull hands each reply over once, and each task gives one: counting them ends the wait, whatever
+        # message a reply names.
+        while len(out) < len(ids) and (deadline is None or time.monotonic() < deadline):
+            got = self.pull_messages(wanted)
             out.extend(got)
-            waiting.difference_update(r.metadata.reply_to_message_id for r in got)
             if not got:
                 time.sleep(0.001)
         return out

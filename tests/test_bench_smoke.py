@@ -31,8 +31,6 @@ def test_engine_overhead_smoke(tmp_path, capsys):
 
 def test_engine_overhead_settings_and_timers(tmp_path, capsys):
     """``--set`` reaches our rows (and a bad key exits 2); ``--timers`` times every phase and puts it all back."""
-    import pytest
-
     from server_app import engine, intake
 
     small = ["--nodes", "4", "--rounds", "1", "--model", "bench.models:Small", "--repeats", "1", "--quiet"]
