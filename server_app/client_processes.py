@@ -23,6 +23,15 @@ torch state a fork would copy). The first grid of a process pays for the server'
 ``if __name__ == "__main__":`` (each worker imports the main module), and a worker sees the environment variables
 of the moment the forkserver started.
 
+A task's ClientApp call that runs longer than the message's ``ttl`` (the run's ``task-ttl``) costs its node, never
+the run: the worker is killed (the only way to stop the call) and replaced, and that node is offline for the rest
+of the run (its later tasks get ``CLIENT_APP_CRASHED`` at once), since each further kill would cost its neighbours
+again: the worker's other nodes restart with a fresh ``Context`` (devices that reboot), and their tasks queued
+behind the stuck one, not started yet, go to the new worker. When that call started is known to within one
+``collect``: when the reply before it was read (or when it was sent to an idle worker). A task whose ``ttl`` ran
+out while it waited in the worker's queue is answered as Flower's SuperLink answers an expired message
+(``REPLY_MESSAGE_UNAVAILABLE``) instead of being run.
+
 A worker that dies costs its tasks: each in flight, and each sent to its nodes later, gets Flower's
 ``CLIENT_APP_CRASHED`` error reply, and its nodes leave ``get_node_ids`` (a SuperNode that is gone). So does one
 that writes a reply ``pipe_codec`` cannot decode, which only a ClientApp tampering with its worker can make: the
@@ -38,6 +47,7 @@ import collections
 import contextlib
 import fcntl
 import importlib
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -60,9 +70,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from server_app import pipe_codec
 from server_app.wire import message_sizes
 
+log = logging.getLogger("staleflower")
+
 # flwr.common.constant.ErrorCode
 LOAD_CLIENT_APP_EXCEPTION = 1
 CLIENT_APP_RAISED_EXCEPTION = 2
+REPLY_MESSAGE_UNAVAILABLE = 4
 CLIENT_APP_CRASHED = 8
 
 #: Node ids of the in-process runner are 1000, 1001, ... (deterministic, unlike Flower's random ones).
@@ -257,7 +270,9 @@ def serve(setup: WorkerSetup, tasks: Connection, replies: Connection) -> None:
                 todo.extend(inbox.feed(chunk))
                 continue
             msg = from_bytes(todo.popleft())
-            if app is None:
+            if expired(msg):
+                reply = expired_reply(msg)
+            elif app is None:
                 reply = Message(Error(LOAD_CLIENT_APP_EXCEPTION, broken), reply_to=msg)
                 reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             else:
@@ -292,6 +307,7 @@ class Worker:
     pending: dict[str, Message] = field(default_factory=dict)  # message id -> the task, until its reply
     ready_at: float | None = None     # time.monotonic() of its READY frame
     dead: str = ""                    # why it is gone; "" while it runs
+    since: float = 0.0                # time.monotonic() when its first pending task started (at the latest)
 
 
 class ClientProcesses:
@@ -314,50 +330,63 @@ class ClientProcesses:
         else:
             raise ValueError(f"start_method must be forkserver or spawn, got {start_method!r}")
         self.started_at = time.monotonic()
-        self.workers: list[Worker] = []
+        self.context = context
         self.undelivered: list[Message] = []  # replies to hand over at the next collect() (a dead worker's errors)
+        self.offline: dict[int, str] = {}     # node -> why: its ClientApp call overran its ttl
         count = min(workers, num_nodes)
-        for index in range(count):
-            tasks_r, tasks_w = context.Pipe(duplex=False)
-            replies_r, replies_w = context.Pipe(duplex=False)
-            for conn in (tasks_w, replies_w):
-                _widen(conn.fileno())
-            setup = WorkerSetup(index, count, run_id, num_nodes, dict(run_config), spec, list(sys.path))
-            process = context.Process(target=serve, args=(setup, tasks_r, replies_w), name=f"client-{index}")
-            process.start()
-            tasks_r.close()  # the worker holds the only other ends: its death is an end of file here
-            replies_w.close()
-            os.set_blocking(tasks_w.fileno(), False)
-            os.set_blocking(replies_r.fileno(), False)
-            self.workers.append(Worker(index, process, tasks_w, replies_r))
+        self.setups = [WorkerSetup(index, count, run_id, num_nodes, dict(run_config), spec, list(sys.path))
+                       for index in range(count)]
+        self.workers: list[Worker] = [self._start(setup) for setup in self.setups]
         atexit.register(self.close)  # after multiprocessing's own exit hook was registered: runs before it
+
+    def _start(self, setup: WorkerSetup) -> Worker:
+        """Start worker ``setup.index`` on two fresh pipes."""
+        tasks_r, tasks_w = self.context.Pipe(duplex=False)
+        replies_r, replies_w = self.context.Pipe(duplex=False)
+        for conn in (tasks_w, replies_w):
+            _widen(conn.fileno())
+        process = self.context.Process(target=serve, args=(setup, tasks_r, replies_w), name=f"client-{setup.index}")
+        process.start()
+        tasks_r.close()  # the worker holds the only other ends: its death is an end of file here
+        replies_w.close()
+        os.set_blocking(tasks_w.fileno(), False)
+        os.set_blocking(replies_r.fileno(), False)
+        return Worker(setup.index, process, tasks_w, replies_r)
 
     def worker_of(self, node_id: int) -> Worker:
         """The worker that holds the node's Context."""
         return self.workers[(node_id - FIRST_NODE_ID) % len(self.workers)]
 
     def alive(self, node_id: int) -> bool:
-        """Whether the node's worker still runs (as far as the last ``collect`` knows)."""
-        return not self.worker_of(node_id).dead
+        """Whether the node is online: its worker runs and no call of its overran (as the last ``collect`` knows)."""
+        return node_id not in self.offline and not self.worker_of(node_id).dead
 
     def submit(self, msg: Message) -> None:
         """Send the task to its node's worker; a dead worker's answer is an error reply at the next ``collect``."""
-        worker = self.worker_of(msg.metadata.dst_node_id)
-        if worker.dead:
-            self.undelivered.append(crashed_reply(msg, worker.dead))
+        node = msg.metadata.dst_node_id
+        worker = self.worker_of(node)
+        if worker.dead or node in self.offline:
+            self.undelivered.append(crashed_reply(msg, self.offline.get(node) or worker.dead))
             return
+        if not worker.pending:
+            worker.since = time.monotonic()
         worker.outbox += framed(to_bytes(msg))
         worker.pending[msg.metadata.message_id] = msg
         self._flush(worker)
         if worker.dead:
             self.undelivered.extend(self._bury(worker))
 
-    def collect(self) -> list[Message]:
-        """Every reply that has arrived, and the error replies of workers found dead."""
+    def collect(self, now: float | None = None) -> list[Message]:
+        """Every reply that has arrived, and the error replies of workers found dead or replaced.
+
+        ``now``: the caller's ``time.monotonic()``, if it has one.
+        """
         out, self.undelivered = self.undelivered, []
-        for worker in self.workers:
+        now = time.monotonic() if now is None else now
+        for worker in list(self.workers):
             if worker.dead:
                 continue
+            head = next(iter(worker.pending), None)
             self._flush(worker)
             try:
                 while True:
@@ -384,6 +413,12 @@ class ClientProcesses:
                 worker.dead = self._why(worker)
             if worker.dead:
                 out.extend(self._bury(worker))
+            elif worker.pending:
+                first = next(iter(worker.pending))
+                if first != head:
+                    worker.since = now  # the reply before it was read now: it started by now
+                elif now - worker.since > worker.pending[first].metadata.ttl:
+                    out.extend(self._replace(worker, now))
         return out
 
     def wait_ready(self, timeout: float) -> float:
@@ -442,6 +477,32 @@ class ClientProcesses:
                 return
             del worker.outbox[:done]
 
+    def _replace(self, worker: Worker, now: float) -> list[Message]:
+        """Its first task's call overran its ttl: kill the worker, take that node offline, start a new worker.
+
+        The tasks queued behind that call had not started: they go to the new worker, except the offline node's.
+        Returns the error replies of the offline node's tasks.
+        """
+        stuck = next(iter(worker.pending.values()))
+        node = stuck.metadata.dst_node_id
+        why = (f"node {node}'s ClientApp has run {now - worker.since:.3g} s in client process {worker.index}, longer "
+               f"than its task's ttl of {stuck.metadata.ttl:g} s: the node is offline for the rest of the run")
+        log.warning("%s; the process is replaced, its other nodes restart with a fresh Context", why)
+        self.offline[node] = why
+        worker.process.kill()  # SIGKILL by its own pid
+        worker.process.join(1.0)
+        worker.tasks.close()
+        worker.replies.close()
+        worker.dead = "replaced"
+        self.workers[worker.index] = self._start(self.setups[worker.index])
+        lost = []
+        for msg in worker.pending.values():
+            if msg.metadata.dst_node_id == node:
+                lost.append(crashed_reply(msg, why))
+            else:
+                self.submit(msg)
+        return lost
+
     @staticmethod
     def _broken(worker: Worker, why: str) -> str:
         """Kill a worker whose reply cannot be decoded: the task it answers is unknown, what follows it untrusted.
@@ -469,6 +530,19 @@ class ClientProcesses:
         lost = [crashed_reply(msg, worker.dead) for msg in worker.pending.values()]
         worker.pending.clear()
         return lost
+
+
+def expired(msg: Message) -> bool:
+    """Whether the task's ``ttl`` has run out (Flower's SuperLink then no longer hands it to its node)."""
+    return msg.metadata.created_at + msg.metadata.ttl < time.time()
+
+
+def expired_reply(msg: Message) -> Message:
+    """Flower's answer for a task whose ``ttl`` ran out before its node could start it (it was busy)."""
+    reply = Message(Error(REPLY_MESSAGE_UNAVAILABLE, f"the task's ttl of {msg.metadata.ttl:g} s ran out before node "
+                          f"{msg.metadata.dst_node_id} could start it (it was running an earlier task)"), reply_to=msg)
+    reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+    return reply
 
 
 def crashed_reply(msg: Message, why: str) -> Message:

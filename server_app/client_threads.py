@@ -6,6 +6,9 @@ and recorded (the engine had long failed that task at ``task-ttl``). Here the th
 ``close`` drops the tasks not started, waits up to a timeout for those running, and leaves behind one still running,
 as ``ClientProcesses.close`` kills a worker still running after its timeout. ``submit`` returns a
 ``concurrent.futures.Future``, as the pool's did; tasks start in the order they were submitted.
+
+A thread cannot be stopped, so one stuck in a call is ``retire``d instead: another thread takes its place at
+once (the pool keeps ``workers`` threads serving), and the stuck one leaves when its call returns, if ever.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ class ClientThreads:
     def __init__(self, workers: int) -> None:
         self.tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self.closed = False
-        self.threads = [threading.Thread(target=self._serve, name=f"client-{i}", daemon=True) for i in range(workers)]
-        for thread in self.threads:
-            thread.start()
+        self.threads: list[threading.Thread] = []
+        self.retired: set[threading.Thread] = set()
+        for _ in range(workers):
+            self._start()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` on a free thread; its result (or exception) in the future."""
@@ -41,8 +45,19 @@ class ClientThreads:
         self.tasks.put((future, fn, args))
         return future
 
+    def retire(self, thread: threading.Thread) -> None:
+        """Start a thread in the place of ``thread`` (stuck in a call); ``thread`` leaves when its call returns."""
+        if thread in self.retired or thread not in self.threads:
+            return
+        self.retired.add(thread)
+        if not self.closed:
+            self._start()
+
     def close(self, timeout: float) -> list[str]:
-        """Drop the tasks not started; wait up to ``timeout`` s for the running ones; the threads still running."""
+        """Drop the tasks not started; wait up to ``timeout`` s for the running ones; the threads still running.
+
+        A retired thread is not waited for, but named if it still runs.
+        """
         self.closed = True
         while True:
             try:
@@ -55,11 +70,18 @@ class ClientThreads:
             self.tasks.put(None)  # one stop mark per thread, after the task it is running
         deadline = time.monotonic() + timeout
         for thread in self.threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread not in self.retired:  # a retired one is known to be stuck: no use waiting for it
+                thread.join(max(deadline - time.monotonic(), 0.0))
         return [thread.name for thread in self.threads if thread.is_alive()]
 
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._serve, name=f"client-{len(self.threads)}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
     def _serve(self) -> None:
-        while (task := self.tasks.get()) is not None:
+        me = threading.current_thread()
+        while me not in self.retired and (task := self.tasks.get()) is not None:
             future, fn, args = task
             if not future.set_running_or_notify_cancel():
                 continue  # cancelled by close() before it started

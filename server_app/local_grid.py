@@ -7,6 +7,14 @@ the message travels as bytes, ``server_app/pipe_codec.py``, and the engine keeps
 node keeps one ``Context`` for the run, as a SuperNode does. Like Flower's link state, a reply is returned by
 ``pull_messages`` once and then forgotten, and a client exception becomes an error reply.
 
+A node runs one ClientApp call at a time, as a SuperNode does: a task sent while its previous one runs waits for
+it, and one whose ``ttl`` (the run's ``task-ttl``) runs out meanwhile is answered as Flower's SuperLink answers
+an expired message (``REPLY_MESSAGE_UNAVAILABLE``) instead of being run. A call that runs longer than its task's
+``ttl`` costs its node, never the run: a client thread stuck in it is replaced by a new one (a thread cannot be
+stopped; the node carries on when the call returns, as a SuperNode would), and a worker process is killed and
+replaced (``server_app/client_processes.py``). Without this, as many hung calls as there are workers stalled every
+node of the run.
+
 ``reorder_seed`` holds finished replies back and releases them in a random order over several pulls: the engine
 must produce the same run whatever the arrival order (``tests/test_engine.py``).
 """
@@ -14,13 +22,13 @@ must produce the same run whatever the arrival order (``tests/test_engine.py``).
 from __future__ import annotations
 
 import ast
+import collections
 import logging
 import random
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
 from typing import Any, Literal
 
 from flwr.app import Message, RecordDict, UserConfigValue
@@ -33,6 +41,8 @@ from server_app.client_processes import (
     FIRST_NODE_ID,
     ClientAppLike,
     ClientProcesses,
+    expired,
+    expired_reply,
     load_client_app,
     node_context,
     run_client,
@@ -99,7 +109,11 @@ class LocalGrid(Grid):
         self.contexts = {} if self.processes else {
             FIRST_NODE_ID + i: node_context(run_id, i, num_nodes, run_config) for i in range(num_nodes)}
         self.pool = ClientThreads(workers) if not self.processes else None
-        self.pending: dict[str, Future[Message]] = {}
+        # Client threads: each busy node's tasks not answered yet (the first one running or about to), the call
+        # each node is running (started, ttl, thread), and the replies made since the last pull.
+        self.queues: dict[int, collections.deque[Message]] = {}
+        self.running: dict[int, tuple[float, float, threading.Thread]] = {}
+        self.done: dict[str, Message] = {}
         self.held: dict[str, Message] = {}
         self.rng = random.Random(reorder_seed) if reorder_seed is not None else None
         self.lock = threading.Lock()
@@ -121,10 +135,10 @@ class LocalGrid(Grid):
 
     def get_node_ids(self) -> list[int]:
         """All nodes; with processes, those whose worker has not died (a SuperNode that is gone is offline)."""
-        if self.processes is None:
-            return list(self.contexts)
         with self.lock:
             self._collect()
+            if self.processes is None:
+                return list(self.contexts)
             return [n for n in self.node_ids if self.processes.alive(n)]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
@@ -136,23 +150,19 @@ class LocalGrid(Grid):
                 continue
             mid = str(uuid.uuid4())
             msg.metadata.__dict__["_message_id"] = mid
-            if self.processes is not None:
-                with self.lock:
+            with self.lock:
+                if self.processes is not None:
                     self.processes.submit(msg)
-            else:
-                assert self.pool is not None
-                self.pending[mid] = self.pool.submit(self._handle, msg)
+                else:
+                    self._submit(msg)
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """Replies that are ready, each returned once."""
         wanted = set(message_ids)
-        if self.processes is not None:
-            with self.lock:
-                self._collect()
-        for mid in [m for m, future in self.pending.items() if m in wanted and future.done()]:
-            self.held[mid] = self.pending.pop(mid).result()
+        with self.lock:
+            self._collect()
         ready = [m for m in self.held if m in wanted]  # what arrived (a few), not what is asked for (all in flight)
         if self.rng is not None:  # release a random subset, in a random order
             self.rng.shuffle(ready)
@@ -185,16 +195,68 @@ class LocalGrid(Grid):
             assert self.pool is not None
             stuck = self.pool.close(timeout)
             if stuck:
-                log.warning("%s still running a ClientApp %g s after the grid closed; left behind", ", ".join(stuck),
-                            timeout)
+                log.warning("%s still running a ClientApp when the grid closed (stuck past a task's ttl, or still "
+                            "running %g s later); left behind", ", ".join(stuck), timeout)
 
     # ---------------------------------------------------------------------------------------------------------
+    def _submit(self, msg: Message) -> None:
+        """Queue a task for a client thread, behind its node's call if one runs (caller holds ``lock``)."""
+        node = msg.metadata.dst_node_id
+        if (waiting := self.queues.get(node)) is not None:
+            waiting.append(msg)
+        else:
+            assert self.pool is not None
+            self.queues[node] = collections.deque([msg])
+            self.pool.submit(self._drain, node)
+
     def _handle(self, msg: Message) -> Message:
         return run_client(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
 
-    def _collect(self) -> None:
-        """Hold every reply the worker processes sent (caller holds ``lock``)."""
-        assert self.processes is not None
-        for reply in self.processes.collect():
-            self.held[reply.metadata.reply_to_message_id] = reply
+    def _drain(self, node: int) -> None:
+        """On a client thread: run the node's tasks in order until none is left."""
+        while True:
+            with self.lock:
+                waiting = self.queues[node]
+                while waiting and expired(waiting[0]):
+                    gone = waiting.popleft()
+                    self.done[gone.metadata.message_id] = expired_reply(gone)
+                if not waiting:
+                    del self.queues[node]
+                    return
+                msg = waiting[0]
+                self.running[node] = (time.monotonic(), float(msg.metadata.ttl), threading.current_thread())
+            reply = self._handle(msg)
+            with self.lock:
+                del self.running[node]
+                waiting.popleft()
+                self.done[msg.metadata.message_id] = reply
 
+    def _collect(self) -> None:
+        """Hold every reply made so far; replace a client thread whose call overran (caller holds ``lock``)."""
+        now = time.monotonic()
+        if self.processes is not None:
+            for reply in self.processes.collect(now):
+                self.held[reply.metadata.reply_to_message_id] = reply
+            return
+        assert self.pool is not None
+        for node, (started, ttl, thread) in self.running.items():
+            if now - started <= ttl:
+                continue
+            if thread not in self.pool.retired:
+                log.warning("node %d's ClientApp has run %.3g s, longer than its task's ttl of %g s: its client "
+                            "thread is replaced (a thread cannot be stopped); the node's next tasks wait for it",
+                            node, now - started, ttl)
+                self.pool.retire(thread)
+            waiting = self.queues[node]  # what waits behind the stuck call, unless expired (bounded memory)
+            if any(expired(msg) for msg in waiting):
+                first, rest = waiting[0], list(waiting)[1:]
+                waiting.clear()
+                waiting.append(first)
+                for msg in rest:
+                    if expired(msg):
+                        self.done[msg.metadata.message_id] = expired_reply(msg)
+                    else:
+                        waiting.append(msg)
+        if self.done:
+            self.held.update(self.done)  # by the task's own id: a reply naming another message cannot hide it
+            self.done.clear()

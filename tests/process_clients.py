@@ -10,11 +10,14 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 def counting(msg: Message, context: Context) -> Message:
     """Count the node's messages in its Context; ``query.boom`` raises; ``query.sleep`` sleeps (a stuck client);
-    ``query.exit`` calls ``sys.exit(3)``; ``query.spoof`` replies naming another message."""
+    ``query.nap`` sleeps 0.5 s; ``query.exit`` calls ``sys.exit(3)``; ``query.spoof`` replies naming another
+    message."""
     if msg.metadata.message_type == "query.boom":
         raise RuntimeError("boom")
     if msg.metadata.message_type == "query.sleep":
         time.sleep(60)
+    if msg.metadata.message_type == "query.nap":
+        time.sleep(0.5)
     if msg.metadata.message_type == "query.exit":
         sys.exit(3)
     seen = int(context.state["count"]["n"]) + 1 if "count" in context.state else 1

@@ -149,7 +149,7 @@ def one_reply(grid: HttpGrid | BoundedGrid, node: int = HOSTILE) -> tuple[Messag
     [mid] = grid.push_messages([train_message(node)])
     wire = grid.grid if isinstance(grid, BoundedGrid) else grid
     assert isinstance(wire, WireGrid)
-    while not wire.local.pending[mid].done():
+    while mid not in wire.local.done:  # made, not pulled yet
         time.sleep(0.005)
     tracemalloc.start()
     try:

@@ -43,12 +43,13 @@ class FlakyGrid(LocalGrid):
         # a node dies only while it has a training task in flight, so that a task is lost (not while it answers
         # the describe query: discovery would then wait its whole timeout, min(task-ttl, 60 s), for nothing)
         self.sent: dict[str, Message] = {}
+        self.unanswered: set[str] = set()  # pushed, no reply handed over yet
         self.train_replies = 0
         self.guard = threading.Lock()
 
     def _play_script(self) -> None:
-        busy = {self.sent[m].metadata.dst_node_id for m in self.pending
-                if m in self.sent and self.sent[m].metadata.message_type == "train"}
+        busy = {self.sent[m].metadata.dst_node_id for m in self.unanswered
+                if self.sent[m].metadata.message_type == "train"}
         while self.script and self.script[0][0] <= self.train_replies:
             _, action, node = self.script[0]
             if action == "join":
@@ -68,6 +69,7 @@ class FlakyGrid(LocalGrid):
         for m, mid in zip(msgs, ids, strict=True):
             if mid:
                 self.sent[mid] = m
+                self.unanswered.add(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -76,8 +78,8 @@ class FlakyGrid(LocalGrid):
         out = []
         for mid in wanted:  # Flower's generated reply for a message whose node went offline
             msg = self.sent.get(mid)
-            if msg is not None and msg.metadata.dst_node_id in self.offline and mid in self.pending:
-                self.pending.pop(mid)
+            if msg is not None and msg.metadata.dst_node_id in self.offline and mid in self.unanswered:
+                self.unanswered.discard(mid)  # its real reply, if it comes, is never asked for again
                 reply = Message(Error(NODE_UNAVAILABLE, "node offline"), reply_to=msg)
                 reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
                 out.append(reply)
@@ -85,6 +87,7 @@ class FlakyGrid(LocalGrid):
         alive = [m for m in wanted if m in self.sent and self.sent[m].metadata.dst_node_id not in dead]
         for reply in super().pull_messages(alive):
             out.append(reply)
+            self.unanswered.discard(reply.metadata.reply_to_message_id)
             if self.sent[reply.metadata.reply_to_message_id].metadata.message_type == "train":
                 self.train_replies += 1
         return out

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server_app.client_processes import CLIENT_APP_CRASHED, CLIENT_APP_RAISED_EXCEPTION
+from server_app.client_processes import CLIENT_APP_CRASHED, CLIENT_APP_RAISED_EXCEPTION, REPLY_MESSAGE_UNAVAILABLE
 from server_app.local_grid import LocalGrid
 from server_app.simulate import merge_config, run_local
 from server_app.testing import FAST_DEFAULTS, SimRun
@@ -29,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = 2**62 + 11  # a 9-byte varint, as random_run_id gives: the stored wire sizes do not depend on it
 
 
-def ask(node: int, kind: str = "query.count") -> Message:
-    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=kind, group_id="7")
+def ask(node: int, kind: str = "query.count", ttl: float | None = None) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=kind, group_id="7",
+                   ttl=ttl)
 
 
 def wait_for(grid: LocalGrid, ids: list[str], timeout: float = 20.0) -> dict[str, Message]:
@@ -180,24 +182,106 @@ def test_a_reply_that_cannot_be_decoded_costs_its_workers_tasks_not_the_run():
     assert grid.processes.workers[0].process.exitcode == -signal.SIGKILL
 
 
-def test_a_clientapp_that_never_returns_does_not_keep_the_runner_from_exiting(tmp_path):
-    """A real ``simulate`` whose ClientApp hangs on one node: the run completes (task-ttl fails that node's tasks),
-    the grid leaves the stuck client thread behind after its close timeout, and the process exits."""
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_clientapps_that_never_return_cost_their_nodes_not_the_run(tmp_path, executor):
+    """A real ``simulate`` whose ClientApp hangs on two of five nodes, as many as there are workers: the run
+    completes on the other three (it used to fail, every client stuck), and the process exits (a stuck client thread
+    is left behind with a warning: threads cannot be stopped)."""
     app = tmp_path / "hanging.py"
-    app.write_text("import time\nfrom tests.process_clients import counting\n\n"
+    app.write_text("import time\n\n"
                    "def app(msg, context):\n"
-                   "    if msg.metadata.message_type == 'train' and context.node_id == 1001:\n"
+                   "    if msg.metadata.message_type == 'train' and context.node_id in (1001, 1002):\n"
                    "        time.sleep(600)\n"
                    "    from client_app.app import app as ours\n"
                    "    return ours(msg, context)\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "server_app.simulate", "--quiet", "--nodes", "3", "--clientapp",
-                           "hanging:app", "--set", "max-updates=6", "--set", "task-ttl=2", "--set", "clock=wall",
-                           "--set", f"metrics-db={tmp_path / 'm.db'}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "server_app.simulate", "--quiet", "--nodes", "5", "--workers", "2",
+                           "--executor", executor, "--clientapp", "hanging:app", "--set", "max-updates=12", "--set",
+                           "task-ttl=2", "--set", "clock=wall", "--set", f"metrics-db={tmp_path / 'm.db'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "still running a ClientApp" in proc.stderr and time.monotonic() - t < 60
+    assert "stopped on max-updates" in proc.stdout and time.monotonic() - t < 60
+    for node in (1001, 1002):
+        assert f"node {node}'s ClientApp has run" in proc.stderr
+    assert ("still running a ClientApp" in proc.stderr) == (executor == "thread")
+
+
+def test_a_client_thread_stuck_past_its_ttl_is_replaced_and_its_node_carries_on_after():
+    release = threading.Event()
+
+    def app(msg: Message, context) -> Message:
+        if msg.metadata.message_type == "query.hang":
+            release.wait(30)
+        return counting(msg, context)
+
+    grid = LocalGrid(app, 2, {}, workers=1)
+    assert grid.pool is not None
+    try:
+        [stuck] = grid.push_messages([ask(1000, "query.hang", ttl=0.3)])
+        time.sleep(0.05)
+        [waits] = grid.push_messages([ask(1000, ttl=0.3)])  # behind the stuck call, until its own ttl runs out
+        [other] = grid.push_messages([ask(1001)])  # the only client thread is stuck: its replacement runs this
+        got = wait_for(grid, [waits, other], timeout=10)
+        assert got[other].content["count"]["n"] == 1
+        assert got[waits].error.code == REPLY_MESSAGE_UNAVAILABLE and "ran out" in got[waits].error.reason
+        assert len(grid.pool.threads) == 2 and len(grid.pool.retired) == 1
+        release.set()
+        assert wait_for(grid, [stuck])[stuck].content["count"]["n"] == 1  # late, but the node carries on
+        [again] = grid.push_messages([ask(1000)])
+        assert wait_for(grid, [again])[again].content["count"]["n"] == 2  # its Context kept
+        assert sorted(grid.get_node_ids()) == [1000, 1001]
+    finally:
+        release.set()
+        grid.close()
+
+
+def test_a_node_runs_one_call_at_a_time_on_client_threads():
+    active: dict[int, int] = {}
+    most = [0]
+    lock = threading.Lock()
+
+    def app(msg: Message, context) -> Message:
+        node = msg.metadata.dst_node_id
+        with lock:
+            active[node] = active.get(node, 0) + 1
+            most[0] = max(most[0], active[node])
+        time.sleep(0.05)
+        with lock:
+            active[node] -= 1
+        return counting(msg, context)
+
+    grid = LocalGrid(app, 2, {}, workers=4)
+    try:
+        ids = grid.push_messages([ask(1000) for _ in range(4)] + [ask(1001)])
+        got = wait_for(grid, ids)
+    finally:
+        grid.close()
+    assert most[0] == 1  # four threads, four tasks for node 1000: one at a time, in order
+    assert [got[i].content["count"]["n"] for i in ids] == [1, 2, 3, 4, 1]
+
+
+def test_a_worker_stuck_past_its_ttl_is_replaced_and_only_its_node_goes_offline():
+    grid = LocalGrid("tests.process_clients:counting", 4, {}, workers=2, executor="process")
+    assert grid.processes is not None
+    try:
+        grid.processes.wait_ready(timeout=20)
+        first = grid.processes.workers[0].process  # nodes 1000 and 1002
+        wait_for(grid, grid.push_messages([ask(1002)]))
+        stuck, behind, other = grid.push_messages([ask(1000, "query.sleep", ttl=0.5), ask(1002), ask(1001)])
+        got = wait_for(grid, [stuck, behind, other])
+        assert got[stuck].error.code == CLIENT_APP_CRASHED and "offline for the rest of the run" in \
+            got[stuck].error.reason
+        assert got[behind].content["count"]["n"] == 1  # queued behind it, run by the new worker: a fresh Context
+        assert got[other].content["count"]["n"] == 1 and first.exitcode == -signal.SIGKILL
+        assert sorted(grid.get_node_ids()) == [1001, 1002, 1003]
+        [again] = grid.push_messages([ask(1000)])
+        assert wait_for(grid, [again])[again].error.code == CLIENT_APP_CRASHED
+        napping, expires = grid.push_messages([ask(1002, "query.nap"), ask(1002, ttl=0.2)])
+        late = wait_for(grid, [napping, expires])
+        assert late[napping].content["count"]["n"] == 2 and late[expires].error.code == REPLY_MESSAGE_UNAVAILABLE
+    finally:
+        grid.close()
 
 
 def test_what_a_worker_cannot_import_is_refused_at_once():
