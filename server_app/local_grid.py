@@ -41,6 +41,7 @@ from server_app.client_processes import (
     FIRST_NODE_ID,
     ClientAppLike,
     ClientProcesses,
+    crashed_reply,
     expired,
     expired_reply,
     load_client_app,
@@ -134,7 +135,7 @@ class LocalGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        """All nodes; with processes, those whose worker has not died (a SuperNode that is gone is offline)."""
+        """All nodes; with processes, those whose worker has not died and whose call never overran its ttl."""
         with self.lock:
             self._collect()
             if self.processes is None:
@@ -225,7 +226,10 @@ class LocalGrid(Grid):
                     return
                 msg = waiting[0]
                 self.running[node] = (time.monotonic(), float(msg.metadata.ttl), threading.current_thread())
-            reply = self._handle(msg)
+            try:
+                reply = self._handle(msg)
+            except BaseException as exc:  # noqa: BLE001 - run_client answers the ClientApp's; this is a subclass's
+                reply = crashed_reply(msg, f"{type(exc).__name__}: {exc}")
             with self.lock:
                 del self.running[node]
                 waiting.popleft()
