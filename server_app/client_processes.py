@@ -23,19 +23,18 @@ torch state a fork would copy). The first grid of a process pays for the server'
 ``if __name__ == "__main__":`` (each worker imports the main module), and a worker sees the environment variables
 of the moment the forkserver started.
 
-A task's ClientApp call that runs longer than the message's ``ttl`` (the run's ``task-ttl``) costs its node, never
-the run: the worker is killed (the only way to stop the call) and replaced, and that node is offline for the rest
-of the run (its later tasks get ``CLIENT_APP_CRASHED`` at once), since each further kill would cost its neighbours
-again: the worker's other nodes restart with a fresh ``Context`` (devices that reboot), and their tasks queued
-behind the stuck one, not started yet, go to the new worker. When that call started is known to within one
-``collect``: when the reply before it was read (or when it was sent to an idle worker). A task whose ``ttl`` ran
-out while it waited in the worker's queue is answered as Flower's SuperLink answers an expired message
-(``REPLY_MESSAGE_UNAVAILABLE``) instead of being run.
-
-A worker that dies costs its tasks: each in flight, and each sent to its nodes later, gets Flower's
-``CLIENT_APP_CRASHED`` error reply, and its nodes leave ``get_node_ids`` (a SuperNode that is gone). So does one
-that writes a reply ``pipe_codec`` cannot decode, which only a ClientApp tampering with its worker can make: the
-engine kills it, since neither the task that reply answers nor what follows it on the pipe can be known. ``close()``
+A worker that dies (a segfault, ``os._exit``, a signal) or must be killed costs the node whose task it was
+running, never the run: that task fails with Flower's ``CLIENT_APP_CRASHED`` and the reason, that node is offline
+for the rest of the run (its later tasks fail the same way at once, and it leaves ``get_node_ids``: a SuperNode
+that is gone), and a new worker is forked in its place for its other nodes, which restart with a fresh ``Context``
+(devices that reboot); their tasks queued behind that one had not started and go to the new worker. The engine
+kills a worker in two cases: a call that runs longer than its message's ``ttl`` (the run's ``task-ttl``; when it
+started is known to within one ``collect``: when the reply before it was read, or when it was sent to an idle
+worker), and a reply frame ``pipe_codec`` cannot decode, which only a ClientApp tampering with its worker can
+make (the frame stands where that task's reply should be: the worker answers its tasks in order). A worker that
+dies before it is ready (it could not start) is not replaced: its nodes go offline. A task whose ``ttl`` ran out
+while it waited in a worker's queue is answered as Flower's SuperLink answers an expired message
+(``REPLY_MESSAGE_UNAVAILABLE``) instead of being run. ``close()``
 drops the tasks not started, asks every worker to stop after the task it is running (SIGTERM), and kills the
 ones still running after a timeout.
 """
@@ -373,8 +372,8 @@ class ClientProcesses:
         worker.outbox += framed(to_bytes(msg))
         worker.pending[msg.metadata.message_id] = msg
         self._flush(worker)
-        if worker.dead:
-            self.undelivered.extend(self._bury(worker))
+        if worker.dead:  # found writing: the worker was running a task only if one was there before this one
+            self.undelivered.extend(self._lost(worker, blame=len(worker.pending) > 1))
 
     def collect(self, now: float | None = None) -> list[Message]:
         """Every reply that has arrived, and the error replies of workers found dead or replaced.
@@ -412,13 +411,17 @@ class ClientProcesses:
             except OSError:
                 worker.dead = self._why(worker)
             if worker.dead:
-                out.extend(self._bury(worker))
+                out.extend(self._lost(worker))
             elif worker.pending:
                 first = next(iter(worker.pending))
                 if first != head:
                     worker.since = now  # the reply before it was read now: it started by now
-                elif now - worker.since > worker.pending[first].metadata.ttl:
-                    out.extend(self._replace(worker, now))
+                elif now - worker.since > (ttl := worker.pending[first].metadata.ttl):
+                    worker.process.kill()  # SIGKILL by its own pid: the only way to stop the call
+                    worker.process.join(1.0)
+                    worker.dead = (f"its ClientApp has run {now - worker.since:.3g} s, longer than its task's ttl "
+                                   f"of {ttl:g} s (client process {worker.index} was killed)")
+                    out.extend(self._lost(worker))
         return out
 
     def wait_ready(self, timeout: float) -> float:
@@ -477,26 +480,31 @@ class ClientProcesses:
                 return
             del worker.outbox[:done]
 
-    def _replace(self, worker: Worker, now: float) -> list[Message]:
-        """Its first task's call overran its ttl: kill the worker, take that node offline, start a new worker.
+    def _lost(self, worker: Worker, blame: bool = True) -> list[Message]:
+        """Replace a dead worker (``worker.dead`` says why); returns the error replies of the offline node's tasks.
 
-        The tasks queued behind that call had not started: they go to the new worker, except the offline node's.
-        Returns the error replies of the offline node's tasks.
+        The node whose task it ran goes offline; a new worker takes its other nodes and their tasks not started. A
+        worker that never became ready is not replaced (it would fail again): its tasks fail, its nodes go
+        offline. With no task in flight (it died idle; ``blame=False``) no node is to blame: the new worker
+        takes them all.
         """
-        stuck = next(iter(worker.pending.values()))
-        node = stuck.metadata.dst_node_id
-        why = (f"node {node}'s ClientApp has run {now - worker.since:.3g} s in client process {worker.index}, longer "
-               f"than its task's ttl of {stuck.metadata.ttl:g} s: the node is offline for the rest of the run")
-        log.warning("%s; the process is replaced, its other nodes restart with a fresh Context", why)
-        self.offline[node] = why
-        worker.process.kill()  # SIGKILL by its own pid
-        worker.process.join(1.0)
-        worker.tasks.close()
-        worker.replies.close()
-        worker.dead = "replaced"
+        if worker.ready_at is None:
+            return self._bury(worker)
+        pending = list(worker.pending.values())
+        worker.pending.clear()
+        worker.outbox.clear()
+        for conn in (worker.tasks, worker.replies):
+            conn.close()
+        why, node = worker.dead, None
+        if pending and blame:
+            node = pending[0].metadata.dst_node_id
+            why = f"node {node}: {why}; the node is offline for the rest of the run"
+            self.offline[node] = why
+        log.warning("%s; client process %d is replaced, its other nodes restart with a fresh Context", why,
+                    worker.index)
         self.workers[worker.index] = self._start(self.setups[worker.index])
         lost = []
-        for msg in worker.pending.values():
+        for msg in pending:
             if msg.metadata.dst_node_id == node:
                 lost.append(crashed_reply(msg, why))
             else:
@@ -507,8 +515,8 @@ class ClientProcesses:
     def _broken(worker: Worker, why: str) -> str:
         """Kill a worker whose reply cannot be decoded: the task it answers is unknown, what follows it untrusted.
 
-        Only a ClientApp that tampers with its worker (``serve``'s encoder, the pipe) gets here; it costs that
-        worker's tasks, as a crash does, never the run.
+        Only a ClientApp that tampers with its worker (``serve``'s encoder, the pipe) gets here; it costs the node
+        whose reply it was (the worker answers in order), as a crash does, never the run.
         """
         worker.process.kill()  # SIGKILL by its own pid
         worker.process.join(1.0)

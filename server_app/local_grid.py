@@ -247,8 +247,8 @@ class LocalGrid(Grid):
             if now - started <= ttl:
                 continue
             if thread not in self.pool.retired:
-                log.warning("node %d's ClientApp has run %.3g s, longer than its task's ttl of %g s: its client "
-                            "thread is replaced (a thread cannot be stopped); the node's next tasks wait for it",
+                log.warning("node %d: its ClientApp has run %.3g s, longer than its task's ttl of %g s; its client "
+                            "thread is replaced (a thread cannot be stopped), the node's next tasks wait for it",
                             node, now - started, ttl)
                 self.pool.retire(thread)
             waiting = self.queues[node]  # what waits behind the stuck call, unless expired (bounded memory)

@@ -140,7 +140,7 @@ def test_send_and_receive_is_not_held_up_by_a_reply_that_names_another_message()
     assert len(replies) == 2 and "another-message" in {r.metadata.reply_to_message_id for r in replies}
 
 
-def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
+def test_a_killed_worker_costs_the_node_it_was_running_and_close_stops_a_stuck_one():
     grid = LocalGrid("tests.process_clients:counting", 4, {}, workers=2, executor="process")
     assert grid.processes is not None
     try:
@@ -150,11 +150,19 @@ def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
         os.kill(grid.processes.workers[0].process.pid, signal.SIGKILL)
         lost = wait_for(grid, stuck)[stuck[0]]
         assert lost.error.code == CLIENT_APP_CRASHED and "SIGKILL" in lost.error.reason
-        assert sorted(grid.get_node_ids()) == [1001, 1003]  # a SuperNode that is gone is offline
-        later = grid.push_messages([ask(1002), ask(1003)])
+        assert sorted(grid.get_node_ids()) == [1001, 1002, 1003]  # the node it was running is offline
+        later = grid.push_messages([ask(1000), ask(1002), ask(1003)])
         replies = wait_for(grid, later)
-        assert replies[later[0]].error.code == CLIENT_APP_CRASHED
-        assert replies[later[1]].content["count"]["n"] == 1
+        assert replies[later[0]].error.code == CLIENT_APP_CRASHED and "offline" in replies[later[0]].error.reason
+        assert replies[later[1]].content["count"]["n"] == 1  # a new worker: a fresh Context, as after a reboot
+        assert replies[later[2]].content["count"]["n"] == 1
+        idle = grid.processes.workers[1].process  # nodes 1001 and 1003, nothing in flight
+        os.kill(idle.pid, signal.SIGKILL)
+        idle.join(5)
+        again = grid.push_messages([ask(1001), ask(1003)])
+        got = wait_for(grid, again)
+        assert [got[m].content["count"]["n"] for m in again] == [1, 1]  # nobody to blame: both start afresh
+        assert sorted(grid.get_node_ids()) == [1001, 1002, 1003] and grid.processes.workers[1].process is not idle
         grid.push_messages([ask(1001, "query.sleep")])
     finally:
         t = time.monotonic()
@@ -163,23 +171,27 @@ def test_a_killed_worker_costs_its_tasks_and_close_stops_a_stuck_one():
     assert all(w.process.exitcode is not None for w in grid.processes.workers)
 
 
-def test_a_reply_that_cannot_be_decoded_costs_its_workers_tasks_not_the_run():
-    """A ClientApp that makes its worker write garbage: that worker is killed, its tasks fail, the grid goes on."""
+def test_a_reply_that_cannot_be_decoded_costs_its_node_not_the_run():
+    """A ClientApp that makes its worker write garbage: that worker is killed and replaced, that node goes offline,
+    the grid goes on."""
     grid = LocalGrid("tests.process_clients:garbling", 4, {}, workers=2, executor="process")
     assert grid.processes is not None
     try:
+        grid.processes.wait_ready(timeout=20)
+        killed = grid.processes.workers[0].process
         ids = grid.push_messages([ask(1000, "query.garble"), ask(1001)])  # worker 0 holds 1000 and 1002
         replies = wait_for(grid, ids)
         lost = replies[ids[0]]
         assert lost.error.code == CLIENT_APP_CRASHED and "cannot be decoded" in lost.error.reason
         assert replies[ids[1]].content["count"]["n"] == 1
-        assert sorted(grid.get_node_ids()) == [1001, 1003]
-        later = grid.push_messages([ask(1002), ask(1003)])
+        assert sorted(grid.get_node_ids()) == [1001, 1002, 1003]
+        later = grid.push_messages([ask(1000), ask(1002), ask(1003)])
         again = wait_for(grid, later)
-        assert again[later[0]].error.code == CLIENT_APP_CRASHED and again[later[1]].content["count"]["n"] == 1
+        assert again[later[0]].error.code == CLIENT_APP_CRASHED and "cannot be decoded" in again[later[0]].error.reason
+        assert again[later[1]].content["count"]["n"] == 1 and again[later[2]].content["count"]["n"] == 1
     finally:
         grid.close()
-    assert grid.processes.workers[0].process.exitcode == -signal.SIGKILL
+    assert killed.exitcode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
@@ -203,7 +215,7 @@ def test_clientapps_that_never_return_cost_their_nodes_not_the_run(tmp_path, exe
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stopped on max-updates" in proc.stdout and time.monotonic() - t < 60
     for node in (1001, 1002):
-        assert f"node {node}'s ClientApp has run" in proc.stderr
+        assert f"node {node}: its ClientApp has run" in proc.stderr
     assert ("still running a ClientApp" in proc.stderr) == (executor == "thread")
 
 
