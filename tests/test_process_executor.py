@@ -171,6 +171,21 @@ def test_a_killed_worker_costs_the_node_it_was_running_and_close_stops_a_stuck_o
     assert all(w.process.exitcode is not None for w in grid.processes.workers)
 
 
+def test_a_worker_that_dies_before_it_is_known_ready_is_not_replaced():
+    """No restart loop for a worker that cannot start: it is not replaced, its nodes go offline."""
+    grid = LocalGrid("tests.process_clients:counting", 4, {}, workers=2, executor="process")
+    assert grid.processes is not None
+    try:
+        dead = grid.processes.workers[0].process  # nodes 1000 and 1002; nothing read from it yet
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.join(5)
+        [lost] = grid.push_messages([ask(1002)])
+        assert wait_for(grid, [lost])[lost].error.code == CLIENT_APP_CRASHED
+        assert grid.processes.workers[0].process is dead and sorted(grid.get_node_ids()) == [1001, 1003]
+    finally:
+        grid.close()
+
+
 def test_a_reply_that_cannot_be_decoded_costs_its_node_not_the_run():
     """A ClientApp that makes its worker write garbage: that worker is killed and replaced, that node goes offline,
     the grid goes on."""
