@@ -84,6 +84,9 @@ CLOSE_TIMEOUT_S = 5.0
 #: A frame with no bytes: the worker has imported its ClientApp and takes tasks.
 READY = b""
 
+#: A task's message id and its reply.
+Answer = tuple[str, Message]
+
 #: What a node runs: a ``ClientApp``, or a plain function of (message, context) as tests and ``--clientapp`` give.
 ClientAppLike = ClientApp | Callable[[Message, Context], Message]
 
@@ -330,7 +333,7 @@ class ClientProcesses:
             raise ValueError(f"start_method must be forkserver or spawn, got {start_method!r}")
         self.started_at = time.monotonic()
         self.context = context
-        self.undelivered: list[Message] = []  # replies to hand over at the next collect() (a dead worker's errors)
+        self.undelivered: list[Answer] = []   # replies to hand over at the next collect() (a dead worker's errors)
         self.offline: dict[int, str] = {}     # node -> why: its ClientApp call overran its ttl
         count = min(workers, num_nodes)
         self.setups = [WorkerSetup(index, count, run_id, num_nodes, dict(run_config), spec, list(sys.path))
@@ -365,7 +368,8 @@ class ClientProcesses:
         node = msg.metadata.dst_node_id
         worker = self.worker_of(node)
         if worker.dead or node in self.offline:
-            self.undelivered.append(crashed_reply(msg, self.offline.get(node) or worker.dead))
+            why = self.offline.get(node) or worker.dead
+            self.undelivered.append((msg.metadata.message_id, crashed_reply(msg, why)))
             return
         if not worker.pending:
             worker.since = time.monotonic()
@@ -375,10 +379,11 @@ class ClientProcesses:
         if worker.dead:  # found writing: the worker was running a task only if one was there before this one
             self.undelivered.extend(self._lost(worker, blame=len(worker.pending) > 1))
 
-    def collect(self, now: float | None = None) -> list[Message]:
-        """Every reply that has arrived, and the error replies of workers found dead or replaced.
+    def collect(self, now: float | None = None) -> list[Answer]:
+        """Every reply that has arrived, and the error replies of workers found dead or replaced, with their tasks.
 
-        ``now``: the caller's ``time.monotonic()``, if it has one.
+        A worker answers its tasks in order, one reply each, so a reply answers the worker's oldest task, whatever
+        message it names (a ClientApp may name any). ``now``: the caller's ``time.monotonic()``, if it has one.
         """
         out, self.undelivered = self.undelivered, []
         now = time.monotonic() if now is None else now
@@ -402,8 +407,10 @@ class ClientProcesses:
                         except Exception as exc:  # noqa: BLE001 - not what serve() writes: the worker is broken
                             worker.dead = self._broken(worker, f"{type(exc).__name__}: {exc}")
                             break
-                        worker.pending.pop(reply.metadata.reply_to_message_id, None)
-                        out.append(reply)
+                        if worker.pending:  # else a frame no task asked for (only a tampering ClientApp writes one)
+                            task = next(iter(worker.pending))
+                            del worker.pending[task]
+                            out.append((task, reply))
                     if worker.dead or len(chunk) < READ_CHUNK:
                         break
             except BlockingIOError:
@@ -480,7 +487,7 @@ class ClientProcesses:
                 return
             del worker.outbox[:done]
 
-    def _lost(self, worker: Worker, blame: bool = True) -> list[Message]:
+    def _lost(self, worker: Worker, blame: bool = True) -> list[Answer]:
         """Replace a dead worker (``worker.dead`` says why); returns the error replies of the offline node's tasks.
 
         The node whose task it ran goes offline; a new worker takes its other nodes and their tasks not started. A
@@ -506,7 +513,7 @@ class ClientProcesses:
         lost = []
         for msg in pending:
             if msg.metadata.dst_node_id == node:
-                lost.append(crashed_reply(msg, why))
+                lost.append((msg.metadata.message_id, crashed_reply(msg, why)))
             else:
                 self.submit(msg)
         return lost
@@ -532,10 +539,10 @@ class ClientProcesses:
             how = f"killed by signal {signal.Signals(-code).name if -code in signal.valid_signals() else -code}"
         return f"client process {worker.index} (pid {worker.process.pid}) died ({how})"
 
-    def _bury(self, worker: Worker) -> list[Message]:
+    def _bury(self, worker: Worker) -> list[Answer]:
         """A dead worker's tasks in flight (and unsent) become error replies."""
         worker.outbox.clear()
-        lost = [crashed_reply(msg, worker.dead) for msg in worker.pending.values()]
+        lost = [(mid, crashed_reply(msg, worker.dead)) for mid, msg in worker.pending.items()]
         worker.pending.clear()
         return lost
 

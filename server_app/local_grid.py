@@ -239,8 +239,7 @@ class LocalGrid(Grid):
         """Hold every reply made so far; replace a client thread whose call overran (caller holds ``lock``)."""
         now = time.monotonic()
         if self.processes is not None:
-            for reply in self.processes.collect(now):
-                self.held[reply.metadata.reply_to_message_id] = reply
+            self.held.update(self.processes.collect(now))  # by the task's own id, as for threads
             return
         assert self.pool is not None
         for node, (started, ttl, thread) in self.running.items():

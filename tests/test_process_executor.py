@@ -129,8 +129,10 @@ def test_send_and_receive_returns_each_reply_once(executor):
     assert all(not r.has_error() for r in replies)
 
 
-def test_send_and_receive_is_not_held_up_by_a_reply_that_names_another_message():
-    grid = LocalGrid(counting, 2, {}, run_id=RUN_ID, workers=2)
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_send_and_receive_is_not_held_up_by_a_reply_that_names_another_message(executor):
+    """A reply is its task's, whatever message it names: a worker answers its tasks in order, one reply each."""
+    grid = LocalGrid("tests.process_clients:counting", 2, {}, run_id=RUN_ID, workers=2, executor=executor)
     try:
         t = time.monotonic()
         replies = grid.send_and_receive([ask(1000), ask(1001, "query.spoof")], timeout=30)
