@@ -34,9 +34,9 @@ worker), and a reply frame ``pipe_codec`` cannot decode, which only a ClientApp 
 make (the frame stands where that task's reply should be: the worker answers its tasks in order). A worker that
 dies before it is ready (it could not start) is not replaced: its nodes go offline. A task whose ``ttl`` ran out
 while it waited in a worker's queue is answered as Flower's SuperLink answers an expired message
-(``REPLY_MESSAGE_UNAVAILABLE``) instead of being run. ``close()``
-drops the tasks not started, asks every worker to stop after the task it is running (SIGTERM), and kills the
-ones still running after a timeout.
+(``REPLY_MESSAGE_UNAVAILABLE``) instead of being run. Each reply answers its worker's oldest task, whatever
+message it names. ``close()`` drops the tasks not started, asks every worker to stop after the task it is running
+(SIGTERM), and kills the ones still running after a timeout.
 """
 
 from __future__ import annotations
