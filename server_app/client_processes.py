@@ -127,9 +127,9 @@ def run_client(client_app: ClientAppLike, msg: Message, context: Context) -> Mes
         if reply.has_content():
             message_sizes(reply)
     except Exception as exc:  # a ClientApp exception becomes an error reply, as in Flower's runtime
-        reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        return error_reply(msg, CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}")
     except BaseException as exc:  # noqa: BLE001 - sys.exit() in a ClientApp ends its process in Flower, not the run
-        reply = Message(Error(CLIENT_APP_CRASHED, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        return crashed_reply(msg, f"{type(exc).__name__}: {exc}")
     reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
     return reply
 
@@ -207,6 +207,15 @@ _HEADER = struct.Struct("<I")
 #: give most of it back, which cost 17 us for a 1.5 kB read (against 1.8) and 370 us for a 500 kB one (111).
 READ_CHUNK = 1 << 20
 
+#: Pipe capacity asked of Linux (its default is 64 KiB; 1 MiB is the usual unprivileged ceiling).
+PIPE_BYTES = 1 << 20
+
+
+def _widen(fd: int) -> None:
+    """Ask for a larger pipe buffer, so that the engine's writes rarely find it full; nothing happens elsewhere."""
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # Linux only
+
 
 class Reader:
     """Non-allocating reads of up to ``READ_CHUNK`` bytes into one buffer, reused by every read."""
@@ -218,14 +227,6 @@ class Reader:
     def read(self, fd: int) -> memoryview:
         """What one read of ``fd`` gives (empty at its end), valid until the next read; raises as ``os.read``."""
         return self.view[:os.readv(fd, [self.buffer])]
-#: Pipe capacity asked of Linux (its default is 64 KiB; 1 MiB is the usual unprivileged ceiling).
-PIPE_BYTES = 1 << 20
-
-
-def _widen(fd: int) -> None:
-    """Ask for a larger pipe buffer, so that the engine's writes rarely find it full; nothing happens elsewhere."""
-    with contextlib.suppress(AttributeError, OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # Linux only
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -290,8 +291,7 @@ def serve(setup: WorkerSetup, tasks: Connection, replies: Connection) -> None:
             if expired(msg):
                 reply = expired_reply(msg)
             elif app is None:
-                reply = Message(Error(LOAD_CLIENT_APP_EXCEPTION, broken), reply_to=msg)
-                reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+                reply = error_reply(msg, LOAD_CLIENT_APP_EXCEPTION, broken)
             else:
                 node = msg.metadata.dst_node_id
                 if node not in contexts:
@@ -301,9 +301,7 @@ def serve(setup: WorkerSetup, tasks: Connection, replies: Connection) -> None:
             try:
                 data = to_bytes(reply)
             except Exception as exc:  # noqa: BLE001 - message_sizes passed, the pipe's encoder did not: still a reply
-                failed = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"reply cannot be serialized: {exc}"),
-                                 reply_to=msg)
-                failed.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+                failed = error_reply(msg, CLIENT_APP_RAISED_EXCEPTION, f"reply cannot be serialized: {exc}")
                 data = to_bytes(failed)
             _write_all(fd_out, framed(data))
     except (_Stop, OSError):
@@ -350,7 +348,7 @@ class ClientProcesses:
         self.context = context
         self.reader = Reader()
         self.undelivered: list[Answer] = []   # replies to hand over at the next collect() (a dead worker's errors)
-        self.offline: dict[int, str] = {}     # node -> why: its ClientApp call overran its ttl
+        self.offline: dict[int, str] = {}     # node -> why: its worker died or was killed running its task
         count = min(workers, num_nodes)
         self.setups = [WorkerSetup(index, count, run_id, num_nodes, dict(run_config), spec, list(sys.path))
                        for index in range(count)]
@@ -568,16 +566,19 @@ def expired(msg: Message) -> bool:
     return msg.metadata.created_at + msg.metadata.ttl < time.time()
 
 
-def expired_reply(msg: Message) -> Message:
-    """Flower's answer for a task whose ``ttl`` ran out before its node could start it (it was busy)."""
-    reply = Message(Error(REPLY_MESSAGE_UNAVAILABLE, f"the task's ttl of {msg.metadata.ttl:g} s ran out before node "
-                          f"{msg.metadata.dst_node_id} could start it (it was running an earlier task)"), reply_to=msg)
+def error_reply(msg: Message, code: int, reason: str) -> Message:
+    """An error reply to ``msg`` (Flower's ``ErrorCode`` ``code``) with a message id of its own, as a reply has."""
+    reply = Message(Error(code, reason), reply_to=msg)
     reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
     return reply
+
+
+def expired_reply(msg: Message) -> Message:
+    """Flower's answer for a task whose ``ttl`` ran out before its node could start it (it was busy)."""
+    return error_reply(msg, REPLY_MESSAGE_UNAVAILABLE, f"the task's ttl of {msg.metadata.ttl:g} s ran out before "
+                       f"node {msg.metadata.dst_node_id} could start it (it was running an earlier task)")
 
 
 def crashed_reply(msg: Message, why: str) -> Message:
     """Flower's reply for a ClientApp process that crashed: ``CLIENT_APP_CRASHED`` with the reason."""
-    reply = Message(Error(CLIENT_APP_CRASHED, why), reply_to=msg)
-    reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-    return reply
+    return error_reply(msg, CLIENT_APP_CRASHED, why)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import itertools
 import logging
 import random
 import threading
@@ -251,15 +252,9 @@ class LocalGrid(Grid):
                             node, now - started, ttl)
                 self.pool.retire(thread)
             waiting = self.queues[node]  # what waits behind the stuck call, unless expired (bounded memory)
-            if any(expired(msg) for msg in waiting):
-                first, rest = waiting[0], list(waiting)[1:]
-                waiting.clear()
-                waiting.append(first)
-                for msg in rest:
-                    if expired(msg):
-                        self.done[msg.metadata.message_id] = expired_reply(msg)
-                    else:
-                        waiting.append(msg)
+            for msg in [m for m in itertools.islice(waiting, 1, None) if expired(m)]:
+                waiting.remove(msg)
+                self.done[msg.metadata.message_id] = expired_reply(msg)
         if self.done:
             self.held.update(self.done)  # by the task's own id: a reply naming another message cannot hide it
             self.done.clear()
